@@ -1,0 +1,73 @@
+"""Output layout: checked path templates under `{output_root}/{recipe_id}/`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .storage import join
+
+_SOURCE_SUFFIXES = (".jsonl.gz", ".jsonl", ".parquet")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
+
+
+class LayoutError(ValueError):
+    """A shard or path that cannot be placed safely in the output layout."""
+
+
+def shard_name(source_uri: str) -> str:
+    """A safe shard name from a source file: its base name without the format suffix.
+
+    Only letters, digits, '.', '_', '=' and '-' survive; anything else becomes '_', so a
+    name can never climb out of its directory.
+    """
+    base = source_uri.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in _SOURCE_SUFFIXES:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    name = _UNSAFE.sub("_", base).strip("._")
+    if not name:
+        raise LayoutError(f"cannot derive a shard name from {source_uri!r}")
+    return name[:200]
+
+
+def check_shard_name(name: str) -> str:
+    if not name or _UNSAFE.search(name) or name.startswith(".") or ".." in name:
+        raise LayoutError(f"unsafe shard name: {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class ShardPaths:
+    output_root: str
+    recipe_id: str
+    shard: str
+
+    @property
+    def version_root(self) -> str:
+        return join(self.output_root, self.recipe_id)
+
+    @property
+    def data(self) -> str:
+        return join(self.version_root, "data", f"{self.shard}.parquet")
+
+    @property
+    def rejected(self) -> str:
+        return join(self.version_root, "rejected", f"{self.shard}.parquet")
+
+    @property
+    def export(self) -> str:
+        return join(self.version_root, "magacorpus", f"{self.shard}.parquet")
+
+    @property
+    def work(self) -> str:
+        return join(self.version_root, "_work", self.shard)
+
+    @property
+    def quality_docs(self) -> str:
+        return join(self.version_root, "quality", self.shard)
+
+
+def shard_paths(output_root: str, recipe_id: str, shard: str) -> ShardPaths:
+    return ShardPaths(output_root.rstrip("/"), recipe_id, check_shard_name(shard))

@@ -1,0 +1,87 @@
+"""Chat messages for the method's three calls: pairs, rewrite and judge.
+
+Layout is prefix-cache friendly: every request about one document starts with the same
+system message and the same document block, and the stage-specific task comes last, so
+an inference server with automatic prefix caching encodes the document only once.
+"""
+
+from __future__ import annotations
+
+from .recipe import Recipe
+
+DOCUMENT_OPEN = "SOURCE DOCUMENT\n<<<\n"
+DOCUMENT_CLOSE = "\n>>>\n\n"
+
+Messages = list[dict[str, str]]
+
+
+def _messages(recipe: Recipe, document: str, task: str) -> Messages:
+    return [
+        {"role": "system", "content": recipe.prompts["system"]},
+        {"role": "user", "content": DOCUMENT_OPEN + document + DOCUMENT_CLOSE + task},
+    ]
+
+
+def pairs_messages(recipe: Recipe, document: str) -> Messages:
+    task = recipe.prompts["pairs"].format(n_pairs=recipe.pairs_per_document)
+    return _messages(recipe, document, task)
+
+
+def rewrite_messages(recipe: Recipe, document: str, genre: str, audience: str) -> Messages:
+    task = recipe.prompts["rewrite"].format(genre=genre, audience=audience)
+    return _messages(recipe, document, task)
+
+
+def judge_messages(recipe: Recipe, document: str, rewrite: str) -> Messages:
+    task = recipe.prompts["judge"].format(rewrite=rewrite)
+    return _messages(recipe, document, task)
+
+
+def document_from_messages(messages: Messages) -> str | None:
+    """The source document inside a request built here (used by the test server)."""
+    for message in messages:
+        content = message.get("content") or ""
+        start = content.find(DOCUMENT_OPEN)
+        end = content.find(DOCUMENT_CLOSE, start + len(DOCUMENT_OPEN)) if start >= 0 else -1
+        if start >= 0 and end >= 0:
+            return content[start + len(DOCUMENT_OPEN) : end]
+    return None
+
+
+def pairs_json_schema(recipe: Recipe) -> dict:
+    """JSON schema for structured outputs of the pairs call."""
+    n = recipe.pairs_per_document
+    g_min, g_max = recipe.pairs.genre_chars
+    a_min, a_max = recipe.pairs.audience_chars
+    return {
+        "type": "object",
+        "properties": {
+            "pairs": {
+                "type": "array",
+                "minItems": n,
+                "maxItems": n,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "genre": {"type": "string", "minLength": g_min, "maxLength": g_max},
+                        "audience": {"type": "string", "minLength": a_min, "maxLength": a_max},
+                    },
+                    "required": ["genre", "audience"],
+                    "additionalProperties": False,
+                },
+            }
+        },
+        "required": ["pairs"],
+        "additionalProperties": False,
+    }
+
+
+JUDGE_JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "analysis": {"type": "string", "maxLength": 2000},
+        "score": {"type": "integer", "minimum": 1, "maximum": 5},
+    },
+    "required": ["analysis", "score"],
+    "additionalProperties": False,
+}

@@ -1,0 +1,151 @@
+"""The recipe: everything that shapes the output corpus, validated on load.
+
+A recipe's stable hash, `recipe_id`, names the output version. Only fields that change
+what is written take part in it; where the workers run and how hard we drive them
+(endpoints, concurrency, timeouts) live in `RunSettings` and never change the id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be used; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Sampling(_Strict):
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_tokens: int = Field(1024, ge=1, le=32768)
+
+
+class PairsStage(_Strict):
+    sampling: Sampling = Sampling(temperature=0.8, top_p=0.95, max_tokens=768)
+    max_attempts: int = Field(3, ge=1, le=10)
+    structured_output: Literal["auto", "json_schema", "off"] = "auto"
+    genre_chars: tuple[int, int] = (20, 600)
+    audience_chars: tuple[int, int] = (10, 400)
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> "PairsStage":
+        for name in ("genre_chars", "audience_chars"):
+            low, high = getattr(self, name)
+            if not 0 < low < high:
+                raise ValueError(f"{name} must be (min, max) with 0 < min < max")
+        return self
+
+
+class RewriteStage(_Strict):
+    sampling: Sampling = Sampling(temperature=0.7, top_p=0.95, max_tokens=1536)
+
+
+class Cleaning(_Strict):
+    """Thresholds of the heuristic cleaning step (MAGA step 3)."""
+
+    min_keyword_coverage: float = Field(0.2, ge=0.0, le=1.0)
+    keyword_count: int = Field(20, ge=1, le=200)
+    min_length_ratio: float = Field(0.15, gt=0.0)
+    max_length_ratio: float = Field(4.0, gt=0.0)
+    min_chars: int = Field(50, ge=0)
+    # Rewrites that keep almost every 8-word run of the source behave like repetition.
+    max_copy_ratio: float = Field(0.9, gt=0.0, le=1.0)
+
+
+class Quality(_Strict):
+    """Thresholds of the data-quality gate run on each committed shard."""
+
+    min_text_chars: int = Field(50, ge=0)
+    max_text_chars: int = Field(50_000, ge=1)
+    min_coverage_share: float = Field(0.9, ge=0.0, le=1.0)
+    min_accepted_per_document: float = Field(3.0, ge=0.0)
+    min_expansion_ratio: float = Field(1.5, ge=0.0)
+    max_expansion_ratio: float = Field(10.0, gt=0.0)
+    min_source_chars: int = Field(1, ge=0)
+    max_source_chars: int = Field(2_000_000, ge=1)
+
+
+class Recipe(_Strict):
+    name: str = "default"
+    model: str = Field(..., min_length=1)
+    # Tokenizer used to cut over-long documents: a local directory or a hub id.
+    # Defaults to the model name.
+    tokenizer: str | None = None
+    prompt_version: str = Field(..., min_length=1)
+    prompts: dict[Literal["system", "pairs", "rewrite", "judge"], str]
+    pairs_per_document: int = Field(5, ge=1, le=20)
+    context_budget_tokens: int = Field(3072, ge=64)
+    pairs: PairsStage = PairsStage()
+    rewrite: RewriteStage = RewriteStage()
+    judge_sampling: Sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=512)
+    cleaning: Cleaning = Cleaning()
+    quality: Quality = Quality()
+
+    @model_validator(mode="after")
+    def _all_prompts(self) -> "Recipe":
+        missing = {"system", "pairs", "rewrite", "judge"} - set(self.prompts)
+        if missing:
+            raise ValueError(f"prompts is missing {sorted(missing)}")
+        return self
+
+    @property
+    def recipe_id(self) -> str:
+        """Stable 12-hex-digit hash of everything that shapes the output."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return "r-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer or self.model
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(recipe)"
+        parts.append(f"{field}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: expected a mapping at top level")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(f"{source}: {_describe(error)}") from None
+
+
+def default_recipe_path() -> Path:
+    return Path(str(resources.files("maga_tasks") / "recipes" / "default.yaml"))
+
+
+def load_recipe(path: str | Path | None = None, **overrides) -> Recipe:
+    """Load a recipe YAML (the built-in default when `path` is None).
+
+    `overrides` replace top-level fields, e.g. `model=...` for a served model name.
+    """
+    source = Path(path) if path else default_recipe_path()
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {source}") from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{source}: not valid YAML ({error})") from None
+    if isinstance(data, dict):
+        data.update({k: v for k, v in overrides.items() if v is not None})
+    return recipe_from_dict(data, str(source))

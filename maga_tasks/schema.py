@@ -1,0 +1,54 @@
+"""Arrow schemas of the committed output files and the deterministic row id."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+ACCEPTED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source_id", pa.string()),
+        ("source_shard", pa.string()),
+        ("pair_index", pa.int32()),
+        ("genre", pa.string()),
+        ("audience", pa.string()),
+        ("text", pa.string()),
+        ("recipe_id", pa.string()),
+        ("model", pa.string()),
+        ("prompt_version", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("finish_reason", pa.string()),
+        ("keyword_coverage", pa.float64()),
+        ("source_chars", pa.int64()),
+        ("source_meta", pa.string()),  # JSON of the source row's other columns
+        ("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+REJECTED_SCHEMA = ACCEPTED_SCHEMA.append(pa.field("reject_reason", pa.string())).append(
+    pa.field("reject_detail", pa.string())
+)
+
+LINEAGE_COLUMNS = (
+    "id",
+    "source_id",
+    "source_shard",
+    "pair_index",
+    "genre",
+    "audience",
+    "text",
+    "recipe_id",
+    "model",
+    "prompt_version",
+    "finish_reason",
+    "created_at",
+)
+
+
+def row_id(recipe_id: str, source_shard: str, source_id: str, pair_index: int) -> str:
+    """Deterministic output row id: the same inputs give the same id on every rerun."""
+    key = f"{recipe_id}\x1f{source_shard}\x1f{source_id}\x1f{pair_index}"
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]

@@ -1,0 +1,50 @@
+"""Run settings: where the workers are and how hard to drive them.
+
+Nothing here changes what is written, so nothing here takes part in the recipe_id.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class RunSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoints: tuple[str, ...] = Field(..., min_length=1)
+    # Read from MAGA_API_KEY when not given; never logged.
+    api_key: str | None = Field(default=None, repr=False)
+    # Served model name, when it differs from the recipe's model (e.g. an alias).
+    served_model: str | None = None
+    max_concurrency: int = Field(64, ge=1, le=4096)
+    request_timeout_s: float = Field(300.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    max_attempts: int = Field(6, ge=1, le=50)
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    # Consecutive failures that take an endpoint out of rotation; it is probed back.
+    endpoint_failure_threshold: int = Field(3, ge=1)
+    endpoint_probe_interval_s: float = Field(2.0, gt=0)
+    # How long every endpoint may be down before the shard gives up (task fails, retried).
+    all_down_timeout_s: float = Field(60.0, ge=0)
+    s3_endpoint_url: str | None = None
+    # Finished documents buffered before a checkpoint segment is written to S3
+    # (local checkpoints are flushed after every document).
+    s3_checkpoint_every: int = Field(32, ge=1)
+    progress_interval_s: float = Field(30.0, gt=0)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        cleaned = []
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"endpoint must be an http(s) URL: {url!r}")
+            cleaned.append(url.rstrip("/").removesuffix("/v1"))
+        return tuple(dict.fromkeys(cleaned))
+
+    @property
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get("MAGA_API_KEY") or None

@@ -1,0 +1,171 @@
+"""Object storage: the local filesystem or S3, behind one small interface.
+
+Writes are transactions: readers see a whole object or none. Locally that is a write to
+a temporary file in the same directory and an atomic rename; on S3 a single PUT (or a
+completed multipart upload) only becomes visible once it is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+from urllib.parse import urlparse
+
+
+class StorageError(RuntimeError):
+    """An object could not be read or written."""
+
+
+class Storage(Protocol):
+    def exists(self, uri: str) -> bool: ...
+    def read_bytes(self, uri: str) -> bytes: ...
+    def put_bytes(self, uri: str, data: bytes) -> None: ...
+    def put_file(self, uri: str, local_path: str | Path) -> None: ...
+    def list(self, prefix_uri: str) -> list[str]: ...
+    def delete_prefix(self, prefix_uri: str) -> None: ...
+    def local_copy(self, uri: str) -> contextlib.AbstractContextManager[Path]: ...
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI or path parts with '/', whatever the backend."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+class LocalStorage:
+    def exists(self, uri: str) -> bool:
+        return Path(uri).exists()
+
+    def read_bytes(self, uri: str) -> bytes:
+        return Path(uri).read_bytes()
+
+    def put_bytes(self, uri: str, data: bytes) -> None:
+        target = Path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+
+    def put_file(self, uri: str, local_path: str | Path) -> None:
+        target = Path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        shutil.copyfile(local_path, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+
+    def list(self, prefix_uri: str) -> list[str]:
+        root = Path(prefix_uri)
+        if not root.is_dir():
+            return []
+        return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+
+    def delete_prefix(self, prefix_uri: str) -> None:
+        shutil.rmtree(prefix_uri, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def local_copy(self, uri: str) -> Iterator[Path]:
+        if not Path(uri).exists():
+            raise StorageError(f"no such file: {uri}")
+        yield Path(uri)
+
+
+@dataclass
+class S3Storage:
+    endpoint_url: str | None = None
+    _client: object | None = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3  # imported lazily: parsing a DAG must not pay for it
+
+            self._client = boto3.client("s3", endpoint_url=self.endpoint_url or None)
+        return self._client
+
+    @staticmethod
+    def _split(uri: str) -> tuple[str, str]:
+        parsed = urlparse(uri)
+        return parsed.netloc, parsed.path.lstrip("/")
+
+    def exists(self, uri: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        bucket, key = self._split(uri)
+        try:
+            self.client.head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"cannot stat {uri}: {error}") from None
+
+    def read_bytes(self, uri: str) -> bytes:
+        bucket, key = self._split(uri)
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as error:  # botocore raises many kinds; name the object
+            raise StorageError(f"cannot read {uri}: {error}") from None
+
+    def put_bytes(self, uri: str, data: bytes) -> None:
+        bucket, key = self._split(uri)
+        self.client.put_object(Bucket=bucket, Key=key, Body=data)
+
+    def put_file(self, uri: str, local_path: str | Path) -> None:
+        bucket, key = self._split(uri)
+        self.client.upload_file(str(local_path), bucket, key)
+
+    def list(self, prefix_uri: str) -> list[str]:
+        bucket, prefix = self._split(prefix_uri.rstrip("/") + "/")
+        keys = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            keys.extend(f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", []))
+        return sorted(keys)
+
+    def delete_prefix(self, prefix_uri: str) -> None:
+        bucket, _ = self._split(prefix_uri)
+        keys = [self._split(uri)[1] for uri in self.list(prefix_uri)]
+        for start in range(0, len(keys), 1000):
+            chunk = [{"Key": key} for key in keys[start : start + 1000]]
+            self.client.delete_objects(Bucket=bucket, Delete={"Objects": chunk})
+
+    @contextlib.contextmanager
+    def local_copy(self, uri: str) -> Iterator[Path]:
+        bucket, key = self._split(uri)
+        with tempfile.TemporaryDirectory(prefix="maga-s3-") as tmp:
+            target = Path(tmp) / Path(key).name
+            try:
+                self.client.download_file(bucket, key, str(target))
+            except Exception as error:
+                raise StorageError(f"cannot download {uri}: {error}") from None
+            yield target
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def storage_for(uri: str, s3_endpoint_url: str | None = None) -> Storage:
+    """The backend for a URI: `s3://bucket/key` or a local path.
+
+    The S3 endpoint comes from the argument, else `MAGA_S3_ENDPOINT_URL`, else boto3's
+    own configuration (`AWS_ENDPOINT_URL`, profiles); credentials always from boto3's.
+    """
+    if is_s3(uri):
+        return S3Storage(endpoint_url=s3_endpoint_url or os.environ.get("MAGA_S3_ENDPOINT_URL"))
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"unsupported storage URI scheme: {uri}")
+    return LocalStorage()
