@@ -26,7 +26,7 @@ def shard_name(source_uri: str) -> str:
         if base.endswith(suffix):
             base = base[: -len(suffix)]
             break
-    name = _UNSAFE.sub("_", base).strip("._")
+    name = re.sub(r"\.{2,}", "_", _UNSAFE.sub("_", base)).strip("._")
     if not name:
         raise LayoutError(f"cannot derive a shard name from {source_uri!r}")
     return name[:200]

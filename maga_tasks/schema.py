@@ -18,11 +18,17 @@ ACCEPTED_SCHEMA = pa.schema(
         ("recipe_id", pa.string()),
         ("model", pa.string()),
         ("prompt_version", pa.string()),
+        # Usage of this pair's rewrite call (all attempts).
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
+        # Usage of the document's pairs call, carried once, on its pair_index 0 row, so
+        # that summing both pairs of columns over data + rejected gives the shard's usage.
+        ("pairs_prompt_tokens", pa.int64()),
+        ("pairs_completion_tokens", pa.int64()),
         ("finish_reason", pa.string()),
         ("keyword_coverage", pa.float64()),
         ("source_chars", pa.int64()),
+        ("source_truncated_tokens", pa.int64()),  # set when the source was cut to the budget
         ("source_meta", pa.string()),  # JSON of the source row's other columns
         ("created_at", pa.timestamp("us", tz="UTC")),
     ]

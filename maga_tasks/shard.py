@@ -2,7 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import tempfile
+import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .checkpoint import Checkpoint
+from .cleaning import clean_rewrite
+from .errors import MagaError, ShardInputError
+from .layout import shard_name, shard_paths
+from .llm_client import LLMClient
+from .recipe import Recipe
+from .schema import ACCEPTED_SCHEMA, REJECTED_SCHEMA, row_id
+from .settings import RunSettings
+from .source import SourceColumns, SourceDocument, open_shard
+from .stages import StructuredOutputSupport, Usage, generate_pairs, rewrite
+from .storage import StorageError, storage_for
+from .truncation import DocumentCutter
 
 
 @dataclass
@@ -37,3 +64,330 @@ class ShardResult:
         out["expansion_ratio"] = self.expansion_ratio
         out["requests_per_s"] = round(self.requests / self.seconds, 2) if self.seconds else 0.0
         return out
+
+
+log = logging.getLogger(__name__)
+
+
+def expand_shard(
+    source_uri: str,
+    output_root: str,
+    recipe: Recipe,
+    settings: RunSettings,
+    *,
+    max_docs: int | None = None,
+    columns: SourceColumns = SourceColumns(),
+    progress: Callable[[dict], None] | None = None,
+) -> ShardResult:
+    """Expand one source shard into `data/` and `rejected/` under the recipe's version.
+
+    Idempotent: a committed shard is returned from its files without any LLM request; an
+    interrupted one resumes from its checkpoint and never requests a finished document
+    again. Raises `ShardInputError` for an unusable shard (nothing is committed) and
+    `EndpointsUnavailable` when every worker stays down (the checkpoint is kept).
+    """
+    paths = shard_paths(output_root, recipe.recipe_id, shard_name(source_uri))
+    out = storage_for(output_root, settings.s3_endpoint_url)
+    if out.exists(paths.data) and out.exists(paths.rejected):
+        log.info("shard %s already committed at %s; nothing to do", paths.shard, paths.data)
+        return committed_result(source_uri, paths, out)
+    started = time.monotonic()
+    source = storage_for(source_uri, settings.s3_endpoint_url)
+    with contextlib.ExitStack() as stack:
+        try:
+            local_source = stack.enter_context(source.local_copy(source_uri))
+        except StorageError as error:
+            raise ShardInputError(str(error)) from None
+        reader = open_shard(local_source, source_uri, columns)
+        total = reader.count() if max_docs is None else min(reader.count(), max_docs)
+        checkpoint = Checkpoint(
+            out,
+            paths.work,
+            {"recipe_id": recipe.recipe_id, "source_uri": source_uri, "source_bytes": local_source.stat().st_size},
+            settings.s3_checkpoint_every,
+        )
+        checkpoint.prepare()
+        with checkpoint.local_segments() as segments:
+            done = set(Checkpoint.index(segments))
+        run = _ShardRun(recipe, settings, paths.shard, checkpoint, total, done, progress)
+        try:
+            asyncio.run(run.execute(itertools.islice(iter(reader), total)))
+        finally:
+            checkpoint.close()
+    result = _commit(source_uri, paths, out, checkpoint, total)
+    result.requests = run.client_stats.get("requests", 0)
+    result.resumed_documents = len(done & set(range(total)))
+    result.seconds = round(time.monotonic() - started, 3)
+    checkpoint.clear()
+    log.info(
+        "shard %s committed: %d docs, %d accepted, %d rejected %s, %d+%d tokens, %.1fs",
+        paths.shard, result.documents, result.accepted, result.rejected,
+        result.rejects_by_reason, result.prompt_tokens, result.completion_tokens, result.seconds,
+    )
+    return result
+
+
+class _ShardRun:
+    """The async part of one shard: documents stream through the stages, no batch barrier."""
+
+    def __init__(self, recipe, settings, shard, checkpoint, total, done, progress):
+        self.recipe = recipe
+        self.settings = settings
+        self.shard = shard
+        self.checkpoint = checkpoint
+        self.total = total
+        self.done = done
+        self.progress = progress
+        self.cutter = DocumentCutter(recipe.tokenizer_name, recipe.context_budget_tokens)
+        self.model = settings.served_model or recipe.model
+        self.finished = len(done & set(range(total)))
+        self.accepted = 0
+        self.rejects: Counter = Counter()
+        self.client_stats: dict = {}
+        self._started = time.monotonic()
+
+    async def execute(self, documents) -> None:
+        async with LLMClient(self.settings, self.recipe.model) as client:
+            self.client = client
+            todo = self.total - self.finished
+            if todo:
+                await client.wait_ready(self.settings.all_down_timeout_s)
+            structured = StructuredOutputSupport(self.recipe.pairs.structured_output)
+            slots = asyncio.Semaphore(self.settings.max_concurrency)
+            pending: set[asyncio.Task] = set()
+            failures: list[BaseException] = []
+
+            def finished(task: asyncio.Task, doc_index: int) -> None:
+                slots.release()
+                pending.discard(task)
+                if task.cancelled():
+                    return
+                if task.exception() is not None:
+                    failures.append(task.exception())
+                    return
+                rows = task.result()
+                self.checkpoint.append(doc_index, rows)
+                self._count(rows)
+
+            ticker = asyncio.create_task(self._report_every(self.settings.progress_interval_s))
+            try:
+                for doc in documents:
+                    if failures:
+                        break
+                    if doc.index in self.done:
+                        continue
+                    await slots.acquire()
+                    task = asyncio.create_task(self._document(client, doc, structured))
+                    pending.add(task)
+                    task.add_done_callback(lambda t, i=doc.index: finished(t, i))
+                while pending and not failures:
+                    await asyncio.wait(set(pending), return_when=asyncio.FIRST_EXCEPTION)
+                if failures:
+                    for task in list(pending):
+                        task.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    raise failures[0]
+            finally:
+                ticker.cancel()
+                self.client_stats = client.stats.snapshot()
+                self._report()
+
+    async def _document(self, client: LLMClient, doc: SourceDocument, structured) -> list[dict]:
+        rows = _RowMaker(self, doc)
+        if doc.problem:
+            return rows.all_rejected(doc.problem, "rejected before any model call", Usage())
+        if len(doc.text) > 100_000:  # tokenizing a huge document must not stall the other requests
+            text, cut_tokens = await asyncio.to_thread(self.cutter.cut, doc.text)
+        else:
+            text, cut_tokens = self.cutter.cut(doc.text)
+        rows.source_truncated_tokens = cut_tokens
+        doc_key = f"{self.shard}:{doc.source_id}"
+        pairs = await generate_pairs(client, self.recipe, doc_key, text, structured)
+        if not pairs.pairs:
+            return rows.all_rejected(pairs.reject_reason, pairs.detail, pairs.usage)
+        results = await asyncio.gather(
+            *(rewrite(client, self.recipe, doc_key, text, i, pair) for i, pair in enumerate(pairs.pairs))
+        )
+        out = []
+        for i, (pair, result) in enumerate(zip(pairs.pairs, results)):
+            usage = pairs.usage if i == 0 else None
+            if result.completion is None:
+                out.append(rows.row(i, pair, None, None, usage, result.reject_reason, result.detail))
+                continue
+            verdict = clean_rewrite(text, result.completion.text, result.completion.finish_reason, self.recipe.cleaning)
+            out.append(rows.row(i, pair, verdict.text, result.completion, usage, verdict.reject_reason, verdict.detail, verdict.keyword_coverage))
+        return out
+
+    def _count(self, rows: list[dict]) -> None:
+        self.finished += 1
+        for row in rows:
+            if row["reject_reason"]:
+                self.rejects[row["reject_reason"]] += 1
+            else:
+                self.accepted += 1
+
+    def snapshot(self) -> dict:
+        elapsed = max(time.monotonic() - self._started, 1e-6)
+        stats = self.client.stats.snapshot() if hasattr(self, "client") else {}
+        return {
+            "shard": self.shard,
+            "documents_done": self.finished,
+            "documents_total": self.total,
+            "accepted": self.accepted,
+            "rejected": sum(self.rejects.values()),
+            "rejects_by_reason": dict(self.rejects.most_common()),
+            "requests": stats.get("requests", 0),
+            "retries": stats.get("retries", 0),
+            "requests_per_s": round(stats.get("requests", 0) / elapsed, 2),
+            "output_tokens_per_s": round(stats.get("completion_tokens", 0) / elapsed, 1),
+            "elapsed_s": round(elapsed, 1),
+        }
+
+    def _report(self) -> None:
+        snap = self.snapshot()
+        log.info(
+            "shard %s: %d/%d docs, %.1f req/s, %.0f tok/s out, accepted %d, rejected %d %s",
+            snap["shard"], snap["documents_done"], snap["documents_total"], snap["requests_per_s"],
+            snap["output_tokens_per_s"], snap["accepted"], snap["rejected"], snap["rejects_by_reason"],
+        )
+        if self.progress:
+            self.progress(snap)
+
+    async def _report_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self._report()
+
+
+class _RowMaker:
+    """Builds the output rows of one document (accepted and rejected share the columns)."""
+
+    def __init__(self, run: _ShardRun, doc: SourceDocument):
+        self.run = run
+        self.doc = doc
+        self.source_truncated_tokens = None
+        self.created_at = datetime.now(timezone.utc).isoformat()
+
+    def row(self, pair_index, pair, text, completion, pairs_usage, reason=None, detail="", coverage=None) -> dict:
+        run, doc = self.run, self.doc
+        return {
+            "id": row_id(run.recipe.recipe_id, run.shard, doc.source_id, pair_index),
+            "source_id": doc.source_id,
+            "source_shard": run.shard,
+            "pair_index": pair_index,
+            "genre": pair.genre if pair else None,
+            "audience": pair.audience if pair else None,
+            "text": text,
+            "recipe_id": run.recipe.recipe_id,
+            "model": run.model,
+            "prompt_version": run.recipe.prompt_version,
+            "prompt_tokens": completion.prompt_tokens if completion else 0,
+            "completion_tokens": completion.completion_tokens if completion else 0,
+            "pairs_prompt_tokens": pairs_usage.prompt_tokens if pairs_usage else 0,
+            "pairs_completion_tokens": pairs_usage.completion_tokens if pairs_usage else 0,
+            "finish_reason": completion.finish_reason if completion else None,
+            "keyword_coverage": coverage,
+            "source_chars": len(doc.text) if isinstance(doc.text, str) else 0,
+            "source_truncated_tokens": self.source_truncated_tokens,
+            "source_meta": json.dumps(doc.meta, ensure_ascii=False, default=str) if doc.meta else None,
+            "created_at": self.created_at,
+            "reject_reason": reason,
+            "reject_detail": detail or None,
+        }
+
+    def all_rejected(self, reason: str, detail: str, usage: Usage) -> list[dict]:
+        """A document-level rejection: one rejected row per pair index, nothing lost."""
+        return [
+            self.row(i, None, None, None, usage if i == 0 else None, reason, detail)
+            for i in range(self.run.recipe.pairs_per_document)
+        ]
+
+
+_COMMIT_BATCH_ROWS = 2000
+
+
+def _commit(source_uri: str, paths, out, checkpoint: Checkpoint, total: int) -> ShardResult:
+    """Write data/ and rejected/ from the checkpoint in source order, each file atomically."""
+    result = ShardResult(paths.shard, source_uri, paths.recipe_id, paths.data, paths.rejected)
+    rejects: Counter = Counter()
+    with checkpoint.local_segments() as segments, tempfile.TemporaryDirectory(prefix="maga-commit-") as tmp:
+        locations = Checkpoint.index(segments)
+        missing = [i for i in range(total) if i not in locations]
+        if missing:
+            raise MagaError(f"shard {paths.shard}: {len(missing)} documents missing from the checkpoint")
+        data_path, rejected_path = Path(tmp) / "data.parquet", Path(tmp) / "rejected.parquet"
+        with _BatchedWriter(data_path, ACCEPTED_SCHEMA) as accepted, _BatchedWriter(rejected_path, REJECTED_SCHEMA) as rejected:
+            for doc_index in range(total):
+                rows = Checkpoint.read(locations[doc_index])
+                result.documents += 1
+                result.source_chars += rows[0]["source_chars"] if rows else 0
+                for row in rows:
+                    result.prompt_tokens += row["prompt_tokens"] + row["pairs_prompt_tokens"]
+                    result.completion_tokens += row["completion_tokens"] + row["pairs_completion_tokens"]
+                    if row["reject_reason"]:
+                        rejects[row["reject_reason"]] += 1
+                        rejected.add(row)
+                    else:
+                        result.output_chars += len(row["text"])
+                        accepted.add(row)
+        result.accepted, result.rejected = accepted.rows, rejected.rows
+        result.rejects_by_reason = dict(rejects.most_common())
+        # The data file goes last: its presence is what marks the shard committed.
+        out.put_file(paths.rejected, rejected_path)
+        out.put_file(paths.data, data_path)
+    return result
+
+
+class _BatchedWriter:
+    def __init__(self, path: Path, schema):
+        self.schema = schema
+        self.writer = pq.ParquetWriter(path, schema, compression="zstd")
+        self.buffer: list[dict] = []
+        self.rows = 0
+
+    def add(self, row: dict) -> None:
+        self.buffer.append(row)
+        if len(self.buffer) >= _COMMIT_BATCH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            for row in self.buffer:
+                row["created_at"] = datetime.fromisoformat(row["created_at"])
+            self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=self.schema))
+            self.rows += len(self.buffer)
+            self.buffer.clear()
+
+    def __enter__(self) -> "_BatchedWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.flush()
+        self.writer.close()
+
+
+def committed_result(source_uri: str, paths, out) -> ShardResult:
+    """The ShardResult of an already committed shard, read from its files."""
+    result = ShardResult(paths.shard, source_uri, paths.recipe_id, paths.data, paths.rejected, already_committed=True)
+    columns = ["source_id", "prompt_tokens", "completion_tokens", "pairs_prompt_tokens", "pairs_completion_tokens"]
+    sources: dict[str, int] = {}
+    rejects: Counter = Counter()
+    for uri, is_rejected in ((paths.data, False), (paths.rejected, True)):
+        with out.local_copy(uri) as local:
+            table = pq.read_table(local, columns=columns + ["source_chars", "text"] + (["reject_reason"] if is_rejected else []))
+        for row in table.to_pylist():
+            sources[row["source_id"]] = row["source_chars"]
+            result.prompt_tokens += row["prompt_tokens"] + row["pairs_prompt_tokens"]
+            result.completion_tokens += row["completion_tokens"] + row["pairs_completion_tokens"]
+            if is_rejected:
+                rejects[row["reject_reason"]] += 1
+            else:
+                result.output_chars += len(row["text"] or "")
+        if is_rejected:
+            result.rejected = table.num_rows
+        else:
+            result.accepted = table.num_rows
+    result.documents = len(sources)
+    result.source_chars = sum(sources.values())
+    result.rejects_by_reason = dict(rejects.most_common())
+    return result

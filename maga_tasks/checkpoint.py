@@ -1,0 +1,134 @@
+"""Checkpoints of finished documents under `_work/{shard}/`, on local disk or S3.
+
+Each run writes its own segment files (JSON lines, one line per finished document with
+all its output rows), so nothing is ever appended to an object in place and two runs
+never write the same file. Locally a line is flushed as soon as its document finishes;
+on S3 a segment object is put every `s3_every` documents. Reading tolerates a torn last
+line (a kill in the middle of a write) and keeps the first copy of any document.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .storage import LocalStorage, Storage, join
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class DocLocation:
+    segment: Path
+    offset: int
+
+
+class Checkpoint:
+    def __init__(self, storage: Storage, work_uri: str, manifest: dict, s3_every: int = 32):
+        self.storage = storage
+        self.work_uri = work_uri
+        self.manifest = manifest
+        self.s3_every = s3_every
+        self.run_id = uuid.uuid4().hex[:12]
+        self._local = isinstance(storage, LocalStorage)
+        self._handle = None
+        self._pending: list[bytes] = []
+        self._sequence = 0
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _segment_uris(self) -> list[str]:
+        return [uri for uri in self.storage.list(self.work_uri) if uri.rsplit("/", 1)[-1].startswith("part-")]
+
+    def prepare(self) -> None:
+        """Start fresh when the checkpoint belongs to another source or recipe."""
+        manifest_uri = join(self.work_uri, MANIFEST)
+        if self.storage.exists(manifest_uri):
+            stored = json.loads(self.storage.read_bytes(manifest_uri))
+            if stored == self.manifest:
+                return
+            log.warning("checkpoint at %s was made for other input (%s); starting over", self.work_uri, stored)
+            self.storage.delete_prefix(self.work_uri)
+        self.storage.put_bytes(manifest_uri, json.dumps(self.manifest, sort_keys=True).encode())
+
+    @contextlib.contextmanager
+    def local_segments(self) -> Iterator[list[Path]]:
+        """The segment files as local paths (downloaded first from S3)."""
+        uris = self._segment_uris()
+        if self._local:
+            yield [Path(uri) for uri in uris]
+            return
+        with tempfile.TemporaryDirectory(prefix="maga-ckpt-") as tmp:
+            paths = []
+            for uri in uris:
+                path = Path(tmp) / uri.rsplit("/", 1)[-1]
+                path.write_bytes(self.storage.read_bytes(uri))
+                paths.append(path)
+            yield paths
+
+    @staticmethod
+    def index(segments: list[Path]) -> dict[int, DocLocation]:
+        """Where each finished document's line is; first copy wins, torn lines are skipped."""
+        found: dict[int, DocLocation] = {}
+        for segment in segments:
+            with open(segment, "rb") as handle:
+                offset = 0
+                for line in handle:
+                    start, offset = offset, offset + len(line)
+                    if not line.endswith(b"\n"):
+                        break  # torn by a kill mid-write
+                    try:
+                        doc_index = json.loads(line)["i"]
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    found.setdefault(doc_index, DocLocation(segment, start))
+        return found
+
+    @staticmethod
+    def read(location: DocLocation) -> list[dict]:
+        with open(location.segment, "rb") as handle:
+            handle.seek(location.offset)
+            return json.loads(handle.readline())["rows"]
+
+    # -- writing ---------------------------------------------------------------------
+
+    def append(self, doc_index: int, rows: list[dict]) -> None:
+        line = (json.dumps({"i": doc_index, "rows": rows}, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+        if self._local:
+            if self._handle is None:
+                path = Path(join(self.work_uri, f"part-{self.run_id}.jsonl"))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._handle = open(path, "ab")
+            self._handle.write(line)
+            self._handle.flush()  # survives a killed process; fsync would only add power-loss safety
+        else:
+            self._pending.append(line)
+            if len(self._pending) >= self.s3_every:
+                self.flush()
+
+    def flush(self) -> None:
+        if self._handle:
+            self._handle.flush()
+        if self._pending:
+            self._sequence += 1
+            uri = join(self.work_uri, f"part-{self.run_id}-{self._sequence:06d}.jsonl")
+            self.storage.put_bytes(uri, b"".join(self._pending))
+            self._pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+        if self._handle:
+            self._handle.close()
+            self._handle = None
+
+    def clear(self) -> None:
+        self.close()
+        self.storage.delete_prefix(self.work_uri)

@@ -1,0 +1,151 @@
+"""Heuristic cleaning of rewrites (MAGA step 3) and the checks that reject them.
+
+Rewrites lose their model chatter (openers such as "Here is the rewritten text:" and
+closers such as "Note: ...") and are rejected when empty, truncated, far too short or
+long for their source, carrying too few of the source's keywords (drifted away), or
+copying most of it word for word (plain repetition): both ends of the collapse problem.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .recipe import Cleaning
+
+_WORD = re.compile(r"[^\W\d_]{3,}", re.UNICODE)
+_ANY_WORD = re.compile(r"\w+", re.UNICODE)
+
+STOPWORDS = frozenset(
+    """the and for are but not you all any can had her was one our out has him his how its may
+    new now old see two who did get let put say she too use that with have this will your from
+    they know want been good much some time very when come here just like long make many more
+    only over such take than them well were what which while would there their these those
+    into also about after again could every first other should still under where being does
+    doing each few most nor off once own same so then through until why both between during
+    before above below because against further itself himself herself themselves ourselves""".split()
+)
+
+# Model chatter at the start of a rewrite: a first line that introduces the text.
+_OPENERS = re.compile(
+    r"""^\s*(?:
+        (?:sure|certainly|of\ course|okay|ok|absolutely)[!,.]?[^\n]*?(?::|\.|!)\s*$ |
+        (?:here\ is|here's|here\ are|below\ is|below\ are|the\ following\ is|the\ following\ are|
+           what\ follows\ is|this\ is\ (?:a|the)\ rewrit)[^\n]*$ |
+        (?:rewritten|reformulated|revised)\ (?:text|version|document)\s*:?\s*$
+    )""",
+    re.IGNORECASE | re.VERBOSE,
+)
+
+# Model chatter at the end: a last paragraph that talks about the text or the task.
+_CLOSERS = re.compile(
+    r"""^\s*(?:
+        note\s*: | please\ note | n\.b\. | the\ above\ (?:is|text|content|rewrite) |
+        this\ (?:rewrite|rewritten\ text|version)\ (?:keeps|preserves|retains|maintains|is) |
+        i\ hope\ (?:this|that) | let\ me\ know | feel\ free\ to | if\ you\ (?:need|have|want) |
+        (?:i\ have|i've)\ (?:rewritten|kept|preserved|adapted)
+    )""",
+    re.IGNORECASE | re.VERBOSE,
+)
+
+_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n(.*?)\n\s*```\s*$", re.DOTALL)
+
+
+def strip_boilerplate(text: str) -> tuple[str, int]:
+    """The rewrite without leading/trailing chatter, and how many pieces were removed."""
+    removed = 0
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced.group(1)
+    paragraphs = [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+    while paragraphs:
+        first_line, _, rest = paragraphs[0].partition("\n")
+        if not _OPENERS.match(first_line):
+            break
+        removed += 1
+        if rest.strip():
+            paragraphs[0] = rest
+        else:
+            paragraphs.pop(0)
+    while paragraphs and _CLOSERS.match(paragraphs[-1]):
+        removed += 1
+        paragraphs.pop()
+    return "\n\n".join(p.strip() for p in paragraphs), removed
+
+
+def _words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+@lru_cache(maxsize=2048)
+def source_keywords(source: str, count: int) -> tuple[str, ...]:
+    """The source's most frequent content words (>= 3 letters, not stopwords)."""
+    counts = Counter(w for w in _words(source) if w not in STOPWORDS)
+    return tuple(word for word, _ in counts.most_common(count))
+
+
+def keyword_coverage(source: str, rewrite: str, count: int = 20) -> float:
+    """Share of the source's top keywords that appear in the rewrite."""
+    keywords = source_keywords(source, count)
+    if not keywords:
+        return 1.0
+    present = set(_words(rewrite))
+    return round(sum(1 for k in keywords if k in present) / len(keywords), 4)
+
+
+def _shingles(text: str, size: int = 8) -> set[int]:
+    words = [w.lower() for w in _ANY_WORD.findall(text)]
+    return {hash(tuple(words[i : i + size])) for i in range(max(0, len(words) - size + 1))}
+
+
+@lru_cache(maxsize=256)
+def _source_shingles(source: str) -> frozenset[int]:
+    return frozenset(_shingles(source))
+
+
+def copy_ratio(source: str, rewrite: str) -> float:
+    """Share of the rewrite's 8-word runs found verbatim in the source."""
+    runs = _shingles(rewrite)
+    if not runs:
+        return 0.0
+    return round(len(runs & _source_shingles(source)) / len(runs), 4)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    text: str
+    keyword_coverage: float
+    reject_reason: str | None = None
+    detail: str = ""
+    boilerplate_removed: int = 0
+
+
+def clean_rewrite(source: str, rewrite: str, finish_reason: str, rules: Cleaning) -> Verdict:
+    """Clean one rewrite and decide whether it is accepted."""
+    text, removed = strip_boilerplate(rewrite or "")
+    coverage = keyword_coverage(source, text, rules.keyword_count) if text else 0.0
+
+    def reject(reason: str, detail: str = "") -> Verdict:
+        return Verdict(text, coverage, reason, detail, removed)
+
+    if finish_reason == "length":
+        return reject("truncated", "the model hit max_tokens before finishing")
+    if finish_reason not in ("stop", "eos", "end_turn"):
+        return reject("unexpected_finish_reason", finish_reason)
+    if not text.strip():
+        return reject("empty")
+    if len(text) < rules.min_chars:
+        return reject("too_short", f"{len(text)} chars < {rules.min_chars}")
+    ratio = len(text) / max(1, len(source))
+    if ratio < rules.min_length_ratio:
+        return reject("too_short_for_source", f"length ratio {ratio:.2f} < {rules.min_length_ratio}")
+    if ratio > rules.max_length_ratio:
+        return reject("too_long_for_source", f"length ratio {ratio:.2f} > {rules.max_length_ratio}")
+    if coverage < rules.min_keyword_coverage:
+        return reject("low_keyword_coverage", f"{coverage:.2f} < {rules.min_keyword_coverage}")
+    copied = copy_ratio(source, text)
+    if copied > rules.max_copy_ratio:
+        return reject("near_copy", f"{copied:.2f} of 8-word runs copied > {rules.max_copy_ratio}")
+    return Verdict(text, coverage, None, "", removed)

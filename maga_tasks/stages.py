@@ -1,0 +1,202 @@
+"""The method's model calls: genre/audience pairs, rewrites, and the judge.
+
+Each stage returns a result object, never raises for a document-level problem: a bad
+answer becomes a reason the caller writes into the rejected output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+from .llm_client import Completion, LLMClient, RequestFailed
+from .prompts import JUDGE_JSON_SCHEMA, judge_messages, pairs_json_schema, pairs_messages, rewrite_messages
+from .recipe import Recipe
+
+
+def derive_seed(doc_key: str, stage: str, pair_index: int, attempt: int) -> int:
+    """Seed from (document, stage, pair, attempt): reruns ask for the same samples."""
+    digest = hashlib.blake2b(f"{doc_key}|{stage}|{pair_index}|{attempt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
+
+
+def request_id(doc_key: str, stage: str, pair_index: int) -> str:
+    return f"{quote(doc_key, safe='')}/{stage}/{pair_index}"
+
+
+@dataclass(frozen=True)
+class Pair:
+    genre: str
+    audience: str
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, prompt: int, completion: int) -> None:
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+
+
+@dataclass
+class PairsResult:
+    pairs: list[Pair] | None
+    usage: Usage = field(default_factory=Usage)
+    reject_reason: str | None = None
+    detail: str = ""
+    attempts: int = 0
+
+
+class StructuredOutputSupport:
+    """Remembers whether the servers accept `response_format` json_schema."""
+
+    def __init__(self, mode: str):
+        self.enabled = mode != "off"
+        self.required = mode == "json_schema"
+
+
+_JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
+
+
+def parse_json_object(text: str) -> dict | None:
+    """The JSON object in an answer, tolerating code fences and chatter around it."""
+    for candidate in (text.strip(), *(_JSON_OBJECT.findall(text) or ())):
+        try:
+            value = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def validate_pairs(answer: dict | None, recipe: Recipe) -> tuple[list[Pair] | None, str, str]:
+    """Exactly N distinct, non-empty pairs within the length bounds, else (None, reason, detail)."""
+    if answer is None:
+        return None, "pairs_invalid_json", "answer is not a JSON object"
+    items = answer.get("pairs")
+    if not isinstance(items, list):
+        return None, "pairs_invalid_json", "no 'pairs' list"
+    n = recipe.pairs_per_document
+    if len(items) != n:
+        return None, "pairs_wrong_count", f"{len(items)} pairs, expected {n}"
+    pairs, seen = [], set()
+    g_min, g_max = recipe.pairs.genre_chars
+    a_min, a_max = recipe.pairs.audience_chars
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            return None, "pairs_invalid_json", f"pair {i} is not an object"
+        genre, audience = item.get("genre"), item.get("audience")
+        if not isinstance(genre, str) or not isinstance(audience, str) or not genre.strip() or not audience.strip():
+            return None, "pairs_empty_field", f"pair {i} lacks a genre or audience"
+        genre, audience = genre.strip(), audience.strip()
+        if not g_min <= len(genre) <= g_max:
+            return None, "pairs_length", f"pair {i} genre has {len(genre)} chars, bounds {g_min}-{g_max}"
+        if not a_min <= len(audience) <= a_max:
+            return None, "pairs_length", f"pair {i} audience has {len(audience)} chars, bounds {a_min}-{a_max}"
+        key = (" ".join(genre.lower().split()), " ".join(audience.lower().split()))
+        if key in seen:
+            return None, "pairs_duplicate", f"pair {i} repeats an earlier pair"
+        seen.add(key)
+        pairs.append(Pair(genre, audience))
+    return pairs, "", ""
+
+
+def _is_response_format_refusal(error: RequestFailed) -> bool:
+    text = error.detail.lower()
+    return error.reason in ("http_400", "http_422", "http_501") and any(
+        word in text for word in ("response_format", "json_schema", "guided", "structured")
+    )
+
+
+async def generate_pairs(
+    client: LLMClient, recipe: Recipe, doc_key: str, document: str, structured: StructuredOutputSupport
+) -> PairsResult:
+    messages = pairs_messages(recipe, document)
+    schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "genre_audience_pairs", "schema": pairs_json_schema(recipe), "strict": True},
+    }
+    result = PairsResult(None)
+    reason, detail = "pairs_failed", ""
+    for attempt in range(recipe.pairs.max_attempts):
+        result.attempts = attempt + 1
+        try:
+            completion = await client.chat(
+                messages,
+                recipe.pairs.sampling,
+                seed=derive_seed(doc_key, "pairs", -1, attempt),
+                request_id=f"{request_id(doc_key, 'pairs', -1)}.{attempt}",
+                affinity=doc_key,
+                response_format=schema if structured.enabled else None,
+            )
+        except RequestFailed as error:
+            if structured.enabled and not structured.required and _is_response_format_refusal(error):
+                structured.enabled = False  # this fleet cannot; ask for plain JSON instead
+                continue
+            result.usage.add(error.prompt_tokens, error.completion_tokens)
+            reason, detail = f"pairs_request_{error.reason}", error.detail[:300]
+            continue
+        result.usage.add(completion.prompt_tokens, completion.completion_tokens)
+        if completion.finish_reason == "length":
+            reason, detail = "pairs_truncated", "answer hit max_tokens"
+            continue
+        pairs, reason, detail = validate_pairs(parse_json_object(completion.text), recipe)
+        if pairs:
+            result.pairs = pairs
+            return result
+    result.reject_reason, result.detail = reason, detail
+    return result
+
+
+@dataclass
+class RewriteResult:
+    completion: Completion | None
+    reject_reason: str | None = None
+    detail: str = ""
+
+
+async def rewrite(client: LLMClient, recipe: Recipe, doc_key: str, document: str, pair_index: int, pair: Pair) -> RewriteResult:
+    try:
+        completion = await client.chat(
+            rewrite_messages(recipe, document, pair.genre, pair.audience),
+            recipe.rewrite.sampling,
+            seed=derive_seed(doc_key, "rewrite", pair_index, 0),
+            request_id=request_id(doc_key, "rewrite", pair_index),
+            affinity=doc_key,
+        )
+    except RequestFailed as error:
+        return RewriteResult(None, f"rewrite_request_{error.reason}", error.detail[:300])
+    return RewriteResult(completion)
+
+
+@dataclass
+class JudgeResult:
+    score: int | None
+    analysis: str = ""
+    reject_reason: str | None = None
+
+
+async def judge(client: LLMClient, recipe: Recipe, doc_key: str, document: str, rewritten: str, pair_index: int) -> JudgeResult:
+    """Score limited consistency (1-5) of a rewrite against its source."""
+    try:
+        completion = await client.chat(
+            judge_messages(recipe, document, rewritten),
+            recipe.judge_sampling,
+            seed=derive_seed(doc_key, "judge", pair_index, 0),
+            request_id=request_id(doc_key, "judge", pair_index),
+            affinity=doc_key,
+            response_format={"type": "json_schema", "json_schema": {"name": "judge", "schema": JUDGE_JSON_SCHEMA}},
+        )
+    except RequestFailed as error:
+        return JudgeResult(None, "", f"judge_request_{error.reason}")
+    answer = parse_json_object(completion.text) or {}
+    score = answer.get("score")
+    if isinstance(score, int) and 1 <= score <= 5:
+        return JudgeResult(score, str(answer.get("analysis", ""))[:2000])
+    return JudgeResult(None, "", "judge_invalid_answer")

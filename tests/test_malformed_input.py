@@ -1,0 +1,131 @@
+"""Malformed shards: a clear one-line error or row-level rejections, never a partial commit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from maga_tasks.errors import ShardInputError
+from maga_tasks.recipe import load_recipe
+from maga_tasks.settings import RunSettings
+from maga_tasks.shard import expand_shard
+
+pytestmark = pytest.mark.integration
+
+RECIPE = load_recipe()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "maga_tasks.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_nothing_committed(out: Path) -> None:
+    committed = list(out.rglob("data/*.parquet")) + list(out.rglob("rejected/*.parquet"))
+    assert committed == []
+
+
+def test_missing_text_column_is_a_one_line_error(tmp_path, llm_server):
+    shard = tmp_path / "no-text.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "body": ["x", "y"]}), shard)
+    done = run_cli("expand-shard", str(shard), "--output-root", str(tmp_path / "out"), "--endpoint", llm_server.url)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("maga: error:")
+    assert "missing column" in done.stderr and "'text'" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert_nothing_committed(tmp_path / "out")
+    assert llm_server.stats()["requests_total"] == 0
+
+
+def test_corrupt_parquet_is_a_one_line_error(tmp_path, llm_server):
+    shard = tmp_path / "corrupt.parquet"
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"id": [str(i) for i in range(50)], "text": ["some words here"] * 50}), good)
+    raw = good.read_bytes()
+    shard.write_bytes(raw[:4] + b"\x00" * (len(raw) // 2) + raw[4 + len(raw) // 2 :])
+    done = run_cli("expand-shard", str(shard), "--output-root", str(tmp_path / "out"), "--endpoint", llm_server.url)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "maga: error:" in done.stderr
+    assert_nothing_committed(tmp_path / "out")
+
+
+def test_truncated_file_and_missing_file(tmp_path, llm_server):
+    shard = tmp_path / "cut.parquet"
+    pq.write_table(pa.table({"id": ["a"], "text": ["t"]}), tmp_path / "whole.parquet")
+    shard.write_bytes((tmp_path / "whole.parquet").read_bytes()[:-20])
+    for source in (shard, tmp_path / "absent.parquet", tmp_path / "notes.txt"):
+        done = run_cli("expand-shard", str(source), "--output-root", str(tmp_path / "out"), "--endpoint", llm_server.url)
+        assert done.returncode == 2, (source, done.stderr)
+        assert "Traceback" not in done.stderr and "maga: error:" in done.stderr
+    assert_nothing_committed(tmp_path / "out")
+
+
+def test_bad_rows_are_rejected_with_reasons(tmp_path, llm_server, sample_articles, tiny_tokenizer_dir):
+    good = [a["text"] for a in sample_articles[:3]]
+    huge = (" ".join(a["text"] for a in sample_articles[:200]) + " ") * 40
+    assert len(huge.encode()) > 5_000_000
+    texts = pa.array(
+        [good[0].encode(), None, b"   ", b"caf\xe9 \xff invalid bytes", good[1].encode(), good[2].encode(), huge.encode()],
+        type=pa.binary(),
+    )
+    ids = pa.array(["ok-1", "null-text", "blank", "latin1", "ok-1", None, "huge"])
+    shard = tmp_path / "mixed.parquet"
+    pq.write_table(pa.table({"id": ids, "text": texts, "lang": ["en"] * 7}), shard)
+    recipe = load_recipe(tokenizer=str(tiny_tokenizer_dir), context_budget_tokens=1024)
+
+    result = expand_shard(str(shard), str(tmp_path / "out"), recipe, RunSettings(endpoints=(llm_server.url,)))
+
+    rejected = pq.read_table(result.rejected_uri).to_pylist()
+    reasons = {(r["source_id"], r["reject_reason"]) for r in rejected}
+    assert ("null-text", "missing_text") in reasons
+    assert ("blank", "empty_text") in reasons
+    assert ("latin1", "invalid_utf8") in reasons
+    assert ("ok-1", "duplicate_id") in reasons
+    assert ("#row5", "missing_id") in reasons
+    assert result.documents == 7
+    assert result.accepted + result.rejected == 7 * recipe.pairs_per_document
+    data = pq.read_table(result.data_uri).to_pylist()
+    huge_rows = [r for r in data + rejected if r["source_id"] == "huge"]
+    assert len(huge_rows) == recipe.pairs_per_document
+    assert all(r["source_truncated_tokens"] and r["source_truncated_tokens"] <= 1024 for r in huge_rows)
+    assert {r["source_id"] for r in data} >= {"ok-1", "huge"}
+    assert json.loads(data[0]["source_meta"]) == {"lang": "en"}
+
+
+def test_jsonl_and_gzip_with_broken_lines(tmp_path, llm_server, sample_articles):
+    import gzip
+
+    lines = [json.dumps({"id": "a", "text": sample_articles[0]["text"]}), "{not json", json.dumps([1, 2]),
+             json.dumps({"id": "b", "text": sample_articles[1]["text"], "url": "http://x"})]
+    plain = tmp_path / "s.jsonl"
+    plain.write_text("\n".join(lines) + "\n")
+    zipped = tmp_path / "z.jsonl.gz"
+    with gzip.open(zipped, "wt") as handle:
+        handle.write("\n".join(lines) + "\n")
+    for shard in (plain, zipped):
+        result = expand_shard(str(shard), str(tmp_path / "out"), RECIPE, RunSettings(endpoints=(llm_server.url,)))
+        assert result.documents == 4
+        rejected = pq.read_table(result.rejected_uri)
+        assert rejected["reject_reason"].to_pylist().count("invalid_json_line") == 2 * RECIPE.pairs_per_document
+        assert result.accepted == 2 * RECIPE.pairs_per_document
+
+
+def test_shard_names_cannot_escape_the_output_root(tmp_path, llm_server, sample_articles):
+    nasty = tmp_path / "..%2F..%2Fetc passwd;rm -rf.jsonl"
+    nasty.write_text(json.dumps({"id": "a", "text": sample_articles[0]["text"]}) + "\n")
+    result = expand_shard(str(nasty), str(tmp_path / "out"), RECIPE, RunSettings(endpoints=(llm_server.url,)))
+    assert Path(result.data_uri).resolve().is_relative_to((tmp_path / "out").resolve())
+    assert "/" not in result.shard and ".." not in result.shard
+
+
+def test_unusable_shard_raises_shard_input_error(tmp_path, llm_server):
+    shard = tmp_path / "ids-only.parquet"
+    pq.write_table(pa.table({"id": ["a"]}), shard)
+    with pytest.raises(ShardInputError, match="missing column"):
+        expand_shard(str(shard), str(tmp_path / "out"), RECIPE, RunSettings(endpoints=(llm_server.url,)))

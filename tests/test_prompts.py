@@ -1,0 +1,31 @@
+"""Prompt layout: the requests of one document share their leading prefix."""
+
+from __future__ import annotations
+
+import os
+
+from maga_tasks.prompts import document_from_messages, judge_messages, pairs_messages, rewrite_messages
+from maga_tasks.recipe import load_recipe
+
+RECIPE = load_recipe()
+DOC = "The Amazon river flows through Brazil. It carries more water than any other river {with braces}."
+
+
+def flat(messages) -> str:
+    return "\n".join(m["role"] + ":" + m["content"] for m in messages)
+
+
+def test_all_requests_of_a_document_share_instructions_and_document_first():
+    requests = [pairs_messages(RECIPE, DOC)]
+    requests += [rewrite_messages(RECIPE, DOC, f"genre {i}", f"audience {i}") for i in range(5)]
+    requests.append(judge_messages(RECIPE, DOC, "a rewrite"))
+    prefix = os.path.commonprefix([flat(r) for r in requests])
+    assert DOC in prefix
+    assert prefix.startswith("system:" + RECIPE.prompts["system"])
+    assert all(document_from_messages(r) == DOC for r in requests)
+
+
+def test_per_pair_part_comes_last():
+    text = flat(rewrite_messages(RECIPE, DOC, "GENRE-X", "AUDIENCE-Y"))
+    assert text.index(DOC) < text.index("GENRE-X") < text.index("AUDIENCE-Y")
+    assert "5 genre/audience pairs" in flat(pairs_messages(RECIPE, DOC))

@@ -1,0 +1,61 @@
+"""Recipe validation and the stability of recipe_id."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from maga_tasks.recipe import RecipeError, default_recipe_path, load_recipe
+
+
+def write(tmp_path, data: dict):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def default_data() -> dict:
+    return yaml.safe_load(default_recipe_path().read_text())
+
+
+def test_default_recipe_loads_with_five_pairs():
+    recipe = load_recipe()
+    assert recipe.pairs_per_document == 5
+    assert recipe.recipe_id.startswith("r-") and len(recipe.recipe_id) == 14
+
+
+def test_recipe_id_is_stable_and_follows_output_shaping_fields(tmp_path):
+    base = load_recipe()
+    assert load_recipe(write(tmp_path, default_data())).recipe_id == base.recipe_id
+    changed = default_data()
+    changed["rewrite"] = {"sampling": {"temperature": 0.3}}
+    assert load_recipe(write(tmp_path, changed)).recipe_id != base.recipe_id
+    assert load_recipe(model="other").recipe_id != base.recipe_id
+
+
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"endpoints": ["http://x"]}, "endpoints"),
+        ({"pairs_per_document": 0}, "pairs_per_document"),
+        ({"cleaning": {"min_keyword_coverage": 2}}, "cleaning.min_keyword_coverage"),
+        ({"pairs": {"structured_output": "maybe"}}, "pairs.structured_output"),
+        ({"rewrite": {"sampling": {"temperature": 9}}}, "rewrite.sampling.temperature"),
+        ({"prompts": {"system": "x"}}, "prompts"),
+    ],
+)
+def test_bad_recipes_name_the_field(tmp_path, patch, field):
+    data = default_data()
+    data.update(patch)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write(tmp_path, data))
+    assert field in str(error.value)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(RecipeError, match="YAML"):
+        load_recipe(bad)
