@@ -50,6 +50,8 @@ _CLOSERS = re.compile(
     re.IGNORECASE | re.VERBOSE,
 )
 
+_MAX_OPENER_CHARS = 100
+
 _FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n(.*?)\n\s*```\s*$", re.DOTALL)
 
 
@@ -62,7 +64,9 @@ def strip_boilerplate(text: str) -> tuple[str, int]:
     paragraphs = [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
     while paragraphs:
         first_line, _, rest = paragraphs[0].partition("\n")
-        if not _OPENERS.match(first_line):
+        # An opener introduces the text: short or ending with a colon, with text after it.
+        introduces = first_line.rstrip().endswith(":") or len(first_line) <= _MAX_OPENER_CHARS
+        if not (_OPENERS.match(first_line) and introduces and (rest.strip() or len(paragraphs) > 1)):
             break
         removed += 1
         if rest.strip():

@@ -13,6 +13,8 @@ import json
 import logging
 import sys
 
+from pydantic import ValidationError
+
 from .errors import EndpointsUnavailable, MagaError
 from .layout import LayoutError
 from .recipe import RecipeError
@@ -147,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     except EndpointsUnavailable as error:
         print(f"maga: error: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except ValidationError as error:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        print(f"maga: error: invalid settings: {fields}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (MagaError, RecipeError, LayoutError, StorageError, ValueError) as error:
         print(f"maga: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -99,7 +100,7 @@ class Recipe(_Strict):
             raise ValueError(f"prompts is missing {sorted(missing)}")
         return self
 
-    @property
+    @cached_property
     def recipe_id(self) -> str:
         """Stable 12-hex-digit hash of everything that shapes the output."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -58,3 +58,43 @@ def row_id(recipe_id: str, source_shard: str, source_id: str, pair_index: int) -
     """Deterministic output row id: the same inputs give the same id on every rerun."""
     key = f"{recipe_id}\x1f{source_shard}\x1f{source_id}\x1f{pair_index}"
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+# The released MAGACorpus layout (mga-fineweb-edu), for users who train on that format.
+MAGACORPUS_SCHEMA = pa.schema(
+    [
+        (
+            "meta",
+            pa.struct(
+                [
+                    ("chunk_id", pa.string()),
+                    ("docid", pa.string()),
+                    ("meta_extra", pa.string()),
+                    ("source", pa.string()),
+                    ("split", pa.string()),
+                    ("genre", pa.string()),
+                    ("audience", pa.string()),
+                    ("raw_text", pa.string()),
+                ]
+            ),
+        ),
+        ("content_split", pa.string()),
+    ]
+)
+
+
+def magacorpus_row(row: dict, raw_text: str) -> dict:
+    """An accepted output row in the MAGACorpus layout."""
+    return {
+        "meta": {
+            "chunk_id": row["id"],
+            "docid": row["source_id"],
+            "meta_extra": row["source_meta"],
+            "source": row["source_shard"],
+            "split": "train",
+            "genre": row["genre"],
+            "audience": row["audience"],
+            "raw_text": raw_text,
+        },
+        "content_split": row["text"],
+    }

@@ -24,7 +24,7 @@ from .errors import MagaError, ShardInputError
 from .layout import shard_name, shard_paths
 from .llm_client import LLMClient
 from .recipe import Recipe
-from .schema import ACCEPTED_SCHEMA, REJECTED_SCHEMA, row_id
+from .schema import ACCEPTED_SCHEMA, MAGACORPUS_SCHEMA, REJECTED_SCHEMA, magacorpus_row, row_id
 from .settings import RunSettings
 from .source import SourceColumns, SourceDocument, open_shard
 from .stages import StructuredOutputSupport, Usage, generate_pairs, rewrite
@@ -114,7 +114,7 @@ def expand_shard(
             asyncio.run(run.execute(itertools.islice(iter(reader), total)))
         finally:
             checkpoint.close()
-    result = _commit(source_uri, paths, out, checkpoint, total)
+        result = _commit(source_uri, paths, out, checkpoint, itertools.islice(iter(reader), total))
     result.requests = run.client_stats.get("requests", 0)
     result.resumed_documents = len(done & set(range(total)))
     result.seconds = round(time.monotonic() - started, 3)
@@ -306,19 +306,27 @@ class _RowMaker:
 _COMMIT_BATCH_ROWS = 2000
 
 
-def _commit(source_uri: str, paths, out, checkpoint: Checkpoint, total: int) -> ShardResult:
-    """Write data/ and rejected/ from the checkpoint in source order, each file atomically."""
+def _commit(source_uri: str, paths, out, checkpoint: Checkpoint, documents) -> ShardResult:
+    """Write rejected/, magacorpus/ and data/ from the checkpoint in source order.
+
+    Each file is written atomically; data/ goes last since its presence marks the shard
+    committed. `documents` streams the source again, in the same order, for raw_text.
+    """
     result = ShardResult(paths.shard, source_uri, paths.recipe_id, paths.data, paths.rejected)
     rejects: Counter = Counter()
     with checkpoint.local_segments() as segments, tempfile.TemporaryDirectory(prefix="maga-commit-") as tmp:
         locations = Checkpoint.index(segments)
-        missing = [i for i in range(total) if i not in locations]
-        if missing:
-            raise MagaError(f"shard {paths.shard}: {len(missing)} documents missing from the checkpoint")
         data_path, rejected_path = Path(tmp) / "data.parquet", Path(tmp) / "rejected.parquet"
-        with _BatchedWriter(data_path, ACCEPTED_SCHEMA) as accepted, _BatchedWriter(rejected_path, REJECTED_SCHEMA) as rejected:
-            for doc_index in range(total):
-                rows = Checkpoint.read(locations[doc_index])
+        export_path = Path(tmp) / "magacorpus.parquet"
+        with (
+            _BatchedWriter(data_path, ACCEPTED_SCHEMA) as accepted,
+            _BatchedWriter(rejected_path, REJECTED_SCHEMA) as rejected,
+            _BatchedWriter(export_path, MAGACORPUS_SCHEMA) as export,
+        ):
+            for doc in documents:
+                if doc.index not in locations:
+                    raise MagaError(f"shard {paths.shard}: document {doc.index} is missing from the checkpoint")
+                rows = Checkpoint.read(locations[doc.index])
                 result.documents += 1
                 result.source_chars += rows[0]["source_chars"] if rows else 0
                 for row in rows:
@@ -330,10 +338,12 @@ def _commit(source_uri: str, paths, out, checkpoint: Checkpoint, total: int) -> 
                     else:
                         result.output_chars += len(row["text"])
                         accepted.add(row)
+                        export.add(magacorpus_row(row, doc.text))
         result.accepted, result.rejected = accepted.rows, rejected.rows
         result.rejects_by_reason = dict(rejects.most_common())
         # The data file goes last: its presence is what marks the shard committed.
         out.put_file(paths.rejected, rejected_path)
+        out.put_file(paths.export, export_path)
         out.put_file(paths.data, data_path)
     return result
 
@@ -353,7 +363,8 @@ class _BatchedWriter:
     def flush(self) -> None:
         if self.buffer:
             for row in self.buffer:
-                row["created_at"] = datetime.fromisoformat(row["created_at"])
+                if "created_at" in row:
+                    row["created_at"] = datetime.fromisoformat(row["created_at"])
             self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=self.schema))
             self.rows += len(self.buffer)
             self.buffer.clear()

@@ -1,0 +1,42 @@
+# The two commands a fresh machine needs: `make demo` runs the nightly job once on local
+# defaults; `make test` runs the test suite. Everything else here is what they build on.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VENV_VLLM := .venv-vllm
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install vllm-venv tiny-model test test-fast demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+vllm-venv:
+	bash scripts/setup_vllm_venv.sh $(VENV_VLLM)
+
+tiny-model: install
+	$(PY) scripts/build_tiny_model.py var/models/maga-tiny
+
+# The whole suite: unit tests, integration tests against real servers on loopback
+# (PostgreSQL, moto S3, the test LLM server, the vLLM CPU engine), Airflow end to end.
+test: install vllm-venv
+	$(PY) -m pytest -q -ra
+
+# Everything but the slow end-to-end parts (vLLM engine, Airflow scheduler, browser).
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not vllm and not airflow and not browser"
+
+demo: install vllm-venv
+	bash scripts/demo.sh
+
+bench: install vllm-venv
+	$(PY) -m maga_tasks.cli bench
+
+clean:
+	rm -rf var artifacts .pytest_cache

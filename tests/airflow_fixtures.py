@@ -1,0 +1,450 @@
+"""Fixtures for tests that run the pipeline through Airflow itself.
+
+Import them into `tests/conftest.py` (`from tests.airflow_fixtures import *` or by name).
+
+- `airflow_env` (session): an isolated AIRFLOW_HOME in a temp dir, Airflow's metadata DB
+  in a fresh PostgreSQL database (dropped afterwards), `airflow db migrate`, the
+  `maga_llm` pool, a SimpleAuthManager user with a known password, free ports, and a
+  registry database given to the tasks as `AIRFLOW_CONN_MAGA_REGISTRY`.
+- `airflow_stack` (session): a real scheduler (LocalExecutor) + dag-processor +
+  api-server on that environment, started on first use and stopped (by PID) at the end.
+- `af_llm_server_factory` (function): starts `python -m maga_tasks.test_server` processes on
+  free loopback ports; `.stats()` reads `/_stats`.
+- `postgres_registry_url` (function): an empty PostgreSQL database for the registry.
+
+Every process started here is stopped by its own PID, never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DAGS_FOLDER = REPO / "dags"
+PLUGINS_FOLDER = REPO / "plugins"
+ARTIFACTS = REPO / "artifacts"
+DAG_ID = "maga_corpus_expansion"
+POOL = "maga_llm"
+PG_HOST = os.environ.get("MAGA_TEST_PGHOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("MAGA_TEST_PGPORT", "5432"))
+PG_USER = os.environ.get("MAGA_TEST_PGUSER", "postgres")
+BIN = Path(sys.executable).parent
+AIRFLOW = str(BIN / "airflow")
+ADMIN_USER = "admin"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+    """Poll `predicate` until it returns a truthy value; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def http_json(url: str, *, method: str = "GET", body: dict | None = None, token: str | None = None, timeout: float = 10):
+    """(status, parsed JSON or text) of one HTTP request; never raises on 4xx/5xx."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        status, raw = error.code, error.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+# -- PostgreSQL databases -------------------------------------------------------------
+
+
+def _pg_admin(sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def create_pg_database(prefix: str) -> str:
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
+    _pg_admin(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def drop_pg_database(name: str) -> None:
+    try:
+        _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    except Exception as error:  # cleanup must not hide the test's own result
+        print(f"could not drop database {name}: {error}", file=sys.stderr)
+
+
+def pg_url(dbname: str, driver: str = "postgresql") -> str:
+    return f"{driver}://{PG_USER}@{PG_HOST}:{PG_PORT}/{dbname}"
+
+
+@pytest.fixture
+def postgres_registry_url():
+    name = create_pg_database("maga_registry")
+    yield pg_url(name)
+    drop_pg_database(name)
+
+
+# -- processes ------------------------------------------------------------------------
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM the process group we created for it, then SIGKILL what is left."""
+        if self.popen.poll() is not None:
+            return
+        pgid = self.popen.pid  # started with start_new_session: its own process group
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def start_process(name: str, argv: list[str], env: dict, log_dir: Path) -> ManagedProcess:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    handle = open(log_path, "ab")
+    popen = subprocess.Popen(
+        argv,
+        env=env,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=str(log_dir),
+    )
+    handle.close()
+    return ManagedProcess(name, popen, log_path)
+
+
+# -- the test LLM server --------------------------------------------------------------
+
+
+@dataclass
+class LLMServer:
+    process: ManagedProcess
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stats(self) -> dict:
+        status, body = http_json(f"{self.url}/_stats")
+        assert status == 200, body
+        return body
+
+    def reset(self) -> None:
+        http_json(f"{self.url}/_reset", method="POST", body={})
+
+
+def start_llm_server(log_dir: Path, *, latency_ms: float = 0, faults: tuple[str, ...] = ()) -> LLMServer:
+    port = free_port()
+    argv = [sys.executable, "-m", "maga_tasks.test_server", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--latency-ms", str(latency_ms)]
+    for spec in faults:
+        argv += ["--fault", spec]
+    process = start_process(f"llm-{port}", argv, dict(os.environ), log_dir)
+    server = LLMServer(process, port)
+
+    def healthy():
+        if not process.alive():
+            raise AssertionError(f"test LLM server exited:\n{process.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    wait_for(healthy, 30, 0.2, "the test LLM server")
+    return server
+
+
+@pytest.fixture
+def af_llm_server_factory(tmp_path):
+    started: list[LLMServer] = []
+
+    def factory(**kwargs) -> LLMServer:
+        server = start_llm_server(tmp_path / "llm-logs", **kwargs)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.process.stop()
+
+
+# -- Airflow --------------------------------------------------------------------------
+
+
+@dataclass
+class AirflowEnv:
+    """An isolated Airflow installation: home, metadata DB, config as environment."""
+
+    home: Path
+    database: str
+    env: dict
+    api_port: int
+    password: str
+    registry_database: str
+    processes: list = field(default_factory=list)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def registry_url(self) -> str:
+        """The registry the stack's tasks and dashboard use (connection `maga_registry`)."""
+        return pg_url(self.registry_database)
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
+    def cli(self, *args: str, timeout: float = 300, check: bool = True, extra_env: dict | None = None):
+        env = dict(self.env, **(extra_env or {}))
+        result = subprocess.run(
+            [AIRFLOW, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=str(self.home)
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"airflow {' '.join(args)} exited {result.returncode}\n"
+                f"--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-6000:]}"
+            )
+        return result
+
+    def query(self, sql: str, params: dict | None = None) -> list[tuple]:
+        """Read Airflow's metadata database directly (task states, tries, asset events)."""
+        import psycopg
+
+        with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=self.database) as conn:
+            return conn.execute(sql, params or {}).fetchall()
+
+    def token(self) -> str:
+        status, body = http_json(
+            f"{self.api_url}/auth/token",
+            method="POST",
+            body={"username": ADMIN_USER, "password": self.password},
+        )
+        assert status in (200, 201), (status, body)
+        return body["access_token"]
+
+    def task_logs(self, task_id: str) -> list[Path]:
+        return sorted(self.logs.glob(f"dag_id={DAG_ID}/**/task_id={task_id}/**/*.log"))
+
+
+def _airflow_environment(home: Path, database: str, api_port: int, passwords_file: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__"))}
+    db = pg_url(database, "postgresql+psycopg")
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS_FOLDER),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            "AIRFLOW__CORE__LAZY_LOAD_PLUGINS": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db,
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": db,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+            "AIRFLOW__API__PORT": str(api_port),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{api_port}",
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+            "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+            "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "1",
+            "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
+            "AIRFLOW__DAG_PROCESSOR__PRINT_STATS_INTERVAL": "600",
+            # The DAG's deployment knobs, shortened for tests.
+            "MAGA_RETRY_DELAY_SECONDS": "2",
+            "MAGA_HEALTH_POKE_SECONDS": "2",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    for name in ("MAGA_ENDPOINTS", "MAGA_SOURCE", "MAGA_OUTPUT_ROOT", "MAGA_RECIPE", "MAGA_PLANNING_MODE"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def airflow_env():
+    home = Path(tempfile.mkdtemp(prefix="maga-airflow-"))
+    database = create_pg_database("maga_airflow")
+    password = secrets.token_urlsafe(12)
+    passwords_file = home / "passwords.json"
+    passwords_file.write_text(json.dumps({ADMIN_USER: password}))
+    api_port = free_port()
+    registry_database = create_pg_database("maga_registry")
+    env = _airflow_environment(home, database, api_port, passwords_file)
+    env["AIRFLOW_CONN_MAGA_REGISTRY"] = pg_url(registry_database)
+    af = AirflowEnv(home, database, env, api_port, password, registry_database)
+    try:
+        af.cli("db", "migrate", timeout=300)
+        af.cli("pools", "set", POOL, "4", "vLLM request streams (tests)")
+        yield af
+    finally:
+        for process in reversed(af.processes):
+            process.stop()
+        drop_pg_database(database)
+        drop_pg_database(registry_database)
+        if os.environ.get("MAGA_KEEP_AIRFLOW_HOME"):
+            print(f"kept AIRFLOW_HOME {home}", file=sys.stderr)
+        else:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def _dag_serialized(af: AirflowEnv) -> bool:
+    rows = af.query("SELECT count(*) FROM serialized_dag WHERE dag_id = %(d)s", {"d": DAG_ID})
+    return rows[0][0] > 0
+
+
+@pytest.fixture(scope="session")
+def airflow_stack(airflow_env):
+    """Scheduler + dag-processor + api-server on `airflow_env`; returns the env."""
+    af = airflow_env
+    log_dir = af.home / "process-logs"
+    for name, argv in (
+        ("api-server", [AIRFLOW, "api-server", "--port", str(af.api_port), "--host", "127.0.0.1"]),
+        ("dag-processor", [AIRFLOW, "dag-processor"]),
+        ("scheduler", [AIRFLOW, "scheduler"]),
+    ):
+        af.processes.append(start_process(name, argv, af.env, log_dir))
+
+    def ready():
+        for process in af.processes:
+            if not process.alive():
+                raise AssertionError(f"{process.name} exited:\n{process.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"{af.api_url}/api/v2/monitor/health", timeout=3) as response:
+                if response.status != 200:
+                    return False
+        except OSError:
+            return False
+        return _dag_serialized(af)
+
+    wait_for(ready, 180, 1.0, "api-server health and the DAG being parsed")
+    yield af
+
+
+# -- runs -----------------------------------------------------------------------------
+
+
+def dag_runs(af: AirflowEnv) -> list[tuple]:
+    """(run_id, logical_date, state, run_type) of every run of the DAG."""
+    return af.query(
+        "SELECT run_id, logical_date, state, run_type FROM dag_run WHERE dag_id = %(d)s ORDER BY logical_date",
+        {"d": DAG_ID},
+    )
+
+
+def task_instances(af: AirflowEnv, run_id: str) -> list[tuple]:
+    """(task_id, map_index, rendered_map_index, state, try_number) of one run."""
+    return af.query(
+        "SELECT task_id, map_index, rendered_map_index, state, try_number FROM task_instance"
+        " WHERE dag_id = %(d)s AND run_id = %(r)s ORDER BY task_id, map_index",
+        {"d": DAG_ID, "r": run_id},
+    )
+
+
+def wait_for_runs_finished(af: AirflowEnv, run_ids: set[str] | None = None, *, count: int | None = None, timeout: float = 300):
+    """Wait until the given runs (or `count` runs) all reached success or failed."""
+
+    def finished():
+        runs = dag_runs(af)
+        if run_ids is not None:
+            runs = [r for r in runs if r[0] in run_ids]
+        if count is not None and len(runs) < count:
+            return False
+        if runs and all(r[2] in ("success", "failed") for r in runs):
+            return runs
+        return False
+
+    return wait_for(finished, timeout, 2.0, f"DAG runs to finish ({run_ids or count})")
+
+
+def read_task_log_text(path: Path) -> str:
+    """Airflow 3 task logs are JSON lines; return their events as plain text lines."""
+    lines = []
+    for raw in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            lines.append(raw)
+            continue
+        lines.append(str(record.get("event", raw)) if isinstance(record, dict) else raw)
+    return "\n".join(lines)
+
+
+PROGRESS_LINE = re.compile(r"\d+/\d+ docs, [\d.]+ req/s, [\d.]+ tok/s")

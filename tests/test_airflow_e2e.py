@@ -1,0 +1,267 @@
+"""The nightly DAG run by Airflow itself against the test LLM server.
+
+- `airflow dags test` over sample shards: every shard expanded, validated, registered;
+  a second run sends no LLM request and registers nothing new.
+- A real scheduler + dag-processor + api-server (LocalExecutor, metadata DB on
+  PostgreSQL): `airflow backfill create` over 3 dates of a date-partitioned source
+  processes exactly those partitions, and the same backfill again changes nothing.
+- A shard task SIGKILLed mid-run is retried by Airflow and resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.airflow_fixtures import (
+    DAG_ID,
+    PROGRESS_LINE,
+    dag_runs,
+    read_task_log_text,
+    task_instances,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.airflow, pytest.mark.integration, pytest.mark.timeout(900)]
+
+
+def write_recipe(tmp_path: Path, name: str) -> tuple[str, str]:
+    """A copy of the default recipe under another name: its own corpus version."""
+    from maga_tasks.recipe import load_recipe, recipe_from_dict
+
+    recipe = recipe_from_dict({**load_recipe().model_dump(mode="json"), "name": name})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(recipe.to_yaml(), encoding="utf-8")
+    return str(path), recipe.recipe_id
+
+
+def run_conf(source: str, output_root: str, llm_url: str, recipe_path: str, **extra) -> dict:
+    conf = {
+        "source": source,
+        "output_root": output_root,
+        "recipe": recipe_path,
+        "endpoints": [llm_url],
+        "planning_mode": "flat",
+        "shards_per_run": 10,
+        "max_concurrency": 8,
+        "progress_interval_s": 0.2,
+    }
+    conf.update(extra)
+    return conf
+
+
+def registered(registry_url: str, recipe_id: str) -> dict[str, dict]:
+    from maga_tasks.registry import Registry
+
+    return {row["shard"]: row for row in Registry(registry_url).shards(recipe_id) if row["status"] == "registered"}
+
+
+def assert_output_clean(output_root: str, recipe_id: str, shards: dict[str, dict]) -> None:
+    """Every registered shard has its data file with unique row ids, as many as accepted."""
+    for name, row in shards.items():
+        table = pq.read_table(Path(output_root) / recipe_id / "data" / f"{name}.parquet")
+        ids = table.column("id").to_pylist()
+        assert len(ids) == len(set(ids)) == row["accepted"], name
+        keys = list(zip(table.column("source_id").to_pylist(), table.column("pair_index").to_pylist()))
+        assert len(keys) == len(set(keys)), name
+
+
+# -- airflow dags test ------------------------------------------------------------------
+
+
+def test_dags_test_publishes_every_shard_then_reruns_as_noop(airflow_env, af_llm_server_factory, postgres_registry_url, tmp_path):
+    from maga_tasks.sample_corpus import write_sample_corpus
+
+    source = tmp_path / "corpus"
+    write_sample_corpus(source, shards=3, docs_per_shard=5)
+    output_root = str(tmp_path / "expanded")
+    recipe_path, recipe_id = write_recipe(tmp_path, "dags-test")
+    llm = af_llm_server_factory(latency_ms=40)
+    conf = run_conf(str(source), output_root, llm.url, recipe_path)
+    registry_env = {"AIRFLOW_CONN_MAGA_REGISTRY": postgres_registry_url}
+
+    started = time.monotonic()
+    first = airflow_env.cli("dags", "test", DAG_ID, "2025-01-01", "-c", json.dumps(conf), extra_env=registry_env, timeout=400)
+    first_seconds = time.monotonic() - started
+    output = first.stdout + first.stderr
+    assert "state=success" in output, output[-5000:]
+
+    shards = registered(postgres_registry_url, recipe_id)
+    assert set(shards) == {"part-0000", "part-0001", "part-0002"}
+    assert all(row["documents"] == 5 and row["accepted"] > 0 for row in shards.values())
+    assert_output_clean(output_root, recipe_id, shards)
+    # Progress lines of the library reach the task log (here: the CLI's output).
+    assert any(PROGRESS_LINE.search(line) and "maga_tasks" in line for line in output.splitlines()), output[-5000:]
+
+    # One mapped task per shard, named after its shard.
+    (run_id, *_), = [r for r in dag_runs(airflow_env) if str(r[1]).startswith("2025-01-01")]
+    publish = [ti for ti in task_instances(airflow_env, run_id) if ti[0] == "publish_shard"]
+    assert sorted(ti[2] for ti in publish) == sorted(shards)
+    assert all(ti[3] == "success" for ti in publish)
+    # The summary's asset event carries the recipe's totals.
+    events = airflow_env.query(
+        "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE a.uri = %(u)s",
+        {"u": f"maga://corpus/{recipe_id}"},
+    )
+    assert events and events[-1][0]["totals"]["registered_shards"] == 3
+
+    requests_after_first = llm.stats()["requests_total"]
+    assert requests_after_first > 0
+    second = airflow_env.cli("dags", "test", DAG_ID, "2025-01-02", "-c", json.dumps(conf), extra_env=registry_env, timeout=400)
+    assert "state=success" in second.stdout + second.stderr
+    assert llm.stats()["requests_total"] == requests_after_first, "the second run sent LLM requests"
+    again = registered(postgres_registry_url, recipe_id)
+    assert {k: v["registered_at"] for k, v in again.items()} == {k: v["registered_at"] for k, v in shards.items()}
+    print(f"dags test: first run {first_seconds:.1f}s for 3 shards")
+
+
+# -- real scheduler: backfill -------------------------------------------------------------
+
+
+def _latest_backfill_id(af) -> int:
+    rows = af.query("SELECT max(id) FROM backfill WHERE dag_id = %(d)s", {"d": DAG_ID})
+    return rows[0][0] or 0
+
+
+def _backfill(af, from_date: str, to_date: str, conf: dict, *extra: str) -> int:
+    before = _latest_backfill_id(af)
+    af.cli(
+        "backfill", "create", "--dag-id", DAG_ID, "--from-date", from_date, "--to-date", to_date,
+        "--dag-run-conf", json.dumps(conf), *extra, timeout=120,
+    )
+    backfill_id = _latest_backfill_id(af)
+    assert backfill_id > before, "airflow backfill create made no backfill"
+    return backfill_id
+
+
+def _wait_backfill(af, backfill_id: int, timeout: float = 420) -> list[tuple]:
+    """Wait until the backfill completed; returns (run_id, logical_date, state) of its runs."""
+
+    def done():
+        (completed,), = af.query("SELECT completed_at FROM backfill WHERE id = %(i)s", {"i": backfill_id})
+        runs = af.query(
+            "SELECT r.run_id, r.logical_date, r.state FROM dag_run r"
+            " JOIN backfill_dag_run b ON b.dag_run_id = r.id WHERE b.backfill_id = %(i)s ORDER BY r.logical_date",
+            {"i": backfill_id},
+        )
+        if completed is not None and all(state in ("success", "failed") for _, _, state in runs):
+            return runs
+        return False
+
+    return wait_for(done, timeout, 2.0, f"backfill {backfill_id}")
+
+
+def test_backfill_processes_exactly_the_requested_partitions(airflow_stack, af_llm_server_factory, tmp_path):
+    from maga_tasks.sample_corpus import write_sample_corpus
+
+    af = airflow_stack
+    dates = ["2025-03-01", "2025-03-02", "2025-03-03", "2025-03-04", "2025-03-05"]
+    source = tmp_path / "drops"
+    write_sample_corpus(source, shards=1, docs_per_shard=3, partitions=dates)
+    output_root = str(tmp_path / "expanded")
+    recipe_path, recipe_id = write_recipe(tmp_path, "backfill-test")
+    llm = af_llm_server_factory(latency_ms=20)
+    conf = run_conf(str(source / "{ds}"), output_root, llm.url, recipe_path, planning_mode="dated")
+
+    backfill_id = _backfill(af, "2025-03-02", "2025-03-04T03:00:00", conf)
+    runs = _wait_backfill(af, backfill_id)
+    assert [str(r[1])[:10] for r in runs] == ["2025-03-02", "2025-03-03", "2025-03-04"]
+    assert all(r[2] == "success" for r in runs), runs
+
+    shards = registered(af.registry_url, recipe_id)
+    partitions = sorted(date for date in dates for row in shards.values() if f"/{date}/" in row["source_uri"])
+    assert partitions == ["2025-03-02", "2025-03-03", "2025-03-04"], shards.keys()
+    assert len(shards) == 3
+    assert_output_clean(output_root, recipe_id, shards)
+    requests_after_first = llm.stats()["requests_total"]
+
+    # Progress lines of the library are in the scheduler-run task logs too.
+    logs = af.task_logs("publish_shard")
+    assert logs and any(PROGRESS_LINE.search(read_task_log_text(p)) for p in logs)
+
+    # The same backfill again, re-running the completed dates: nothing changes.
+    again_id = _backfill(af, "2025-03-02", "2025-03-04T03:00:00", conf, "--reprocess-behavior", "completed")
+    again = _wait_backfill(af, again_id)
+    assert [str(r[1])[:10] for r in again] == ["2025-03-02", "2025-03-03", "2025-03-04"]
+    assert all(r[2] == "success" for r in again), again
+    assert llm.stats()["requests_total"] == requests_after_first, "re-running the backfill sent LLM requests"
+    after = registered(af.registry_url, recipe_id)
+    assert {k: (v["registered_at"], v["checksum"]) for k, v in after.items()} == {
+        k: (v["registered_at"], v["checksum"]) for k, v in shards.items()
+    }
+
+
+# -- real scheduler: a task killed mid-shard ---------------------------------------------
+
+
+def _task_process_talking_to(port: int, ancestors: set[int]):
+    """The process (a descendant of our Airflow stack) with a connection to `port`."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if not ({p.pid for p in proc.parents()} & ancestors):
+                continue
+            if any(c.raddr and c.raddr.port == port for c in proc.net_connections(kind="tcp")):
+                return proc
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+def test_killed_shard_task_is_retried_and_resumes_from_checkpoint(airflow_stack, af_llm_server_factory, tmp_path):
+    from maga_tasks.sample_corpus import write_sample_corpus
+
+    af = airflow_stack
+    source = tmp_path / "corpus"
+    write_sample_corpus(source, shards=1, docs_per_shard=24, offset=200)
+    output_root = str(tmp_path / "expanded")
+    recipe_path, recipe_id = write_recipe(tmp_path, "kill-test")
+    llm = af_llm_server_factory(latency_ms=150)
+    concurrency = 4
+    conf = run_conf(str(source), output_root, llm.url, recipe_path, max_concurrency=concurrency)
+
+    backfill_id = _backfill(af, "2025-04-01", "2025-04-01T03:00:00", conf)
+    stack_pids = {p.popen.pid for p in af.processes}
+
+    def some_documents_done():
+        by_doc = llm.stats()["by_doc"]
+        return len(by_doc) >= 6 and sum(by_doc.values()) >= 6 * 8
+
+    wait_for(some_documents_done, 240, 0.3, "the shard task to finish a few documents")
+    victim = wait_for(lambda: _task_process_talking_to(llm.port, stack_pids), 30, 0.2, "the task process")
+    at_kill = dict(llm.stats()["by_doc"])
+    os.kill(victim.pid, signal.SIGKILL)
+
+    runs = _wait_backfill(af, backfill_id)
+    assert [r[2] for r in runs] == ["success"], runs
+    run_id = runs[0][0]
+    (publish,) = [ti for ti in task_instances(af, run_id) if ti[0] == "publish_shard"]
+    assert publish[3] == "success" and publish[4] >= 2, publish  # succeeded on a retry
+
+    final = llm.stats()["by_doc"]
+    started_before = {doc for doc, count in at_kill.items() if count > 0}
+    requested_again = {doc for doc in started_before if final.get(doc, 0) > at_kill[doc]}
+    # Only documents in flight at the kill are asked again; finished ones come from the checkpoint.
+    assert len(requested_again) <= concurrency, (requested_again, at_kill, final)
+    assert len(started_before - requested_again) >= 3
+
+    xcom = af.query(
+        "SELECT value FROM xcom WHERE dag_id = %(d)s AND run_id = %(r)s AND task_id = 'publish_shard' AND key = 'return_value'",
+        {"d": DAG_ID, "r": run_id},
+    )
+    summary = xcom[0][0] if not isinstance(xcom[0][0], str) else json.loads(xcom[0][0])
+    assert summary["status"] == "registered"
+    assert summary.get("resumed_documents", 0) >= len(started_before - requested_again) - concurrency
+
+    shards = registered(af.registry_url, recipe_id)
+    assert list(shards) == ["part-0000"] and shards["part-0000"]["documents"] == 24
+    assert_output_clean(output_root, recipe_id, shards)
+    attempts = sorted(p.name for p in af.task_logs("publish_shard") if f"run_id={run_id}" in str(p))
+    assert attempts == ["attempt=1.log", "attempt=2.log"], attempts
