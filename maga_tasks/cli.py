@@ -100,6 +100,80 @@ def cmd_recipe(args) -> dict:
     return {"recipe_id": recipe.recipe_id, "name": recipe.name, "model": recipe.model, "prompt_version": recipe.prompt_version}
 
 
+def _registry(args):
+    from .registry import Registry
+
+    return Registry(args.registry)
+
+
+def cmd_db_upgrade(args) -> dict:
+    registry = _registry(args)
+    applied = registry.upgrade()
+    return {"applied": applied, "schema_version": registry.schema_version()}
+
+
+def _shard_args(args):
+    from .recipe import load_recipe
+
+    return load_recipe(args.recipe), args.source, args.output_root
+
+
+def cmd_validate_shard(args) -> dict:
+    from .layout import shard_name, shard_paths
+    from .publish import check_committed_shard
+    from .quality import validate_input
+
+    recipe, source, root = _shard_args(args)
+    registry = _registry(args) if args.registry else None
+    if args.input:
+        paths = shard_paths(root, recipe.recipe_id, args.shard or shard_name(source))
+        report = validate_input(source, recipe, paths, s3_endpoint_url=args.s3_endpoint_url)
+    else:
+        report = check_committed_shard(
+            source, root, recipe, shard=args.shard, registry=registry, s3_endpoint_url=args.s3_endpoint_url
+        )
+    summary = {"shard": report.shard, "gate": report.gate, "success": report.success,
+               "failed_expectations": report.failed_names, "data_docs": report.docs_uri}
+    if not report.success:
+        print(f"maga: shard failed its quality gate: {report.reason()}", file=sys.stderr)
+        args.exit_code = 1
+    return summary
+
+
+def cmd_register_shard(args) -> dict:
+    from .publish import register_committed_shard
+
+    recipe, source, root = _shard_args(args)
+    registry = _registry(args)
+    registry.upgrade()
+    summary = register_committed_shard(source, root, recipe, registry, shard=args.shard, s3_endpoint_url=args.s3_endpoint_url)
+    if summary["status"] != "registered":
+        print(f"maga: shard quarantined: {summary.get('reason')}", file=sys.stderr)
+        args.exit_code = 1
+    return summary
+
+
+def cmd_publish_shard(args) -> dict:
+    from .publish import default_owner, publish_shard
+    from .recipe import load_recipe
+
+    registry = _registry(args)
+    registry.upgrade()
+    return publish_shard(
+        args.source, args.output_root, load_recipe(args.recipe), _settings(args), registry,
+        owner=default_owner(), max_docs=args.max_docs,
+    )
+
+
+def cmd_status(args) -> dict:
+    from .registry import format_totals
+
+    totals = _registry(args).totals(args.recipe_id)
+    if not args.json:
+        sys.stderr.write(format_totals(totals) + "\n")
+    return totals
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maga", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
@@ -129,6 +203,40 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--api-key")
     server.add_argument("--no-structured-outputs", action="store_true")
     server.set_defaults(func=cmd_test_llm_server)
+
+    publish = commands.add_parser("publish-shard", help="lease, expand, validate and register one shard")
+    publish.add_argument("source")
+    publish.add_argument("--output-root", required=True)
+    publish.add_argument("--registry", required=True, help="SQLite file path or postgresql:// URL")
+    publish.add_argument("--max-docs", type=int)
+    _add_run_options(publish)
+    publish.set_defaults(func=cmd_publish_shard)
+
+    db = commands.add_parser("db", help="metadata registry schema").add_subparsers(dest="db_command", required=True)
+    upgrade = db.add_parser("upgrade", help="apply pending migrations from sql/")
+    upgrade.add_argument("--registry", required=True, help="SQLite file path or postgresql:// URL")
+    upgrade.set_defaults(func=cmd_db_upgrade)
+
+    for name, func, text in (
+        ("validate-shard", cmd_validate_shard, "run the data-quality gate on a shard"),
+        ("register-shard", cmd_register_shard, "validate a committed shard, then register or quarantine it"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("source", help="the source shard the output was expanded from")
+        sub.add_argument("--output-root", required=True)
+        sub.add_argument("--recipe")
+        sub.add_argument("--shard", help="output shard name, when not derived from the file name")
+        sub.add_argument("--registry", required=name == "register-shard", help="SQLite path or postgresql:// URL")
+        sub.add_argument("--s3-endpoint-url")
+        if name == "validate-shard":
+            sub.add_argument("--input", action="store_true", help="check the source shard instead of the output")
+        sub.set_defaults(func=func)
+
+    status = commands.add_parser("status", help="registry totals: shards by status, documents, tokens")
+    status.add_argument("--registry", required=True)
+    status.add_argument("--recipe-id")
+    status.add_argument("--json", action="store_true", help="only the JSON (otherwise a table on stderr too)")
+    status.set_defaults(func=cmd_status)
 
     recipe = commands.add_parser("recipe", help="validate a recipe and print its recipe_id")
     recipe.add_argument("recipe", nargs="?")
@@ -160,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         print("maga: interrupted", file=sys.stderr)
         return 130
     print(json.dumps(summary, default=str))
-    return 0
+    return getattr(args, "exit_code", 0)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,15 @@ import os
 import re
 import uuid
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
+
+from .errors import MagaError
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -64,7 +67,7 @@ _COUNTERS = (
 )
 
 
-class RegistryError(RuntimeError):
+class RegistryError(MagaError):
     """The registry cannot do what was asked (bad URL, unknown shard, schema too new)."""
 
 
@@ -74,10 +77,6 @@ class RegistryConflict(RegistryError):
 
 class ShardBusy(RegistryError):
     """Another live worker holds the shard's lease."""
-
-
-class LeaseLost(RegistryError):
-    """This worker's lease expired and another worker took the shard over."""
 
 
 def default_migrations_dir() -> Path:
@@ -104,12 +103,12 @@ def database_url(url: str) -> str:
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def iso(moment: datetime) -> str:
     """Fixed-width ISO-8601 UTC: string order equals time order."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _dumps(value: Any) -> str | None:
@@ -282,7 +281,7 @@ class Registry:
 
     # -- recipes -----------------------------------------------------------------------
 
-    def ensure_recipe(self, recipe: "Recipe") -> str:
+    def ensure_recipe(self, recipe: Recipe) -> str:
         """Record a recipe (a corpus version) once; return its id."""
         with self._write() as conn:
             conn.execute(
@@ -352,17 +351,17 @@ class Registry:
         shards: Iterable[tuple[str, str]],
         recipe_id: str,
         *,
+        limit: int | None = None,
         include_quarantined: bool = False,
     ) -> list[tuple[str, str]]:
-        """Record `(source_uri, shard)` pairs as planned and return, in the given order,
-        those that still need work: not registered and (unless asked) not quarantined,
-        since a quarantined shard waits for a person, not for the next run."""
+        """The `(source_uri, shard)` pairs that still need work, in the given order, at
+        most `limit`: not registered and (unless asked) not quarantined, since a
+        quarantined shard waits for a person, not for the next run. The pairs returned
+        are recorded as planned; one query reads the recipe's shards, so planning a
+        corpus of many thousand shards stays cheap."""
         wanted = list(shards)
         skip = {"registered"} | (set() if include_quarantined else {"quarantined"})
-        now = iso(utc_now())
-        with self._write() as conn:
-            for source_uri, shard in wanted:
-                self._insert_planned(conn, recipe_id, shard, source_uri, now)
+        with self._read() as conn:
             rows = conn.execute(
                 text("SELECT shard, status, source_uri FROM shards WHERE recipe_id = :rid"),
                 {"rid": recipe_id},
@@ -370,7 +369,7 @@ class Registry:
         known = {shard: (status, uri) for shard, status, uri in rows}
         pending = []
         for source_uri, shard in wanted:
-            status, recorded_uri = known[shard]
+            status, recorded_uri = known.get(shard, (None, source_uri))
             if recorded_uri != source_uri:
                 raise RegistryError(
                     f"shard {shard!r} of {recipe_id} is recorded from {recorded_uri}, not {source_uri};"
@@ -378,6 +377,20 @@ class Registry:
                 )
             if status not in skip:
                 pending.append((source_uri, shard))
+        if limit is not None:
+            pending = pending[: max(limit, 0)]
+        fresh = [(uri, shard) for uri, shard in pending if shard not in known]
+        if fresh:
+            now = iso(utc_now())
+            with self._write() as conn:
+                conn.execute(
+                    text(
+                        "INSERT INTO shards (recipe_id, shard, source_uri, status, created_at, updated_at)"
+                        " VALUES (:rid, :shard, :uri, 'planned', :now, :now)"
+                        " ON CONFLICT (recipe_id, shard) DO NOTHING"
+                    ),
+                    [{"rid": recipe_id, "shard": shard, "uri": uri, "now": now} for uri, shard in fresh],
+                )
         return pending
 
     def lease(
@@ -497,7 +510,7 @@ class Registry:
     # -- outcomes ----------------------------------------------------------------------
 
     @staticmethod
-    def _result_params(result: "ShardResult") -> dict:
+    def _result_params(result: ShardResult) -> dict:
         return {
             "uri": result.source_uri,
             "data_uri": result.data_uri,
@@ -526,7 +539,7 @@ class Registry:
         self,
         recipe_id: str,
         shard: str,
-        result: "ShardResult",
+        result: ShardResult,
         checksum: str,
         *,
         docs_uri: str | None = None,
@@ -591,7 +604,7 @@ class Registry:
         failed_expectations: list | None = None,
         *,
         source_uri: str | None = None,
-        result: "ShardResult | None" = None,
+        result: ShardResult | None = None,
         checksum: str | None = None,
         docs_uri: str | None = None,
     ) -> None:
@@ -757,8 +770,8 @@ class Registry:
         for rejects_json, labels_json in details:
             reasons.update(_loads(rejects_json) or {})
             labels = _loads(labels_json) or {}
-            genres.update(dict((label, count) for label, count in labels.get("genres", [])))
-            audiences.update(dict((label, count) for label, count in labels.get("audiences", [])))
+            genres.update({label: count for label, count in labels.get("genres", [])})
+            audiences.update({label: count for label, count in labels.get("audiences", [])})
         figures = {name: int(getattr(sums, name)) for name in _COUNTERS}
         return {
             "recipe_id": recipe_id,
@@ -785,12 +798,16 @@ def format_totals(totals: dict) -> str:
     by_status = "  ".join(f"{status}={count}" for status, count in totals["by_status"].items() if count)
     lines = [
         f"registry totals ({scope}): {totals['shards']} shards  {by_status or '(none)'}",
-        f"registered: {totals['registered_shards']} shards, {totals['documents']:,} documents,"
-        f" {totals['accepted']:,} accepted / {totals['rejected']:,} rejected rows"
-        f" ({totals['accepted_per_document']:.2f} accepted per document)",
-        f"tokens: {totals['prompt_tokens']:,} in / {totals['completion_tokens']:,} out;"
-        f" chars: {totals['source_chars']:,} source -> {totals['output_chars']:,} output"
-        f" (expansion x{totals['expansion_ratio']:.2f})",
+        (
+            f"registered: {totals['registered_shards']} shards, {totals['documents']:,} documents,"
+            f" {totals['accepted']:,} accepted / {totals['rejected']:,} rejected rows"
+            f" ({totals['accepted_per_document']:.2f} accepted per document)"
+        ),
+        (
+            f"tokens: {totals['prompt_tokens']:,} in / {totals['completion_tokens']:,} out;"
+            f" chars: {totals['source_chars']:,} source -> {totals['output_chars']:,} output"
+            f" (expansion x{totals['expansion_ratio']:.2f})"
+        ),
     ]
     if totals["rejects_by_reason"]:
         lines.append(

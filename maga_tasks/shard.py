@@ -78,6 +78,7 @@ def expand_shard(
     max_docs: int | None = None,
     columns: SourceColumns = SourceColumns(),
     progress: Callable[[dict], None] | None = None,
+    shard: str | None = None,
 ) -> ShardResult:
     """Expand one source shard into `data/` and `rejected/` under the recipe's version.
 
@@ -85,8 +86,10 @@ def expand_shard(
     interrupted one resumes from its checkpoint and never requests a finished document
     again. Raises `ShardInputError` for an unusable shard (nothing is committed) and
     `EndpointsUnavailable` when every worker stays down (the checkpoint is kept).
+    `shard` overrides the output name (default: from the file name), e.g. to keep
+    daily drops that reuse file names apart.
     """
-    paths = shard_paths(output_root, recipe.recipe_id, shard_name(source_uri))
+    paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
     out = storage_for(output_root, settings.s3_endpoint_url)
     if out.exists(paths.data) and out.exists(paths.rejected):
         log.info("shard %s already committed at %s; nothing to do", paths.shard, paths.data)

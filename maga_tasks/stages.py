@@ -182,21 +182,36 @@ class JudgeResult:
     reject_reason: str | None = None
 
 
-async def judge(client: LLMClient, recipe: Recipe, doc_key: str, document: str, rewritten: str, pair_index: int) -> JudgeResult:
+async def judge(
+    client: LLMClient,
+    recipe: Recipe,
+    doc_key: str,
+    document: str,
+    rewritten: str,
+    pair_index: int,
+    structured: StructuredOutputSupport | None = None,
+) -> JudgeResult:
     """Score limited consistency (1-5) of a rewrite against its source."""
-    try:
-        completion = await client.chat(
-            judge_messages(recipe, document, rewritten),
-            recipe.judge_sampling,
-            seed=derive_seed(doc_key, "judge", pair_index, 0),
-            request_id=request_id(doc_key, "judge", pair_index),
-            affinity=doc_key,
-            response_format={"type": "json_schema", "json_schema": {"name": "judge", "schema": JUDGE_JSON_SCHEMA}},
-        )
-    except RequestFailed as error:
-        return JudgeResult(None, "", f"judge_request_{error.reason}")
-    answer = parse_json_object(completion.text) or {}
-    score = answer.get("score")
-    if isinstance(score, int) and 1 <= score <= 5:
-        return JudgeResult(score, str(answer.get("analysis", ""))[:2000])
-    return JudgeResult(None, "", "judge_invalid_answer")
+    structured = structured or StructuredOutputSupport("auto")
+    schema = {"type": "json_schema", "json_schema": {"name": "judge", "schema": JUDGE_JSON_SCHEMA}}
+    for _ in range(2):  # a second try only when the fleet refuses structured outputs
+        try:
+            completion = await client.chat(
+                judge_messages(recipe, document, rewritten),
+                recipe.judge_sampling,
+                seed=derive_seed(doc_key, "judge", pair_index, 0),
+                request_id=request_id(doc_key, "judge", pair_index),
+                affinity=doc_key,
+                response_format=schema if structured.enabled else None,
+            )
+        except RequestFailed as error:
+            if structured.enabled and _is_response_format_refusal(error):
+                structured.enabled = False
+                continue
+            return JudgeResult(None, "", f"judge_request_{error.reason}")
+        answer = parse_json_object(completion.text) or {}
+        score = answer.get("score")
+        if isinstance(score, int) and 1 <= score <= 5:
+            return JudgeResult(score, str(answer.get("analysis", ""))[:2000])
+        return JudgeResult(None, "", "judge_invalid_answer")
+    return JudgeResult(None, "", "judge_structured_outputs_refused")
