@@ -174,6 +174,12 @@ def cmd_status(args) -> dict:
     return totals
 
 
+def cmd_bench(args) -> dict:
+    from .bench import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maga", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
@@ -237,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--recipe-id")
     status.add_argument("--json", action="store_true", help="only the JSON (otherwise a table on stderr too)")
     status.set_defaults(func=cmd_status)
+
+    from .bench import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser("bench", help="pipeline vs engine throughput, client overhead")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
 
     recipe = commands.add_parser("recipe", help="validate a recipe and print its recipe_id")
     recipe.add_argument("recipe", nargs="?")

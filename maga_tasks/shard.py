@@ -306,7 +306,7 @@ class _RowMaker:
         ]
 
 
-_COMMIT_BATCH_ROWS = 2000
+_COMMIT_BATCH_ROWS = 500
 
 
 def _commit(source_uri: str, paths, out, checkpoint: Checkpoint, documents) -> ShardResult:

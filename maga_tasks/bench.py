@@ -1,0 +1,368 @@
+"""Benchmarks: how close the pipeline runs to the engine's limit, and what the client costs.
+
+Two suites, each figure the median of repeated runs with min and max:
+
+- engine: against one vLLM server, the standard serving benchmark (`vllm bench serve`)
+  replays exactly our request stream (the same prompts in the same order, the same
+  output lengths with EOS ignored) at a fixed max concurrency; then our shard expansion
+  runs over the same documents at that concurrency. Printed: output tokens/s of each
+  and their ratio, requests/s, prefix-cache hit rate from /metrics deltas, client CPU
+  seconds per 1,000 requests, peak RSS.
+- client: against the test LLM server at zero latency, server and client pinned to
+  different cores: requests/s the client sustains on one core, and peak RSS expanding a
+  small and a ten times larger shard.
+
+Each measured expansion runs in a child process, so CPU time and peak RSS are its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .recipe import load_recipe
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- figures -------------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    name: str
+    unit: str
+    values: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        if not self.values:
+            return {"median": None, "min": None, "max": None, "runs": 0, "unit": self.unit}
+        return {
+            "median": round(statistics.median(self.values), 4),
+            "min": round(min(self.values), 4),
+            "max": round(max(self.values), 4),
+            "runs": len(self.values),
+            "unit": self.unit,
+        }
+
+
+class Figures:
+    def __init__(self):
+        self._figures: dict[str, Figure] = {}
+
+    def add(self, name: str, value: float | None, unit: str = "") -> None:
+        figure = self._figures.setdefault(name, Figure(name, unit))
+        if value is not None:
+            figure.values.append(float(value))
+
+    def as_dict(self) -> dict:
+        return {name: figure.summary() for name, figure in self._figures.items()}
+
+
+def markdown_table(title: str, figures: dict) -> str:
+    lines = [f"### {title}", "", "| figure | median | min | max | runs |", "|---|---:|---:|---:|---:|"]
+    for name, s in figures.items():
+        if s["runs"]:
+            unit = f" ({s['unit']})" if s["unit"] else ""
+            lines.append(f"| {name}{unit} | {s['median']:,.3f} | {s['min']:,.3f} | {s['max']:,.3f} | {s['runs']} |")
+        else:
+            lines.append(f"| {name} | n/a | | | 0 |")
+    return "\n".join(lines)
+
+
+# -- corpora -------------------------------------------------------------------------
+
+
+def write_bench_shard(path: Path, documents: int) -> Path:
+    """A shard of real sample text; cycles the articles (with fresh ids) past their count."""
+    from .sample_corpus import wikipedia_summaries
+
+    articles = wikipedia_summaries()
+    rows = [{"id": f"bench-{i:06d}", "text": articles[i % len(articles)]["text"]} for i in range(documents)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=1024)
+    return path
+
+
+# -- one measured expansion, in a child process -------------------------------------
+
+
+def _child(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("shard")
+    parser.add_argument("output_root")
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--recipe")
+    parser.add_argument("--tokenizer")
+    parser.add_argument("--served-model")
+    parser.add_argument("--concurrency", type=int, required=True)
+    parser.add_argument("--cpu", type=int, help="pin this process to one core")
+    args = parser.parse_args(argv)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    from .settings import RunSettings
+    from .shard import expand_shard
+
+    recipe = load_recipe(args.recipe, tokenizer=args.tokenizer)
+    settings = RunSettings(
+        endpoints=(args.endpoint,), max_concurrency=args.concurrency, served_model=args.served_model,
+        progress_interval_s=60, request_timeout_s=600,
+    )
+    cpu_before, started = time.process_time(), time.perf_counter()
+    result = expand_shard(args.shard, args.output_root, recipe, settings)
+    seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu_before
+    print(json.dumps({
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "requests": result.requests,
+        "documents": result.documents,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "data_uri": result.data_uri,
+        "rejected_uri": result.rejected_uri,
+    }))
+    return 0
+
+
+def measure_expansion(shard: Path, endpoint: str, concurrency: int, *, recipe: str | None = None,
+                      tokenizer: str | None = None, served_model: str | None = None, cpu: int | None = None,
+                      output_root: Path | None = None) -> dict:
+    output_root = output_root or Path(tempfile.mkdtemp(prefix="maga-bench-out-"))
+    command = [sys.executable, "-m", "maga_tasks.bench", "_child", str(shard), str(output_root),
+               "--endpoint", endpoint, "--concurrency", str(concurrency)]
+    for flag, value in (("--recipe", recipe), ("--tokenizer", tokenizer), ("--served-model", served_model),
+                        ("--cpu", cpu)):
+        if value is not None:
+            command += [flag, str(value)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark expansion failed: {done.stderr.strip()[-1500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- the engine's own limit: vllm bench serve replaying our requests -----------------
+
+
+def replay_dataset(shard: Path, measured: dict, recipe_path: str | None, out: Path) -> tuple[Path, int]:
+    """Our request stream as a `vllm bench serve` custom dataset, in our order.
+
+    Per document: the pairs request, then one rewrite request per pair, with the
+    output lengths our run produced. Prompts are the chat messages flattened to text
+    (the benchmark sends each as one user message).
+    """
+    from .prompts import pairs_messages, rewrite_messages
+
+    recipe = load_recipe(recipe_path)
+    texts = {r["id"]: r["text"] for r in pq.read_table(shard, columns=["id", "text"]).to_pylist()}
+    columns = ["source_id", "pair_index", "genre", "audience", "completion_tokens", "pairs_completion_tokens"]
+    rows = pq.read_table(measured["data_uri"], columns=columns).to_pylist()
+    rows += pq.read_table(measured["rejected_uri"], columns=columns).to_pylist()
+    by_doc: dict[str, list[dict]] = {}
+    for row in rows:
+        by_doc.setdefault(row["source_id"], []).append(row)
+
+    def flat(messages) -> str:
+        return "\n\n".join(m["content"] for m in messages)
+
+    count = 0
+    with open(out, "w", encoding="utf-8") as handle:
+        for source_id, doc_rows in by_doc.items():
+            doc_rows.sort(key=lambda r: r["pair_index"])
+            text = texts[source_id]
+            pairs_tokens = sum(r["pairs_completion_tokens"] for r in doc_rows)
+            requests = [(flat(pairs_messages(recipe, text)), pairs_tokens)]
+            requests += [
+                (flat(rewrite_messages(recipe, text, r["genre"], r["audience"])), r["completion_tokens"])
+                for r in doc_rows if r["genre"] is not None
+            ]
+            for prompt, tokens in requests:
+                if tokens > 0:
+                    handle.write(json.dumps({"prompt": prompt, "output_tokens": int(tokens)}) + "\n")
+                    count += 1
+    return out, count
+
+
+def vllm_bench_serve(url: str, model: str, tokenizer: str, dataset: Path, num_prompts: int, concurrency: int,
+                     vllm_python: Path, temperature: float) -> dict:
+    result_dir = Path(tempfile.mkdtemp(prefix="maga-vllm-bench-"))
+    command = [
+        str(vllm_python), str(REPO / "scripts" / "vllm_bench_serve.py"),
+        "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", url,
+        "--model", model, "--tokenizer", tokenizer,
+        "--dataset-name", "custom", "--dataset-path", str(dataset), "--skip-chat-template",
+        "--disable-shuffle", "--no-oversample", "--num-prompts", str(num_prompts),
+        "--max-concurrency", str(concurrency), "--ignore-eos", "--temperature", str(temperature),
+        "--num-warmups", "0", "--disable-tqdm",
+        "--save-result", "--result-dir", str(result_dir), "--result-filename", "result.json",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed: {done.stderr.strip()[-2000:]}")
+    return json.loads((result_dir / "result.json").read_text())
+
+
+def engine_suite(args, figures: Figures) -> dict:
+    from .vllm_local import default_vllm_python, prefix_cache_hit_rate, read_metrics, start_vllm_server
+
+    server = None
+    url = args.endpoint
+    model_dir = args.model_dir
+    if url is None:
+        if not Path(model_dir, "config.json").exists():
+            subprocess.run([sys.executable, str(REPO / "scripts" / "build_tiny_model.py"), model_dir], check=True)
+        server = start_vllm_server(model_dir, served_model_name=args.served_model, max_num_seqs=max(args.concurrency, 8))
+        server.wait_healthy(timeout=600)
+        url = server.url
+    tokenizer = args.tokenizer or model_dir
+    recipe_path = args.recipe or str(Path(__file__).parent / "recipes" / "tiny.yaml")
+    temperature = load_recipe(recipe_path).rewrite.sampling.temperature
+    work = Path(tempfile.mkdtemp(prefix="maga-bench-engine-"))
+    shard = write_bench_shard(work / "engine" / "part-0000.parquet", args.engine_docs)
+    try:
+        # A first run warms the server and gives the request stream to replay.
+        warm = measure_expansion(shard, url, args.concurrency, recipe=recipe_path, tokenizer=tokenizer,
+                                 served_model=args.served_model, output_root=work / "warm")
+        dataset, prompts = replay_dataset(shard, warm, recipe_path, work / "replay.jsonl")
+        for repeat in range(args.repeats):
+            before = read_metrics(url)
+            engine = vllm_bench_serve(url, args.served_model, tokenizer, dataset, prompts, args.concurrency,
+                                      Path(args.vllm_python or default_vllm_python()), temperature)
+            middle = read_metrics(url)
+            ours = measure_expansion(shard, url, args.concurrency, recipe=recipe_path, tokenizer=tokenizer,
+                                     served_model=args.served_model, output_root=work / f"run-{repeat}")
+            after = read_metrics(url)
+            ours_tps = ours["completion_tokens"] / ours["seconds"]
+            figures.add("engine output tokens/s", engine["output_throughput"], "tok/s")
+            figures.add("pipeline output tokens/s", ours_tps, "tok/s")
+            figures.add("pipeline / engine throughput ratio", ours_tps / engine["output_throughput"], "x")
+            figures.add("engine requests/s", engine["request_throughput"], "req/s")
+            figures.add("pipeline requests/s", ours["requests"] / ours["seconds"], "req/s")
+            figures.add("engine prefix-cache hit rate", prefix_cache_hit_rate(before, middle), "share")
+            figures.add("pipeline prefix-cache hit rate", prefix_cache_hit_rate(middle, after), "share")
+            figures.add("pipeline client CPU s per 1,000 requests", 1000 * ours["cpu_seconds"] / max(1, ours["requests"]), "s")
+            figures.add("pipeline peak RSS", ours["peak_rss_mb"], "MiB")
+            log.info("engine run %d: engine %.1f tok/s, pipeline %.1f tok/s", repeat + 1,
+                     engine["output_throughput"], ours_tps)
+    finally:
+        if server is not None:
+            server.stop()
+    return {"documents": args.engine_docs, "requests_replayed": prompts, "concurrency": args.concurrency,
+            "endpoint": "local vLLM CPU (tiny random model)" if server else url}
+
+
+# -- client overhead against the test server at zero latency --------------------------
+
+
+class _TestServer:
+    """The test LLM server in a child process pinned to one core."""
+
+    def __init__(self, cpu: int):
+        self.cpu = cpu
+
+    def __enter__(self) -> "_TestServer":
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "maga_tasks.test_server", "--host", "127.0.0.1", "--port", "0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+            preexec_fn=lambda: os.sched_setaffinity(0, {self.cpu}),
+        )
+        for line in self.process.stderr:
+            if "listening on " in line:
+                self.url = line.rsplit("listening on ", 1)[1].strip()
+                return self
+        raise RuntimeError("the test LLM server did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def client_suite(args, figures: Figures) -> dict:
+    cores = sorted(os.sched_getaffinity(0))
+    client_core, server_core = cores[0], cores[-1]
+    work = Path(tempfile.mkdtemp(prefix="maga-bench-client-"))
+    small = write_bench_shard(work / "small" / "part-0000.parquet", args.client_docs)
+    large = write_bench_shard(work / "large" / "part-0000.parquet", args.client_docs * 10)
+    with _TestServer(server_core) as server:
+        for repeat in range(args.repeats):
+            runs = {}
+            for name, shard in (("small", small), ("large", large)):
+                runs[name] = measure_expansion(shard, server.url, args.client_concurrency, cpu=client_core,
+                                               output_root=work / f"{name}-{repeat}")
+            for name, run in runs.items():
+                figures.add(f"client requests/s on one core ({name} shard)", run["requests"] / run["seconds"], "req/s")
+                figures.add(f"client CPU s per 1,000 requests ({name} shard)", 1000 * run["cpu_seconds"] / run["requests"], "s")
+                figures.add(f"peak RSS, {run['documents']:,} documents", run["peak_rss_mb"], "MiB")
+            figures.add("peak RSS ratio, 10x documents", runs["large"]["peak_rss_mb"] / runs["small"]["peak_rss_mb"], "x")
+    return {"documents": [args.client_docs, args.client_docs * 10], "concurrency": args.client_concurrency,
+            "client_core": client_core, "server_core": server_core}
+
+
+# -- command ---------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--short", action="store_true", help="small sizes and one repeat (CI)")
+    parser.add_argument("--suite", choices=["all", "engine", "client"], default="all")
+    parser.add_argument("--endpoint", help="a running vLLM server (default: start the tiny model locally)")
+    parser.add_argument("--served-model", default="maga-tiny")
+    parser.add_argument("--model-dir", default=str(REPO / "var" / "models" / "maga-tiny"))
+    parser.add_argument("--tokenizer", help="tokenizer dir/id for the replay (default: --model-dir)")
+    parser.add_argument("--recipe", help="recipe for the engine suite (default: recipes/tiny.yaml)")
+    parser.add_argument("--vllm-python", help="interpreter of the vLLM virtualenv")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--engine-docs", type=int, default=64)
+    parser.add_argument("--client-docs", type=int, default=1000)
+    parser.add_argument("--client-concurrency", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(REPO / "artifacts" / "bench"))
+
+
+def run(args) -> dict:
+    if args.short:
+        args.repeats, args.engine_docs, args.client_docs = 1, min(args.engine_docs, 12), min(args.client_docs, 200)
+        args.concurrency = min(args.concurrency, 8)
+    report: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "short": args.short}
+    tables = []
+    for suite, runner, title in (
+        ("engine", engine_suite, "Pipeline vs engine (vLLM CPU, tiny model)"),
+        ("client", client_suite, "Client overhead (test LLM server, zero latency)"),
+    ):
+        if args.suite in ("all", suite):
+            figures = Figures()
+            setup = runner(args, figures)
+            report[suite] = {"setup": setup, "figures": figures.as_dict()}
+            tables.append(markdown_table(title, report[suite]["figures"]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    (out / "bench.md").write_text("\n\n".join(tables) + "\n")
+    sys.stderr.write("\n\n".join(tables) + "\n")
+    report["files"] = [str(out / "bench.json"), str(out / "bench.md")]
+    return report
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["_child"]:
+        sys.exit(_child(sys.argv[2:]))
+    main_parser = argparse.ArgumentParser(prog="python -m maga_tasks.bench")
+    add_arguments(main_parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(json.dumps(run(main_parser.parse_args())))
