@@ -2,7 +2,8 @@
 
 Progress goes to stderr; a command's result is JSON on the last line of stdout. Errors
 end with a one-line message and a non-zero exit code, never a traceback:
-2 for bad input (recipe, shard, arguments), 3 when the LLM endpoints are unreachable,
+2 for bad input (recipe, shard, arguments), 3 when the LLM endpoints or the storage are
+unreachable (a passing fault: retry),
 1 for anything else the pipeline refused.
 """
 
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 from .errors import EndpointsUnavailable, MagaError
 from .layout import LayoutError
 from .recipe import RecipeError
-from .storage import StorageError
+from .storage import ObjectNotFound, StorageError
 
 EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
@@ -266,14 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         summary = args.func(args)
-    except EndpointsUnavailable as error:
+    except (EndpointsUnavailable, StorageError) as error:
+        if isinstance(error, ObjectNotFound):
+            print(f"maga: error: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         print(f"maga: error: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except ValidationError as error:
         fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         print(f"maga: error: invalid settings: {fields}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (MagaError, RecipeError, LayoutError, StorageError, ValueError) as error:
+    except (MagaError, RecipeError, LayoutError, ValueError) as error:
         print(f"maga: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

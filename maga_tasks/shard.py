@@ -28,7 +28,7 @@ from .schema import ACCEPTED_SCHEMA, MAGACORPUS_SCHEMA, REJECTED_SCHEMA, magacor
 from .settings import RunSettings
 from .source import SourceColumns, SourceDocument, open_shard
 from .stages import StructuredOutputSupport, Usage, generate_pairs, rewrite
-from .storage import StorageError, storage_for
+from .storage import ObjectNotFound, storage_for
 from .truncation import DocumentCutter
 
 
@@ -99,7 +99,7 @@ def expand_shard(
     with contextlib.ExitStack() as stack:
         try:
             local_source = stack.enter_context(source.local_copy(source_uri))
-        except StorageError as error:
+        except ObjectNotFound as error:
             raise ShardInputError(str(error)) from None
         reader = open_shard(local_source, source_uri, columns)
         total = reader.count() if max_docs is None else min(reader.count(), max_docs)

@@ -19,7 +19,11 @@ from urllib.parse import urlparse
 
 
 class StorageError(RuntimeError):
-    """An object could not be read or written."""
+    """An object could not be read or written (possibly a passing fault: retry)."""
+
+
+class ObjectNotFound(StorageError):
+    """The object does not exist: bad input, not a passing fault."""
 
 
 class Storage(Protocol):
@@ -78,7 +82,7 @@ class LocalStorage:
     @contextlib.contextmanager
     def local_copy(self, uri: str) -> Iterator[Path]:
         if not Path(uri).exists():
-            raise StorageError(f"no such file: {uri}")
+            raise ObjectNotFound(f"no such file: {uri}")
         yield Path(uri)
 
 
@@ -108,7 +112,7 @@ class S3Storage:
             self.client.head_object(Bucket=bucket, Key=key)
             return True
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _is_not_found(error):
                 return False
             raise StorageError(f"cannot stat {uri}: {error}") from None
 
@@ -117,6 +121,8 @@ class S3Storage:
         try:
             return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as error:  # botocore raises many kinds; name the object
+            if _is_not_found(error):
+                raise ObjectNotFound(f"no such object: {uri}") from None
             raise StorageError(f"cannot read {uri}: {error}") from None
 
     def put_bytes(self, uri: str, data: bytes) -> None:
@@ -149,9 +155,16 @@ class S3Storage:
             target = Path(tmp) / Path(key).name
             try:
                 self.client.download_file(bucket, key, str(target))
-            except Exception as error:
+            except Exception as error:  # boto3 raises botocore and transfer errors alike
+                if _is_not_found(error):
+                    raise ObjectNotFound(f"no such object: {uri}") from None
                 raise StorageError(f"cannot download {uri}: {error}") from None
             yield target
+
+
+def _is_not_found(error: Exception) -> bool:
+    response = getattr(error, "response", None) or {}
+    return response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
 
 
 def is_s3(uri: str) -> bool:
