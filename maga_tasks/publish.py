@@ -177,6 +177,8 @@ def register_committed_shard(
         failed_expectations=report.failed_names,
         already_committed=result.already_committed,
         seconds=result.seconds,
+        requests=result.requests,
+        resumed_documents=result.resumed_documents,
     )
     if not report.success:
         registry.quarantine(

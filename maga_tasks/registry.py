@@ -102,6 +102,24 @@ def database_url(url: str) -> str:
     return f"sqlite:///{path}"
 
 
+def url_from_connection(conn_type: str, *, host: str | None, login: str | None = None,
+                        password: str | None = None, port: int | None = None, schema: str | None = None) -> str:
+    """A registry URL from the fields of a stored connection (e.g. an Airflow Connection)."""
+    from urllib.parse import quote
+
+    if conn_type == "sqlite":
+        return host or ""
+    if conn_type not in ("postgres", "postgresql"):
+        raise RegistryError(f"a registry connection must be of type postgres or sqlite, not {conn_type!r}")
+    auth = quote(login or "", safe="")
+    if password:
+        auth += ":" + quote(password, safe="")
+    netloc = f"{auth}@{host}" if auth else (host or "")
+    if port:
+        netloc += f":{port}"
+    return f"postgresql://{netloc}/{schema or ''}"
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 

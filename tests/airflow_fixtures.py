@@ -1,6 +1,7 @@
 """Fixtures for tests that run the pipeline through Airflow itself.
 
-Import them into `tests/conftest.py` (`from tests.airflow_fixtures import *` or by name).
+Registered as a plugin with `pytest_plugins = ["airflow_fixtures"]` (the Airflow test modules
+do it; `tests/` is on sys.path through its conftest).
 
 - `airflow_env` (session): an isolated AIRFLOW_HOME in a temp dir, Airflow's metadata DB
   in a fresh PostgreSQL database (dropped afterwards), `airflow db migrate`, the
@@ -103,9 +104,11 @@ def create_pg_database(prefix: str) -> str:
 
 
 def drop_pg_database(name: str) -> None:
+    import psycopg
+
     try:
         _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    except Exception as error:  # cleanup must not hide the test's own result
+    except psycopg.Error as error:  # cleanup must not hide the test's own result
         print(f"could not drop database {name}: {error}", file=sys.stderr)
 
 
@@ -164,17 +167,16 @@ class ManagedProcess:
 def start_process(name: str, argv: list[str], env: dict, log_dir: Path) -> ManagedProcess:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    handle = open(log_path, "ab")
-    popen = subprocess.Popen(
-        argv,
-        env=env,
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-        cwd=str(log_dir),
-    )
-    handle.close()
+    with open(log_path, "ab") as handle:  # the child keeps its own copy of the descriptor
+        popen = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=str(log_dir),
+        )
     return ManagedProcess(name, popen, log_path)
 
 
@@ -266,7 +268,7 @@ class AirflowEnv:
     def cli(self, *args: str, timeout: float = 300, check: bool = True, extra_env: dict | None = None):
         env = dict(self.env, **(extra_env or {}))
         result = subprocess.run(
-            [AIRFLOW, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=str(self.home)
+            [AIRFLOW, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=str(self.home), check=False
         )
         if check and result.returncode != 0:
             raise AssertionError(
@@ -375,6 +377,17 @@ def airflow_stack(airflow_env):
     """Scheduler + dag-processor + api-server on `airflow_env`; returns the env."""
     af = airflow_env
     log_dir = af.home / "process-logs"
+    # The DAG must be unpaused for the scheduler to start backfill runs; unpaused, it also
+    # gets its latest scheduled run. Point that run's defaults at a healthy test LLM
+    # server and an empty dated source, so it publishes nothing and finishes.
+    default_llm = start_llm_server(log_dir)
+    af.processes.append(default_llm.process)
+    af.env.update(
+        MAGA_ENDPOINTS=default_llm.url,
+        MAGA_PLANNING_MODE="dated",
+        MAGA_SOURCE=str(af.home / "no-drops" / "{ds}"),
+        MAGA_OUTPUT_ROOT=str(af.home / "expanded"),
+    )
     for name, argv in (
         ("api-server", [AIRFLOW, "api-server", "--port", str(af.api_port), "--host", "127.0.0.1"]),
         ("dag-processor", [AIRFLOW, "dag-processor"]),
@@ -395,6 +408,7 @@ def airflow_stack(airflow_env):
         return _dag_serialized(af)
 
     wait_for(ready, 180, 1.0, "api-server health and the DAG being parsed")
+    af.cli("dags", "unpause", DAG_ID)
     yield af
 
 

@@ -1,0 +1,113 @@
+"""What the corpus dashboard shows, computed from the registry (no web framework here).
+
+`corpus_overview` answers the dashboard's JSON API: per recipe the totals (shards by
+status, documents, tokens in and out, expansion ratio, rejection reasons, the
+genre/audience distribution) and a page of shards with their quality gate results and
+the Airflow task that last worked on each. It reads through the `Registry` API only.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import quote
+
+from .registry import Registry
+
+# The DAG leases shards as "airflow:{dag_id}/{task_id}/{map_index}/{run_id}".
+_AIRFLOW_OWNER = re.compile(r"^airflow:(?P<dag_id>[^/]+)/(?P<task_id>[^/]+)/(?P<map_index>-?\d+)/(?P<run_id>.+)$")
+
+_SHARD_FIELDS = (
+    "shard",
+    "status",
+    "source_uri",
+    "data_uri",
+    "documents",
+    "accepted",
+    "rejected",
+    "prompt_tokens",
+    "completion_tokens",
+    "expansion_ratio",
+    "rejects_by_reason",
+    "failed_expectations",
+    "attempts",
+    "seconds",
+    "last_error",
+    "registered_at",
+    "updated_at",
+)
+
+
+def airflow_task_of(owner: str | None) -> dict | None:
+    """The Airflow task behind a lease owner, with its path in the Airflow 3 UI."""
+    match = _AIRFLOW_OWNER.match(owner or "")
+    if not match:
+        return None
+    task = match.groupdict()
+    task["map_index"] = int(task["map_index"])
+    path = f"dags/{quote(task['dag_id'], safe='')}/runs/{quote(task['run_id'], safe='')}/tasks/{quote(task['task_id'], safe='')}"
+    if task["map_index"] >= 0:
+        path += f"/mapped/{task['map_index']}"
+    task["ui_path"] = path
+    return task
+
+
+def _last_owner(events: list[dict]) -> str | None:
+    for event in reversed(events):
+        if event.get("owner"):
+            return event["owner"]
+    return None
+
+
+def _quality_summary(results: list[dict]) -> dict | None:
+    """The latest result of each suite (input, output) of a shard."""
+    latest: dict[str, dict] = {}
+    for result in results:  # oldest first
+        latest[result["suite"]] = result
+    if not latest:
+        return None
+    return {
+        suite: {
+            "success": bool(result["success"]),
+            "evaluated": result.get("evaluated"),
+            "failed": result.get("failed"),
+            "failed_expectations": result.get("failed_expectations") or [],
+            "docs_uri": result.get("docs_uri"),
+            "created_at": result.get("created_at"),
+        }
+        for suite, result in sorted(latest.items())
+    }
+
+
+def shard_rows(registry: Registry, recipe_id: str, *, limit: int = 200) -> list[dict]:
+    """The most recently updated shards of a recipe, newest first, with quality and task."""
+    shards = sorted(registry.shards(recipe_id), key=lambda row: row.get("updated_at") or "", reverse=True)
+    rows = []
+    for shard in shards[:limit]:
+        row = {name: shard.get(name) for name in _SHARD_FIELDS}
+        row["quality"] = _quality_summary(registry.quality_results(recipe_id, shard["shard"]))
+        row["airflow_task"] = airflow_task_of(shard.get("lease_owner") or _last_owner(registry.events(recipe_id, shard["shard"])))
+        rows.append(row)
+    return rows
+
+
+def corpus_overview(registry: Registry, *, recipe_id: str | None = None, shard_limit: int = 200) -> dict:
+    """Everything the dashboard page shows, for one recipe or for all of them."""
+    recipes = registry.recipes()
+    known = {recipe["recipe_id"] for recipe in recipes}
+    # Shards may be planned before their recipe row exists; show those versions too.
+    for shard in registry.shards():
+        if shard["recipe_id"] not in known:
+            known.add(shard["recipe_id"])
+            recipes.append({"recipe_id": shard["recipe_id"], "name": None})
+    selected = [r for r in recipes if recipe_id is None or r["recipe_id"] == recipe_id]
+    versions = []
+    for recipe in selected:
+        rid = recipe["recipe_id"]
+        versions.append(
+            {
+                "recipe": {k: recipe.get(k) for k in ("recipe_id", "name", "prompt_version", "model", "pairs_per_document", "created_at")},
+                "totals": registry.totals(rid),
+                "shards": shard_rows(registry, rid, limit=shard_limit),
+            }
+        )
+    return {"totals": registry.totals(recipe_id), "recipes": versions}

@@ -1,0 +1,257 @@
+"""DAG integrity: the DAG files import cleanly, fast, without connections, network or
+heavy libraries, and the nightly DAG has the structure operations rely on."""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("airflow_fixtures")
+from airflow_fixtures import DAG_ID, DAGS_FOLDER, POOL
+
+pytestmark = pytest.mark.airflow
+
+DAG_FILE = DAGS_FOLDER / "maga_corpus_expansion.py"
+# Modules a DAG file must not pull in at parse time (the scheduler parses it every 30 s).
+HEAVY_MODULES = (
+    "great_expectations",
+    "boto3",
+    "botocore",
+    "pandas",
+    "pyarrow",
+    "aiohttp",
+    "psycopg",
+    "transformers",
+    "tokenizers",
+    "maga_tasks",
+)
+
+
+def _isolated_airflow_env() -> dict:
+    home = tempfile.mkdtemp(prefix="maga-dagbag-")
+    atexit.register(shutil.rmtree, home, True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__", "MAGA_"))}
+    env.update(
+        AIRFLOW_HOME=home,
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__DAGS_FOLDER=str(DAGS_FOLDER),
+        AIRFLOW__CORE__UNIT_TEST_MODE="False",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    """Airflow's own DagBag over dags/, in this process, with an isolated AIRFLOW_HOME."""
+    os.environ.update({k: v for k, v in _isolated_airflow_env().items() if k.startswith("AIRFLOW")})
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(DAGS_FOLDER), known_pools={POOL, "default_pool"})
+
+
+@pytest.fixture(scope="module")
+def nightly(dagbag):
+    return dagbag.dags[DAG_ID]
+
+
+def test_all_dags_import_without_errors(dagbag):
+    assert dagbag.import_errors == {}, dagbag.import_errors
+    assert DAG_ID in dagbag.dags
+    assert dagbag.size() >= 1
+
+
+def test_schedule_tags_and_docs(nightly):
+    assert nightly.catchup is False
+    assert nightly.max_active_runs == 1
+    assert "maga" in nightly.tags
+    assert nightly.doc_md and "maga_llm" in nightly.doc_md
+    assert nightly.schedule == "0 2 * * *"
+
+
+def test_tasks_and_dependencies(nightly):
+    assert set(nightly.task_ids) == {"wait_for_llm_workers", "plan_shards", "publish_shard", "summarize"}
+    assert nightly.get_task("plan_shards").upstream_task_ids == {"wait_for_llm_workers"}
+    assert nightly.get_task("publish_shard").upstream_task_ids == {"plan_shards"}
+    assert nightly.get_task("summarize").upstream_task_ids == {"publish_shard"}
+    # The summary runs when nothing was left to publish (mapped over zero shards).
+    assert nightly.get_task("summarize").trigger_rule == "none_failed"
+
+
+def test_health_sensor_frees_its_slot(nightly):
+    sensor = nightly.get_task("wait_for_llm_workers")
+    assert sensor.mode == "reschedule"
+    assert sensor.timeout > 0
+
+
+def test_shard_task_is_mapped_pooled_retried_and_bounded(nightly):
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    publish = nightly.get_task("publish_shard")
+    assert isinstance(publish, MappedOperator)
+    assert publish.pool == POOL
+    assert publish.map_index_template and "shard" in publish.map_index_template
+    assert publish.retries >= 2
+    assert publish.retry_exponential_backoff and publish.retry_exponential_backoff > 1
+    assert publish.max_retry_delay is not None
+    assert publish.execution_timeout is not None and publish.execution_timeout >= timedelta(minutes=10)
+
+
+def test_every_task_has_retries_and_a_timeout(nightly):
+    for task in nightly.tasks:
+        if task.task_id == "wait_for_llm_workers":
+            continue  # bounded by its sensor timeout instead
+        assert task.execution_timeout is not None, task.task_id
+        assert task.retries >= 1, task.task_id
+
+
+def test_params_have_valid_defaults(nightly):
+    params = nightly.params
+    for name in (
+        "source",
+        "output_root",
+        "recipe",
+        "planning_mode",
+        "shards_per_run",
+        "max_docs_per_shard",
+        "endpoints",
+        "max_concurrency",
+        "progress_interval_s",
+    ):
+        assert name in params, name
+    params.validate()
+    resolved = {k: params[k] for k in params}
+    assert resolved["planning_mode"] in ("flat", "dated")
+    assert resolved["shards_per_run"] >= 1
+
+
+def test_params_reject_bad_values(nightly):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    for name, value in (
+        ("planning_mode", "weekly"),
+        ("shards_per_run", 0),
+        ("endpoints", []),
+        ("endpoints", ["ftp://worker"]),
+        ("max_docs_per_shard", 0),
+    ):
+        with pytest.raises(ParamValidationError):
+            nightly.params.get_param(name).resolve(value)
+    assert nightly.params.get_param("max_docs_per_shard").resolve(None) is None
+    assert nightly.params.get_param("planning_mode").resolve("dated") == "dated"
+
+
+def test_endpoints_default_comes_from_environment(monkeypatch):
+    monkeypatch.setenv("MAGA_ENDPOINTS", "http://w1:8000, http://w2:8000/v1")
+    spec = importlib.util.spec_from_file_location("maga_dag_env_probe", DAG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.PARAMS["endpoints"].value == ["http://w1:8000", "http://w2:8000/v1"]
+
+
+_PARSE_PROBE = textwrap.dedent(
+    """
+    import json, socket, sys, time
+    import airflow.sdk  # the price every DAG file pays anyway
+    from airflow.sdk import Connection
+    from airflow.sdk.bases.hook import BaseHook
+
+    lookups = []
+
+    def refuse(*args, **kwargs):
+        lookups.append(repr(args))
+        raise RuntimeError("connection lookup at parse time")
+
+    Connection.get = classmethod(refuse)
+    BaseHook.get_connection = classmethod(refuse)
+
+    def no_network(self, *args, **kwargs):
+        lookups.append("socket.connect")
+        raise RuntimeError("network access at parse time")
+
+    socket.socket.connect = no_network
+    before = set(sys.modules)
+    started = time.perf_counter()
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("maga_dag_parse_probe", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    elapsed = time.perf_counter() - started
+    print(json.dumps({
+        "seconds": elapsed,
+        "new_modules": sorted(set(sys.modules) - before),
+        "lookups": lookups,
+    }))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def parse_probe():
+    env = _isolated_airflow_env()
+    env["AIRFLOW_CONN_MAGA_REGISTRY"] = "postgresql://nobody:secret@127.0.0.1:9/nothing"
+    result = subprocess.run(
+        [sys.executable, "-c", _PARSE_PROBE, str(DAG_FILE)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_parse_is_fast(parse_probe):
+    assert parse_probe["seconds"] < 1.0, parse_probe["seconds"]
+
+
+def test_parse_imports_nothing_heavy(parse_probe):
+    heavy = [m for m in parse_probe["new_modules"] if m.split(".")[0] in HEAVY_MODULES]
+    assert heavy == []
+
+
+def test_parse_looks_up_no_connection_and_opens_no_socket(parse_probe):
+    assert parse_probe["lookups"] == []
+
+
+_PLUGIN_PROBE = textwrap.dedent(
+    """
+    from airflow import plugins_manager
+    plugins, errors = plugins_manager._get_plugins()
+    print([p.name for p in plugins])
+    print(errors)
+    """
+)
+
+
+def test_plugin_module_imports_without_an_api_server():
+    """The plugin file itself must import cleanly (the api-server loads it at start)."""
+    env = _isolated_airflow_env()
+    env["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(Path(DAGS_FOLDER).parent / "plugins")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _PLUGIN_PROBE,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    names, errors = result.stdout.strip().splitlines()[-2:]
+    assert "maga_corpus" in names
+    assert errors == "{}"
