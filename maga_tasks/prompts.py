@@ -1,8 +1,9 @@
 """Chat messages for the method's three calls: pairs, rewrite and judge.
 
-Layout is prefix-cache friendly: every request about one document starts with the same
-system message and the same document block, and the stage-specific task comes last, so
-an inference server with automatic prefix caching encodes the document only once.
+Layout is prefix-cache friendly: the system message carries the instructions of all
+three tasks (identical for every request of every document), the user message starts
+with the document block, and only a short task line comes last. A server with automatic
+prefix caching then encodes the instructions once and each document once.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ DOCUMENT_CLOSE = "\n>>>\n\n"
 Messages = list[dict[str, str]]
 
 
+def system_prompt(recipe: Recipe) -> str:
+    return recipe.prompts["system"].format(n_pairs=recipe.pairs_per_document)
+
+
 def _messages(recipe: Recipe, document: str, task: str) -> Messages:
     return [
-        {"role": "system", "content": recipe.prompts["system"]},
+        {"role": "system", "content": system_prompt(recipe)},
         {"role": "user", "content": DOCUMENT_OPEN + document + DOCUMENT_CLOSE + task},
     ]
 
@@ -79,7 +84,7 @@ def pairs_json_schema(recipe: Recipe) -> dict:
 JUDGE_JSON_SCHEMA = {
     "type": "object",
     "properties": {
-        "analysis": {"type": "string", "maxLength": 2000},
+        "analysis": {"type": "string", "maxLength": 800},
         "score": {"type": "integer", "minimum": 1, "maximum": 5},
     },
     "required": ["analysis", "score"],

@@ -212,6 +212,6 @@ async def judge(
         answer = parse_json_object(completion.text) or {}
         score = answer.get("score")
         if isinstance(score, int) and 1 <= score <= 5:
-            return JudgeResult(score, str(answer.get("analysis", ""))[:2000])
+            return JudgeResult(score, str(answer.get("analysis", ""))[:800])
         return JudgeResult(None, "", "judge_invalid_answer")
     return JudgeResult(None, "", "judge_structured_outputs_refused")

@@ -21,11 +21,11 @@ def test_all_requests_of_a_document_share_instructions_and_document_first():
     requests.append(judge_messages(RECIPE, DOC, "a rewrite"))
     prefix = os.path.commonprefix([flat(r) for r in requests])
     assert DOC in prefix
-    assert prefix.startswith("system:" + RECIPE.prompts["system"])
+    assert prefix.startswith("system:" + RECIPE.prompts["system"].format(n_pairs=5))
     assert all(document_from_messages(r) == DOC for r in requests)
 
 
 def test_per_pair_part_comes_last():
     text = flat(rewrite_messages(RECIPE, DOC, "GENRE-X", "AUDIENCE-Y"))
     assert text.index(DOC) < text.index("GENRE-X") < text.index("AUDIENCE-Y")
-    assert "5 genre/audience pairs" in flat(pairs_messages(RECIPE, DOC))
+    assert "propose 5 genre/audience pairs" in flat(pairs_messages(RECIPE, DOC)).split(DOC)[1]
