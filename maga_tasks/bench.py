@@ -213,6 +213,8 @@ def vllm_bench_serve(url: str, model: str, tokenizer: str, dataset: Path, num_pr
         "--save-result", "--result-dir", str(result_dir), "--result-filename", "result.json",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if os.environ.get("MAGA_API_KEY"):  # the benchmark's OpenAI backends send this one
+        env["OPENAI_API_KEY"] = os.environ["MAGA_API_KEY"]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed: {done.stderr.strip()[-2000:]}")

@@ -35,6 +35,7 @@ def _settings(args, **extra):
         s3_endpoint_url=args.s3_endpoint_url,
         progress_interval_s=args.progress_interval,
         served_model=args.served_model,
+        all_down_timeout_s=args.all_down_timeout,
         **extra,
     )
 
@@ -47,6 +48,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: boto3's configuration)")
     parser.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
+    parser.add_argument("--all-down-timeout", type=float, default=60.0,
+                        help="seconds every endpoint may be down before the shard fails (exit 3)")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--id-column", default="id")
 

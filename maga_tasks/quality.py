@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import string
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -628,7 +629,7 @@ def short_label(description: str | None, words: int = 6) -> str:
     'A step-by-step tutorial, friendly in tone...' -> 'step-by-step tutorial'."""
     if not description or not description.strip():
         return "(none)"
-    first = _CLAUSE_END.split(description.strip(), maxsplit=1)[0]
+    first = _CLAUSE_END.split(description.strip().lstrip(string.punctuation + " "), maxsplit=1)[0]
     tokens = _WORD.findall(first.lower())
     while tokens and tokens[0] in _ARTICLES:
         tokens.pop(0)

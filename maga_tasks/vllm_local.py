@@ -445,14 +445,18 @@ def _cli_start(args: argparse.Namespace) -> int:
         enforce_eager=not args.compile, api_key=api_key,
         extra_args=args.extra_args, log_path=paths["log"],
     )
-    try:
-        elapsed = server.wait_healthy(args.timeout)
-    except VllmError as error:
-        server.stop()
-        print(error, file=sys.stderr)
-        return 1
+    # Recorded before the wait, so `stop` finds a server interrupted during startup.
     paths["pid"].write_text(f"{server.pid}\n")
     paths["url"].write_text(f"{server.url}\n")
+    try:
+        elapsed = server.wait_healthy(args.timeout)
+    except BaseException as error:
+        server.stop()
+        paths["pid"].unlink(missing_ok=True)
+        if not isinstance(error, VllmError):
+            raise
+        print(error, file=sys.stderr)
+        return 1
     paths["json"].write_text(json.dumps({
         "pid": server.pid, "url": server.url, "served_model_name": server.served_model_name,
         "model": server.model, "log": str(paths["log"]), "auth": bool(api_key),

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["vllm_fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 
 

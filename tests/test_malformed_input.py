@@ -129,3 +129,16 @@ def test_unusable_shard_raises_shard_input_error(tmp_path, llm_server):
     pq.write_table(pa.table({"id": ["a"]}), shard)
     with pytest.raises(ShardInputError, match="missing column"):
         expand_shard(str(shard), str(tmp_path / "out"), RECIPE, RunSettings(endpoints=(llm_server.url,)))
+
+
+def test_unreachable_endpoints_exit_3_with_one_line(tmp_path, sample_articles):
+    from conftest import free_port
+
+    shard = tmp_path / "s.jsonl"
+    shard.write_text(json.dumps({"id": "a", "text": sample_articles[0]["text"]}) + "\n")
+    dead = f"http://127.0.0.1:{free_port()}"
+    done = run_cli("expand-shard", str(shard), "--output-root", str(tmp_path / "out"), "--endpoint", dead,
+                   "--all-down-timeout", "1")
+    assert done.returncode == 3
+    assert done.stderr.strip().splitlines()[-1].startswith("maga: error:") and "Traceback" not in done.stderr
+    assert_nothing_committed(tmp_path / "out")

@@ -116,7 +116,7 @@ def test_a_database_newer_than_the_code_is_refused(registry, tmp_path):
 def test_recipes_are_recorded_once(registry):
     registry.ensure_recipe(RECIPE)
     registry.ensure_recipe(RECIPE)
-    other = type(RECIPE).model_validate(RECIPE.model_dump() | {"prompt_version": "maga-base-v2"})
+    other = type(RECIPE).model_validate(RECIPE.model_dump() | {"prompt_version": RECIPE.prompt_version + "-other"})
     registry.ensure_recipe(other)
     recipes = registry.recipes()
     assert [r["recipe_id"] for r in recipes] == [RID, other.recipe_id]

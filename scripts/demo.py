@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""The Python steps of `scripts/demo.sh` (`make demo`): model, recipe, before/after report.
+
+- `prepare`: picks the model (a small instruct model from the hub when it can be
+  downloaded, else the tiny local random-weight model), writes the demo recipe and prints
+  shell assignments (MODEL_KIND, MODEL_DIR, SERVED_NAME, MAX_MODEL_LEN, RECIPE, RECIPE_ID)
+  for the shell script to `eval`.
+- `snapshot`: records what the registry and the vLLM server's counters hold before the run.
+- `report`: what the run added (shards, rows, tokens, prefix-cache hit rate from /metrics),
+  where the outputs are, and one sample row.
+
+Messages go to stderr; only `prepare` writes to stdout (the assignments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_RECIPE = REPO_ROOT / "maga_tasks" / "recipes" / "tiny.yaml"
+BUILD_TINY_MODEL = REPO_ROOT / "scripts" / "build_tiny_model.py"
+TINY_MARKER = ".maga-tiny-complete"  # written by build_tiny_model.py into a finished build
+DEFAULT_HUB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+# Enough for the demo recipe of a real model: ~400 tokens of instructions + a document cut
+# to 1536 tokens + an answer of up to 768 tokens.
+REAL_MAX_MODEL_LEN = 4096
+TINY_MAX_MODEL_LEN = 2048
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+def say(message: str) -> None:
+    print(f"[demo] {message}", file=sys.stderr, flush=True)
+
+
+# -- model ---------------------------------------------------------------------------
+
+
+def _hub_reachable(repo_id: str, timeout: float) -> str | None:
+    """None when the hub answers for `repo_id`, else why not (one line)."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return "HF_HUB_OFFLINE=1"
+    try:
+        with urllib.request.urlopen(f"{endpoint}/api/models/{repo_id}", timeout=timeout) as response:
+            return None if response.status == 200 else f"HTTP {response.status}"
+    except urllib.error.HTTPError as error:
+        return f"HTTP {error.code}"
+    except (OSError, ValueError) as error:
+        return f"{type(error).__name__}: {getattr(error, 'reason', error)}"
+
+
+def download_hub_model(repo_id: str, models_dir: Path, timeout: float) -> Path | None:
+    """A local snapshot of `repo_id`, or None (with the reason said) when it cannot be had."""
+    target = models_dir / repo_id.replace("/", "--")
+    if (target / ".maga-download-complete").is_file():
+        say(f"using the model downloaded before: {target}")
+        return target
+    reason = _hub_reachable(repo_id, timeout=min(timeout, 10.0))
+    if reason:
+        say(f"cannot reach the Hugging Face hub for {repo_id} ({reason})")
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        say("huggingface_hub is not installed; cannot download a model")
+        return None
+    say(f"downloading {repo_id} into {target} (at most {timeout:.0f}s) ...")
+    outcome: dict = {}
+
+    def fetch() -> None:
+        try:
+            outcome["path"] = snapshot_download(repo_id, local_dir=target, allow_patterns=HUB_FILES)
+        except Exception as error:  # any hub/network failure means: use the tiny model
+            outcome["error"] = error
+
+    worker = threading.Thread(target=fetch, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        say(f"download of {repo_id} did not finish within {timeout:.0f}s")
+        return None
+    if "error" in outcome:
+        say(f"download of {repo_id} failed: {type(outcome['error']).__name__}: {outcome['error']}")
+        return None
+    (target / ".maga-download-complete").write_text(repo_id + "\n")
+    return target
+
+
+def build_tiny_model(models_dir: Path) -> Path:
+    out = models_dir / "maga-tiny"
+    subprocess.run([sys.executable, str(BUILD_TINY_MODEL), str(out)], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def served_models(endpoint: str) -> list[str]:
+    """Model names an OpenAI-compatible endpoint serves (uses MAGA_API_KEY when set)."""
+    request = urllib.request.Request(endpoint.rstrip("/").removesuffix("/v1") + "/v1/models")
+    if key := os.environ.get("MAGA_API_KEY"):
+        request.add_header("Authorization", f"Bearer {key}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return [m["id"] for m in json.loads(response.read())["data"]]
+
+
+def write_recipe(kind: str, model_dir: Path, served_name: str, out: Path):
+    from maga_tasks.recipe import load_recipe, recipe_from_dict
+
+    if kind == "tiny":
+        recipe = load_recipe(TINY_RECIPE, model=served_name, tokenizer=str(model_dir))
+    else:
+        # The built-in recipe (real prompts, real cleaning thresholds), sized for a CPU
+        # demo: shorter documents and answers than production uses.
+        data = load_recipe(None).model_dump(mode="json")
+        data.update(
+            name="demo-" + served_name.replace("/", "-").lower(),
+            model=served_name,
+            tokenizer=str(model_dir),
+            context_budget_tokens=1536,
+        )
+        data["pairs"]["sampling"]["max_tokens"] = 768
+        data["rewrite"]["sampling"]["max_tokens"] = 768
+        recipe = recipe_from_dict(data, "demo recipe")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = recipe.to_yaml()
+    if not out.is_file() or out.read_text(encoding="utf-8") != text:
+        out.write_text(text, encoding="utf-8")
+    return recipe
+
+
+def cmd_prepare(args) -> int:
+    models_dir = Path(args.models_dir)
+    wanted = os.environ.get("MAGA_DEMO_MODEL", DEFAULT_HUB_MODEL).strip()
+    if explicit := os.environ.get("MAGA_DEMO_MODEL_DIR"):
+        model_dir = Path(explicit).resolve()
+        kind = "tiny" if (model_dir / TINY_MARKER).is_file() else "real"
+        say(f"using the model directory {model_dir} ({kind})")
+    else:
+        model_dir = None
+        if wanted and wanted != "tiny":
+            model_dir = download_hub_model(wanted, models_dir, float(os.environ.get("MAGA_DEMO_DOWNLOAD_TIMEOUT", "900")))
+        if model_dir is not None:
+            kind = "real"
+            say(f"model: {wanted} from the hub")
+        else:
+            kind = "tiny"
+            model_dir = build_tiny_model(models_dir)
+            say(f"{'using' if wanted == 'tiny' else 'falling back to'} the tiny local model {model_dir}")
+    if kind == "tiny":
+        served_name = "maga-tiny"
+        say("NOTE: maga-tiny has random weights: its text is random. Tokens, structured outputs, "
+            "prefix caching, checkpoints, commits and the registry are real; the words are not.")
+    else:
+        served_name = (wanted if not os.environ.get("MAGA_DEMO_MODEL_DIR") else model_dir.name).split("/")[-1].lower()
+    if args.endpoint:
+        names = served_models(args.endpoint)
+        if served_name not in names:
+            say(f"{args.endpoint} serves {names}, not {served_name}; using {names[0]}")
+            served_name = names[0]
+    recipe = write_recipe(kind, model_dir, served_name, Path(args.recipe_out))
+    values = {
+        "MODEL_KIND": kind,
+        "MODEL_DIR": str(model_dir),
+        "SERVED_NAME": served_name,
+        "MAX_MODEL_LEN": str(TINY_MAX_MODEL_LEN if kind == "tiny" else REAL_MAX_MODEL_LEN),
+        "RECIPE": str(Path(args.recipe_out).resolve()),
+        "RECIPE_ID": recipe.recipe_id,
+    }
+    for name, value in values.items():
+        print(f"{name}={shlex.quote(value)}")
+    return 0
+
+
+# -- before / after --------------------------------------------------------------------
+
+
+def _registered(registry_path: Path, recipe_id: str) -> dict[str, dict]:
+    if not registry_path.is_file():
+        return {}
+    from maga_tasks.registry import Registry
+
+    registry = Registry(str(registry_path))
+    try:
+        return {row["shard"]: row for row in registry.shards(recipe_id, status="registered")}
+    finally:
+        registry.close()
+
+
+def _metrics(endpoint: str) -> dict[str, float]:
+    from maga_tasks.vllm_local import VllmError, read_metrics
+
+    try:
+        return read_metrics(endpoint)
+    except (OSError, VllmError) as error:  # informative only: the demo goes on without it
+        say(f"could not read {endpoint}/metrics: {type(error).__name__}: {error}")
+        return {}
+
+
+def cmd_snapshot(args) -> int:
+    state = {
+        "registered": sorted(_registered(Path(args.registry), args.recipe_id)),
+        "metrics": _metrics(args.endpoint),
+    }
+    Path(args.out).write_text(json.dumps(state), encoding="utf-8")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from maga_tasks.layout import shard_paths
+    from maga_tasks.vllm_local import prefix_cache_hit_rate
+
+    before = json.loads(Path(args.snapshot).read_text(encoding="utf-8"))
+    after_metrics = _metrics(args.endpoint)
+    registered = _registered(Path(args.registry), args.recipe_id)
+    new = sorted(set(registered) - set(before["registered"]))
+    lines = [f"registered {len(new)} new shard(s) this run; {len(registered)} registered in total for {args.recipe_id}"]
+    for name in new:
+        row = registered[name]
+        reasons = row["rejects_by_reason"] or {}
+        lines.append(
+            f"  {name}: {row['documents']} docs -> {row['accepted']} accepted, {row['rejected']} rejected "
+            f"{reasons or ''} in {row['seconds'] or 0:.1f}s"
+        )
+    if before["metrics"] and after_metrics:
+        def delta(metric: str) -> int:
+            return int(after_metrics.get(metric, 0.0) - before["metrics"].get(metric, 0.0))
+
+        rate = prefix_cache_hit_rate(before["metrics"], after_metrics)
+        lines.append(
+            f"vLLM during the run: {delta('vllm:request_success_total')} requests, "
+            f"{delta('vllm:prompt_tokens_total'):,} prompt + {delta('vllm:generation_tokens_total'):,} generated tokens, "
+            f"prefix-cache hit rate {'n/a' if rate is None else f'{rate:.2f}'}"
+        )
+    version = Path(args.output_root) / args.recipe_id
+    lines += [
+        "outputs:",
+        f"  accepted rewrites  {version / 'data'}/<shard>.parquet",
+        f"  rejected, reasons  {version / 'rejected'}/<shard>.parquet",
+        f"  MAGACorpus export  {version / 'magacorpus'}/<shard>.parquet",
+        f"  quality reports    {version / 'quality'}/<shard>/",
+        f"  registry (SQLite)  {args.registry}",
+        f"  Airflow logs       {args.airflow_logs}",
+    ]
+    for name in sorted(registered)[:1]:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(shard_paths(args.output_root, args.recipe_id, name).data)
+        if table.num_rows:
+            row = table.slice(0, 1).to_pylist()[0]
+            text = " ".join((row["text"] or "").split())
+            lines += [
+                f"a sample row of {name} ({row['source_id']}, pair {row['pair_index']}):",
+                f"  genre:    {row['genre'][:160]}",
+                f"  audience: {row['audience'][:160]}",
+                f"  text:     {text[:300]}{' ...' if len(text) > 300 else ''}",
+            ]
+    if args.model_kind == "tiny":
+        lines.append("NOTE: the tiny model's text is random (random weights); the pipeline's mechanics are real.")
+    print("\n".join(lines), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare")
+    prepare.add_argument("--models-dir", required=True)
+    prepare.add_argument("--recipe-out", required=True)
+    prepare.add_argument("--endpoint", help="an already running server: take its served model name")
+    prepare.set_defaults(func=cmd_prepare)
+
+    for name, func in (("snapshot", cmd_snapshot), ("report", cmd_report)):
+        sub = commands.add_parser(name)
+        sub.add_argument("--registry", required=True)
+        sub.add_argument("--recipe-id", required=True)
+        sub.add_argument("--endpoint", required=True)
+        if name == "snapshot":
+            sub.add_argument("--out", required=True)
+        else:
+            sub.add_argument("--snapshot", required=True)
+            sub.add_argument("--output-root", required=True)
+            sub.add_argument("--airflow-logs", required=True)
+            sub.add_argument("--model-kind", required=True)
+        sub.set_defaults(func=func)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
