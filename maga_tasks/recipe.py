@@ -75,6 +75,9 @@ class Quality(_Strict):
     max_expansion_ratio: float = Field(10.0, gt=0.0)
     min_source_chars: int = Field(1, ge=0)
     max_source_chars: int = Field(2_000_000, ge=1)
+    # Share of source rows that must be usable (id, unique id, text, length) for the
+    # shard to be expanded; the few bad rows below that are rejected row by row.
+    min_valid_source_share: float = Field(0.99, ge=0.0, le=1.0)
 
 
 class Recipe(_Strict):

@@ -242,3 +242,10 @@ def test_importing_the_pipeline_does_not_import_great_expectations():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_input_gate_leaves_a_rare_bad_row_to_the_expansion(tmp_path):
+    rows = good_rows(300) + [{"id": "doc-3", "text": "A repeated id.", "title": "t"}]
+    source = write_source_shard(tmp_path / "src" / "part-0002.parquet", rows)
+    report = validate_input(source, RECIPE, shard_paths(str(tmp_path / "out"), RID, "part-0002"))
+    assert report.success, report.failed_names
