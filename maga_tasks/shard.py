@@ -156,7 +156,9 @@ class _ShardRun:
             if todo:
                 await client.wait_ready(self.settings.all_down_timeout_s)
             structured = StructuredOutputSupport(self.recipe.pairs.structured_output)
-            slots = asyncio.Semaphore(self.settings.max_concurrency)
+            # Twice as many documents as request slots: while some documents wait for
+            # their pairs, others already have rewrites queued, so no slot idles.
+            slots = asyncio.Semaphore(2 * self.settings.max_concurrency)
             pending: set[asyncio.Task] = set()
             failures: list[BaseException] = []
 

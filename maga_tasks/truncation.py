@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 
 from .errors import TokenizerUnavailable
 
@@ -33,9 +34,7 @@ class DocumentCutter:
             if self._tokenizer is None:
                 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
                 try:
-                    from transformers import AutoTokenizer
-
-                    self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+                    self._tokenizer = _load_offsets_tokenizer(self.tokenizer_name)
                 except Exception as error:  # hub/network/format errors all mean the same here
                     raise TokenizerUnavailable(
                         f"cannot load tokenizer {self.tokenizer_name!r} to cut an over-long document "
@@ -52,9 +51,27 @@ class DocumentCutter:
             return text, None
         tokenizer = self._load()
         head = text[: self.budget * _MAX_CHARS_PER_TOKEN]
-        encoding = tokenizer(head, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = encoding["offset_mapping"]
+        offsets = tokenizer(head)
         if len(offsets) <= limit and len(head) == len(text):
             return text, None
         end = offsets[min(limit, len(offsets)) - 1][1]
         return text[:end], min(limit, len(offsets))
+
+
+def _load_offsets_tokenizer(name: str):
+    """A function text -> token character offsets, for a local directory or a hub id.
+
+    A local `tokenizer.json` is read with `tokenizers` directly (the engine behind
+    transformers' fast tokenizers; it loads in milliseconds where importing
+    transformers takes seconds); anything else goes through transformers' AutoTokenizer.
+    """
+    local = Path(name) / "tokenizer.json"
+    if local.is_file():
+        from tokenizers import Tokenizer
+
+        fast = Tokenizer.from_file(str(local))
+        return lambda text: fast.encode(text, add_special_tokens=False).offsets
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(name)
+    return lambda text: auto(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]

