@@ -4,8 +4,9 @@ Two suites, each figure the median of repeated runs with min and max:
 
 - engine: against one vLLM server, the standard serving benchmark (`vllm bench serve`)
   replays exactly our request stream (the same prompts in the same order, the same
-  output lengths with EOS ignored) at a fixed max concurrency; then our shard expansion
-  runs over the same documents at that concurrency. Printed: output tokens/s of each
+  output lengths with EOS ignored, the same sampling: temperature, top_p, seeded) at a
+  fixed max concurrency; then our shard expansion runs over the same documents at that
+  concurrency. Printed: output tokens/s of each
   and their ratio, requests/s, prefix-cache hit rate from /metrics deltas, client CPU
   seconds per 1,000 requests, peak RSS.
 - client: against the test LLM server at zero latency, server and client pinned to
@@ -200,7 +201,13 @@ def replay_dataset(shard: Path, measured: dict, recipe_path: str | None, out: Pa
 
 
 def vllm_bench_serve(url: str, model: str, tokenizer: str, dataset: Path, num_prompts: int, concurrency: int,
-                     vllm_python: Path, temperature: float) -> dict:
+                     vllm_python: Path, temperature: float, top_p: float) -> dict:
+    """The standard serving benchmark over our request stream, sampled like ours.
+
+    Same temperature and top_p, and seeded requests (a fixed seed: vLLM then takes the
+    per-request generator path our seeded requests take). Not replayed: the pairs
+    calls' structured-output grammar.
+    """
     result_dir = Path(tempfile.mkdtemp(prefix="maga-vllm-bench-"))
     command = [
         str(vllm_python), str(REPO / "scripts" / "vllm_bench_serve.py"),
@@ -210,6 +217,7 @@ def vllm_bench_serve(url: str, model: str, tokenizer: str, dataset: Path, num_pr
         "--skip-chat-template",
         "--disable-shuffle", "--no-oversample", "--num-prompts", str(num_prompts),
         "--max-concurrency", str(concurrency), "--ignore-eos", "--temperature", str(temperature),
+        "--top-p", str(top_p), "--extra-body", json.dumps({"seed": 0}),
         "--num-warmups", "0", "--disable-tqdm",
         "--save-result", "--result-dir", str(result_dir), "--result-filename", "result.json",
     ]
@@ -236,7 +244,7 @@ def engine_suite(args, figures: Figures) -> dict:
         url = server.url
     tokenizer = args.tokenizer or model_dir
     recipe_path = args.recipe or str(Path(__file__).parent / "recipes" / "tiny.yaml")
-    temperature = load_recipe(recipe_path).rewrite.sampling.temperature
+    sampling = load_recipe(recipe_path).rewrite.sampling
     work = Path(tempfile.mkdtemp(prefix="maga-bench-engine-"))
     shard = write_bench_shard(work / "engine" / "part-0000.parquet", args.engine_docs)
     try:
@@ -247,7 +255,8 @@ def engine_suite(args, figures: Figures) -> dict:
         for repeat in range(args.repeats):
             before = read_metrics(url)
             engine = vllm_bench_serve(url, args.served_model, tokenizer, dataset, prompts, args.concurrency,
-                                      Path(args.vllm_python or default_vllm_python()), temperature)
+                                      Path(args.vllm_python or default_vllm_python()), sampling.temperature,
+                                      sampling.top_p)
             middle = read_metrics(url)
             ours = measure_expansion(shard, url, args.concurrency, recipe=recipe_path, tokenizer=tokenizer,
                                      served_model=args.served_model, output_root=work / f"run-{repeat}")
