@@ -171,7 +171,11 @@ class _ShardRun:
                     failures.append(task.exception())
                     return
                 rows = task.result()
-                self.checkpoint.append(doc_index, rows)
+                try:
+                    self.checkpoint.append(doc_index, rows)
+                except Exception as error:  # disk or S3 faults end the shard, never vanish in a callback
+                    failures.append(error)
+                    return
                 self._count(rows)
 
             ticker = asyncio.create_task(self._report_every(self.settings.progress_interval_s))
