@@ -203,11 +203,13 @@ def _show_library_logs() -> None:
     },
 )
 def maga_corpus_expansion():
+    # Retries cover a passing fault of the poke itself; waiting for the workers is
+    # bounded by the sensor timeout, which fails without retrying.
     @task.sensor(
         poke_interval=HEALTH_POKE_SECONDS,
         timeout=6 * 3600,
         mode="reschedule",
-        retries=0,
+        retries=2,
         execution_timeout=None,
     )
     def wait_for_llm_workers(params: dict) -> PokeReturnValue:
@@ -284,7 +286,7 @@ def maga_corpus_expansion():
             max_docs=params["max_docs_per_shard"],
         )
 
-    @task(trigger_rule="none_failed", outlets=[CORPUS_ALIAS], retries=1)
+    @task(trigger_rule="none_failed", outlets=[CORPUS_ALIAS])
     def summarize(results, params: dict):
         """Log this run's figures and the corpus totals; emit the corpus asset event."""
         from maga_tasks.recipe import load_recipe

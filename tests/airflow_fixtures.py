@@ -462,3 +462,20 @@ def read_task_log_text(path: Path) -> str:
 
 
 PROGRESS_LINE = re.compile(r"\d+/\d+ docs, [\d.]+ req/s, [\d.]+ tok/s")
+
+
+def failure_report(af: AirflowEnv, runs: list[tuple]) -> str:
+    """Task states of the runs that did not succeed and the tails of their failed tasks'
+    logs: what a red CI log needs to say why."""
+    lines = []
+    for run_id, _, state, *_ in runs:
+        if state == "success":
+            continue
+        lines.append(f"run {run_id}: {state}")
+        for task_id, map_index, rendered, ti_state, tries in task_instances(af, run_id):
+            lines.append(f"  {task_id}[{rendered or map_index}] {ti_state} after {tries} tries")
+            if ti_state not in ("success", "skipped"):
+                for path in af.task_logs(task_id):
+                    if f"run_id={run_id}" in str(path):
+                        lines.append(f"    {path.name}: " + read_task_log_text(path)[-1500:].replace("\n", "\n      "))
+    return "\n".join(lines)

@@ -24,6 +24,7 @@ from airflow_fixtures import (
     DAG_ID,
     PROGRESS_LINE,
     dag_runs,
+    failure_report,
     read_task_log_text,
     task_instances,
     wait_for,
@@ -176,7 +177,7 @@ def test_backfill_processes_exactly_the_requested_partitions(airflow_stack, af_l
     backfill_id = _backfill(af, "2025-03-02", "2025-03-04T03:00:00", conf)
     runs = _wait_backfill(af, backfill_id)
     assert [str(r[1])[:10] for r in runs] == ["2025-03-02", "2025-03-03", "2025-03-04"]
-    assert all(r[2] == "success" for r in runs), runs
+    assert all(r[2] == "success" for r in runs), failure_report(af, runs)
 
     shards = registered(af.registry_url, recipe_id)
     partitions = sorted(date for date in dates for row in shards.values() if f"/{date}/" in row["source_uri"])
