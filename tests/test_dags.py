@@ -200,16 +200,7 @@ _PARSE_PROBE = textwrap.dedent(
 def parse_probe():
     env = _isolated_airflow_env()
     env["AIRFLOW_CONN_MAGA_REGISTRY"] = "postgresql://nobody:secret@127.0.0.1:9/nothing"
-    result = subprocess.run(
-        [sys.executable, "-c", _PARSE_PROBE, str(DAG_FILE)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(_run_probe(_PARSE_PROBE, env, str(DAG_FILE))[-1])
 
 
 def test_parse_is_fast(parse_probe):
@@ -223,6 +214,15 @@ def test_parse_imports_nothing_heavy(parse_probe):
 
 def test_parse_looks_up_no_connection_and_opens_no_socket(parse_probe):
     assert parse_probe["lookups"] == []
+
+
+def _run_probe(code: str, env: dict, *args: str) -> list[str]:
+    """Run a Python probe in a fresh interpreter; its stdout lines."""
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout.strip().splitlines()
 
 
 _PLUGIN_PROBE = textwrap.dedent(
@@ -239,19 +239,6 @@ def test_plugin_module_imports_without_an_api_server():
     """The plugin file itself must import cleanly (the api-server loads it at start)."""
     env = _isolated_airflow_env()
     env["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(Path(DAGS_FOLDER).parent / "plugins")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _PLUGIN_PROBE,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    names, errors = result.stdout.strip().splitlines()[-2:]
+    names, errors = _run_probe(_PLUGIN_PROBE, env)[-2:]
     assert "maga_corpus" in names
     assert errors == "{}"
