@@ -32,6 +32,15 @@ from .storage import ObjectNotFound, storage_for
 from .truncation import DocumentCutter
 
 
+def documents_in_flight(max_concurrency: int) -> int:
+    """How many documents a shard works on at once; a kill loses at most these.
+
+    Twice the request slots: while some documents wait for their pairs, others
+    already have rewrites queued, so no slot idles.
+    """
+    return 2 * max_concurrency
+
+
 @dataclass
 class ShardResult:
     """What one `expand_shard` call did; small enough to be an Airflow XCom."""
@@ -156,9 +165,7 @@ class _ShardRun:
             if todo:
                 await client.wait_ready(self.settings.all_down_timeout_s)
             structured = StructuredOutputSupport(self.recipe.pairs.structured_output)
-            # Twice as many documents as request slots: while some documents wait for
-            # their pairs, others already have rewrites queued, so no slot idles.
-            slots = asyncio.Semaphore(2 * self.settings.max_concurrency)
+            slots = asyncio.Semaphore(documents_in_flight(self.settings.max_concurrency))
             pending: set[asyncio.Task] = set()
             failures: list[BaseException] = []
 
