@@ -91,7 +91,10 @@ PARAMS = {
     ),
     "shards_per_run": Param(8, type="integer", minimum=1, description="Shard budget of one run"),
     "max_docs_per_shard": Param(
-        None, type=["null", "integer"], minimum=1, description="Cap documents per shard (trial runs)"
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        description="Trial run: the first N documents of each shard, under {output_root}/_trials/first-N/, not registered",
     ),
     "endpoints": Param(
         _default_endpoints(),
@@ -302,6 +305,9 @@ def maga_corpus_expansion():
         log.info("this run: %d shard(s) %s", len(run), statuses)
         log.info("corpus %s totals: %s", recipe.recipe_id, totals)
         extra = {"recipe_id": recipe.recipe_id, "run_shards": len(run), "run_statuses": statuses, "totals": totals}
+        if params["max_docs_per_shard"]:
+            log.info("trial run (first %s documents per shard): the corpus is unchanged", params["max_docs_per_shard"])
+            return extra
         yield Metadata(Asset(f"maga://corpus/{recipe.recipe_id}", group="maga"), extra=extra, alias=CORPUS_ALIAS)
         return extra
 

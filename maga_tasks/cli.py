@@ -192,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     expand = commands.add_parser("expand-shard", help="expand one source shard end to end")
     expand.add_argument("source", help="shard file: local path or s3://bucket/key (.parquet, .jsonl, .jsonl.gz)")
     expand.add_argument("--output-root", required=True, help="local folder or s3:// prefix")
-    expand.add_argument("--max-docs", type=int, help="only the first N documents (trial runs)")
+    expand.add_argument(
+        "--max-docs", type=int, help="trial: only the first N documents, written under ROOT/_trials/first-N/"
+    )
     _add_run_options(expand)
     expand.set_defaults(func=cmd_expand_shard)
 
@@ -218,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("source")
     publish.add_argument("--output-root", required=True)
     publish.add_argument("--registry", required=True, help="SQLite file path or postgresql:// URL")
-    publish.add_argument("--max-docs", type=int)
+    publish.add_argument(
+        "--max-docs", type=int, help="trial: the first N documents under ROOT/_trials/first-N/, nothing registered"
+    )
     _add_run_options(publish)
     publish.set_defaults(func=cmd_publish_shard)
 

@@ -69,5 +69,14 @@ class ShardPaths:
         return join(self.version_root, "quality", self.shard)
 
 
+def trial_root(output_root: str, max_docs: int) -> str:
+    """Where a trial over the first `max_docs` documents of each shard writes: beside the
+    corpus, never inside it, so a trial neither mixes into the corpus nor stands in for
+    the full shard."""
+    if max_docs < 1:
+        raise LayoutError(f"max_docs must be at least 1, not {max_docs}")
+    return join(output_root.rstrip("/"), "_trials", f"first-{max_docs}")
+
+
 def shard_paths(output_root: str, recipe_id: str, shard: str) -> ShardPaths:
     return ShardPaths(output_root.rstrip("/"), recipe_id, check_shard_name(shard))

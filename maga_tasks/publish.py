@@ -23,7 +23,7 @@ from collections.abc import Callable
 from sqlalchemy.exc import SQLAlchemyError
 
 from .errors import EndpointsUnavailable, ShardInputError
-from .layout import ShardPaths, shard_name, shard_paths
+from .layout import ShardPaths, shard_name, shard_paths, trial_root
 from .quality import (
     DEFAULT_COLUMNS,
     CommittedShard,
@@ -250,10 +250,16 @@ def publish_shard(
     (shard, status, counts, URIs, quality outcome, failed expectations).
 
     `shard` defaults to the source file's name (dated planning passes its own).
+    With `max_docs` it is a `trial_shard` instead: nothing is leased or registered.
     Raises `ShardBusy` when another live worker holds the lease (the task retries
     later), `EndpointsUnavailable` after marking the shard failed, and
     `RegistryConflict` if a registered shard would get different content.
     """
+    if max_docs is not None:
+        return trial_shard(
+            source_uri, output_root, recipe, settings, max_docs=max_docs, shard=shard, columns=columns,
+            progress=progress, check_input=check_input,
+        )
     s3 = settings.s3_endpoint_url
     paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
     rid = recipe.recipe_id
@@ -317,6 +323,61 @@ def publish_shard(
         raise
 
 
+def trial_shard(
+    source_uri: str,
+    output_root: str,
+    recipe: Recipe,
+    settings: RunSettings,
+    *,
+    max_docs: int,
+    shard: str | None = None,
+    columns: SourceColumns = DEFAULT_COLUMNS,
+    progress: Callable[[dict], None] | None = None,
+    check_input: bool = True,
+) -> dict:
+    """A trial run: the first `max_docs` documents expanded under `trial_root` and put
+    through both gates, with nothing leased, registered or quarantined, so a later full
+    run still plans and publishes the whole shard. The summary's status is "trial";
+    `quality_success` tells whether the gates passed."""
+    s3 = settings.s3_endpoint_url
+    paths = shard_paths(trial_root(output_root, max_docs), recipe.recipe_id, shard or shard_name(source_uri))
+    trial = {"max_docs": max_docs}
+    try:
+        if check_input:
+            report = validate_input(source_uri, recipe, paths, columns=columns, s3_endpoint_url=s3)
+            if not report.success:
+                return _summary(
+                    paths, source_uri, "trial", **trial, quality_success=False, docs_uri=report.docs_uri,
+                    failed_expectations=report.failed_names, reason=report.reason(),
+                )
+        result = expand_shard(
+            source_uri, output_root, recipe, settings, max_docs=max_docs, columns=columns,
+            progress=progress, shard=paths.shard,
+        )
+    except ShardInputError as error:
+        reason = f"unusable source shard: {error}"
+        return _summary(paths, source_uri, "trial", **trial, quality_success=False, failed_expectations=[], reason=reason)
+    report = validate_output(load_committed(paths, s3), recipe, result=result, s3_endpoint_url=s3)
+    log.info(
+        "trial of shard %s (first %d documents): %d accepted, %d rejected, gates %s; nothing registered, outputs under %s",
+        paths.shard, max_docs, result.accepted, result.rejected, "passed" if report.success else "failed",
+        paths.version_root,
+    )
+    return _summary(
+        paths, source_uri, "trial", **trial,
+        documents=result.documents,
+        accepted=result.accepted,
+        rejected=result.rejected,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        expansion_ratio=result.expansion_ratio,
+        docs_uri=report.docs_uri,
+        quality_success=report.success,
+        failed_expectations=report.failed_names,
+        already_committed=result.already_committed,
+    )
+
+
 def _mark_failed(registry: Registry, recipe_id: str, shard: str, owner: str, error: BaseException) -> None:
     kind = "endpoints unavailable" if isinstance(error, EndpointsUnavailable) else type(error).__name__
     try:
@@ -332,4 +393,5 @@ __all__ = [
     "publish_shard",
     "register_committed_shard",
     "result_from_committed",
+    "trial_shard",
 ]

@@ -232,23 +232,31 @@ def _chars(columns: SourceColumns) -> str:
 
 
 def _source_parquet(path: Path, columns: SourceColumns) -> pa.Table:
+    # Batch by batch, so only ids and lengths are kept: memory does not grow with the text.
     try:
         parquet = pq.ParquetFile(path)
         present = [c for c in (columns.id, columns.text) if c in parquet.schema_arrow.names]
-        table = parquet.read(columns=present)
+        batches = [_id_and_length(batch, columns) for batch in parquet.iter_batches(batch_size=4096, columns=present)]
     except (pa.ArrowException, OSError) as error:
         raise ShardInputError(f"{path.name}: not a readable parquet file ({error})") from None
+    if not present:  # neither column: keep the row count so the report still says how many rows there were
+        return pa.table({"_row": pa.nulls(parquet.metadata.num_rows, pa.int8())})
+    if not batches:
+        return _id_and_length(parquet.schema_arrow.empty_table().select(present), columns)
+    return pa.concat_tables(batches)
+
+
+def _id_and_length(batch: pa.RecordBatch | pa.Table, columns: SourceColumns) -> pa.Table:
     out = {}
-    if columns.id in table.column_names:
-        out[columns.id] = table.column(columns.id)
-    if columns.text in table.column_names:
-        text = table.column(columns.text)
+    if columns.id in batch.schema.names:
+        out[columns.id] = batch.column(columns.id)
+    if columns.text in batch.schema.names:
+        text = batch.column(columns.text)
         if pa.types.is_binary(text.type) or pa.types.is_large_binary(text.type):
             out[_chars(columns)] = pc.binary_length(text)
         else:
             out[_chars(columns)] = pc.utf8_length(text.cast(pa.large_string()))
-    # Neither column: keep the row count so the report still says how many rows there were.
-    return pa.table(out) if out else pa.table({"_row": pa.nulls(parquet.metadata.num_rows, pa.int8())})
+    return pa.table(out)
 
 
 def _source_jsonl(path: Path, fmt: str, columns: SourceColumns) -> pa.Table:

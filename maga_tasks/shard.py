@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from .checkpoint import Checkpoint
 from .cleaning import clean_rewrite
 from .errors import MagaError, ShardInputError
-from .layout import shard_name, shard_paths
+from .layout import shard_name, shard_paths, trial_root
 from .llm_client import LLMClient
 from .recipe import Recipe
 from .schema import ACCEPTED_SCHEMA, MAGACORPUS_SCHEMA, REJECTED_SCHEMA, magacorpus_row, row_id
@@ -96,8 +96,11 @@ def expand_shard(
     again. Raises `ShardInputError` for an unusable shard (nothing is committed) and
     `EndpointsUnavailable` when every worker stays down (the checkpoint is kept).
     `shard` overrides the output name (default: from the file name), e.g. to keep
-    daily drops that reuse file names apart.
+    daily drops that reuse file names apart. With `max_docs` it is a trial over the
+    first documents, written under `trial_root` instead of the corpus.
     """
+    if max_docs is not None:
+        output_root = trial_root(output_root, max_docs)
     paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
     out = storage_for(output_root, settings.s3_endpoint_url)
     if out.exists(paths.data) and out.exists(paths.rejected):

@@ -92,6 +92,17 @@ def test_dags_test_publishes_every_shard_then_reruns_as_noop(airflow_env, af_llm
     llm = af_llm_server_factory(latency_ms=40)
     conf = run_conf(str(source), output_root, llm.url, recipe_path)
     registry_env = {"AIRFLOW_CONN_MAGA_REGISTRY": postgres_registry_url}
+    corpus_events_sql = "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE a.uri = %(u)s"
+
+    # A trial run first: gated outputs apart from the corpus, nothing registered, no asset event.
+    trial_conf = {**conf, "max_docs_per_shard": 2}
+    trial = airflow_env.cli("dags", "test", DAG_ID, "2024-12-31", "-c", json.dumps(trial_conf), extra_env=registry_env, timeout=400)
+    assert "state=success" in trial.stdout + trial.stderr, (trial.stdout + trial.stderr)[-5000:]
+    assert registered(postgres_registry_url, recipe_id) == {}
+    trial_files = sorted(p.name for p in (Path(output_root) / "_trials" / "first-2" / recipe_id / "data").iterdir())
+    assert trial_files == ["part-0000.parquet", "part-0001.parquet", "part-0002.parquet"]
+    assert not (Path(output_root) / recipe_id).exists()
+    assert airflow_env.query(corpus_events_sql, {"u": f"maga://corpus/{recipe_id}"}) == []
 
     started = time.monotonic()
     first = airflow_env.cli("dags", "test", DAG_ID, "2025-01-01", "-c", json.dumps(conf), extra_env=registry_env, timeout=400)
@@ -112,10 +123,7 @@ def test_dags_test_publishes_every_shard_then_reruns_as_noop(airflow_env, af_llm
     assert sorted(ti[2] for ti in publish) == sorted(shards)
     assert all(ti[3] == "success" for ti in publish)
     # The summary's asset event carries the recipe's totals.
-    events = airflow_env.query(
-        "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE a.uri = %(u)s",
-        {"u": f"maga://corpus/{recipe_id}"},
-    )
+    events = airflow_env.query(corpus_events_sql, {"u": f"maga://corpus/{recipe_id}"})
     assert events and events[-1][0]["totals"]["registered_shards"] == 3
 
     requests_after_first = llm.stats()["requests_total"]

@@ -205,6 +205,24 @@ def test_publish_expands_validates_and_registers_then_costs_nothing(tmp_path, re
     assert again["status"] == "registered" and llm_server.stats()["requests_total"] == requests
 
 
+@pytest.mark.integration
+def test_a_trial_run_registers_nothing_and_leaves_the_full_shard_to_publish(tmp_path, registry, llm_server):
+    source = str(write_sample_corpus(tmp_path / "source", 1, 12)[0])
+    out = str(tmp_path / "out")
+    trial = publish_shard(source, out, RECIPE, live(llm_server.url), registry, owner="w1", max_docs=4)
+    assert trial["status"] == "trial" and trial["quality_success"], trial
+    assert trial["documents"] == 4 and trial["accepted"] + trial["rejected"] == 4 * RECIPE.pairs_per_document
+    assert "/_trials/first-4/" in trial["data_uri"] and Path(trial["data_uri"]).exists()
+    assert registry.shard(RID, "part-0000") is None and registry.totals(RID)["documents"] == 0
+    trial_requests = llm_server.stats()["requests_total"]
+
+    full = publish_shard(source, out, RECIPE, live(llm_server.url), registry, owner="w1")
+    assert full["status"] == "registered" and full["documents"] == 12 and not full["already_committed"]
+    assert full["data_uri"] == shard_paths(out, RID, "part-0000").data
+    assert llm_server.stats()["requests_total"] > trial_requests
+    assert registry.totals(RID)["documents"] == 12
+
+
 def _commit_then_crash(url: str, source: str, out: str, endpoint: str) -> None:
     from maga_tasks.shard import expand_shard
 

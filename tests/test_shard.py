@@ -86,6 +86,9 @@ def test_rerun_of_a_committed_shard_is_a_no_op(tmp_path, llm_server, shard_200):
 
     assert again.already_committed
     assert llm_server.stats()["requests_total"] == requests_before
+    # A trial over the first 20 documents is kept apart from the corpus itself.
+    assert first.data_uri == str(tmp_path / "out" / "_trials" / "first-20" / RECIPE.recipe_id / "data" / "part-0000.parquet")
+    assert first.documents == 20 and not (tmp_path / "out" / RECIPE.recipe_id).exists()
     assert os.stat(first.data_uri).st_mtime_ns == mtime
     assert (again.accepted, again.rejected, again.documents) == (first.accepted, first.rejected, first.documents)
     assert (again.prompt_tokens, again.completion_tokens) == (first.prompt_tokens, first.completion_tokens)
