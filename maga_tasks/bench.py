@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .recipe import load_recipe
+from .test_server_process import TestServerProcess
 
 log = logging.getLogger(__name__)
 
@@ -283,36 +284,13 @@ def engine_suite(args, figures: Figures) -> dict:
 # -- client overhead against the test server at zero latency --------------------------
 
 
-class _TestServer:
-    """The test LLM server in a child process pinned to one core."""
-
-    def __init__(self, cpu: int):
-        self.cpu = cpu
-
-    def __enter__(self) -> "_TestServer":
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "maga_tasks.test_server", "--host", "127.0.0.1", "--port", "0"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
-            preexec_fn=lambda: os.sched_setaffinity(0, {self.cpu}),
-        )
-        for line in self.process.stderr:
-            if "listening on " in line:
-                self.url = line.rsplit("listening on ", 1)[1].strip()
-                return self
-        raise RuntimeError("the test LLM server did not start")
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
-
-
 def client_suite(args, figures: Figures) -> dict:
     cores = sorted(os.sched_getaffinity(0))
     client_core, server_core = cores[0], cores[-1]
     work = Path(tempfile.mkdtemp(prefix="maga-bench-client-"))
     small = write_bench_shard(work / "small" / "part-0000.parquet", args.client_docs)
     large = write_bench_shard(work / "large" / "part-0000.parquet", args.client_docs * 10)
-    with _TestServer(server_core) as server:
+    with TestServerProcess(cpu=server_core, log_dir=work) as server:
         for repeat in range(args.repeats):
             runs = {}
             for name, shard in (("small", small), ("large", large)):

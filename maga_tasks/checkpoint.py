@@ -3,14 +3,17 @@
 Each run writes its own segment files (JSON lines, one line per finished document with
 all its output rows), so nothing is ever appended to an object in place and two runs
 never write the same file. Locally a line is flushed as soon as its document finishes;
-on S3 a segment object is put every `s3_every` documents. Reading tolerates a torn last
-line (a kill in the middle of a write) and keeps the first copy of any document.
+on S3 a segment object is put every `s3_every` documents, by a background thread so the
+shard's event loop never waits for the network (a failed put surfaces at the next
+append or at close). Reading tolerates a torn last line (a kill in the middle of a
+write) and keeps the first copy of any document.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 import logging
 import tempfile
 import uuid
@@ -23,6 +26,8 @@ from .storage import LocalStorage, Storage, join
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+# Segment puts queued at most before `append` waits for the oldest (bounds memory).
+MAX_PENDING_PUTS = 2
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class Checkpoint:
         self._handle = None
         self._pending: list[bytes] = []
         self._sequence = 0
+        self._uploader: ThreadPoolExecutor | None = None
+        self._puts: list[Future] = []
 
     # -- reading ---------------------------------------------------------------------
 
@@ -110,24 +117,45 @@ class Checkpoint:
             self._handle.write(line)
             self._handle.flush()  # survives a killed process; fsync would only add power-loss safety
         else:
+            self._collect_puts(keep=MAX_PENDING_PUTS)
             self._pending.append(line)
             if len(self._pending) >= self.s3_every:
-                self.flush()
+                self._put_segment()
+
+    def _put_segment(self) -> None:
+        """Queue the pending lines as the next segment object (one uploader thread keeps
+        the order)."""
+        if not self._pending:
+            return
+        self._sequence += 1
+        uri = join(self.work_uri, f"part-{self.run_id}-{self._sequence:06d}.jsonl")
+        body = b"".join(self._pending)
+        self._pending = []
+        if self._uploader is None:
+            self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-put")
+        self._puts.append(self._uploader.submit(self.storage.put_bytes, uri, body))
+
+    def _collect_puts(self, keep: int) -> None:
+        """Wait until at most `keep` puts are outstanding; raise the first failed one."""
+        while self._puts and (len(self._puts) > keep or self._puts[0].done()):
+            self._puts.pop(0).result()
 
     def flush(self) -> None:
         if self._handle:
             self._handle.flush()
-        if self._pending:
-            self._sequence += 1
-            uri = join(self.work_uri, f"part-{self.run_id}-{self._sequence:06d}.jsonl")
-            self.storage.put_bytes(uri, b"".join(self._pending))
-            self._pending.clear()
+        self._put_segment()
+        self._collect_puts(keep=0)
 
     def close(self) -> None:
-        self.flush()
-        if self._handle:
-            self._handle.close()
-            self._handle = None
+        try:
+            self.flush()
+        finally:
+            if self._uploader is not None:
+                self._uploader.shutdown(wait=True)
+                self._uploader = None
+            if self._handle:
+                self._handle.close()
+                self._handle = None
 
     def clear(self) -> None:
         self.close()

@@ -105,61 +105,66 @@ class S3Storage:
         return parsed.netloc, parsed.path.lstrip("/")
 
     def exists(self, uri: str) -> bool:
-        from botocore.exceptions import ClientError
-
         bucket, key = self._split(uri)
         try:
-            self.client.head_object(Bucket=bucket, Key=key)
+            with _s3_failures("stat", uri):
+                self.client.head_object(Bucket=bucket, Key=key)
             return True
-        except ClientError as error:
-            if _is_not_found(error):
-                return False
-            raise StorageError(f"cannot stat {uri}: {error}") from None
+        except ObjectNotFound:
+            return False
 
     def read_bytes(self, uri: str) -> bytes:
         bucket, key = self._split(uri)
-        try:
+        with _s3_failures("read", uri):
             return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as error:  # botocore raises many kinds; name the object
-            if _is_not_found(error):
-                raise ObjectNotFound(f"no such object: {uri}") from None
-            raise StorageError(f"cannot read {uri}: {error}") from None
 
     def put_bytes(self, uri: str, data: bytes) -> None:
         bucket, key = self._split(uri)
-        self.client.put_object(Bucket=bucket, Key=key, Body=data)
+        with _s3_failures("write", uri):
+            self.client.put_object(Bucket=bucket, Key=key, Body=data)
 
     def put_file(self, uri: str, local_path: str | Path) -> None:
         bucket, key = self._split(uri)
-        self.client.upload_file(str(local_path), bucket, key)
+        with _s3_failures("upload", uri):
+            self.client.upload_file(str(local_path), bucket, key)
 
     def list(self, prefix_uri: str) -> list[str]:
         bucket, prefix = self._split(prefix_uri.rstrip("/") + "/")
         keys = []
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            keys.extend(f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", []))
+        with _s3_failures("list", prefix_uri):
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                keys.extend(f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", []))
         return sorted(keys)
 
     def delete_prefix(self, prefix_uri: str) -> None:
         bucket, _ = self._split(prefix_uri)
         keys = [self._split(uri)[1] for uri in self.list(prefix_uri)]
-        for start in range(0, len(keys), 1000):
-            chunk = [{"Key": key} for key in keys[start : start + 1000]]
-            self.client.delete_objects(Bucket=bucket, Delete={"Objects": chunk})
+        with _s3_failures("delete under", prefix_uri):
+            for start in range(0, len(keys), 1000):
+                chunk = [{"Key": key} for key in keys[start : start + 1000]]
+                self.client.delete_objects(Bucket=bucket, Delete={"Objects": chunk})
 
     @contextlib.contextmanager
     def local_copy(self, uri: str) -> Iterator[Path]:
         bucket, key = self._split(uri)
         with tempfile.TemporaryDirectory(prefix="maga-s3-") as tmp:
             target = Path(tmp) / Path(key).name
-            try:
+            with _s3_failures("download", uri):
                 self.client.download_file(bucket, key, str(target))
-            except Exception as error:  # boto3 raises botocore and transfer errors alike
-                if _is_not_found(error):
-                    raise ObjectNotFound(f"no such object: {uri}") from None
-                raise StorageError(f"cannot download {uri}: {error}") from None
             yield target
+
+
+@contextlib.contextmanager
+def _s3_failures(action: str, uri: str) -> Iterator[None]:
+    """boto3 raises many kinds (client, connection, transfer errors): callers get
+    `ObjectNotFound` or a `StorageError` naming the object."""
+    try:
+        yield
+    except Exception as error:
+        if _is_not_found(error):
+            raise ObjectNotFound(f"no such object: {uri}") from None
+        raise StorageError(f"cannot {action} {uri}: {error}") from None
 
 
 def _is_not_found(error: Exception) -> bool:

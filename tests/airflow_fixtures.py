@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pytest
 
+from maga_tasks.test_server_process import TestServerProcess
+
 REPO = Path(__file__).resolve().parent.parent
 DAGS_FOLDER = REPO / "dags"
 PLUGINS_FOLDER = REPO / "plugins"
@@ -183,58 +185,22 @@ def start_process(name: str, argv: list[str], env: dict, log_dir: Path) -> Manag
 # -- the test LLM server --------------------------------------------------------------
 
 
-@dataclass
-class LLMServer:
-    process: ManagedProcess
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stats(self) -> dict:
-        status, body = http_json(f"{self.url}/_stats")
-        assert status == 200, body
-        return body
-
-    def reset(self) -> None:
-        http_json(f"{self.url}/_reset", method="POST", body={})
-
-
-def start_llm_server(log_dir: Path, *, latency_ms: float = 0, faults: tuple[str, ...] = ()) -> LLMServer:
-    port = free_port()
-    argv = [sys.executable, "-m", "maga_tasks.test_server", "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--latency-ms", str(latency_ms)]
-    for spec in faults:
-        argv += ["--fault", spec]
-    process = start_process(f"llm-{port}", argv, dict(os.environ), log_dir)
-    server = LLMServer(process, port)
-
-    def healthy():
-        if not process.alive():
-            raise AssertionError(f"test LLM server exited:\n{process.log_tail()}")
-        try:
-            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    wait_for(healthy, 30, 0.2, "the test LLM server")
-    return server
+def start_llm_server(log_dir: Path, *, latency_ms: float = 0, faults: tuple[str, ...] = ()) -> TestServerProcess:
+    return TestServerProcess(faults=faults, latency_ms=latency_ms, log_dir=log_dir).start().wait_ready()
 
 
 @pytest.fixture
 def af_llm_server_factory(tmp_path):
-    started: list[LLMServer] = []
+    started: list[TestServerProcess] = []
 
-    def factory(**kwargs) -> LLMServer:
+    def factory(**kwargs) -> TestServerProcess:
         server = start_llm_server(tmp_path / "llm-logs", **kwargs)
         started.append(server)
         return server
 
     yield factory
     for server in started:
-        server.process.stop()
+        server.stop()
 
 
 # -- Airflow --------------------------------------------------------------------------
@@ -381,7 +347,7 @@ def airflow_stack(airflow_env):
     # gets its latest scheduled run. Point that run's defaults at a healthy test LLM
     # server and an empty dated source, so it publishes nothing and finishes.
     default_llm = start_llm_server(log_dir)
-    af.processes.append(default_llm.process)
+    af.processes.append(default_llm)
     af.env.update(
         MAGA_ENDPOINTS=default_llm.url,
         MAGA_PLANNING_MODE="dated",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -13,6 +12,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from maga_tasks.test_server_process import TestServerProcess
 
 pytest_plugins = ["vllm_fixtures"]
 
@@ -52,42 +53,14 @@ def stop_process(process: subprocess.Popen) -> None:
             process.wait()
 
 
-class LLMServer:
-    """A test LLM server process on loopback, with its stats endpoint."""
-
-    def __init__(self, faults: list[str], latency_ms: float = 0, extra: list[str] = (), log_dir: Path | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "maga_tasks.test_server", "--host", "127.0.0.1", "--port", str(self.port)]
-        for fault in faults:
-            command += ["--fault", fault]
-        if latency_ms:
-            command += ["--latency-ms", str(latency_ms)]
-        command += list(extra)
-        log = open(log_dir / f"llm-{self.port}.log", "wb") if log_dir else subprocess.DEVNULL
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_http(f"{self.url}/health", process=self.process)
-
-    def stats(self) -> dict:
-        with urllib.request.urlopen(f"{self.url}/_stats", timeout=5) as response:
-            return json.loads(response.read())
-
-    def reset(self) -> None:
-        request = urllib.request.Request(f"{self.url}/_reset", data=b"", method="POST")
-        urllib.request.urlopen(request, timeout=5).read()
-
-    def stop(self) -> None:
-        stop_process(self.process)
-
-
 @pytest.fixture
 def llm_server_factory(tmp_path):
-    servers: list[LLMServer] = []
+    servers: list[TestServerProcess] = []
 
-    def start(*faults: str, latency_ms: float = 0, extra: list[str] = ()) -> LLMServer:
-        server = LLMServer(list(faults), latency_ms, extra, tmp_path)
-        servers.append(server)
-        return server
+    def start(*faults: str, latency_ms: float = 0, extra: list[str] = ()) -> TestServerProcess:
+        server = TestServerProcess(faults=faults, latency_ms=latency_ms, extra=extra, log_dir=tmp_path)
+        servers.append(server.start())
+        return server.wait_ready()
 
     yield start
     for server in servers:
@@ -95,7 +68,7 @@ def llm_server_factory(tmp_path):
 
 
 @pytest.fixture
-def llm_server(llm_server_factory) -> LLMServer:
+def llm_server(llm_server_factory) -> TestServerProcess:
     return llm_server_factory()
 
 

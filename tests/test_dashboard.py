@@ -50,7 +50,7 @@ def published(airflow_stack, tmp_path_factory):
         for path in files:
             publish_shard(str(path), str(work / "expanded"), recipe, settings, registry, owner="airflow:maga_corpus_expansion/publish_shard/0/manual__dashboard-test")
     finally:
-        llm.process.stop()
+        llm.stop()
     return recipe.recipe_id, registry
 
 

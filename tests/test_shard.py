@@ -188,7 +188,7 @@ def test_one_of_two_endpoints_dying_mid_shard(tmp_path, llm_server_factory, shar
     result = expand_shard(
         str(shard_200), str(tmp_path / "out"), RECIPE, settings(dying.url, healthy.url, endpoint_probe_interval_s=0.5)
     )
-    assert dying.process.wait(timeout=5) is not None
+    assert dying.popen.wait(timeout=5) is not None
     assert result.accepted == 200 * PAIRS, result.rejects_by_reason
     assert_accounts_for_every_pair(result, 200)
     assert healthy.stats()["requests_total"] > 0
@@ -233,3 +233,51 @@ def test_s3_gives_the_same_result_as_local(tmp_path, llm_server, s3_env):
     assert leftovers == 0
     again = expand_shard("s3://corpus/source/part-0000.parquet", "s3://corpus/out", RECIPE, settings(llm_server.url))
     assert again.already_committed and again.accepted == remote.accepted
+
+
+def test_s3_lost_mid_shard_ends_the_shard_with_a_storage_error(tmp_path, llm_server_factory, monkeypatch):
+    """Checkpoint segments are put from a background thread; a put that fails must still
+    end the shard with a clear error, never vanish or leave a commit."""
+    import threading
+
+    import boto3
+    from conftest import free_port, stop_process, wait_http
+
+    from maga_tasks.storage import StorageError
+
+    port = free_port()
+    moto = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{endpoint}/moto-api/", process=moto)
+        for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+            monkeypatch.setenv(name, value)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="out")
+        shard = write_sample_corpus(tmp_path / "source", 1, 80)[0]
+        llm = llm_server_factory(latency_ms=30)
+        run_settings = settings(llm.url, max_concurrency=4, s3_endpoint_url=endpoint, s3_checkpoint_every=2)
+        outcome: dict = {}
+
+        def run():
+            try:
+                outcome["result"] = expand_shard(str(shard), "s3://out/corpus", RECIPE, run_settings)
+            except Exception as error:  # handed to the test thread below
+                outcome["error"] = error
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        work_prefix = f"corpus/{RECIPE.recipe_id}/_work/part-0000/part-"
+        deadline = time.monotonic() + 60
+        while s3.list_objects_v2(Bucket="out", Prefix=work_prefix).get("KeyCount", 0) < 2:
+            assert time.monotonic() < deadline and worker.is_alive(), outcome
+            time.sleep(0.05)
+    finally:
+        stop_process(moto)
+    worker.join(timeout=180)
+    assert not worker.is_alive()
+    assert "result" not in outcome
+    assert isinstance(outcome["error"], StorageError), outcome

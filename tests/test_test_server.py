@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,13 +25,11 @@ from maga_tasks.test_server import (
     parse_fault,
     profile_document,
 )
+from maga_tasks.test_server_process import TestServerProcess
 
-REPO = Path(__file__).resolve().parents[1]
 # Read by path: the package may be imported through an editable-install finder.
 RECIPE = load_recipe(Path(prompts.__file__).with_name("recipes") / "default.yaml")
 STARTUP_TIMEOUT_S = 20
-# Port 0: the server binds a free port and names it in its ready line.
-SERVER_COMMAND = [sys.executable, "-m", "maga_tasks.test_server", "--port", "0"]  # on 127.0.0.1
 
 
 def faults(*specs: str) -> list[str]:
@@ -96,60 +91,21 @@ STOPWORDS = set(
 )
 
 
-class ServerProcess:
-    """`python -m maga_tasks.test_server` on a free loopback port."""
-
-    def __init__(self, args: list[str]):
-        command = [*SERVER_COMMAND, *args]
-        self.proc = subprocess.Popen(
-            command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        self.url = ""
-        self.stderr_lines: list[str] = []
-        self._ready = threading.Event()
-        # Keep reading stderr so a chatty server can never block on a full pipe.
-        threading.Thread(target=self._drain_stderr, daemon=True).start()
-
-    def _drain_stderr(self) -> None:
-        for line in self.proc.stderr:
-            self.stderr_lines.append(line)
-            self._ready.set()
-        self._ready.set()
-
-    def wait_ready(self, deadline: float) -> None:
-        # Port 0: the ready line on stderr names the port the server really bound.
-        self._ready.wait(max(0.0, deadline - time.monotonic()))
-        match = re.search(r"listening on (http://\S+)", "".join(self.stderr_lines[:1]))
-        if not match:
-            raise RuntimeError(f"test LLM server did not start: {''.join(self.stderr_lines)!r}")
-        self.url = match.group(1)
-        assert call(self, "/health")[0] == 200
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-
-    def wait(self) -> None:
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture(scope="module")
-def servers():
-    started = {name: ServerProcess(args) for name, args in SERVER_ARGS.items()}
+def servers(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("test-llm-logs")
+    # All spawned first, so they boot in parallel.
+    started = {name: TestServerProcess(extra=args, log_dir=log_dir).start() for name, args in SERVER_ARGS.items()}
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         for server in started.values():
-            server.wait_ready(deadline)
+            server.wait_ready(max(0.1, deadline - time.monotonic()))
         yield started
     finally:
         for server in started.values():  # signal all first, so they stop in parallel
             server.terminate()
         for server in started.values():
-            server.wait()
+            server.stop()
 
 
 # Loopback only: never route through a proxy taken from the environment.
@@ -157,7 +113,7 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def call(
-    server: ServerProcess,
+    server: TestServerProcess,
     path: str,
     body: dict | None = None,
     headers: dict | None = None,
@@ -634,7 +590,7 @@ def test_die_after_exits_the_process(servers):
     messages = rewrite_messages(PRESS)
     assert chat(server, messages, "d/rewrite/0/0")[0] == 200
     assert chat(server, messages, "d/rewrite/1/0")[0] == 200
-    assert server.proc.wait(timeout=5) != 0
-    assert any("die_after:2" in line for line in server.stderr_lines)
+    assert server.popen.wait(timeout=5) != 0
+    assert "die_after:2" in server.log_text()
     with pytest.raises((ConnectionError, urllib.error.URLError)):
         chat(server, messages, "d/rewrite/2/0")
