@@ -52,10 +52,7 @@ def airflow_task_of(owner: str | None) -> dict | None:
 
 
 def _last_owner(events: list[dict]) -> str | None:
-    for event in reversed(events):
-        if event.get("owner"):
-            return event["owner"]
-    return None
+    return events[-1]["owner"] if events else None
 
 
 def _quality_summary(results: list[dict]) -> dict | None:
@@ -79,13 +76,17 @@ def _quality_summary(results: list[dict]) -> dict | None:
 
 
 def shard_rows(registry: Registry, recipe_id: str, *, limit: int = 200) -> list[dict]:
-    """The most recently updated shards of a recipe, newest first, with quality and task."""
-    shards = sorted(registry.shards(recipe_id), key=lambda row: row.get("updated_at") or "", reverse=True)
+    """The most recently updated shards of a recipe, newest first, with quality and task
+    (three queries, however many shards)."""
+    shards = registry.shards(recipe_id, newest_first=True, limit=limit)
+    names = [shard["shard"] for shard in shards]
+    quality = registry.quality_results_of(recipe_id, names)
+    owners = registry.owner_events_of(recipe_id, names)
     rows = []
-    for shard in shards[:limit]:
+    for shard in shards:
         row = {name: shard.get(name) for name in _SHARD_FIELDS}
-        row["quality"] = _quality_summary(registry.quality_results(recipe_id, shard["shard"]))
-        row["airflow_task"] = airflow_task_of(shard.get("lease_owner") or _last_owner(registry.events(recipe_id, shard["shard"])))
+        row["quality"] = _quality_summary(quality[shard["shard"]])
+        row["airflow_task"] = airflow_task_of(shard.get("lease_owner") or _last_owner(owners[shard["shard"]]))
         rows.append(row)
     return rows
 
@@ -95,10 +96,7 @@ def corpus_overview(registry: Registry, *, recipe_id: str | None = None, shard_l
     recipes = registry.recipes()
     known = {recipe["recipe_id"] for recipe in recipes}
     # Shards may be planned before their recipe row exists; show those versions too.
-    for shard in registry.shards():
-        if shard["recipe_id"] not in known:
-            known.add(shard["recipe_id"])
-            recipes.append({"recipe_id": shard["recipe_id"], "name": None})
+    recipes += [{"recipe_id": rid, "name": None} for rid in registry.recipe_ids() if rid not in known]
     selected = [r for r in recipes if recipe_id is None or r["recipe_id"] == recipe_id]
     versions = []
     for recipe in selected:

@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy import bindparam, create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
 
 from .errors import MagaError
@@ -729,13 +729,50 @@ class Registry:
             ).one_or_none()
         return _row_dict(row) if row is not None else None
 
-    def shards(self, recipe_id: str | None = None, status: str | None = None) -> list[dict]:
+    def shards(
+        self, recipe_id: str | None = None, status: str | None = None, *, newest_first: bool = False,
+        limit: int | None = None,
+    ) -> list[dict]:
+        """Shards by name, or most recently updated first; at most `limit` of them."""
         if status is not None and status not in STATUSES:
             raise ValueError(f"unknown status {status!r}; one of {STATUSES}")
         where, params = _filters(recipe_id=recipe_id, status=status)
+        order = "updated_at DESC, recipe_id, shard" if newest_first else "recipe_id, shard"
+        sql = f"SELECT * FROM shards{where} ORDER BY {order}"
+        if limit is not None:
+            sql += " LIMIT :limit"
+            params["limit"] = int(limit)
         with self._read() as conn:
-            rows = conn.execute(text(f"SELECT * FROM shards{where} ORDER BY recipe_id, shard"), params).all()
+            rows = conn.execute(text(sql), params).all()
         return [_row_dict(row) for row in rows]
+
+    def recipe_ids(self) -> list[str]:
+        """Every recipe with shards, stored recipe row or not (planning may come first)."""
+        with self._read() as conn:
+            return [row[0] for row in conn.execute(text("SELECT DISTINCT recipe_id FROM shards ORDER BY recipe_id"))]
+
+    def _of_shards(self, table: str, recipe_id: str, shards: list[str], extra: str = "") -> dict[str, list[dict]]:
+        """Rows of `table` for these shards (one query), oldest first, grouped by shard."""
+        grouped: dict[str, list[dict]] = {name: [] for name in shards}
+        if not shards:
+            return grouped
+        key = "result_id" if table == "quality_results" else "event_id"
+        query = text(
+            f"SELECT * FROM {table} WHERE recipe_id = :rid AND shard IN :shards{extra} ORDER BY created_at, {key}"
+        ).bindparams(bindparam("shards", expanding=True))
+        with self._read() as conn:
+            for row in conn.execute(query, {"rid": recipe_id, "shards": list(shards)}):
+                item = _row_dict(row)
+                grouped[item["shard"]].append(item)
+        return grouped
+
+    def quality_results_of(self, recipe_id: str, shards: list[str]) -> dict[str, list[dict]]:
+        """`quality_results` of many shards in one query: shard -> results, oldest first."""
+        return self._of_shards("quality_results", recipe_id, shards)
+
+    def owner_events_of(self, recipe_id: str, shards: list[str]) -> dict[str, list[dict]]:
+        """The events of many shards that name an owner, in one query, oldest first."""
+        return self._of_shards("shard_events", recipe_id, shards, " AND owner IS NOT NULL")
 
     def quality_results(self, recipe_id: str, shard: str) -> list[dict]:
         """Every quality run of a shard, oldest first."""
