@@ -96,6 +96,12 @@ PARAMS = {
         minimum=1,
         description="Trial run: the first N documents of each shard, under {output_root}/_trials/first-N/, not registered",
     ),
+    "judge_sample_per_shard": Param(
+        0,
+        type="integer",
+        minimum=0,
+        description="Rewrites of each newly registered shard scored by the LLM judge (0: no judge)",
+    ),
     "endpoints": Param(
         _default_endpoints(),
         type="array",
@@ -287,6 +293,7 @@ def maga_corpus_expansion():
             owner=owner,
             shard=shard["shard"],
             max_docs=params["max_docs_per_shard"],
+            judge_sample=params["judge_sample_per_shard"],
         )
 
     @task(trigger_rule="none_failed", outlets=[CORPUS_ALIAS])

@@ -57,7 +57,6 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 def cmd_expand_shard(args) -> dict:
     from .recipe import load_recipe
     from .shard import expand_shard
-    from .source import SourceColumns
 
     recipe = load_recipe(args.recipe)
     result = expand_shard(
@@ -66,9 +65,15 @@ def cmd_expand_shard(args) -> dict:
         recipe,
         _settings(args),
         max_docs=args.max_docs,
-        columns=SourceColumns(id=args.id_column, text=args.text_column),
+        columns=_columns(args),
     )
     return result.to_dict()
+
+
+def _columns(args):
+    from .source import SourceColumns
+
+    return SourceColumns(id=args.id_column, text=args.text_column)
 
 
 def cmd_sample_corpus(args) -> dict:
@@ -165,8 +170,26 @@ def cmd_publish_shard(args) -> dict:
     registry.upgrade()
     return publish_shard(
         args.source, args.output_root, load_recipe(args.recipe), _settings(args), registry,
-        owner=default_owner(), max_docs=args.max_docs,
+        owner=default_owner(), max_docs=args.max_docs, columns=_columns(args), judge_sample=args.judge_sample,
     )
+
+
+def cmd_judge_shard(args) -> dict:
+    from .judging import judge_committed_shard
+    from .publish import record_judge
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    report = judge_committed_shard(
+        args.source, args.output_root, recipe, _settings(args), sample=args.sample, shard=args.shard,
+        columns=_columns(args),
+    )
+    if args.registry:
+        registry = _registry(args)
+        registry.upgrade()
+        registry.ensure_recipe(recipe)
+        record_judge(registry, report)
+    return {"shard": report.shard, "recipe_id": report.recipe_id, **report.statistics(), "judge_uri": report.uri}
 
 
 def cmd_status(args) -> dict:
@@ -223,8 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument(
         "--max-docs", type=int, help="trial: the first N documents under ROOT/_trials/first-N/, nothing registered"
     )
+    publish.add_argument(
+        "--judge-sample", type=int, default=0, help="judge N rewrites of a newly registered shard (0: no judge)"
+    )
     _add_run_options(publish)
     publish.set_defaults(func=cmd_publish_shard)
+
+    judge = commands.add_parser("judge-shard", help="judge scores for a sample of a committed shard's rewrites")
+    judge.add_argument("source", help="the source shard the output was expanded from")
+    judge.add_argument("--output-root", required=True)
+    judge.add_argument("--sample", type=int, default=32, help="rewrites to judge (the smallest row ids)")
+    judge.add_argument("--shard", help="output shard name, when not derived from the file name")
+    judge.add_argument("--registry", help="record the result (quality suite 'judge') in this registry")
+    _add_run_options(judge)
+    judge.set_defaults(func=cmd_judge_shard)
 
     db = commands.add_parser("db", help="metadata registry schema").add_subparsers(dest="db_command", required=True)
     upgrade = db.add_parser("upgrade", help="apply pending migrations from sql/")

@@ -70,6 +70,8 @@ def _quality_summary(results: list[dict]) -> dict | None:
             "failed_expectations": result.get("failed_expectations") or [],
             "docs_uri": result.get("docs_uri"),
             "created_at": result.get("created_at"),
+            # The judge's headline figure: share of sampled rewrites scoring >= 3.
+            "pass_share": (result.get("statistics") or {}).get("pass_share") if suite == "judge" else None,
         }
         for suite, result in sorted(latest.items())
     }

@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -37,7 +38,10 @@ from .registry import Registry, RegistryError, ShardBusy
 from .settings import RunSettings
 from .shard import ShardResult, expand_shard
 from .source import SourceColumns
-from .storage import storage_for
+from .storage import StorageError, storage_for
+
+if TYPE_CHECKING:
+    from .judging import JudgeReport
 
 log = logging.getLogger(__name__)
 
@@ -245,9 +249,13 @@ def publish_shard(
     progress: Callable[[dict], None] | None = None,
     force: bool = False,
     check_input: bool = True,
+    judge_sample: int = 0,
 ) -> dict:
     """Publish one source shard under `recipe`; returns a small summary for an XCom
     (shard, status, counts, URIs, quality outcome, failed expectations).
+
+    With `judge_sample` > 0 a newly registered shard also gets the judge's measurement
+    over that many rewrites (`judge_shard_after_publish`).
 
     `shard` defaults to the source file's name (dated planning passes its own).
     With `max_docs` it is a `trial_shard` instead: nothing is leased or registered.
@@ -287,9 +295,10 @@ def publish_shard(
             # gate, no expansion, no LLM request; the figures come from the files.
             log.info("shard %s already committed; validating and registering it", paths.shard)
             registry.progress(rid, paths.shard, owner, status="committed", ttl_s=lease_ttl_s)
-            return register_committed_shard(
+            summary = register_committed_shard(
                 source_uri, output_root, recipe, registry, shard=paths.shard, owner=owner, s3_endpoint_url=s3
             )
+            return judge_shard_after_publish(summary, output_root, recipe, settings, registry, judge_sample, columns)
         if check_input:
             report = validate_input(source_uri, recipe, paths, columns=columns, s3_endpoint_url=s3)
             _record(registry, report, rid)
@@ -310,7 +319,7 @@ def publish_shard(
         registry.progress(
             rid, paths.shard, owner, status="committed", counters=result.to_dict(), ttl_s=lease_ttl_s
         )
-        return register_committed_shard(
+        summary = register_committed_shard(
             source_uri, output_root, recipe, registry, shard=paths.shard, result=result, owner=owner,
             s3_endpoint_url=s3,
         )
@@ -321,6 +330,38 @@ def publish_shard(
     except BaseException as error:
         _mark_failed(registry, rid, paths.shard, owner, error)
         raise
+    return judge_shard_after_publish(summary, output_root, recipe, settings, registry, judge_sample, columns)
+
+
+def judge_shard_after_publish(
+    summary: dict, output_root: str, recipe: Recipe, settings: RunSettings, registry: Registry, sample: int,
+    columns: SourceColumns = DEFAULT_COLUMNS,
+) -> dict:
+    """The judge's measurement of a just registered shard, recorded as quality suite
+    "judge". Not a gate: the shard stays registered whatever the scores, and a judge
+    that cannot run is logged and named in the summary, never raised."""
+    if sample < 1 or summary.get("status") != "registered" or not summary.get("newly_registered"):
+        return summary
+    from .judging import judge_committed_shard  # the judge path loads the tokenizer; only when asked
+
+    try:
+        report = judge_committed_shard(
+            summary["source_uri"], output_root, recipe, settings, sample=sample, shard=summary["shard"], columns=columns
+        )
+    except (ShardInputError, EndpointsUnavailable, StorageError) as error:
+        log.warning("shard %s: the judge could not run: %s", summary["shard"], error)
+        return summary | {"judge_error": str(error)}
+    record_judge(registry, report)
+    return summary | {"judge_pass_share": report.statistics()["pass_share"], "judge_scored": report.scored,
+                      "judge_uri": report.uri}
+
+
+def record_judge(registry: Registry, report: "JudgeReport") -> None:
+    """Keep a judge measurement as quality suite "judge" (scores <= 2 count as failed)."""
+    statistics = report.statistics()
+    low_scores = statistics["scores"]["1"] + statistics["scores"]["2"]
+    counts = {"evaluated_expectations": report.scored, "unsuccessful_expectations": low_scores}
+    registry.record_quality(report.recipe_id, report.shard, "judge", report.success, statistics | counts, [], report.uri)
 
 
 def trial_shard(
@@ -390,6 +431,8 @@ __all__ = [
     "DEFAULT_LEASE_TTL_S",
     "check_committed_shard",
     "default_owner",
+    "judge_shard_after_publish",
+    "record_judge",
     "publish_shard",
     "register_committed_shard",
     "result_from_committed",

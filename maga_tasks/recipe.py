@@ -78,6 +78,9 @@ class Quality(_Strict):
     # Share of source rows that must be usable (id, unique id, text, length) for the
     # shard to be expanded; the few bad rows below that are rejected row by row.
     min_valid_source_share: float = Field(0.99, ge=0.0, le=1.0)
+    # The judge's measurement (not a gate): the share of sampled rewrites scoring >= 3
+    # that counts as a pass on the dashboard. The method reports about 0.92.
+    min_judge_pass_share: float = Field(0.9, ge=0.0, le=1.0)
 
 
 class Recipe(_Strict):

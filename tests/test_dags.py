@@ -124,6 +124,7 @@ def test_params_have_valid_defaults(nightly):
         "planning_mode",
         "shards_per_run",
         "max_docs_per_shard",
+        "judge_sample_per_shard",
         "endpoints",
         "max_concurrency",
         "progress_interval_s",
@@ -144,6 +145,7 @@ def test_params_reject_bad_values(nightly):
         ("endpoints", []),
         ("endpoints", ["ftp://worker"]),
         ("max_docs_per_shard", 0),
+        ("judge_sample_per_shard", -1),
     ):
         with pytest.raises(ParamValidationError):
             nightly.params.get_param(name).resolve(value)

@@ -223,6 +223,43 @@ def test_a_trial_run_registers_nothing_and_leaves_the_full_shard_to_publish(tmp_
     assert registry.totals(RID)["documents"] == 12
 
 
+@pytest.mark.integration
+def test_judge_measures_a_newly_registered_shard_once(tmp_path, registry, llm_server):
+    import json
+
+    source = str(write_sample_corpus(tmp_path / "source", 1, 10)[0])
+    out = str(tmp_path / "out")
+    summary = publish_shard(source, out, RECIPE, live(llm_server.url), registry, owner="w1", judge_sample=8)
+    assert summary["status"] == "registered" and summary["judge_scored"] == 8, summary
+    # The test server scores by the source keywords a rewrite keeps; accepted rewrites keep many.
+    assert summary["judge_pass_share"] == 1.0
+    assert llm_server.stats()["by_stage"]["judge"] == 8
+
+    (judged,) = [r for r in registry.quality_results(RID, "part-0000") if r["suite"] == "judge"]
+    assert judged["success"] and judged["evaluated"] == 8 and judged["statistics"]["pass_share"] == 1.0
+    document = json.loads(Path(summary["judge_uri"]).read_text())
+    assert len(document["samples"]) == 8 and all(3 <= s["score"] <= 5 and s["analysis"] for s in document["samples"])
+    assert document["prompt_tokens"] > 0 and sum(document["scores"].values()) == 8
+    assert registry.shard(RID, "part-0000")["prompt_tokens"] == summary["prompt_tokens"]  # judge tokens kept apart
+
+    requests = llm_server.stats()["requests_total"]
+    again = publish_shard(source, out, RECIPE, live(llm_server.url), registry, owner="w1", judge_sample=8)
+    assert again["skipped"] and llm_server.stats()["requests_total"] == requests
+
+
+@pytest.mark.integration
+def test_a_judge_that_cannot_score_is_recorded_not_raised(tmp_path, registry, llm_server_factory):
+    source = str(write_sample_corpus(tmp_path / "source", 1, 6)[0])
+    out = str(tmp_path / "out")
+    server = llm_server_factory("bad_json:1:stage=judge")
+    summary = publish_shard(source, out, RECIPE, live(server.url), registry, owner="w1", judge_sample=4)
+    assert summary["status"] == "registered" and summary["judge_scored"] == 0
+    assert summary["judge_pass_share"] is None
+    (judged,) = [r for r in registry.quality_results(RID, "part-0000") if r["suite"] == "judge"]
+    assert not judged["success"] and judged["statistics"]["failures"] == {"judge_invalid_answer": 4}
+    assert registry.shard(RID, "part-0000")["status"] == "registered"  # a measurement, not a gate
+
+
 def _commit_then_crash(url: str, source: str, out: str, endpoint: str) -> None:
     from maga_tasks.shard import expand_shard
 

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from maga_tasks.errors import EndpointsUnavailable
+from maga_tasks.judging import judge_committed_shard
 from maga_tasks.layout import shard_paths
 from maga_tasks.recipe import load_recipe
 from maga_tasks.registry import Registry
@@ -248,6 +249,15 @@ def test_shard_end_to_end_tokens_agree_with_metrics_and_prefix_cache_pays(
         f"accepted {len(accepted)}, rejected {dict(reasons)}"
     )
     assert hit_rate is not None and hit_rate > 0.5
+
+    # The judge on the real engine: grammar-constrained JSON gives every sample a score
+    # (random ones; the tiny recipe's threshold is 0), and its tokens are the server's.
+    before_judge = read_metrics(vllm_server.url)
+    report = judge_committed_shard(source, output_root, recipe, settings, sample=8, shard="e2e")
+    after_judge = read_metrics(vllm_server.url)
+    assert (report.sampled, report.scored) == (8, 8), report.failures
+    assert report.prompt_tokens == int(after_judge["vllm:prompt_tokens_total"] - before_judge["vllm:prompt_tokens_total"])
+    print(f"vLLM judge: scores {report.statistics()['scores']}, {report.completion_tokens} tokens generated")
 
     # The key reached the server (every request was authenticated) and no log line.
     assert vllm_api_key not in caplog.text
