@@ -7,8 +7,9 @@ do it; `tests/` is on sys.path through its conftest).
   in a fresh PostgreSQL database (dropped afterwards), `airflow db migrate`, the
   `maga_llm` pool, a SimpleAuthManager user with a known password, free ports, and a
   registry database given to the tasks as `AIRFLOW_CONN_MAGA_REGISTRY`.
-- `airflow_stack` (session): a real scheduler (LocalExecutor) + dag-processor +
-  api-server on that environment, started on first use and stopped (by PID) at the end.
+- `airflow_stack` (session): a real scheduler (CeleryExecutor, Redis broker on
+  127.0.0.1:6379, a queue of its own) + Celery worker + dag-processor + api-server on that
+  environment, started on first use and stopped (by PID) at the end.
 - `af_llm_server_factory` (function): starts `python -m maga_tasks.test_server` processes on
   free loopback ports; `.stats()` reads `/_stats`.
 - `postgres_registry_url` (function): an empty PostgreSQL database for the registry.
@@ -47,6 +48,8 @@ POOL = "maga_llm"
 PG_HOST = os.environ.get("MAGA_TEST_PGHOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("MAGA_TEST_PGPORT", "5432"))
 PG_USER = os.environ.get("MAGA_TEST_PGUSER", "postgres")
+REDIS_HOST = os.environ.get("MAGA_TEST_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("MAGA_TEST_REDIS_PORT", "6379"))
 BIN = Path(sys.executable).parent
 AIRFLOW = str(BIN / "airflow")
 ADMIN_USER = "admin"
@@ -340,7 +343,7 @@ def _dag_serialized(af: AirflowEnv) -> bool:
 
 @pytest.fixture(scope="session")
 def airflow_stack(airflow_env):
-    """Scheduler + dag-processor + api-server on `airflow_env`; returns the env."""
+    """Scheduler + dag-processor + api-server + a Celery worker on `airflow_env`; returns the env."""
     af = airflow_env
     log_dir = af.home / "process-logs"
     # The DAG must be unpaused for the scheduler to start backfill runs; unpaused, it also
@@ -354,10 +357,21 @@ def airflow_stack(airflow_env):
         MAGA_SOURCE=str(af.home / "no-drops" / "{ds}"),
         MAGA_OUTPUT_ROOT=str(af.home / "expanded"),
     )
+    # The production executor: Celery with Redis as the broker (as in docker-compose). A
+    # queue of this session's own keeps two test sessions on one Redis apart.
+    queue = f"maga-tests-{secrets.token_hex(4)}"
+    af.env.update(
+        AIRFLOW__CORE__EXECUTOR="CeleryExecutor",
+        AIRFLOW__CELERY__BROKER_URL=f"redis://{REDIS_HOST}:{REDIS_PORT}/0",
+        AIRFLOW__CELERY__RESULT_BACKEND="db+" + pg_url(af.database, "postgresql+psycopg"),
+        AIRFLOW__CELERY__WORKER_CONCURRENCY="4",
+        AIRFLOW__OPERATORS__DEFAULT_QUEUE=queue,
+    )
     for name, argv in (
         ("api-server", [AIRFLOW, "api-server", "--port", str(af.api_port), "--host", "127.0.0.1"]),
         ("dag-processor", [AIRFLOW, "dag-processor"]),
         ("scheduler", [AIRFLOW, "scheduler"]),
+        ("celery-worker", [AIRFLOW, "celery", "worker", "--queues", queue, "--concurrency", "4"]),
     ):
         af.processes.append(start_process(name, argv, af.env, log_dir))
 

@@ -196,6 +196,10 @@ def test_backfill_processes_exactly_the_requested_partitions(airflow_stack, af_l
     assert_output_clean(output_root, recipe_id, shards)
     requests_after_first = llm.stats()["requests_total"]
 
+    # The tasks ran on the Celery worker (the production executor), not in the scheduler.
+    (worker,) = [p for p in af.processes if p.name == "celery-worker"]
+    assert worker.log_path.read_text(errors="replace").count("Task execute_workload[") >= len(runs) * 3
+
     # Progress lines of the library are in the scheduler-run task logs too.
     logs = af.task_logs("publish_shard")
     assert logs and any(PROGRESS_LINE.search(read_task_log_text(p)) for p in logs)
