@@ -21,7 +21,9 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
@@ -39,6 +41,9 @@ if TYPE_CHECKING:
     from .shard import ShardResult
 
 log = logging.getLogger(__name__)
+
+# How long a SQLite registry waits for another process's write lock.
+SQLITE_BUSY_TIMEOUT_S = 60.0
 
 STATUSES = (
     "planned",
@@ -159,6 +164,24 @@ def _filters(*, recipe_id: str | None = None, status: str | None = None) -> tupl
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
+def _use_wal(cursor) -> None:
+    """Put a SQLite file in WAL mode. The mode is stored in the file, so only the first
+    connection switches it; the switch needs the file to itself and SQLite refuses it at
+    once ("database is locked") rather than waiting, so a race of new processes retries."""
+    import sqlite3
+
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02 + random.random() * 0.08)
+
+
 def _split_statements(sql: str) -> list[str]:
     """Statements of a migration file: ';' ends a statement at the end of a line."""
     lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
@@ -195,7 +218,7 @@ class Registry:
     def _make_engine(self, echo: bool) -> Engine:
         if self.dialect == "postgresql":
             return create_engine(self.url, echo=echo, pool_pre_ping=True, pool_size=2, max_overflow=4)
-        engine = create_engine(self.url, echo=echo, connect_args={"timeout": 60})
+        engine = create_engine(self.url, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
         # pysqlite opens transactions lazily and never before DDL; take control so that
         # every write transaction is BEGIN IMMEDIATE: it holds the write lock from the
@@ -204,8 +227,8 @@ class Registry:
         def _on_connect(dbapi_connection, _record):
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA busy_timeout = 60000")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            _use_wal(cursor)
             cursor.execute("PRAGMA synchronous = NORMAL")
             cursor.close()
 
