@@ -299,21 +299,14 @@ def maga_corpus_expansion():
     @task(trigger_rule="none_failed", outlets=[CORPUS_ALIAS])
     def summarize(results, params: dict):
         """Log this run's figures and the corpus totals; emit the corpus asset event."""
+        from maga_tasks.publish import run_report
         from maga_tasks.recipe import load_recipe
         from maga_tasks.registry import Registry
 
         recipe = load_recipe(params["recipe"])
         registry = Registry(_registry_url(params["output_root"]))
-        run = [results[i] for i in range(len(results))]
-        statuses: dict[str, int] = {}
-        for item in run:
-            statuses[item.get("status", "unknown")] = statuses.get(item.get("status", "unknown"), 0) + 1
-        totals = registry.totals(recipe.recipe_id)
-        log.info("this run: %d shard(s) %s", len(run), statuses)
-        log.info("corpus %s totals: %s", recipe.recipe_id, totals)
-        extra = {"recipe_id": recipe.recipe_id, "run_shards": len(run), "run_statuses": statuses, "totals": totals}
-        if params["max_docs_per_shard"]:
-            log.info("trial run (first %s documents per shard): the corpus is unchanged", params["max_docs_per_shard"])
+        extra = run_report([results[i] for i in range(len(results))], registry, recipe.recipe_id)
+        if params["max_docs_per_shard"]:  # a trial run leaves the corpus unchanged: no asset event
             return extra
         yield Metadata(Asset(f"maga://corpus/{recipe.recipe_id}", group="maga"), extra=extra, alias=CORPUS_ALIAS)
         return extra

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -419,6 +420,16 @@ def trial_shard(
     )
 
 
+def run_report(summaries: list[dict], registry: Registry, recipe_id: str) -> dict:
+    """One run's shard outcomes by status beside the corpus totals; logged, and the
+    payload of the run's corpus asset event."""
+    statuses = dict(Counter(item.get("status", "unknown") for item in summaries))
+    totals = registry.totals(recipe_id)
+    log.info("this run: %d shard(s) %s", len(summaries), statuses)
+    log.info("corpus %s totals: %s", recipe_id, totals)
+    return {"recipe_id": recipe_id, "run_shards": len(summaries), "run_statuses": statuses, "totals": totals}
+
+
 def _mark_failed(registry: Registry, recipe_id: str, shard: str, owner: str, error: BaseException) -> None:
     kind = "endpoints unavailable" if isinstance(error, EndpointsUnavailable) else type(error).__name__
     try:
@@ -436,5 +447,6 @@ __all__ = [
     "publish_shard",
     "register_committed_shard",
     "result_from_committed",
+    "run_report",
     "trial_shard",
 ]

@@ -774,14 +774,15 @@ class Registry:
         with self._read() as conn:
             return [row[0] for row in conn.execute(text("SELECT DISTINCT recipe_id FROM shards ORDER BY recipe_id"))]
 
-    def _of_shards(self, table: str, recipe_id: str, shards: list[str], extra: str = "") -> dict[str, list[dict]]:
+    def _of_shards(
+        self, table: str, id_column: str, recipe_id: str, shards: list[str], extra: str = ""
+    ) -> dict[str, list[dict]]:
         """Rows of `table` for these shards (one query), oldest first, grouped by shard."""
         grouped: dict[str, list[dict]] = {name: [] for name in shards}
         if not shards:
             return grouped
-        key = "result_id" if table == "quality_results" else "event_id"
         query = text(
-            f"SELECT * FROM {table} WHERE recipe_id = :rid AND shard IN :shards{extra} ORDER BY created_at, {key}"
+            f"SELECT * FROM {table} WHERE recipe_id = :rid AND shard IN :shards{extra} ORDER BY created_at, {id_column}"
         ).bindparams(bindparam("shards", expanding=True))
         with self._read() as conn:
             for row in conn.execute(query, {"rid": recipe_id, "shards": list(shards)}):
@@ -791,35 +792,19 @@ class Registry:
 
     def quality_results_of(self, recipe_id: str, shards: list[str]) -> dict[str, list[dict]]:
         """`quality_results` of many shards in one query: shard -> results, oldest first."""
-        return self._of_shards("quality_results", recipe_id, shards)
+        return self._of_shards("quality_results", "result_id", recipe_id, shards)
 
     def owner_events_of(self, recipe_id: str, shards: list[str]) -> dict[str, list[dict]]:
         """The events of many shards that name an owner, in one query, oldest first."""
-        return self._of_shards("shard_events", recipe_id, shards, " AND owner IS NOT NULL")
+        return self._of_shards("shard_events", "event_id", recipe_id, shards, " AND owner IS NOT NULL")
 
     def quality_results(self, recipe_id: str, shard: str) -> list[dict]:
         """Every quality run of a shard, oldest first."""
-        with self._read() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT * FROM quality_results WHERE recipe_id = :rid AND shard = :shard"
-                    " ORDER BY created_at, result_id"
-                ),
-                {"rid": recipe_id, "shard": shard},
-            ).all()
-        return [_row_dict(row) for row in rows]
+        return self.quality_results_of(recipe_id, [shard])[shard]
 
     def events(self, recipe_id: str, shard: str) -> list[dict]:
         """The audit trail of a shard, oldest first."""
-        with self._read() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT * FROM shard_events WHERE recipe_id = :rid AND shard = :shard"
-                    " ORDER BY created_at, event_id"
-                ),
-                {"rid": recipe_id, "shard": shard},
-            ).all()
-        return [_row_dict(row) for row in rows]
+        return self._of_shards("shard_events", "event_id", recipe_id, [shard])[shard]
 
     def totals(self, recipe_id: str | None = None, *, top: int = 20) -> dict:
         """Figures for reports and the dashboard. Shards are counted in every status;
