@@ -138,7 +138,7 @@ def _registry_url(output_root: str) -> str:
                 "(AIRFLOW_CONN_MAGA_REGISTRY) to a PostgreSQL database"
             )
         return os.path.join(output_root, "_registry.sqlite")
-    from maga_tasks.registry import url_from_connection
+    from maga_tasks.registry.store import url_from_connection
 
     return url_from_connection(
         conn.conn_type, host=conn.host, login=conn.login, password=conn.password, port=conn.port, schema=conn.schema
@@ -226,7 +226,7 @@ def maga_corpus_expansion():
         import asyncio
 
         from maga_tasks.errors import EndpointsUnavailable
-        from maga_tasks.llm_client import LLMClient
+        from maga_tasks.llm.client import LLMClient
 
         async def healthy() -> list[str]:
             async with LLMClient(_run_settings(params), model="-") as client:
@@ -243,9 +243,9 @@ def maga_corpus_expansion():
     @task
     def plan_shards(params: dict, ds: str) -> list[dict]:
         """The shards this run publishes: unregistered ones within the budget."""
-        from maga_tasks.planning import plan_shards as plan
+        from maga_tasks.engine.planning import plan_shards as plan
         from maga_tasks.recipe import load_recipe
-        from maga_tasks.registry import Registry
+        from maga_tasks.registry.store import Registry
 
         recipe = load_recipe(params["recipe"])
         registry = Registry(_registry_url(params["output_root"]))
@@ -270,9 +270,9 @@ def maga_corpus_expansion():
     )
     def publish_shard(shard: dict, params: dict) -> dict:
         """Expand -> validate -> register one shard; returns its summary (no text)."""
-        from maga_tasks.publish import publish_shard as publish
+        from maga_tasks.engine.publish import publish_shard as publish
         from maga_tasks.recipe import load_recipe
-        from maga_tasks.registry import Registry
+        from maga_tasks.registry.store import Registry
 
         _show_library_logs()
         recipe = load_recipe(params["recipe"])
@@ -299,9 +299,9 @@ def maga_corpus_expansion():
     @task(trigger_rule="none_failed", outlets=[CORPUS_ALIAS])
     def summarize(results, params: dict):
         """Log this run's figures and the corpus totals; emit the corpus asset event."""
-        from maga_tasks.publish import run_report
+        from maga_tasks.engine.publish import run_report
         from maga_tasks.recipe import load_recipe
-        from maga_tasks.registry import Registry
+        from maga_tasks.registry.store import Registry
 
         recipe = load_recipe(params["recipe"])
         registry = Registry(_registry_url(params["output_root"]))

@@ -16,17 +16,17 @@ import sys
 
 from pydantic import ValidationError
 
-from .errors import EndpointsUnavailable, MagaError
-from .layout import LayoutError
-from .recipe import RecipeError
-from .storage import ObjectNotFound, StorageError
+from maga_tasks.errors import EndpointsUnavailable, MagaError
+from maga_tasks.data.layout import LayoutError
+from maga_tasks.recipe import RecipeError
+from maga_tasks.data.storage import ObjectNotFound, StorageError
 
 EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
 
 
 def _settings(args, **extra):
-    from .settings import RunSettings
+    from maga_tasks.settings import RunSettings
 
     return RunSettings(
         endpoints=tuple(args.endpoint),
@@ -55,8 +55,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_expand_shard(args) -> dict:
-    from .recipe import load_recipe
-    from .shard import expand_shard
+    from maga_tasks.recipe import load_recipe
+    from maga_tasks.engine.shard import expand_shard
 
     recipe = load_recipe(args.recipe)
     result = expand_shard(
@@ -71,13 +71,13 @@ def cmd_expand_shard(args) -> dict:
 
 
 def _columns(args):
-    from .source import SourceColumns
+    from maga_tasks.data.source import SourceColumns
 
     return SourceColumns(id=args.id_column, text=args.text_column)
 
 
 def cmd_sample_corpus(args) -> dict:
-    from .sample_corpus import write_sample_corpus
+    from maga_tasks.data.sample_corpus import write_sample_corpus
 
     partitions = args.partitions.split(",") if args.partitions else None
     paths = write_sample_corpus(args.out, args.shards, args.docs_per_shard, fmt=args.format, partitions=partitions)
@@ -85,7 +85,7 @@ def cmd_sample_corpus(args) -> dict:
 
 
 def cmd_test_llm_server(args) -> dict:
-    from .test_server import parse_fault, run_server
+    from maga_tasks.tools.test_server import parse_fault, run_server
 
     faults = [parse_fault(spec) for spec in args.fault]
     run_server(
@@ -101,7 +101,7 @@ def cmd_test_llm_server(args) -> dict:
 
 
 def cmd_recipe(args) -> dict:
-    from .recipe import load_recipe
+    from maga_tasks.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     if args.show:
@@ -110,7 +110,7 @@ def cmd_recipe(args) -> dict:
 
 
 def _registry(args):
-    from .registry import Registry
+    from maga_tasks.registry.store import Registry
 
     return Registry(args.registry)
 
@@ -122,15 +122,15 @@ def cmd_db_upgrade(args) -> dict:
 
 
 def _shard_args(args):
-    from .recipe import load_recipe
+    from maga_tasks.recipe import load_recipe
 
     return load_recipe(args.recipe), args.source, args.output_root
 
 
 def cmd_validate_shard(args) -> dict:
-    from .layout import shard_name, shard_paths
-    from .publish import check_committed_shard
-    from .quality import validate_input
+    from maga_tasks.data.layout import shard_name, shard_paths
+    from maga_tasks.engine.publish import check_committed_shard
+    from maga_tasks.quality.gates import validate_input
 
     recipe, source, root = _shard_args(args)
     registry = _registry(args) if args.registry else None
@@ -150,7 +150,7 @@ def cmd_validate_shard(args) -> dict:
 
 
 def cmd_register_shard(args) -> dict:
-    from .publish import register_committed_shard
+    from maga_tasks.engine.publish import register_committed_shard
 
     recipe, source, root = _shard_args(args)
     registry = _registry(args)
@@ -163,8 +163,8 @@ def cmd_register_shard(args) -> dict:
 
 
 def cmd_publish_shard(args) -> dict:
-    from .publish import default_owner, publish_shard
-    from .recipe import load_recipe
+    from maga_tasks.engine.publish import default_owner, publish_shard
+    from maga_tasks.recipe import load_recipe
 
     registry = _registry(args)
     registry.upgrade()
@@ -175,9 +175,9 @@ def cmd_publish_shard(args) -> dict:
 
 
 def cmd_judge_shard(args) -> dict:
-    from .judging import judge_committed_shard
-    from .publish import record_judge
-    from .recipe import load_recipe
+    from maga_tasks.method.judging import judge_committed_shard
+    from maga_tasks.engine.publish import record_judge
+    from maga_tasks.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     report = judge_committed_shard(
@@ -193,7 +193,7 @@ def cmd_judge_shard(args) -> dict:
 
 
 def cmd_status(args) -> dict:
-    from .registry import format_totals
+    from maga_tasks.registry.store import format_totals
 
     totals = _registry(args).totals(args.recipe_id)
     if not args.json:
@@ -202,7 +202,7 @@ def cmd_status(args) -> dict:
 
 
 def cmd_bench(args) -> dict:
-    from .bench import run
+    from maga_tasks.tools.bench import run
 
     return run(args)
 
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="only the JSON (otherwise a table on stderr too)")
     status.set_defaults(func=cmd_status)
 
-    from .bench import add_arguments as add_bench_arguments
+    from maga_tasks.tools.bench import add_arguments as add_bench_arguments
 
     bench = commands.add_parser("bench", help="pipeline vs engine throughput, client overhead")
     add_bench_arguments(bench)

@@ -137,8 +137,13 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}: {_describe(error)}") from None
 
 
+def builtin_recipe_path(name: str) -> Path:
+    """A recipe shipped in `maga_tasks/recipes/` (`default`, `tiny`, ...)."""
+    return Path(str(resources.files("maga_tasks") / "recipes" / f"{name}.yaml"))
+
+
 def default_recipe_path() -> Path:
-    return Path(str(resources.files("maga_tasks") / "recipes" / "default.yaml"))
+    return builtin_recipe_path("default")
 
 
 def load_recipe(path: str | Path | None = None, **overrides) -> Recipe:

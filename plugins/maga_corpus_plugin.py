@@ -49,7 +49,7 @@ def registry_url() -> str:
                 503, f"no registry configured: set the connection {REGISTRY_CONN_ID!r} or MAGA_REGISTRY_URL"
             ) from None
         return os.path.join(output_root, "_registry.sqlite")
-    from maga_tasks.registry import url_from_connection
+    from maga_tasks.registry.store import url_from_connection
 
     return url_from_connection(
         conn.conn_type, host=conn.host, login=conn.login, password=conn.password, port=conn.port, schema=conn.schema
@@ -58,7 +58,7 @@ def registry_url() -> str:
 
 @functools.lru_cache(maxsize=4)
 def _registry(url: str):
-    from maga_tasks.registry import Registry
+    from maga_tasks.registry.store import Registry
 
     return Registry(url)
 
@@ -91,7 +91,7 @@ def corpus_overview(
     shard_limit: int = Query(200, ge=1, le=2000, description="shards listed per recipe, newest first"),
 ) -> dict:
     """Totals per recipe, rejection reasons, genre/audience distribution, shard table."""
-    from maga_tasks.dashboard import corpus_overview as overview
+    from maga_tasks.registry.dashboard import corpus_overview as overview
 
     return overview(open_registry(), recipe_id=recipe_id, shard_limit=shard_limit)
 

@@ -184,7 +184,7 @@ def cmd_prepare(args) -> int:
 def _registered(registry_path: Path, recipe_id: str) -> dict[str, dict]:
     if not registry_path.is_file():
         return {}
-    from maga_tasks.registry import Registry
+    from maga_tasks.registry.store import Registry
 
     registry = Registry(str(registry_path))
     try:
@@ -194,7 +194,7 @@ def _registered(registry_path: Path, recipe_id: str) -> dict[str, dict]:
 
 
 def _metrics(endpoint: str) -> dict[str, float]:
-    from maga_tasks.vllm_local import VllmError, read_metrics
+    from maga_tasks.llm.vllm_local import VllmError, read_metrics
 
     try:
         return read_metrics(endpoint)
@@ -213,8 +213,8 @@ def cmd_snapshot(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from maga_tasks.layout import shard_paths
-    from maga_tasks.vllm_local import prefix_cache_hit_rate
+    from maga_tasks.data.layout import shard_paths
+    from maga_tasks.llm.vllm_local import prefix_cache_hit_rate
 
     before = json.loads(Path(args.snapshot).read_text(encoding="utf-8"))
     after_metrics = _metrics(args.endpoint)

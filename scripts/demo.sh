@@ -65,7 +65,7 @@ fi
 # -- 3. the vLLM worker -----------------------------------------------------------------
 VLLM_STATE="$VAR/vllm"
 stop_worker() {
-  "$PY" -m maga_tasks.vllm_local stop --state-dir "$VLLM_STATE" --name demo >/dev/null 2>&1 || true
+  "$PY" -m maga_tasks.llm.vllm_local stop --state-dir "$VLLM_STATE" --name demo >/dev/null 2>&1 || true
 }
 if [[ -n "${MAGA_DEMO_ENDPOINT:-}" ]]; then
   ENDPOINT="$MAGA_DEMO_ENDPOINT"
@@ -78,7 +78,7 @@ else
   trap stop_worker EXIT
   trap 'exit 130' INT TERM
   step "vLLM worker: starting $SERVED_NAME on a free loopback port (about a minute on 2 cores)"
-  ENDPOINT="$("$PY" -m maga_tasks.vllm_local start --state-dir "$VLLM_STATE" --name demo \
+  ENDPOINT="$("$PY" -m maga_tasks.llm.vllm_local start --state-dir "$VLLM_STATE" --name demo \
     --model "$MODEL_DIR" --served-model-name "$SERVED_NAME" --max-model-len "$MAX_MODEL_LEN" \
     --api-key-env MAGA_API_KEY 2>>"$DEMO/logs/vllm-start.log" | tail -n 1)" \
     || die "the vLLM worker did not start; see $DEMO/logs/vllm-start.log and $VLLM_STATE/demo.log"

@@ -10,7 +10,7 @@ do it; `tests/` is on sys.path through its conftest).
 - `airflow_stack` (session): a real scheduler (CeleryExecutor, Redis broker on
   127.0.0.1:6379, a queue of its own) + Celery worker + dag-processor + api-server on that
   environment, started on first use and stopped (by PID) at the end.
-- `af_llm_server_factory` (function): starts `python -m maga_tasks.test_server` processes on
+- `af_llm_server_factory` (function): starts `python -m maga_tasks.tools.test_server` processes on
   free loopback ports; `.stats()` reads `/_stats`.
 - `postgres_registry_url` (function): an empty PostgreSQL database for the registry.
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from maga_tasks.test_server_process import TestServerProcess
+from maga_tasks.tools.test_server_process import TestServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 DAGS_FOLDER = REPO / "dags"

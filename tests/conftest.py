@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from maga_tasks.test_server_process import TestServerProcess
+from maga_tasks.tools.test_server_process import TestServerProcess
 
 pytest_plugins = ["vllm_fixtures"]
 
@@ -101,7 +101,7 @@ def s3_env(moto_server, monkeypatch):
 
 @pytest.fixture(scope="session")
 def sample_articles():
-    from maga_tasks.sample_corpus import wikipedia_summaries
+    from maga_tasks.data.sample_corpus import wikipedia_summaries
 
     return wikipedia_summaries()
 
@@ -169,7 +169,7 @@ def registry_url(request, tmp_path):
 
 @pytest.fixture
 def registry(registry_url):
-    from maga_tasks.registry import Registry
+    from maga_tasks.registry.store import Registry
 
     reg = Registry(registry_url)
     reg.upgrade()
@@ -210,8 +210,8 @@ def write_committed_shard(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from maga_tasks.layout import shard_paths
-    from maga_tasks.schema import ACCEPTED_SCHEMA, REJECTED_SCHEMA, row_id
+    from maga_tasks.data.layout import shard_paths
+    from maga_tasks.data.schema import ACCEPTED_SCHEMA, REJECTED_SCHEMA, row_id
 
     pairs = recipe.pairs_per_document
     keep = accepted_per_document if accepted_per_document is not None else pairs - 1

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from maga_tasks.shard import documents_in_flight
+from maga_tasks.engine.shard import documents_in_flight
 
 pytest.register_assert_rewrite("airflow_fixtures")
 from airflow_fixtures import (
@@ -64,7 +64,7 @@ def run_conf(source: str, output_root: str, llm_url: str, recipe_path: str, **ex
 
 
 def registered(registry_url: str, recipe_id: str) -> dict[str, dict]:
-    from maga_tasks.registry import Registry
+    from maga_tasks.registry.store import Registry
 
     return {row["shard"]: row for row in Registry(registry_url).shards(recipe_id) if row["status"] == "registered"}
 
@@ -83,7 +83,7 @@ def assert_output_clean(output_root: str, recipe_id: str, shards: dict[str, dict
 
 
 def test_dags_test_publishes_every_shard_then_reruns_as_noop(airflow_env, af_llm_server_factory, postgres_registry_url, tmp_path):
-    from maga_tasks.sample_corpus import write_sample_corpus
+    from maga_tasks.data.sample_corpus import write_sample_corpus
 
     source = tmp_path / "corpus"
     write_sample_corpus(source, shards=3, docs_per_shard=5)
@@ -173,7 +173,7 @@ def _wait_backfill(af, backfill_id: int, timeout: float = 420) -> list[tuple]:
 
 
 def test_backfill_processes_exactly_the_requested_partitions(airflow_stack, af_llm_server_factory, tmp_path):
-    from maga_tasks.sample_corpus import write_sample_corpus
+    from maga_tasks.data.sample_corpus import write_sample_corpus
 
     af = airflow_stack
     dates = ["2025-03-01", "2025-03-02", "2025-03-03", "2025-03-04", "2025-03-05"]
@@ -235,7 +235,7 @@ def _task_process_talking_to(port: int, ancestors: set[int]):
 
 
 def test_killed_shard_task_is_retried_and_resumes_from_checkpoint(airflow_stack, af_llm_server_factory, tmp_path):
-    from maga_tasks.sample_corpus import write_sample_corpus
+    from maga_tasks.data.sample_corpus import write_sample_corpus
 
     af = airflow_stack
     source = tmp_path / "corpus"

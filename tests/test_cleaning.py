@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from maga_tasks.cleaning import clean_rewrite, copy_ratio, keyword_coverage, strip_boilerplate
+from maga_tasks.method.cleaning import clean_rewrite, copy_ratio, keyword_coverage, strip_boilerplate
 from maga_tasks.recipe import Cleaning
 
 SOURCE = (

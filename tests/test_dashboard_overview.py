@@ -7,8 +7,8 @@ from __future__ import annotations
 from conftest import write_committed_shard
 from sqlalchemy import event
 
-from maga_tasks.dashboard import corpus_overview
-from maga_tasks.publish import publish_shard
+from maga_tasks.registry.dashboard import corpus_overview
+from maga_tasks.engine.publish import publish_shard
 from maga_tasks.recipe import load_recipe
 from maga_tasks.settings import RunSettings
 

@@ -14,7 +14,7 @@ import pytest
 from maga_tasks.errors import ShardInputError
 from maga_tasks.recipe import load_recipe
 from maga_tasks.settings import RunSettings
-from maga_tasks.shard import expand_shard
+from maga_tasks.engine.shard import expand_shard
 
 pytestmark = pytest.mark.integration
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 from conftest import write_committed_shard
 
-from maga_tasks.planning import (
+from maga_tasks.engine.planning import (
     PlanningError,
     dated_shard_name,
     plan_shards,
     source_shards,
 )
-from maga_tasks.publish import publish_shard
+from maga_tasks.engine.publish import publish_shard
 from maga_tasks.recipe import load_recipe
-from maga_tasks.sample_corpus import write_sample_corpus
+from maga_tasks.data.sample_corpus import write_sample_corpus
 from maga_tasks.settings import RunSettings
 
 RECIPE = load_recipe()
@@ -91,7 +91,7 @@ def test_dated_shard_names():
 def test_dated_planning_on_s3(s3_env, registry, tmp_path):
     import boto3
 
-    from maga_tasks.storage import storage_for
+    from maga_tasks.data.storage import storage_for
 
     boto3.client("s3", endpoint_url=s3_env).create_bucket(Bucket="drops")
     local = write_sample_corpus(tmp_path / "drops", 2, 1, partitions=["2026-11-01"])

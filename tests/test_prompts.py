@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from maga_tasks.prompts import document_from_messages, judge_messages, pairs_messages, rewrite_messages
+from maga_tasks.method.prompts import document_from_messages, judge_messages, pairs_messages, rewrite_messages
 from maga_tasks.recipe import load_recipe
 
 RECIPE = load_recipe()

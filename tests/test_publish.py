@@ -13,15 +13,15 @@ import pytest
 from conftest import write_committed_shard, write_source_shard
 
 from maga_tasks.errors import EndpointsUnavailable
-from maga_tasks.layout import shard_paths
-from maga_tasks.publish import (
+from maga_tasks.data.layout import shard_paths
+from maga_tasks.engine.publish import (
     check_committed_shard,
     publish_shard,
     register_committed_shard,
 )
 from maga_tasks.recipe import load_recipe
-from maga_tasks.registry import Registry, RegistryConflict, ShardBusy
-from maga_tasks.sample_corpus import write_sample_corpus
+from maga_tasks.registry.store import Registry, RegistryConflict, ShardBusy
+from maga_tasks.data.sample_corpus import write_sample_corpus
 from maga_tasks.settings import RunSettings
 
 RECIPE = load_recipe()
@@ -261,7 +261,7 @@ def test_a_judge_that_cannot_score_is_recorded_not_raised(tmp_path, registry, ll
 
 
 def _commit_then_crash(url: str, source: str, out: str, endpoint: str) -> None:
-    from maga_tasks.shard import expand_shard
+    from maga_tasks.engine.shard import expand_shard
 
     registry = Registry(url)
     registry.lease(RID, "part-0000", source, "doomed-worker", ttl_s=1.0)

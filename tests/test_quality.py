@@ -14,8 +14,8 @@ import pytest
 from conftest import write_committed_shard, write_source_shard
 
 from maga_tasks.errors import ShardInputError
-from maga_tasks.layout import shard_paths
-from maga_tasks.quality import (
+from maga_tasks.data.layout import shard_paths
+from maga_tasks.quality.gates import (
     QualityError,
     label_summary,
     load_committed,
@@ -24,7 +24,7 @@ from maga_tasks.quality import (
     validate_output,
 )
 from maga_tasks.recipe import load_recipe
-from maga_tasks.source import SourceColumns
+from maga_tasks.data.source import SourceColumns
 
 RECIPE = load_recipe()
 RID = RECIPE.recipe_id
@@ -91,7 +91,7 @@ def test_low_yield_names_the_observed_mean(tmp_path):
 
 
 def test_documents_must_match_the_expansion_result(tmp_path):
-    from maga_tasks.shard import ShardResult
+    from maga_tasks.engine.shard import ShardResult
 
     paths = shard_paths(str(tmp_path), RID, "part-0000")
     write_committed_shard(tmp_path, RECIPE, "part-0000", documents=4)
@@ -213,7 +213,7 @@ def test_label_summary_of_rows():
 def test_data_docs_are_uploaded_for_an_s3_output_root(tmp_path, s3_env):
     import boto3
 
-    from maga_tasks.storage import storage_for
+    from maga_tasks.data.storage import storage_for
 
     s3 = boto3.client("s3", endpoint_url=s3_env)
     s3.create_bucket(Bucket="corpus")
@@ -237,7 +237,7 @@ def test_data_docs_are_uploaded_for_an_s3_output_root(tmp_path, s3_env):
 
 def test_importing_the_pipeline_does_not_import_great_expectations():
     code = (
-        "import sys, maga_tasks.quality, maga_tasks.publish, maga_tasks.planning, maga_tasks.registry;"
+        "import sys, maga_tasks.quality.gates, maga_tasks.engine.publish, maga_tasks.engine.planning, maga_tasks.registry.store;"
         "print('great_expectations' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

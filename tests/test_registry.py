@@ -9,7 +9,7 @@ import time
 import pytest
 
 from maga_tasks.recipe import load_recipe
-from maga_tasks.registry import (
+from maga_tasks.registry.store import (
     STATUSES,
     Registry,
     RegistryConflict,
@@ -17,7 +17,7 @@ from maga_tasks.registry import (
     database_url,
     format_totals,
 )
-from maga_tasks.shard import ShardResult
+from maga_tasks.engine.shard import ShardResult
 
 RECIPE = load_recipe()
 RID = RECIPE.recipe_id

@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from maga_tasks.errors import EndpointsUnavailable
-from maga_tasks.layout import shard_paths
+from maga_tasks.data.layout import shard_paths
 from maga_tasks.recipe import load_recipe
-from maga_tasks.sample_corpus import write_sample_corpus
-from maga_tasks.schema import LINEAGE_COLUMNS
+from maga_tasks.data.sample_corpus import write_sample_corpus
+from maga_tasks.data.schema import LINEAGE_COLUMNS
 from maga_tasks.settings import RunSettings
-from maga_tasks.shard import expand_shard
+from maga_tasks.engine.shard import expand_shard
 
 pytestmark = pytest.mark.integration
 
@@ -243,7 +243,7 @@ def test_s3_lost_mid_shard_ends_the_shard_with_a_storage_error(tmp_path, llm_ser
     import boto3
     from conftest import free_port, stop_process, wait_http
 
-    from maga_tasks.storage import StorageError
+    from maga_tasks.data.storage import StorageError
 
     port = free_port()
     moto = subprocess.Popen(

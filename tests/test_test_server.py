@@ -16,19 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from maga_tasks import prompts
-from maga_tasks.recipe import load_recipe
-from maga_tasks.test_server import (
+from maga_tasks.method import prompts
+from maga_tasks.recipe import default_recipe_path, load_recipe
+from maga_tasks.tools.test_server import (
     CLOSERS,
     PREAMBLES,
     make_pairs,
     parse_fault,
     profile_document,
 )
-from maga_tasks.test_server_process import TestServerProcess
+from maga_tasks.tools.test_server_process import TestServerProcess
 
 # Read by path: the package may be imported through an editable-install finder.
-RECIPE = load_recipe(Path(prompts.__file__).with_name("recipes") / "default.yaml")
+RECIPE = load_recipe(default_recipe_path())
 STARTUP_TIMEOUT_S = 20
 
 
@@ -573,7 +573,7 @@ def test_pipeline_cleaning_sees_what_each_fault_means(
 ):
     # The contract with the cleaning step: honest rewrites pass, and each content fault
     # is caught for the reason it stands for.
-    from maga_tasks.cleaning import clean_rewrite
+    from maga_tasks.method.cleaning import clean_rewrite
 
     honest = content_of(chat(servers["plain"], rewrite_messages(BEES), "cl/rewrite/0/0", 9)[2])
     answer = chat(servers[server_name], rewrite_messages(BEES), "cl/rewrite/0/0", 9)[2]

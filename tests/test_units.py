@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from maga_tasks.checkpoint import Checkpoint
-from maga_tasks.layout import LayoutError, check_shard_name, shard_name
+from maga_tasks.data.checkpoint import Checkpoint
+from maga_tasks.data.layout import LayoutError, check_shard_name, shard_name
 from maga_tasks.recipe import load_recipe
 from maga_tasks.settings import RunSettings
-from maga_tasks.stages import derive_seed, parse_json_object, validate_pairs
+from maga_tasks.method.stages import derive_seed, parse_json_object, validate_pairs
 
 RECIPE = load_recipe()
 

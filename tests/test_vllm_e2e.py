@@ -33,14 +33,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from maga_tasks.errors import EndpointsUnavailable
-from maga_tasks.judging import judge_committed_shard
-from maga_tasks.layout import shard_paths
+from maga_tasks.method.judging import judge_committed_shard
+from maga_tasks.data.layout import shard_paths
 from maga_tasks.recipe import load_recipe
-from maga_tasks.registry import Registry
-from maga_tasks.sample_corpus import wikipedia_summaries
+from maga_tasks.registry.store import Registry
+from maga_tasks.data.sample_corpus import wikipedia_summaries
 from maga_tasks.settings import RunSettings
-from maga_tasks.shard import expand_shard
-from maga_tasks.vllm_local import (
+from maga_tasks.engine.shard import expand_shard
+from maga_tasks.llm.vllm_local import (
     free_port,
     prefix_cache_hit_rate,
     read_metrics,

@@ -1,4 +1,4 @@
-"""maga_tasks.vllm_local, the tiny model and its recipe, and the real vLLM CPU engine.
+"""maga_tasks.llm.vllm_local, the tiny model and its recipe, and the real vLLM CPU engine.
 
 The first part needs no server. Tests marked `vllm` share one real server (fixtures in
 tests/vllm_fixtures.py) serving the random-weight `maga-tiny`: its text is random, its
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from maga_tasks.prompts import (
+from maga_tasks.method.prompts import (
     judge_messages,
     pairs_json_schema,
     pairs_messages,
     rewrite_messages,
 )
 from maga_tasks.recipe import load_recipe
-from maga_tasks.vllm_local import (
+from maga_tasks.llm.vllm_local import (
     VllmServer,
     parse_prometheus_text,
     prefix_cache_hit_rate,

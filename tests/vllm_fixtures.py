@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from maga_tasks.vllm_local import VllmServer, default_vllm_python, start_vllm_server
+from maga_tasks.llm.vllm_local import VllmServer, default_vllm_python, start_vllm_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_TINY_MODEL = REPO_ROOT / "scripts" / "build_tiny_model.py"

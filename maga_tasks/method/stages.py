@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from .llm_client import Completion, LLMClient, RequestFailed
-from .prompts import JUDGE_JSON_SCHEMA, judge_messages, pairs_json_schema, pairs_messages, rewrite_messages
-from .recipe import Recipe
+from maga_tasks.llm.client import Completion, LLMClient, RequestFailed
+from maga_tasks.method.prompts import JUDGE_JSON_SCHEMA, judge_messages, pairs_json_schema, pairs_messages, rewrite_messages
+from maga_tasks.recipe import Recipe
 
 
 def derive_seed(doc_key: str, stage: str, pair_index: int, attempt: int) -> int:

@@ -20,7 +20,7 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class TestServerProcess:
-    """`python -m maga_tasks.test_server` in a session of its own on 127.0.0.1.
+    """`python -m maga_tasks.tools.test_server` in a session of its own on 127.0.0.1.
 
     It binds port 0 and names the port in its ready line, so two servers never race for
     one port. Its output goes to a log file in `log_dir` (the system's temporary folder
@@ -39,7 +39,7 @@ class TestServerProcess:
         log_dir: Path | str | None = None,
         cpu: int | None = None,
     ):
-        self.argv = [sys.executable, "-m", "maga_tasks.test_server", "--host", "127.0.0.1", "--port", "0"]
+        self.argv = [sys.executable, "-m", "maga_tasks.tools.test_server", "--host", "127.0.0.1", "--port", "0"]
         for spec in faults:
             self.argv += ["--fault", spec]
         if latency_ms:

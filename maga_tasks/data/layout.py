@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .storage import join
+from maga_tasks.data.storage import join
 
 _SOURCE_SUFFIXES = (".jsonl.gz", ".jsonl", ".parquet")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")

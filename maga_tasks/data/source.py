@@ -17,8 +17,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ShardInputError
-from .storage import StorageError, is_s3, storage_for
+from maga_tasks.errors import ShardInputError
+from maga_tasks.data.storage import StorageError, is_s3, storage_for
 
 SHARD_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from .errors import EndpointsUnavailable
-from .recipe import Sampling
-from .settings import RunSettings
+from maga_tasks.errors import EndpointsUnavailable
+from maga_tasks.recipe import Sampling
+from maga_tasks.settings import RunSettings
 
 log = logging.getLogger(__name__)
 

@@ -24,15 +24,15 @@ from dataclasses import asdict, dataclass, field
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import ShardInputError
-from .layout import shard_name, shard_paths
-from .llm_client import LLMClient
-from .recipe import Recipe
-from .settings import RunSettings
-from .source import SourceColumns, open_shard
-from .stages import StructuredOutputSupport, judge
-from .storage import ObjectNotFound, join, storage_for
-from .truncation import DocumentCutter
+from maga_tasks.errors import ShardInputError
+from maga_tasks.data.layout import shard_name, shard_paths
+from maga_tasks.llm.client import LLMClient
+from maga_tasks.recipe import Recipe
+from maga_tasks.settings import RunSettings
+from maga_tasks.data.source import SourceColumns, open_shard
+from maga_tasks.method.stages import StructuredOutputSupport, judge
+from maga_tasks.data.storage import ObjectNotFound, join, storage_for
+from maga_tasks.method.truncation import DocumentCutter
 
 log = logging.getLogger(__name__)
 

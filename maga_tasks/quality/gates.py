@@ -40,17 +40,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import MagaError, ShardInputError
-from .layout import ShardPaths
-from .recipe import Recipe
-from .schema import LINEAGE_COLUMNS
-from .source import SourceColumns, shard_format
-from .storage import StorageError, join, storage_for
+from maga_tasks.errors import MagaError, ShardInputError
+from maga_tasks.data.layout import ShardPaths
+from maga_tasks.recipe import Recipe
+from maga_tasks.data.schema import LINEAGE_COLUMNS
+from maga_tasks.data.source import SourceColumns, shard_format
+from maga_tasks.data.storage import StorageError, join, storage_for
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .shard import ShardResult
+    from maga_tasks.engine.shard import ShardResult
 
 log = logging.getLogger(__name__)
 

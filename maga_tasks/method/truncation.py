@@ -11,7 +11,7 @@ import os
 import threading
 from pathlib import Path
 
-from .errors import TokenizerUnavailable
+from maga_tasks.errors import TokenizerUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from .errors import MagaError
-from .layout import check_shard_name, shard_name
-from .registry import Registry
-from .source import list_source_shards
-from .storage import is_s3, storage_for
+from maga_tasks.errors import MagaError
+from maga_tasks.data.layout import check_shard_name, shard_name
+from maga_tasks.registry.store import Registry
+from maga_tasks.data.source import list_source_shards
+from maga_tasks.data.storage import is_s3, storage_for
 
 log = logging.getLogger(__name__)
 

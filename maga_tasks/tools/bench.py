@@ -34,12 +34,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .recipe import load_recipe
-from .test_server_process import TestServerProcess
+from maga_tasks.recipe import builtin_recipe_path, load_recipe
+from maga_tasks.tools.test_server_process import TestServerProcess
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # -- figures -------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def markdown_table(title: str, figures: dict) -> str:
 
 def write_bench_shard(path: Path, documents: int) -> Path:
     """A shard of real sample text; cycles the articles (with fresh ids) past their count."""
-    from .sample_corpus import wikipedia_summaries
+    from maga_tasks.data.sample_corpus import wikipedia_summaries
 
     articles = wikipedia_summaries()
     rows = [{"id": f"bench-{i:06d}", "text": articles[i % len(articles)]["text"]} for i in range(documents)]
@@ -117,8 +117,8 @@ def _child(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
-    from .settings import RunSettings
-    from .shard import expand_shard
+    from maga_tasks.settings import RunSettings
+    from maga_tasks.engine.shard import expand_shard
 
     recipe = load_recipe(args.recipe, tokenizer=args.tokenizer)
     settings = RunSettings(
@@ -147,7 +147,7 @@ def measure_expansion(shard: Path, endpoint: str, concurrency: int, *, recipe: s
                       tokenizer: str | None = None, served_model: str | None = None, cpu: int | None = None,
                       output_root: Path | None = None) -> dict:
     output_root = output_root or Path(tempfile.mkdtemp(prefix="maga-bench-out-"))
-    command = [sys.executable, "-m", "maga_tasks.bench", "_child", str(shard), str(output_root),
+    command = [sys.executable, "-m", "maga_tasks.tools.bench", "_child", str(shard), str(output_root),
                "--endpoint", endpoint, "--concurrency", str(concurrency)]
     for flag, value in (("--recipe", recipe), ("--tokenizer", tokenizer), ("--served-model", served_model),
                         ("--cpu", cpu)):
@@ -169,7 +169,7 @@ def replay_dataset(shard: Path, measured: dict, recipe_path: str | None, out: Pa
     output lengths our run produced. Prompts are the chat messages flattened to text
     (the benchmark sends each as one user message).
     """
-    from .prompts import pairs_messages, rewrite_messages
+    from maga_tasks.method.prompts import pairs_messages, rewrite_messages
 
     recipe = load_recipe(recipe_path)
     texts = {r["id"]: r["text"] for r in pq.read_table(shard, columns=["id", "text"]).to_pylist()}
@@ -232,7 +232,7 @@ def vllm_bench_serve(url: str, model: str, tokenizer: str, dataset: Path, num_pr
 
 
 def engine_suite(args, figures: Figures) -> dict:
-    from .vllm_local import default_vllm_python, prefix_cache_hit_rate, read_metrics, start_vllm_server
+    from maga_tasks.llm.vllm_local import default_vllm_python, prefix_cache_hit_rate, read_metrics, start_vllm_server
 
     server = None
     url = args.endpoint
@@ -244,7 +244,7 @@ def engine_suite(args, figures: Figures) -> dict:
         server.wait_healthy(timeout=600)
         url = server.url
     tokenizer = args.tokenizer or model_dir
-    recipe_path = args.recipe or str(Path(__file__).parent / "recipes" / "tiny.yaml")
+    recipe_path = args.recipe or str(builtin_recipe_path("tiny"))
     sampling = load_recipe(recipe_path).rewrite.sampling
     work = Path(tempfile.mkdtemp(prefix="maga-bench-engine-"))
     shard = write_bench_shard(work / "engine" / "part-0000.parquet", args.engine_docs)
@@ -352,7 +352,7 @@ def run(args) -> dict:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_child"]:
         sys.exit(_child(sys.argv[2:]))
-    main_parser = argparse.ArgumentParser(prog="python -m maga_tasks.bench")
+    main_parser = argparse.ArgumentParser(prog="python -m maga_tasks.tools.bench")
     add_arguments(main_parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(json.dumps(run(main_parser.parse_args())))

@@ -18,18 +18,18 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .checkpoint import Checkpoint
-from .cleaning import clean_rewrite
-from .errors import MagaError, ShardInputError
-from .layout import shard_name, shard_paths, trial_root
-from .llm_client import LLMClient
-from .recipe import Recipe
-from .schema import ACCEPTED_SCHEMA, MAGACORPUS_SCHEMA, REJECTED_SCHEMA, magacorpus_row, row_id
-from .settings import RunSettings
-from .source import SourceColumns, SourceDocument, open_shard
-from .stages import StructuredOutputSupport, Usage, generate_pairs, rewrite
-from .storage import ObjectNotFound, storage_for
-from .truncation import DocumentCutter
+from maga_tasks.data.checkpoint import Checkpoint
+from maga_tasks.method.cleaning import clean_rewrite
+from maga_tasks.errors import MagaError, ShardInputError
+from maga_tasks.data.layout import shard_name, shard_paths, trial_root
+from maga_tasks.llm.client import LLMClient
+from maga_tasks.recipe import Recipe
+from maga_tasks.data.schema import ACCEPTED_SCHEMA, MAGACORPUS_SCHEMA, REJECTED_SCHEMA, magacorpus_row, row_id
+from maga_tasks.settings import RunSettings
+from maga_tasks.data.source import SourceColumns, SourceDocument, open_shard
+from maga_tasks.method.stages import StructuredOutputSupport, Usage, generate_pairs, rewrite
+from maga_tasks.data.storage import ObjectNotFound, storage_for
+from maga_tasks.method.truncation import DocumentCutter
 
 
 def documents_in_flight(max_concurrency: int) -> int:

@@ -18,6 +18,7 @@ with any skew.
 from __future__ import annotations
 
 import hashlib
+from importlib import resources
 import json
 import logging
 import os
@@ -34,11 +35,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
 
-from .errors import MagaError
+from maga_tasks.errors import MagaError
 
 if TYPE_CHECKING:
-    from .recipe import Recipe
-    from .shard import ShardResult
+    from maga_tasks.recipe import Recipe
+    from maga_tasks.engine.shard import ShardResult
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,14 @@ class ShardBusy(RegistryError):
 
 
 def default_migrations_dir() -> Path:
-    """`MAGA_SQL_DIR`, else the `sql/` folder beside the package (a source checkout)."""
+    """`MAGA_SQL_DIR`, else the migrations shipped as `maga_tasks.sql` (the repo's `sql/`)."""
     configured = os.environ.get("MAGA_SQL_DIR")
-    return Path(configured) if configured else Path(__file__).resolve().parent.parent / "sql"
+    if configured:
+        return Path(configured)
+    try:
+        return Path(str(resources.files("maga_tasks.sql")))
+    except ModuleNotFoundError:  # imported from a source checkout's folder: sql/ sits beside it
+        return Path(__file__).resolve().parents[2] / "sql"
 
 
 def database_url(url: str) -> str:

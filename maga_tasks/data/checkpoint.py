@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .storage import LocalStorage, Storage, join
+from maga_tasks.data.storage import LocalStorage, Storage, join
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from .prompts import DOCUMENT_CLOSE, DOCUMENT_OPEN
+from maga_tasks.method.prompts import DOCUMENT_CLOSE, DOCUMENT_OPEN
 
 STAGES = ("pairs", "rewrite", "judge")
 TRANSIENT_KINDS = ("http500", "http429", "timeout", "disconnect")
@@ -720,7 +720,7 @@ def _stage_of(task: str) -> str:
 
 
 def _split_user_message(messages: list[dict]) -> tuple[str, str]:
-    """(document, task) of a request laid out by `maga_tasks.prompts`.
+    """(document, task) of a request laid out by `maga_tasks.method.prompts`.
 
     Finds the document block the way `prompts.document_from_messages` does; the task is
     what follows it in the same message.
@@ -1189,7 +1189,7 @@ def _fault_arg(spec: str) -> Fault:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m maga_tasks.test_server",
+        prog="python -m maga_tasks.tools.test_server",
         description="Deterministic OpenAI-compatible LLM server for tests (no GPU).",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .recipe import Cleaning
+from maga_tasks.recipe import Cleaning
 
 _WORD = re.compile(r"[^\W\d_]{3,}", re.UNICODE)
 _ANY_WORD = re.compile(r"\w+", re.UNICODE)

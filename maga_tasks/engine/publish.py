@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from .errors import EndpointsUnavailable, ShardInputError
-from .layout import ShardPaths, shard_name, shard_paths, trial_root
-from .quality import (
+from maga_tasks.errors import EndpointsUnavailable, ShardInputError
+from maga_tasks.data.layout import ShardPaths, shard_name, shard_paths, trial_root
+from maga_tasks.quality.gates import (
     DEFAULT_COLUMNS,
     CommittedShard,
     QualityReport,
@@ -34,15 +34,15 @@ from .quality import (
     validate_input,
     validate_output,
 )
-from .recipe import Recipe
-from .registry import Registry, RegistryError, ShardBusy
-from .settings import RunSettings
-from .shard import ShardResult, expand_shard
-from .source import SourceColumns
-from .storage import StorageError, storage_for
+from maga_tasks.recipe import Recipe
+from maga_tasks.registry.store import Registry, RegistryError, ShardBusy
+from maga_tasks.settings import RunSettings
+from maga_tasks.engine.shard import ShardResult, expand_shard
+from maga_tasks.data.source import SourceColumns
+from maga_tasks.data.storage import StorageError, storage_for
 
 if TYPE_CHECKING:
-    from .judging import JudgeReport
+    from maga_tasks.method.judging import JudgeReport
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ def judge_shard_after_publish(
     that cannot run is logged and named in the summary, never raised."""
     if sample < 1 or summary.get("status") != "registered" or not summary.get("newly_registered"):
         return summary
-    from .judging import judge_committed_shard  # the judge path loads the tokenizer; only when asked
+    from maga_tasks.method.judging import judge_committed_shard  # the judge path loads the tokenizer; only when asked
 
     try:
         report = judge_committed_shard(

@@ -48,7 +48,7 @@ from typing import Self
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 STRUCTURED_OUTPUTS_CONFIG = {"backend": "guidance", "disable_any_whitespace": True}
 DEFAULT_HOST = "127.0.0.1"
@@ -503,7 +503,7 @@ def _cli_metrics(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m maga_tasks.vllm_local",
+        prog="python -m maga_tasks.llm.vllm_local",
         description="Run a local vLLM CPU server in the background (for the demo and benchmarks).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
