@@ -7,7 +7,7 @@ VENV_VLLM := .venv-vllm
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install vllm-venv tiny-model test test-fast demo bench clean
+.PHONY: install vllm-venv system-packages tiny-model test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,13 +20,19 @@ install: $(STAMP)
 vllm-venv:
 	bash scripts/setup_vllm_venv.sh $(VENV_VLLM)
 
+# Chromium + chromedriver and docker-compose, which the dashboard and compose tests use.
+system-packages:
+	bash scripts/install_test_system_packages.sh
+
 tiny-model: install
 	$(PY) scripts/build_tiny_model.py var/models/maga-tiny
 
 # The whole suite: unit tests, integration tests against real servers on loopback
 # (PostgreSQL, moto S3, the test LLM server, the vLLM CPU engine), Airflow end to end.
-test: install vllm-venv
-	$(PY) -m pytest -q -ra
+# A missing vLLM venv, browser or linter fails the tests here, never skips them: this is
+# the same run as CI's.
+test: install vllm-venv system-packages
+	CI=$${CI:-1} MAGA_REQUIRE_VLLM=1 MAGA_REQUIRE_BROWSER=1 $(PY) -m pytest -q -ra
 
 # Everything but the slow end-to-end parts (vLLM engine, Airflow scheduler, browser).
 test-fast: install

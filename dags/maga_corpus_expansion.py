@@ -109,6 +109,11 @@ PARAMS = {
         minItems=1,
         description="vLLM base URLs (default from MAGA_ENDPOINTS, comma-separated)",
     ),
+    "served_model": Param(
+        os.environ.get("MAGA_SERVED_MODEL") or None,
+        type=["null", "string"],
+        description="Model name the vLLM workers serve, when not the recipe's model (default MAGA_SERVED_MODEL)",
+    ),
     "max_concurrency": Param(128, type="integer", minimum=1, maximum=4096, description="Requests in flight per shard task"),
     "progress_interval_s": Param(30, type="number", exclusiveMinimum=0, description="Seconds between progress log lines"),
 }
@@ -138,7 +143,7 @@ def _registry_url(output_root: str) -> str:
                 "(AIRFLOW_CONN_MAGA_REGISTRY) to a PostgreSQL database"
             )
         return os.path.join(output_root, "_registry.sqlite")
-    from maga_tasks.registry.store import url_from_connection
+    from maga_tasks.registry import url_from_connection
 
     return url_from_connection(
         conn.conn_type, host=conn.host, login=conn.login, password=conn.password, port=conn.port, schema=conn.schema
@@ -182,6 +187,7 @@ def _run_settings(params: dict, **overrides):
     return RunSettings(
         endpoints=tuple(params["endpoints"]),
         api_key=_api_key(),
+        served_model=params["served_model"],
         max_concurrency=params["max_concurrency"],
         progress_interval_s=params["progress_interval_s"],
         **overrides,
@@ -222,18 +228,24 @@ def maga_corpus_expansion():
         execution_timeout=None,
     )
     def wait_for_llm_workers(params: dict) -> PokeReturnValue:
-        """Done once at least one vLLM endpoint answers /health."""
+        """Done once a vLLM endpoint answers /health and serves the recipe's model to our
+        key with room for the recipe; a fleet that refuses the run fails the sensor."""
         import asyncio
 
-        from maga_tasks.errors import EndpointsUnavailable
+        from maga_tasks.errors import EndpointsUnavailable, FleetRefused
         from maga_tasks.llm.client import LLMClient
+        from maga_tasks.recipe import load_recipe
+
+        recipe = load_recipe(params["recipe"])
 
         async def healthy() -> list[str]:
-            async with LLMClient(_run_settings(params), model="-") as client:
-                return await client.wait_ready(timeout_s=0)
+            async with LLMClient(_run_settings(params), model=recipe.model) as client:
+                return await client.wait_ready(timeout_s=0, min_context_tokens=recipe.required_context_tokens)
 
         try:
             ready = asyncio.run(healthy())
+        except FleetRefused:
+            raise  # a configuration fault: waiting longer will not fix it
         except EndpointsUnavailable as error:
             log.info("LLM workers not ready yet: %s", error)
             return PokeReturnValue(is_done=False)
@@ -245,7 +257,7 @@ def maga_corpus_expansion():
         """The shards this run publishes: unregistered ones within the budget."""
         from maga_tasks.engine.planning import plan_shards as plan
         from maga_tasks.recipe import load_recipe
-        from maga_tasks.registry.store import Registry
+        from maga_tasks.registry import Registry
 
         recipe = load_recipe(params["recipe"])
         registry = Registry(_registry_url(params["output_root"]))
@@ -272,7 +284,7 @@ def maga_corpus_expansion():
         """Expand -> validate -> register one shard; returns its summary (no text)."""
         from maga_tasks.engine.publish import publish_shard as publish
         from maga_tasks.recipe import load_recipe
-        from maga_tasks.registry.store import Registry
+        from maga_tasks.registry import Registry
 
         _show_library_logs()
         recipe = load_recipe(params["recipe"])
@@ -301,7 +313,7 @@ def maga_corpus_expansion():
         """Log this run's figures and the corpus totals; emit the corpus asset event."""
         from maga_tasks.engine.publish import run_report
         from maga_tasks.recipe import load_recipe
-        from maga_tasks.registry.store import Registry
+        from maga_tasks.registry import Registry
 
         recipe = load_recipe(params["recipe"])
         registry = Registry(_registry_url(params["output_root"]))

@@ -110,7 +110,7 @@ def cmd_recipe(args) -> dict:
 
 
 def _registry(args):
-    from maga_tasks.registry.store import Registry
+    from maga_tasks.registry import Registry
 
     return Registry(args.registry)
 
@@ -130,7 +130,7 @@ def _shard_args(args):
 def cmd_validate_shard(args) -> dict:
     from maga_tasks.data.layout import shard_name, shard_paths
     from maga_tasks.engine.publish import check_committed_shard
-    from maga_tasks.quality.gates import validate_input
+    from maga_tasks.quality import validate_input
 
     recipe, source, root = _shard_args(args)
     registry = _registry(args) if args.registry else None
@@ -193,7 +193,7 @@ def cmd_judge_shard(args) -> dict:
 
 
 def cmd_status(args) -> dict:
-    from maga_tasks.registry.store import format_totals
+    from maga_tasks.registry import format_totals
 
     totals = _registry(args).totals(args.recipe_id)
     if not args.json:

@@ -15,7 +15,14 @@ class ShardInputError(MagaError):
 
 
 class EndpointsUnavailable(MagaError):
-    """Every LLM endpoint stayed unreachable longer than the configured timeout."""
+    """The LLM fleet cannot serve the run: every endpoint stayed unreachable, or every
+    request fails the same way (timeouts, 5xx) with no success anywhere since."""
+
+
+class FleetRefused(EndpointsUnavailable):
+    """Every endpoint refuses the run's requests: wrong API key, a model it does not serve,
+    a context length too short for the recipe, or a 4xx for every request of one kind.
+    A configuration fault: nothing is rejected, the shard fails and keeps its checkpoint."""
 
 
 class TokenizerUnavailable(MagaError):

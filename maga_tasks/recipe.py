@@ -113,6 +113,12 @@ class Recipe(_Strict):
         return "r-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
     @property
+    def required_context_tokens(self) -> int:
+        """What a served model's context must hold at least: the document budget plus the
+        longest answer (instructions and task lines come on top)."""
+        return self.context_budget_tokens + max(self.rewrite.sampling.max_tokens, self.pairs.sampling.max_tokens)
+
+    @property
     def tokenizer_name(self) -> str:
         return self.tokenizer or self.model
 

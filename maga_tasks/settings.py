@@ -21,7 +21,10 @@ class RunSettings(BaseModel):
     max_concurrency: int = Field(64, ge=1, le=4096)
     request_timeout_s: float = Field(300.0, gt=0)
     connect_timeout_s: float = Field(10.0, gt=0)
+    # One budget per request for every failure kind: timeouts, connection errors, 5xx,
+    # bad bodies. 429 has its own, longer budget (it honours Retry-After).
     max_attempts: int = Field(6, ge=1, le=50)
+    max_attempts_429: int = Field(20, ge=1, le=200)
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)
     # Consecutive failures that take an endpoint out of rotation; it is probed back.

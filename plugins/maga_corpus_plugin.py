@@ -49,7 +49,7 @@ def registry_url() -> str:
                 503, f"no registry configured: set the connection {REGISTRY_CONN_ID!r} or MAGA_REGISTRY_URL"
             ) from None
         return os.path.join(output_root, "_registry.sqlite")
-    from maga_tasks.registry.store import url_from_connection
+    from maga_tasks.registry import url_from_connection
 
     return url_from_connection(
         conn.conn_type, host=conn.host, login=conn.login, password=conn.password, port=conn.port, schema=conn.schema
@@ -58,7 +58,7 @@ def registry_url() -> str:
 
 @functools.lru_cache(maxsize=4)
 def _registry(url: str):
-    from maga_tasks.registry.store import Registry
+    from maga_tasks.registry import Registry
 
     return Registry(url)
 
@@ -71,6 +71,11 @@ dashboard_app = FastAPI(
     title="MAGA corpus dashboard",
     description="Corpus versions, shards and quality results from the MAGA registry.",
     dependencies=[Depends(can_read_corpus)],
+    # FastAPI's own docs routes skip the app's dependencies, so they would answer without
+    # a login; the JSON API is described in README instead.
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
 )
 
 

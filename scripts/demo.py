@@ -184,7 +184,7 @@ def cmd_prepare(args) -> int:
 def _registered(registry_path: Path, recipe_id: str) -> dict[str, dict]:
     if not registry_path.is_file():
         return {}
-    from maga_tasks.registry.store import Registry
+    from maga_tasks.registry import Registry
 
     registry = Registry(str(registry_path))
     try:

@@ -169,7 +169,7 @@ def registry_url(request, tmp_path):
 
 @pytest.fixture
 def registry(registry_url):
-    from maga_tasks.registry.store import Registry
+    from maga_tasks.registry import Registry
 
     reg = Registry(registry_url)
     reg.upgrade()

@@ -64,7 +64,7 @@ def run_conf(source: str, output_root: str, llm_url: str, recipe_path: str, **ex
 
 
 def registered(registry_url: str, recipe_id: str) -> dict[str, dict]:
-    from maga_tasks.registry.store import Registry
+    from maga_tasks.registry import Registry
 
     return {row["shard"]: row for row in Registry(registry_url).shards(recipe_id) if row["status"] == "registered"}
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
 pytest.register_assert_rewrite("airflow_fixtures")
-from airflow_fixtures import ARTIFACTS, http_json, wait_for
+from airflow_fixtures import ARTIFACTS, REPO, http_json, wait_for
 
 # Session fixtures (isolated Airflow, the scheduler stack) shared by every Airflow test.
 pytest_plugins = ["airflow_fixtures"]
@@ -35,7 +36,7 @@ def published(airflow_stack, tmp_path_factory):
 
     from maga_tasks.engine.publish import publish_shard
     from maga_tasks.recipe import load_recipe, recipe_from_dict
-    from maga_tasks.registry.store import Registry
+    from maga_tasks.registry import Registry
     from maga_tasks.data.sample_corpus import write_sample_corpus
     from maga_tasks.settings import RunSettings
 
@@ -86,6 +87,20 @@ def test_unauthenticated_requests_are_refused(airflow_stack, path):
     assert status in (401, 403)
     status, _ = http_json(f"{airflow_stack.api_url}{path}", token="not-a-jwt")
     assert status in (401, 403)
+
+
+def test_every_route_the_plugin_app_registers_refuses_unauthenticated_requests(airflow_stack):
+    sys.path.insert(0, str(REPO / "plugins"))
+    try:
+        from maga_corpus_plugin import URL_PREFIX, dashboard_app
+    finally:
+        sys.path.pop(0)
+    routes = {URL_PREFIX + route.path for route in dashboard_app.routes}
+    # FastAPI's defaults: switched off (404) or behind the login, never open.
+    defaults = {f"{URL_PREFIX}/docs", f"{URL_PREFIX}/redoc", f"{URL_PREFIX}/openapi.json"}
+    answers = {path: http_json(f"{airflow_stack.api_url}{path}")[0] for path in sorted(routes | defaults)}
+    assert routes and all(answers[path] in (401, 403) for path in routes), answers
+    assert all(answers[path] in (401, 403, 404) for path in defaults), answers
 
 
 def test_plugin_is_registered_with_the_ui(airflow_stack):

@@ -11,7 +11,7 @@ import pytest
 
 from maga_tasks.method.judging import JudgeReport
 from maga_tasks.recipe import load_recipe
-from maga_tasks.registry.store import Registry
+from maga_tasks.registry import Registry
 from maga_tasks.data.sample_corpus import write_sample_corpus
 from maga_tasks.settings import RunSettings
 from maga_tasks.engine.shard import expand_shard

@@ -20,7 +20,7 @@ from maga_tasks.engine.publish import (
     register_committed_shard,
 )
 from maga_tasks.recipe import load_recipe
-from maga_tasks.registry.store import Registry, RegistryConflict, ShardBusy
+from maga_tasks.registry import Registry, RegistryConflict, ShardBusy
 from maga_tasks.data.sample_corpus import write_sample_corpus
 from maga_tasks.settings import RunSettings
 

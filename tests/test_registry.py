@@ -9,7 +9,7 @@ import time
 import pytest
 
 from maga_tasks.recipe import load_recipe
-from maga_tasks.registry.store import (
+from maga_tasks.registry import (
     STATUSES,
     Registry,
     RegistryConflict,

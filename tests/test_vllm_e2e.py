@@ -36,7 +36,7 @@ from maga_tasks.errors import EndpointsUnavailable
 from maga_tasks.method.judging import judge_committed_shard
 from maga_tasks.data.layout import shard_paths
 from maga_tasks.recipe import load_recipe
-from maga_tasks.registry.store import Registry
+from maga_tasks.registry import Registry
 from maga_tasks.data.sample_corpus import wikipedia_summaries
 from maga_tasks.settings import RunSettings
 from maga_tasks.engine.shard import expand_shard

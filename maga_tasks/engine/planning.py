@@ -24,7 +24,7 @@ from typing import Literal
 
 from maga_tasks.errors import MagaError
 from maga_tasks.data.layout import check_shard_name, shard_name
-from maga_tasks.registry.store import Registry
+from maga_tasks.registry import Registry
 from maga_tasks.data.source import list_source_shards
 from maga_tasks.data.storage import is_s3, storage_for
 

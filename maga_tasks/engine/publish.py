@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from maga_tasks.errors import EndpointsUnavailable, ShardInputError
 from maga_tasks.data.layout import ShardPaths, shard_name, shard_paths, trial_root
-from maga_tasks.quality.gates import (
+from maga_tasks.quality import (
     DEFAULT_COLUMNS,
     CommittedShard,
     QualityReport,
@@ -35,7 +35,7 @@ from maga_tasks.quality.gates import (
     validate_output,
 )
 from maga_tasks.recipe import Recipe
-from maga_tasks.registry.store import Registry, RegistryError, ShardBusy
+from maga_tasks.registry import Registry, RegistryError, ShardBusy
 from maga_tasks.settings import RunSettings
 from maga_tasks.engine.shard import ShardResult, expand_shard
 from maga_tasks.data.source import SourceColumns
@@ -52,6 +52,14 @@ DEFAULT_LEASE_TTL_S = 900.0
 def default_owner() -> str:
     """A lease owner naming this process: `host:pid`."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# The figures a summary carries, named as on `ShardResult` and in the registry's rows.
+_SUMMARY_FIGURES = ("documents", "accepted", "rejected", "prompt_tokens", "completion_tokens", "expansion_ratio")
+
+
+def _summary_figures(result: ShardResult) -> dict:
+    return {name: getattr(result, name) for name in _SUMMARY_FIGURES}
 
 
 def _summary(paths: ShardPaths, source_uri: str, status: str, **extra) -> dict:
@@ -73,12 +81,7 @@ def _summary_from_row(paths: ShardPaths, row: dict) -> dict:
         paths,
         row["source_uri"],
         row["status"],
-        documents=row["documents"],
-        accepted=row["accepted"],
-        rejected=row["rejected"],
-        prompt_tokens=row["prompt_tokens"],
-        completion_tokens=row["completion_tokens"],
-        expansion_ratio=row["expansion_ratio"],
+        **{name: row[name] for name in _SUMMARY_FIGURES},
         checksum=row["checksum"],
         docs_uri=row["docs_uri"],
         quality_success=row["status"] == "registered",
@@ -97,24 +100,7 @@ def _failure_name(item: dict | str) -> str:
 
 def result_from_committed(committed: CommittedShard, source_uri: str) -> ShardResult:
     """The ShardResult of committed files (when no expansion ran in this process)."""
-    figures = committed.figures()
-    paths = committed.paths
-    return ShardResult(
-        shard=paths.shard,
-        source_uri=source_uri,
-        recipe_id=paths.recipe_id,
-        data_uri=paths.data,
-        rejected_uri=paths.rejected,
-        documents=figures["documents"],
-        accepted=figures["accepted"],
-        rejected=figures["rejected"],
-        rejects_by_reason=figures["rejects_by_reason"],
-        prompt_tokens=figures["prompt_tokens"],
-        completion_tokens=figures["completion_tokens"],
-        source_chars=figures["source_chars"],
-        output_chars=figures["output_chars"],
-        already_committed=True,
-    )
+    return ShardResult.of(committed.paths, source_uri, committed.figures, already_committed=True)
 
 
 def _record(registry: Registry, report: QualityReport, recipe_id: str) -> None:
@@ -170,12 +156,7 @@ def register_committed_shard(
         paths,
         source_uri,
         "registered",
-        documents=result.documents,
-        accepted=result.accepted,
-        rejected=result.rejected,
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-        expansion_ratio=result.expansion_ratio,
+        **_summary_figures(result),
         checksum=committed.checksum,
         docs_uri=report.docs_uri,
         quality_success=report.success,
@@ -406,13 +387,7 @@ def trial_shard(
         paths.version_root,
     )
     return _summary(
-        paths, source_uri, "trial", **trial,
-        documents=result.documents,
-        accepted=result.accepted,
-        rejected=result.rejected,
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-        expansion_ratio=result.expansion_ratio,
+        paths, source_uri, "trial", **trial, **_summary_figures(result),
         docs_uri=report.docs_uri,
         quality_success=report.success,
         failed_expectations=report.failed_names,

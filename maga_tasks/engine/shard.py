@@ -10,7 +10,7 @@ import logging
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -19,9 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from maga_tasks.data.checkpoint import Checkpoint
+from maga_tasks.engine.figures import FigureTally, ShardFigures, figures_of_files
 from maga_tasks.method.cleaning import clean_rewrite
 from maga_tasks.errors import MagaError, ShardInputError
-from maga_tasks.data.layout import shard_name, shard_paths, trial_root
+from maga_tasks.data.layout import ShardPaths, shard_name, shard_paths, trial_root
 from maga_tasks.llm.client import LLMClient
 from maga_tasks.recipe import Recipe
 from maga_tasks.data.schema import ACCEPTED_SCHEMA, MAGACORPUS_SCHEMA, REJECTED_SCHEMA, magacorpus_row, row_id
@@ -42,33 +43,34 @@ def documents_in_flight(max_concurrency: int) -> int:
 
 
 @dataclass
-class ShardResult:
-    """What one `expand_shard` call did; small enough to be an Airflow XCom."""
+class _ShardFiles:
+    """Which shard a result is about and where its files went."""
 
     shard: str
     source_uri: str
     recipe_id: str
     data_uri: str
     rejected_uri: str
-    documents: int = 0
-    accepted: int = 0
-    rejected: int = 0
-    rejects_by_reason: dict[str, int] = field(default_factory=dict)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    source_chars: int = 0
-    output_chars: int = 0
+
+
+# The bases in this order put the file fields first and the figures after them, so
+# `ShardResult(shard, source_uri, recipe_id, data_uri, rejected_uri, ...)` still holds.
+@dataclass
+class ShardResult(ShardFigures, _ShardFiles):
+    """What one `expand_shard` call did; small enough to be an Airflow XCom."""
+
     requests: int = 0
     seconds: float = 0.0
     resumed_documents: int = 0
     already_committed: bool = False
 
-    @property
-    def expansion_ratio(self) -> float:
-        """Accepted output characters per source character."""
-        return round(self.output_chars / self.source_chars, 4) if self.source_chars else 0.0
+    @classmethod
+    def of(cls, paths: ShardPaths, source_uri: str, figures: ShardFigures, **run) -> ShardResult:
+        """The result for a shard's `paths` with its figures (and `run` fields)."""
+        return cls(paths.shard, source_uri, paths.recipe_id, paths.data, paths.rejected, **asdict(figures), **run)
 
     def to_dict(self) -> dict:
+        """The XCom and progress report: every field, the expansion ratio and the request rate."""
         out = asdict(self)
         out["expansion_ratio"] = self.expansion_ratio
         out["requests_per_s"] = round(self.requests / self.seconds, 2) if self.seconds else 0.0
@@ -166,7 +168,7 @@ class _ShardRun:
             self.client = client
             todo = self.total - self.finished
             if todo:
-                await client.wait_ready(self.settings.all_down_timeout_s)
+                await client.wait_ready(self.settings.all_down_timeout_s, min_context_tokens=self.recipe.required_context_tokens)
             structured = StructuredOutputSupport(self.recipe.pairs.structured_output)
             slots = asyncio.Semaphore(documents_in_flight(self.settings.max_concurrency))
             pending: set[asyncio.Task] = set()
@@ -325,14 +327,13 @@ class _RowMaker:
 _COMMIT_BATCH_ROWS = 500
 
 
-def _commit(source_uri: str, paths, out, checkpoint: Checkpoint, documents) -> ShardResult:
+def _commit(source_uri: str, paths: ShardPaths, out, checkpoint: Checkpoint, documents) -> ShardResult:
     """Write rejected/, magacorpus/ and data/ from the checkpoint in source order.
 
     Each file is written atomically; data/ goes last since its presence marks the shard
     committed. `documents` streams the source again, in the same order, for raw_text.
     """
-    result = ShardResult(paths.shard, source_uri, paths.recipe_id, paths.data, paths.rejected)
-    rejects: Counter = Counter()
+    tally = FigureTally()
     with checkpoint.local_segments() as segments, tempfile.TemporaryDirectory(prefix="maga-commit-") as tmp:
         locations = Checkpoint.index(segments)
         data_path, rejected_path = Path(tmp) / "data.parquet", Path(tmp) / "rejected.parquet"
@@ -345,26 +346,19 @@ def _commit(source_uri: str, paths, out, checkpoint: Checkpoint, documents) -> S
             for doc in documents:
                 if doc.index not in locations:
                     raise MagaError(f"shard {paths.shard}: document {doc.index} is missing from the checkpoint")
-                rows = Checkpoint.read(locations[doc.index])
-                result.documents += 1
-                result.source_chars += rows[0]["source_chars"] if rows else 0
-                for row in rows:
-                    result.prompt_tokens += row["prompt_tokens"] + row["pairs_prompt_tokens"]
-                    result.completion_tokens += row["completion_tokens"] + row["pairs_completion_tokens"]
-                    if row["reject_reason"]:
-                        rejects[row["reject_reason"]] += 1
+                for row in Checkpoint.read(locations[doc.index]):
+                    is_rejected = bool(row["reject_reason"])
+                    tally.add(row, rejected=is_rejected, document=doc.index)
+                    if is_rejected:
                         rejected.add(row)
                     else:
-                        result.output_chars += len(row["text"])
                         accepted.add(row)
                         export.add(magacorpus_row(row, doc.text))
-        result.accepted, result.rejected = accepted.rows, rejected.rows
-        result.rejects_by_reason = dict(rejects.most_common())
         # The data file goes last: its presence is what marks the shard committed.
         out.put_file(paths.rejected, rejected_path)
         out.put_file(paths.export, export_path)
         out.put_file(paths.data, data_path)
-    return result
+    return ShardResult.of(paths, source_uri, tally.figures())
 
 
 class _BatchedWriter:
@@ -396,28 +390,13 @@ class _BatchedWriter:
         self.writer.close()
 
 
-def committed_result(source_uri: str, paths, out) -> ShardResult:
+def committed_result(source_uri: str, paths: ShardPaths, out) -> ShardResult:
     """The ShardResult of an already committed shard, read from its files."""
-    result = ShardResult(paths.shard, source_uri, paths.recipe_id, paths.data, paths.rejected, already_committed=True)
     columns = ["source_id", "prompt_tokens", "completion_tokens", "pairs_prompt_tokens", "pairs_completion_tokens"]
-    sources: dict[str, int] = {}
-    rejects: Counter = Counter()
+    tables = []
     for uri, is_rejected in ((paths.data, False), (paths.rejected, True)):
         with out.local_copy(uri) as local:
-            table = pq.read_table(local, columns=columns + ["source_chars", "text"] + (["reject_reason"] if is_rejected else []))
-        for row in table.to_pylist():
-            sources[row["source_id"]] = row["source_chars"]
-            result.prompt_tokens += row["prompt_tokens"] + row["pairs_prompt_tokens"]
-            result.completion_tokens += row["completion_tokens"] + row["pairs_completion_tokens"]
-            if is_rejected:
-                rejects[row["reject_reason"]] += 1
-            else:
-                result.output_chars += len(row["text"] or "")
-        if is_rejected:
-            result.rejected = table.num_rows
-        else:
-            result.accepted = table.num_rows
-    result.documents = len(sources)
-    result.source_chars = sum(sources.values())
-    result.rejects_by_reason = dict(rejects.most_common())
-    return result
+            tables.append(
+                pq.read_table(local, columns=columns + ["source_chars", "text"] + (["reject_reason"] if is_rejected else []))
+            )
+    return ShardResult.of(paths, source_uri, figures_of_files(*tables), already_committed=True)

@@ -2,13 +2,29 @@
 
 - Bounded concurrency: one semaphore caps the requests in flight across all endpoints.
 - Affinity: the requests of one document go to the same endpoint (rendezvous hashing over
-  the healthy ones) so that endpoint's prefix cache holds the document.
-- Retries with exponential backoff and full jitter on timeouts, 429 and 5xx; a request
-  that keeps failing on a healthy fleet becomes a `RequestFailed` (a document-level
-  rejection). Connection failures are the endpoint's fault, not the request's: they take
-  the endpoint out of rotation after a few in a row, a prober brings it back, and only
-  when every endpoint stays down past `all_down_timeout_s` does the client raise
-  `EndpointsUnavailable` (the shard fails; the scheduler retries it).
+  the healthy ones) so that endpoint's prefix cache holds the document; a retry goes to
+  the next endpoint in that order.
+- Readiness that means ready: `wait_ready` checks `/health`, then `/v1/models` with the
+  key: the model is served and its context length fits the recipe.
+- Who owns a failure is decided by the fleet, not by one answer:
+  - 401/403/404 (key, model) take the endpoint out for good; when every endpoint refuses,
+    `FleetRefused` fails the shard before any document is rejected.
+  - Every other failure (timeout, connection error, 5xx, bad body, and a 4xx of a request
+    kind the fleet has not yet answered) spends the request's one budget of attempts
+    (`max_attempts`; 429 has `max_attempts_429`), with backoff and full jitter. When the
+    budget is spent, the request is a document-level `RequestFailed` only if the fleet
+    answered some request since this one first failed; otherwise the fleet is sick and
+    `EndpointsUnavailable` fails the shard (its checkpoint is kept, nothing is committed).
+  - A 4xx for a kind of request the fleet has answered before is that document's problem
+    (a prompt over the context length): rejected at once.
+  - A worker that dies while it holds a request: a request it held alone is the cause and
+    is rejected (`endpoint_died`) instead of being failed over, so one poison document
+    cannot take the fleet down server by server; requests it held with others cannot be
+    told from the cause, so they fail over, and one in flight at a second death is
+    rejected too.
+  - Connection failures also count against the endpoint, which leaves the rotation after a
+    few in a row and is probed back via `/health`; when every endpoint stays down past
+    `all_down_timeout_s` the client raises `EndpointsUnavailable`.
 """
 
 from __future__ import annotations
@@ -24,13 +40,16 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from maga_tasks.errors import EndpointsUnavailable
+from maga_tasks.errors import EndpointsUnavailable, FleetRefused
 from maga_tasks.recipe import Sampling
 from maga_tasks.settings import RunSettings
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+# The endpoint's configuration, not the request: wrong key, forbidden, unknown model.
+REFUSAL_STATUS = {401: "refused the API key", 403: "forbids the requests", 404: "does not serve the model"}
+_STRUCTURED_OUTPUT_WORDS = ("response_format", "json_schema", "guided", "structured")
 
 
 @dataclass
@@ -54,8 +73,18 @@ class RequestFailed(Exception):
         self.completion_tokens = completion_tokens
 
 
+def refuses_structured_outputs(error: RequestFailed) -> bool:
+    """A 4xx that says the server cannot do `response_format` (the caller falls back)."""
+    text = error.detail.lower()
+    return error.reason in ("http_400", "http_422", "http_501") and any(word in text for word in _STRUCTURED_OUTPUT_WORDS)
+
+
 class _EndpointDown(Exception):
-    """Connection-level failure: counts against the endpoint, not the request."""
+    """Connection-level failure before the request reached the server."""
+
+
+class _Disconnected(Exception):
+    """The server dropped the connection while it held the request."""
 
 
 @dataclass
@@ -65,6 +94,11 @@ class Endpoint:
     consecutive_failures: int = 0
     healthy: bool = True
     prober: asyncio.Task | None = None
+    # Why the endpoint is out for good (key, model, context length); None while usable.
+    refused: str | None = None
+    models_checked: bool = False
+    # Requests it held when it last died (None while it lives): 1 names the culprit.
+    died_holding: int | None = None
 
 
 @dataclass
@@ -96,6 +130,10 @@ class LLMClient:
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
         self._recovered = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
+        # When the fleet last answered a request (any kind), and which kinds it answered:
+        # the evidence that turns a failing request into its document's problem.
+        self._last_success = float("-inf")
+        self._answered_kinds: set[str] = set()
 
     async def __aenter__(self) -> "LLMClient":
         headers = {"Content-Type": "application/json"}
@@ -129,17 +167,63 @@ class LLMClient:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
 
-    async def wait_ready(self, timeout_s: float) -> list[str]:
-        """Wait until at least one endpoint answers /health; returns the healthy ones."""
+    async def _check_models(self, endpoint: Endpoint, min_context_tokens: int | None) -> None:
+        """Does the endpoint serve our model, to our key, with room for the recipe?"""
+        try:
+            async with self._session.get(
+                f"{endpoint.url}/v1/models", timeout=aiohttp.ClientTimeout(total=10)
+            ) as response:
+                status, raw = response.status, await response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return  # unreachable now: /health decides, the check runs again next time
+        endpoint.models_checked = True
+        if status in (401, 403):
+            endpoint.refused = f"{REFUSAL_STATUS[status]} (http {status} on /v1/models)"
+            return
+        if status != 200:
+            return  # a server without /v1/models cannot tell; the first request will
+        try:
+            models = {item["id"]: item for item in json.loads(raw)["data"]}
+        except (ValueError, KeyError, TypeError):
+            return
+        served = models.get(self.model)
+        if served is None:
+            endpoint.refused = (
+                f"does not serve model {self.model!r} (it serves {', '.join(sorted(models)) or 'nothing'};"
+                " set served_model / MAGA_SERVED_MODEL or the recipe's model)"
+            )
+            return
+        length = served.get("max_model_len")
+        if min_context_tokens and isinstance(length, int) and length < min_context_tokens:
+            endpoint.refused = (
+                f"serves {self.model!r} with max_model_len {length}, below the {min_context_tokens}"
+                " tokens the recipe needs (context_budget_tokens + rewrite max_tokens)"
+            )
+
+    def _refusal_error(self) -> FleetRefused:
+        causes = "; ".join(f"{e.url} {e.refused}" for e in self.endpoints if e.refused)
+        return FleetRefused(f"every LLM endpoint refuses this run: {causes}")
+
+    async def wait_ready(self, timeout_s: float, *, min_context_tokens: int | None = None) -> list[str]:
+        """Wait until at least one endpoint answers /health and serves our model to our
+        key with room for `min_context_tokens`; returns the ready ones. Raises
+        `FleetRefused` at once when every endpoint that answers refuses the run."""
         deadline = time.monotonic() + timeout_s
         while True:
             results = await asyncio.gather(*(self.probe(e) for e in self.endpoints))
             for endpoint, ok in zip(self.endpoints, results):
+                if ok and not endpoint.models_checked:
+                    await self._check_models(endpoint, min_context_tokens)
                 endpoint.healthy = ok
                 endpoint.consecutive_failures = 0 if ok else self.settings.endpoint_failure_threshold
-            ready = [e.url for e, ok in zip(self.endpoints, results) if ok]
+            ready = [e.url for e, ok in zip(self.endpoints, results) if ok and not e.refused]
             if ready:
+                for endpoint in self.endpoints:
+                    if endpoint.refused:
+                        log.error("endpoint %s left the rotation: it %s", endpoint.url, endpoint.refused)
                 return ready
+            if any(e.refused for e in self.endpoints) and all(e.refused or not ok for e, ok in zip(self.endpoints, results)):
+                raise self._refusal_error()
             if time.monotonic() >= deadline:
                 raise EndpointsUnavailable(
                     f"no LLM endpoint answered /health within {timeout_s:.0f}s: "
@@ -149,44 +233,77 @@ class LLMClient:
 
     # -- routing ---------------------------------------------------------------------
 
-    def _choose(self, affinity: str) -> Endpoint | None:
-        healthy = [e for e in self.endpoints if e.healthy]
-        if not healthy:
-            return None
-        if len(healthy) == 1:
-            return healthy[0]
-        return max(healthy, key=lambda e: hashlib.blake2b(f"{affinity}|{e.url}".encode(), digest_size=8).digest())
+    def _usable(self) -> list[Endpoint]:
+        return [e for e in self.endpoints if e.healthy and not e.refused]
 
-    async def _pick(self, affinity: str) -> Endpoint:
-        endpoint = self._choose(affinity)
-        if endpoint:
-            return endpoint
+    def _choose(self, affinity: str, tried: set[str]) -> Endpoint | None:
+        """The first endpoint in the document's rendezvous order this request has not
+        failed on yet (all of them again once it has failed on every one)."""
+        usable = self._usable()
+        fresh = [e for e in usable if e.url not in tried] or usable
+        if not fresh:
+            return None
+        if len(fresh) == 1:
+            return fresh[0]
+        return max(fresh, key=lambda e: hashlib.blake2b(f"{affinity}|{e.url}".encode(), digest_size=8).digest())
+
+    async def _wait_for(self, ready, what: str) -> None:
+        """Wait up to `all_down_timeout_s` until `ready()`; raises TimeoutError."""
         deadline = time.monotonic() + self.settings.all_down_timeout_s
-        while endpoint is None:
+        while not ready():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise EndpointsUnavailable(
-                    f"all LLM endpoints down for {self.settings.all_down_timeout_s:.0f}s: "
-                    + ", ".join(e.url for e in self.endpoints)
-                )
+                raise TimeoutError(what)
             self._recovered.clear()
             try:
                 await asyncio.wait_for(self._recovered.wait(), timeout=min(remaining, 1.0))
             except asyncio.TimeoutError:
                 pass
-            endpoint = self._choose(affinity)
+
+    async def _pick(self, affinity: str, tried: set[str]) -> Endpoint:
+        endpoint = self._choose(affinity, tried)
+        if endpoint is None:
+            try:
+                await self._wait_for(lambda: bool(self._usable()), "any endpoint")
+            except TimeoutError:
+                raise self._all_down() from None
+            endpoint = self._choose(affinity, tried)
         return endpoint
 
-    def _record_success(self, endpoint: Endpoint) -> None:
+    def _all_down(self) -> EndpointsUnavailable:
+        if all(e.refused for e in self.endpoints):
+            return self._refusal_error()
+        return EndpointsUnavailable(
+            f"all LLM endpoints down for {self.settings.all_down_timeout_s:.0f}s: "
+            + ", ".join(e.url for e in self.endpoints)
+        )
+
+    def _record_success(self, endpoint: Endpoint, kind: str) -> None:
         endpoint.consecutive_failures = 0
+        self._last_success = time.monotonic()
+        self._answered_kinds.add(kind)
+
+    async def _died(self, endpoint: Endpoint) -> bool:
+        """After a dropped connection: is the worker gone? The requests it held are
+        counted once, before any await, so every request of one death reads the same."""
+        if endpoint.died_holding is None:
+            endpoint.died_holding = endpoint.in_flight
+            if await self.probe(endpoint):
+                endpoint.died_holding = None  # alive: a passing disconnect, retried as usual
+                return False
+            self._take_out(endpoint, f"after it died holding {endpoint.died_holding} request(s)")
+        return True
 
     def _record_failure(self, endpoint: Endpoint) -> None:
         endpoint.consecutive_failures += 1
         if endpoint.healthy and endpoint.consecutive_failures >= self.settings.endpoint_failure_threshold:
-            endpoint.healthy = False
-            log.warning("endpoint %s left the rotation after %d failures", endpoint.url, endpoint.consecutive_failures)
-            if endpoint.prober is None or endpoint.prober.done():
-                endpoint.prober = asyncio.create_task(self._probe_until_back(endpoint))
+            self._take_out(endpoint, f"after {endpoint.consecutive_failures} failures")
+
+    def _take_out(self, endpoint: Endpoint, why: str) -> None:
+        endpoint.healthy = False
+        log.warning("endpoint %s left the rotation %s", endpoint.url, why)
+        if endpoint.prober is None or endpoint.prober.done():
+            endpoint.prober = asyncio.create_task(self._probe_until_back(endpoint))
 
     async def _probe_until_back(self, endpoint: Endpoint) -> None:
         interval = self.settings.endpoint_probe_interval_s
@@ -195,6 +312,7 @@ class LLMClient:
             interval = min(interval * 2, 30.0)
         endpoint.healthy = True
         endpoint.consecutive_failures = 0
+        endpoint.died_holding = None
         log.warning("endpoint %s is back in the rotation", endpoint.url)
         self._recovered.set()
 
@@ -205,6 +323,22 @@ class LLMClient:
         delay = random.uniform(0, ceiling)  # full jitter spreads a thundering herd
         return max(delay, retry_after or 0.0)
 
+    def _budget_spent(self, kind: str, cause: str, detail: str, first_failure: float, used: list[int]) -> Exception:
+        """The request's attempts are spent: its document's problem if the fleet answered
+        since it first failed, else the fleet's (the shard fails, nothing is rejected)."""
+        if self._last_success > first_failure and (kind in self._answered_kinds or not cause.startswith("http_4")):
+            return RequestFailed("retries_exhausted", f"{cause}: {detail}", *used)
+        if cause == "timeout":
+            return EndpointsUnavailable(
+                f"requests time out after {self.settings.request_timeout_s:g} s on every endpoint: raise"
+                f" request_timeout_s or lower concurrency ({', '.join(e.url for e in self.endpoints)})"
+            )
+        if cause.startswith("http_4"):
+            return FleetRefused(f"every LLM endpoint answers {cause} to {kind} requests: {detail[:200]}")
+        return EndpointsUnavailable(
+            f"every LLM endpoint fails {kind} requests ({cause}: {detail[:200]}) with no answer since"
+        )
+
     async def chat(
         self,
         messages: list[dict],
@@ -214,6 +348,7 @@ class LLMClient:
         request_id: str = "",
         affinity: str = "",
         response_format: dict | None = None,
+        kind: str = "chat",
     ) -> Completion:
         body = {
             "model": self.model,
@@ -227,36 +362,73 @@ class LLMClient:
         if response_format:
             body["response_format"] = response_format
         payload = json.dumps(body)
-        attempt = 0
+        attempts = rate_limited = 0
+        used = [0, 0]  # tokens of failed attempts that still cost the server
+        tried: set[str] = set()
+        deaths = 0  # deaths of workers that held this request
+        first_failure: float | None = None
         while True:
             delay = 0.0
             async with self._semaphore:
-                endpoint = await self._pick(affinity or request_id)
+                endpoint = await self._pick(affinity or request_id, tried)
                 endpoint.in_flight += 1
                 try:
-                    return await self._post(endpoint, payload, request_id, attempt + 1)
-                except _EndpointDown as error:
-                    self.stats.failures[str(error)] += 1
-                    self._record_failure(endpoint)
-                    delay = self.settings.backoff_base_s / 10
+                    completion = await self._post(endpoint, payload, request_id, attempts + rate_limited + 1, used)
+                    self._record_success(endpoint, kind)
+                    completion.prompt_tokens += used[0]
+                    completion.completion_tokens += used[1]
+                    return completion
                 except RequestFailed as error:
                     self.stats.failures[error.reason] += 1
-                    if not error.reason.startswith("retryable_"):
-                        raise
-                    self._record_failure(endpoint)
-                    attempt += 1
-                    if attempt >= self.settings.max_attempts:
-                        raise RequestFailed(
-                            "retries_exhausted", f"{error.reason.removeprefix('retryable_')}: {error.detail}"
-                        ) from None
+                    cause = error.reason.removeprefix("retryable_")
+                    first_failure = first_failure if first_failure is not None else time.monotonic()
+                    status = int(cause[5:]) if cause.startswith("http_") else 0
+                    if status in REFUSAL_STATUS:
+                        endpoint.refused = f"{REFUSAL_STATUS[status]} (http {status}: {error.detail[:120]})"
+                        log.error("endpoint %s left the rotation: it %s", endpoint.url, endpoint.refused)
+                        if all(e.refused for e in self.endpoints):
+                            raise self._refusal_error() from None
+                        continue
+                    client_error = 400 <= status < 500 and status != 429
+                    if client_error and (kind in self._answered_kinds or (response_format and refuses_structured_outputs(error))):
+                        raise RequestFailed(error.reason, error.detail, *used) from None
+                    if status == 429:
+                        rate_limited += 1
+                        spent = rate_limited >= self.settings.max_attempts_429
+                    else:
+                        attempts += 1
+                        spent = attempts >= self.settings.max_attempts
+                        tried.add(endpoint.url)
+                    if error.reason in ("retryable_connection_error",):
+                        self._record_failure(endpoint)
+                    if spent:
+                        raise self._budget_spent(kind, cause, error.detail, first_failure, used) from None
                     self.stats.retries += 1
-                    delay = self._backoff(attempt, getattr(error, "retry_after", None))
+                    delay = self._backoff(attempts or rate_limited, getattr(error, "retry_after", None))
+                except _Disconnected:
+                    self.stats.failures["disconnected"] += 1
+                    first_failure = first_failure if first_failure is not None else time.monotonic()
+                    attempts += 1
+                    tried.add(endpoint.url)
+                    if await self._died(endpoint):
+                        deaths += 1
+                        if endpoint.died_holding == 1 or deaths >= 2:
+                            raise RequestFailed(
+                                "endpoint_died",
+                                f"{endpoint.url} died while holding this request"
+                                + (" alone" if endpoint.died_holding == 1 else f" ({deaths} deaths)"),
+                                *used,
+                            ) from None
+                    if attempts >= self.settings.max_attempts:
+                        raise self._budget_spent(kind, "disconnected", endpoint.url, first_failure, used) from None
+                    self.stats.retries += 1
+                    delay = self._backoff(attempts, None)
                 finally:
                     endpoint.in_flight -= 1
             # Back off outside the semaphore so a sleeping retry does not hold a slot.
             await asyncio.sleep(delay)
 
-    async def _post(self, endpoint: Endpoint, payload: str, request_id: str, attempt: int) -> Completion:
+    async def _post(self, endpoint: Endpoint, payload: str, request_id: str, attempt: int, used: list[int]) -> Completion:
         headers = {"X-Request-Id": f"{request_id}/{attempt}"} if request_id else None
         self.stats.requests += 1
         try:
@@ -268,8 +440,10 @@ class LLMClient:
                 retry_after = _retry_after(response.headers.get("Retry-After"))
         except asyncio.TimeoutError:
             raise RequestFailed("retryable_timeout", f"no answer within {self.settings.request_timeout_s}s") from None
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError) as error:
-            raise _EndpointDown("connection_error") from error
+        except aiohttp.ClientConnectorError:
+            raise RequestFailed("retryable_connection_error", f"cannot connect to {endpoint.url}") from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError, ConnectionError) as error:
+            raise _Disconnected(type(error).__name__) from error
         except aiohttp.ClientError as error:
             raise RequestFailed("retryable_client_error", type(error).__name__) from None
         if status != 200:
@@ -279,19 +453,25 @@ class LLMClient:
                 failure.retry_after = retry_after
                 raise failure
             raise RequestFailed(f"http_{status}", detail)
-        self._record_success(endpoint)
         try:
             answer = json.loads(raw)
-            choice = answer["choices"][0]
-            text = choice["message"].get("content") or ""
-            finish_reason = choice.get("finish_reason") or "unknown"
-            usage = answer.get("usage") or {}
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        except ValueError:
             raise RequestFailed("retryable_bad_response", raw[:200].decode("utf-8", "replace")) from None
+        usage = answer.get("usage") if isinstance(answer, dict) else None
+        usage = usage if isinstance(usage, dict) else {}
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
         completion_tokens = int(usage.get("completion_tokens") or 0)
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
+        try:
+            choice = answer["choices"][0]
+            text = choice["message"].get("content") or ""
+            finish_reason = choice.get("finish_reason") or "unknown"
+        except (KeyError, IndexError, TypeError, AttributeError):
+            # The server did the work: its tokens count even though the body is unusable.
+            used[0] += prompt_tokens
+            used[1] += completion_tokens
+            raise RequestFailed("retryable_bad_response", raw[:200].decode("utf-8", "replace")) from None
         return Completion(text, finish_reason, prompt_tokens, completion_tokens, attempt, endpoint.url)
 
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from maga_tasks.llm.client import Completion, LLMClient, RequestFailed
+from maga_tasks.llm.client import Completion, LLMClient, RequestFailed, refuses_structured_outputs
 from maga_tasks.method.prompts import JUDGE_JSON_SCHEMA, judge_messages, pairs_json_schema, pairs_messages, rewrite_messages
 from maga_tasks.recipe import Recipe
 
@@ -107,13 +107,6 @@ def validate_pairs(answer: dict | None, recipe: Recipe) -> tuple[list[Pair] | No
     return pairs, "", ""
 
 
-def _is_response_format_refusal(error: RequestFailed) -> bool:
-    text = error.detail.lower()
-    return error.reason in ("http_400", "http_422", "http_501") and any(
-        word in text for word in ("response_format", "json_schema", "guided", "structured")
-    )
-
-
 async def generate_pairs(
     client: LLMClient, recipe: Recipe, doc_key: str, document: str, structured: StructuredOutputSupport
 ) -> PairsResult:
@@ -133,15 +126,16 @@ async def generate_pairs(
                 seed=derive_seed(doc_key, "pairs", -1, attempt),
                 request_id=f"{request_id(doc_key, 'pairs', -1)}.{attempt}",
                 affinity=doc_key,
+                kind="pairs",
                 response_format=schema if structured.enabled else None,
             )
         except RequestFailed as error:
-            if structured.enabled and not structured.required and _is_response_format_refusal(error):
+            if structured.enabled and not structured.required and refuses_structured_outputs(error):
                 structured.enabled = False  # this fleet cannot; ask for plain JSON instead
                 continue
             result.usage.add(error.prompt_tokens, error.completion_tokens)
             reason, detail = f"pairs_request_{error.reason}", error.detail[:300]
-            continue
+            break  # the client already spent this call's budget; a new seed cannot help
         result.usage.add(completion.prompt_tokens, completion.completion_tokens)
         if completion.finish_reason == "length":
             reason, detail = "pairs_truncated", "answer hit max_tokens"
@@ -169,6 +163,7 @@ async def rewrite(client: LLMClient, recipe: Recipe, doc_key: str, document: str
             seed=derive_seed(doc_key, "rewrite", pair_index, 0),
             request_id=request_id(doc_key, "rewrite", pair_index),
             affinity=doc_key,
+            kind="rewrite",
         )
     except RequestFailed as error:
         return RewriteResult(None, f"rewrite_request_{error.reason}", error.detail[:300])
@@ -202,10 +197,11 @@ async def judge(
                 seed=derive_seed(doc_key, "judge", pair_index, 0),
                 request_id=request_id(doc_key, "judge", pair_index),
                 affinity=doc_key,
+                kind="judge",
                 response_format=schema if structured.enabled else None,
             )
         except RequestFailed as error:
-            if structured.enabled and _is_response_format_refusal(error):
+            if structured.enabled and refuses_structured_outputs(error):
                 structured.enabled = False
                 continue
             return JudgeResult(None, "", f"judge_request_{error.reason}")

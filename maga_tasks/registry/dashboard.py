@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from urllib.parse import quote
 
-from maga_tasks.registry.store import Registry
+from maga_tasks.registry import Registry
 
 # The DAG leases shards as "airflow:{dag_id}/{task_id}/{map_index}/{run_id}".
 _AIRFLOW_OWNER = re.compile(r"^airflow:(?P<dag_id>[^/]+)/(?P<task_id>[^/]+)/(?P<map_index>-?\d+)/(?P<run_id>.+)$")

@@ -1,0 +1,221 @@
+"""What the gates measure, read from files: a shard's committed `data/` and `rejected/`
+files (frames for GX, their figures and checksum) and the ids and text lengths of a
+source shard.
+
+Texts are measured with pyarrow and only their lengths are handed to GX, which keeps
+memory near the size of the ids.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from maga_tasks.data.layout import ShardPaths
+from maga_tasks.data.schema import LINEAGE_COLUMNS
+from maga_tasks.data.source import SourceColumns, shard_format
+from maga_tasks.data.storage import StorageError, storage_for
+from maga_tasks.engine.figures import ShardFigures, figures_of_files
+from maga_tasks.errors import MagaError, ShardInputError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+DEFAULT_COLUMNS = SourceColumns()
+# Output columns measured by GX. `text` is replaced by its length, `text_chars`.
+_ROW_COLUMNS = tuple(c for c in LINEAGE_COLUMNS if c != "text") + (
+    "keyword_coverage",
+    "source_chars",
+    "prompt_tokens",
+    "completion_tokens",
+    "pairs_prompt_tokens",
+    "pairs_completion_tokens",
+)
+_REJECTED_COLUMNS = (
+    "source_id",
+    "pair_index",
+    "source_chars",
+    "reject_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "pairs_prompt_tokens",
+    "pairs_completion_tokens",
+)
+
+
+class QualityError(MagaError):
+    """A gate could not run (output files missing or unreadable)."""
+
+
+# -- committed output files ------------------------------------------------------------
+
+
+@dataclass
+class CommittedShard:
+    """The committed files of a shard, read once: frames for GX, their figures and checksum."""
+
+    paths: ShardPaths
+    rows: pd.DataFrame  # accepted rows; `text` replaced by `text_chars`
+    rejected: pd.DataFrame
+    checksum: str  # sha256 of the data file bytes followed by the rejected file bytes
+    figures: ShardFigures  # measured on the files: what `ShardResult` reports
+
+    def documents(self) -> pd.DataFrame:
+        """One row per source document: accepted, rejected and total rows, its length."""
+        import pandas as pd
+
+        keys = ["source_id", "source_chars"]
+        both = pd.concat(
+            [self.rows.reindex(columns=keys), self.rejected.reindex(columns=keys)], ignore_index=True
+        )
+        frame = pd.DataFrame(
+            {
+                "accepted": self.rows.groupby("source_id").size() if "source_id" in self.rows else None,
+                "rejected": self.rejected.groupby("source_id").size() if "source_id" in self.rejected else None,
+                "source_chars": both.groupby("source_id")["source_chars"].max(),
+            }
+        )
+        frame[["accepted", "rejected"]] = frame[["accepted", "rejected"]].fillna(0).astype("int64")
+        frame["rows"] = frame["accepted"] + frame["rejected"]
+        return frame.rename_axis("source_id").reset_index()
+
+
+def _read_parquet_bytes(data: bytes, uri: str, wanted: tuple[str, ...], keep_text: bool) -> pa.Table:
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as error:
+        raise QualityError(f"cannot read committed file {uri}: {error}") from None
+    if keep_text and "text" in table.column_names:
+        lengths = pc.utf8_length(table.column("text"))
+        table = table.append_column("text_chars", lengths)
+    return table.select([c for c in wanted if c in table.column_names])
+
+
+def load_committed(paths: ShardPaths, s3_endpoint_url: str | None = None) -> CommittedShard:
+    """Read a shard's committed `data/` and `rejected/` files (each read once)."""
+    storage = storage_for(paths.data, s3_endpoint_url)
+    missing = [uri for uri in (paths.data, paths.rejected) if not storage.exists(uri)]
+    if missing:
+        raise QualityError(f"shard {paths.shard} is not committed: missing {', '.join(missing)}")
+    try:
+        data_bytes = storage.read_bytes(paths.data)
+        rejected_bytes = storage.read_bytes(paths.rejected)
+    except (StorageError, OSError) as error:
+        raise QualityError(f"cannot read shard {paths.shard}: {error}") from None
+    digest = hashlib.sha256()
+    digest.update(data_bytes)
+    digest.update(rejected_bytes)
+    rows = _read_parquet_bytes(data_bytes, paths.data, _ROW_COLUMNS + ("text_chars",), keep_text=True)
+    rejected = _read_parquet_bytes(rejected_bytes, paths.rejected, _REJECTED_COLUMNS, keep_text=False)
+    return CommittedShard(
+        paths, rows.to_pandas(), rejected.to_pandas(), digest.hexdigest(), figures_of_files(rows, rejected)
+    )
+
+
+# -- source shards ---------------------------------------------------------------------
+
+
+def read_source_frame(
+    source_uri: str, columns: SourceColumns = DEFAULT_COLUMNS, s3_endpoint_url: str | None = None
+) -> pd.DataFrame:
+    """The id and text length of every source row, as columns `{id}` and `{text}_chars`
+    (named after the configured columns); a column absent from the file is absent from
+    the frame and the gate reports it. Raises `ShardInputError` when the file cannot be
+    read at all."""
+
+    fmt = shard_format(source_uri)
+    storage = storage_for(source_uri, s3_endpoint_url)
+    try:
+        with storage.local_copy(source_uri) as path:
+            if fmt == "parquet":
+                table = _source_parquet(path, columns)
+            else:
+                table = _source_jsonl(path, fmt, columns)
+    except StorageError as error:
+        raise ShardInputError(f"cannot read source shard {source_uri}: {error}") from None
+    return table.to_pandas()
+
+
+def source_length_column(columns: SourceColumns) -> str:
+    """The frame column holding the text lengths: `{text}_chars`."""
+    return f"{columns.text}_chars"
+
+
+def _source_parquet(path: Path, columns: SourceColumns) -> pa.Table:
+    # Batch by batch, so only ids and lengths are kept: memory does not grow with the text.
+    try:
+        parquet = pq.ParquetFile(path)
+        present = [c for c in (columns.id, columns.text) if c in parquet.schema_arrow.names]
+        batches = [_id_and_length(batch, columns) for batch in parquet.iter_batches(batch_size=4096, columns=present)]
+    except (pa.ArrowException, OSError) as error:
+        raise ShardInputError(f"{path.name}: not a readable parquet file ({error})") from None
+    if not present:  # neither column: keep the row count so the report still says how many rows there were
+        return pa.table({"_row": pa.nulls(parquet.metadata.num_rows, pa.int8())})
+    if not batches:
+        return _id_and_length(parquet.schema_arrow.empty_table().select(present), columns)
+    return pa.concat_tables(batches)
+
+
+def _id_and_length(batch: pa.RecordBatch | pa.Table, columns: SourceColumns) -> pa.Table:
+    out = {}
+    if columns.id in batch.schema.names:
+        out[columns.id] = batch.column(columns.id)
+    if columns.text in batch.schema.names:
+        text = batch.column(columns.text)
+        if pa.types.is_binary(text.type) or pa.types.is_large_binary(text.type):
+            out[source_length_column(columns)] = pc.binary_length(text)
+        else:
+            out[source_length_column(columns)] = pc.utf8_length(text.cast(pa.large_string()))
+    return pa.table(out)
+
+
+def _source_jsonl(path: Path, fmt: str, columns: SourceColumns) -> pa.Table:
+    opener = gzip.open if fmt == "jsonl.gz" else open
+    ids: list = []
+    lengths: list = []
+    seen = {"id": False, "text": False}
+    try:
+        with opener(path, "rb") as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    record = None
+                if not isinstance(record, dict):
+                    ids.append(None)
+                    lengths.append(None)
+                    continue
+                seen["id"] |= columns.id in record
+                seen["text"] |= columns.text in record
+                raw_id = record.get(columns.id)
+                text = record.get(columns.text)
+                ids.append(None if raw_id is None else str(raw_id))
+                lengths.append(len(text) if isinstance(text, str) else None)
+    except (OSError, EOFError) as error:
+        raise ShardInputError(f"{path.name}: cannot read ({error})") from None
+    out = {}
+    if seen["id"]:
+        out[columns.id] = pa.array(ids, pa.string())
+    if seen["text"]:
+        out[source_length_column(columns)] = pa.array(lengths, pa.int64())
+    return pa.table(out) if out else pa.table({"_row": pa.array([None] * len(ids), pa.int8())})
+
+
+__all__ = [
+    "DEFAULT_COLUMNS",
+    "CommittedShard",
+    "QualityError",
+    "load_committed",
+    "read_source_frame",
+    "source_length_column",
+]

@@ -1,0 +1,18 @@
+"""What the registry raises: every failure is a `RegistryError` (a `MagaError`, so a
+command ends with its one-line message)."""
+
+from __future__ import annotations
+
+from maga_tasks.errors import MagaError
+
+
+class RegistryError(MagaError):
+    """The registry cannot do what was asked (bad URL, unknown shard, schema too new)."""
+
+
+class RegistryConflict(RegistryError):
+    """A registered shard was offered different content (another checksum)."""
+
+
+class ShardBusy(RegistryError):
+    """Another live worker holds the shard's lease."""

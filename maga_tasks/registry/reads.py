@@ -1,0 +1,139 @@
+"""The registry's read model: shards, recipes, their quality results and audit trail, and
+the totals behind the dashboard and `maga status` (with `format_totals`, its text).
+
+Reads run in read-only transactions: on SQLite a deferred BEGIN, which does not take
+the write lock that every write transaction holds from its start.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from sqlalchemy.sql.elements import TextClause
+
+from maga_tasks.registry import queries
+from maga_tasks.registry.db import Database, from_json, row_dict
+from maga_tasks.registry.queries import COUNTERS, STATUSES
+
+
+class RegistryReads:
+    """What the registry holds, as plain dicts (JSON columns decoded)."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def recipes(self) -> list[dict]:
+        """Every recipe with its shard counts, oldest first."""
+        with self.db.read() as conn:
+            rows = conn.execute(queries.RECIPES).all()
+        return [row_dict(row) for row in rows]
+
+    def recipe_ids(self) -> list[str]:
+        """Every recipe with shards, stored recipe row or not (planning may come first)."""
+        with self.db.read() as conn:
+            return [row[0] for row in conn.execute(queries.RECIPE_IDS)]
+
+    def shard(self, recipe_id: str, shard: str) -> dict | None:
+        with self.db.read() as conn:
+            row = conn.execute(queries.SHARD, {"rid": recipe_id, "shard": shard}).one_or_none()
+        return row_dict(row) if row is not None else None
+
+    def shards(
+        self, recipe_id: str | None = None, status: str | None = None, *, newest_first: bool = False,
+        limit: int | None = None,
+    ) -> list[dict]:
+        """Shards by name, or most recently updated first; at most `limit` of them."""
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}; one of {STATUSES}")
+        query, params = queries.shards(recipe_id=recipe_id, status=status, newest_first=newest_first, limit=limit)
+        with self.db.read() as conn:
+            rows = conn.execute(query, params).all()
+        return [row_dict(row) for row in rows]
+
+    def _of_shards(self, query: TextClause, recipe_id: str, shards: list[str]) -> dict[str, list[dict]]:
+        """Rows of a `queries.*_OF` query for these shards, oldest first, grouped by shard."""
+        grouped: dict[str, list[dict]] = {name: [] for name in shards}
+        if not shards:
+            return grouped
+        with self.db.read() as conn:
+            for row in conn.execute(query, {"rid": recipe_id, "shards": list(shards)}):
+                item = row_dict(row)
+                grouped[item["shard"]].append(item)
+        return grouped
+
+    def quality_results_of(self, recipe_id: str, shards: list[str]) -> dict[str, list[dict]]:
+        """`quality_results` of many shards in one query: shard -> results, oldest first."""
+        return self._of_shards(queries.QUALITY_RESULTS_OF, recipe_id, shards)
+
+    def owner_events_of(self, recipe_id: str, shards: list[str]) -> dict[str, list[dict]]:
+        """The events of many shards that name an owner, in one query, oldest first."""
+        return self._of_shards(queries.OWNER_EVENTS_OF, recipe_id, shards)
+
+    def quality_results(self, recipe_id: str, shard: str) -> list[dict]:
+        """Every quality run of a shard, oldest first."""
+        return self.quality_results_of(recipe_id, [shard])[shard]
+
+    def events(self, recipe_id: str, shard: str) -> list[dict]:
+        """The audit trail of a shard, oldest first."""
+        return self._of_shards(queries.EVENTS_OF, recipe_id, [shard])[shard]
+
+    def totals(self, recipe_id: str | None = None, *, top: int = 20) -> dict:
+        """Figures for reports and the dashboard. Shards are counted in every status;
+        documents, rows, tokens and distributions cover registered (published) shards."""
+        with self.db.read() as conn:
+            by_status = dict(conn.execute(*queries.status_counts(recipe_id)).all())
+            sums = conn.execute(*queries.registered_sums(recipe_id)).one()
+            details = conn.execute(*queries.registered_details(recipe_id)).all()
+        reasons: Counter = Counter()
+        genres: Counter = Counter()
+        audiences: Counter = Counter()
+        for rejects_json, labels_json in details:
+            reasons.update(from_json(rejects_json) or {})
+            labels = from_json(labels_json) or {}
+            genres.update({label: count for label, count in labels.get("genres", [])})
+            audiences.update({label: count for label, count in labels.get("audiences", [])})
+        figures = {name: int(getattr(sums, name)) for name in COUNTERS}
+        return {
+            "recipe_id": recipe_id,
+            "shards": sum(by_status.values()),
+            "by_status": {status: int(by_status.get(status, 0)) for status in STATUSES},
+            "registered_shards": int(sums.shards),
+            **figures,
+            "seconds": round(float(sums.seconds), 3),
+            "expansion_ratio": round(figures["output_chars"] / figures["source_chars"], 4)
+            if figures["source_chars"]
+            else 0.0,
+            "accepted_per_document": round(figures["accepted"] / figures["documents"], 4)
+            if figures["documents"]
+            else 0.0,
+            "rejects_by_reason": dict(reasons.most_common()),
+            "genres": genres.most_common(top),
+            "audiences": audiences.most_common(top),
+        }
+
+
+def format_totals(totals: dict) -> str:
+    """The `maga status` text: shards by status, then what the registered shards hold."""
+    scope = totals.get("recipe_id") or "all recipes"
+    by_status = "  ".join(f"{status}={count}" for status, count in totals["by_status"].items() if count)
+    lines = [
+        f"registry totals ({scope}): {totals['shards']} shards  {by_status or '(none)'}",
+        (
+            f"registered: {totals['registered_shards']} shards, {totals['documents']:,} documents,"
+            f" {totals['accepted']:,} accepted / {totals['rejected']:,} rejected rows"
+            f" ({totals['accepted_per_document']:.2f} accepted per document)"
+        ),
+        (
+            f"tokens: {totals['prompt_tokens']:,} in / {totals['completion_tokens']:,} out;"
+            f" chars: {totals['source_chars']:,} source -> {totals['output_chars']:,} output"
+            f" (expansion x{totals['expansion_ratio']:.2f})"
+        ),
+    ]
+    if totals["rejects_by_reason"]:
+        lines.append(
+            "rejects: " + ", ".join(f"{reason}={count}" for reason, count in totals["rejects_by_reason"].items())
+        )
+    for key in ("genres", "audiences"):
+        if totals[key]:
+            lines.append(f"top {key}: " + "; ".join(f"{label} ({count})" for label, count in totals[key][:5]))
+    return "\n".join(lines)

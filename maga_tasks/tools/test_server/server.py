@@ -1,0 +1,461 @@
+"""The test LLM server's HTTP side: the aiohttp app, its state and the command line.
+
+It speaks the slice of vLLM's HTTP API the pipeline uses (`/health`, `/v1/models`,
+non-streaming `/v1/chat/completions`, `/metrics`), answering with `answers` and
+refusing, failing or spoiling as the `faults` switches say. Besides the vLLM routes,
+``GET /_stats`` returns request, fault and token counts (``POST /_reset`` clears them)
+for tests and benchmarks to check against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from maga_tasks.tools.test_server.answers import (
+    ChatRequest,
+    _digest,
+    _stage_of,
+    answer_for,
+    count_tokens,
+    cut_to_tokens,
+    parse_chat_request,
+    profile_document,
+)
+from maga_tasks.tools.test_server.faults import (
+    CONTENT_KINDS,
+    Fault,
+    fault_fires,
+    parse_fault,
+    spoil,
+)
+
+MAX_MODEL_LEN = 8192
+
+
+# ---------------------------------------------------------------------------------------
+# Server state and handlers
+
+
+@dataclass
+class ServerState:
+    """Configuration and counters of one server (the event loop is its only user)."""
+
+    faults: tuple[Fault, ...]
+    latency_s: float
+    model: str
+    api_key: str | None
+    structured_outputs: bool
+    die_after: int | None = None
+    max_model_len: int = MAX_MODEL_LEN
+    answered: int = 0
+    fired_per_key: dict[tuple[int, str], int] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    # Prometheus counters are monotonic: /_reset leaves them alone.
+    prompt_tokens_metric: int = 0
+    generation_tokens_metric: int = 0
+    success_metric: Counter = field(default_factory=Counter)
+    running: int = 0
+
+    def reset_stats(self) -> None:
+        self.stats = {
+            "requests_total": 0,
+            "by_stage": Counter(),
+            "by_doc": Counter(),
+            "faults_fired": Counter(),
+            "prompt_tokens_total": 0,
+            "completion_tokens_total": 0,
+        }
+
+    def fires(self, index: int, fault: Fault, stage: str, aim_key: str, request_key: str) -> bool:
+        """Whether `fault` fires now (see `fault_fires`); a firing is counted in the stats."""
+        if not fault_fires(self.fired_per_key, index, fault, stage, aim_key, request_key):
+            return False
+        self.stats["faults_fired"][fault.kind] += 1
+        return True
+
+
+STATE_KEY = web.AppKey("maga_test_llm_state", ServerState)
+
+
+def _error(
+    status: int, message: str, kind: str, param: str | None = None, headers=None
+) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+@web.middleware
+async def _require_api_key(request: web.Request, handler):
+    # Like vLLM's --api-key: only the OpenAI routes are guarded, not health or metrics.
+    state = request.app[STATE_KEY]
+    guarded = state.api_key and request.path.startswith("/v1/")
+    if guarded and request.headers.get("Authorization") != f"Bearer {state.api_key}":
+        return web.json_response({"error": "Unauthorized"}, status=401)
+    return await handler(request)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    model = request.app[STATE_KEY].model
+    card = {
+        "id": model,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "vllm",
+        "root": model,
+        "parent": None,
+        "max_model_len": request.app[STATE_KEY].max_model_len,
+    }
+    return web.json_response({"object": "list", "data": [card]})
+
+
+def _malformed(body: object) -> web.Response | None:
+    """An error response for a body that is not a chat request at all, else None."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list) or not messages:
+        return _error(400, "messages must be a non-empty list", "BadRequestError", "messages")
+    if not all(isinstance(m, dict) for m in messages):
+        return _error(400, "each message must be an object", "BadRequestError", "messages")
+    return None
+
+
+def _refusal(body: dict, state: ServerState) -> web.Response | None:
+    """An error response for a chat request vLLM would refuse, else None."""
+    model = body.get("model")
+    if model is not None and model != state.model:
+        return _error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+    if body.get("stream"):
+        return _error(
+            400, "stream is not supported by the test server", "BadRequestError", "stream"
+        )
+    response_format = body.get("response_format")
+    wants_schema = (
+        isinstance(response_format, dict) and response_format.get("type") == "json_schema"
+    )
+    if wants_schema and not state.structured_outputs:
+        return _error(
+            400,
+            "response_format json_schema is not supported: structured outputs are disabled",
+            "BadRequestError",
+            "response_format",
+        )
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        return _error(400, "max_tokens must be an integer >= 1", "BadRequestError", "max_tokens")
+    return None
+
+
+def _count_request(state: ServerState, req: ChatRequest) -> None:
+    stats = state.stats
+    stats["requests_total"] += 1
+    stats["by_stage"][req.stage] += 1
+    stats["by_doc"][req.doc_key] += 1
+
+
+async def _transient_fault(
+    state: ServerState, req: ChatRequest, request: web.Request
+) -> web.StreamResponse | None:
+    """Fire the first transient fault aimed at this request, if any."""
+    for index, fault in enumerate(state.faults):
+        if fault.transient and state.fires(index, fault, req.stage, req.base_key, req.base_key):
+            return await _fire_transient(fault, request)
+    return None
+
+
+async def _fire_transient(fault: Fault, request: web.Request) -> web.StreamResponse | None:
+    if fault.kind == "http500":
+        return _error(500, "injected internal server error", "InternalServerError")
+    if fault.kind == "http429":
+        return _error(429, "injected rate limit", "RateLimitError", headers={"Retry-After": "0"})
+    if fault.kind == "disconnect":
+        return _drop_connection(request)
+    if fault.kind == "crash":
+        print(f"test LLM server: crash fault on {request.headers.get('X-Request-Id')}, exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+    await asyncio.sleep(fault.hang_s)  # timeout: hang, then answer as usual
+    return None
+
+
+def _drop_connection(request: web.Request) -> web.StreamResponse:
+    # Abort the socket so the client sees the connection end with no response at all.
+    if request.transport is not None:
+        request.transport.abort()
+    raise asyncio.CancelledError  # nothing is left to answer on
+
+
+def _content_fault(state: ServerState, req: ChatRequest, stage: str) -> Fault | None:
+    """The first content fault that fires for this request, if any."""
+    aim_key = f"{req.full_key}/{req.seed}"
+    for index, fault in enumerate(state.faults):
+        if fault.kind in CONTENT_KINDS and state.fires(index, fault, stage, aim_key, req.base_key):
+            return fault
+    return None
+
+
+def _completion(state: ServerState, req: ChatRequest) -> dict:
+    """The chat completion body for a request that gets an answer; counts its tokens."""
+    profile = profile_document(req.document)
+    answer_stage = _stage_of(req.task)
+    content, cut = answer_for(req, answer_stage, profile), False
+    fault = _content_fault(state, req, answer_stage)
+    if fault is not None:
+        salt = _digest(req.full_key, req.seed)
+        content, cut = spoil(fault.kind, content, answer_stage, profile, salt)
+    completion_tokens = count_tokens(content)
+    if req.max_tokens is not None and completion_tokens > req.max_tokens:
+        # What a real server does at the limit: stop mid-text and say so.
+        content, completion_tokens, cut = (
+            cut_to_tokens(content, req.max_tokens),
+            req.max_tokens,
+            True,
+        )
+    finish_reason = "length" if cut else "stop"
+    state.stats["prompt_tokens_total"] += req.prompt_tokens
+    state.stats["completion_tokens_total"] += completion_tokens
+    state.prompt_tokens_metric += req.prompt_tokens
+    state.generation_tokens_metric += completion_tokens
+    state.success_metric[finish_reason] += 1
+    return {
+        "id": f"chatcmpl-{_digest(req.full_key, req.seed, state.answered):016x}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": state.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "stop_reason": None,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": req.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": req.prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def _die(state: ServerState) -> None:
+    print(
+        f"test LLM server: die_after:{state.die_after} reached, exiting",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(1)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    if state.die_after is not None and state.answered >= state.die_after:
+        _die(state)  # a request that races the last answer finds the process gone
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        return _error(400, "request body is not valid JSON", "BadRequestError")
+    problem = _malformed(body)
+    if problem is not None:
+        return problem
+    req = parse_chat_request(body, request.headers.get("X-Request-Id"))
+    _count_request(state, req)  # refused requests count too: the client did send them
+    refusal = _refusal(body, state)
+    if refusal is not None:
+        return await _answer(request, state, refusal)
+    state.running += 1
+    try:
+        if state.latency_s:
+            await asyncio.sleep(state.latency_s)
+        failure = await _transient_fault(state, req, request)
+        if failure is not None:
+            return await _answer(request, state, failure)
+        return await _answer(request, state, web.json_response(_completion(state, req)))
+    finally:
+        state.running -= 1
+
+
+async def _answer(
+    request: web.Request, state: ServerState, response: web.StreamResponse
+) -> web.StreamResponse:
+    state.answered += 1
+    if state.die_after is not None and state.answered >= state.die_after:
+        # Send this last answer completely before the process vanishes.
+        await response.prepare(request)
+        await response.write_eof()
+        _die(state)
+    return response
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE_KEY].stats)
+
+
+async def reset_stats(request: web.Request) -> web.Response:
+    request.app[STATE_KEY].reset_stats()
+    return web.json_response({"reset": True})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    label = f'model_name="{state.model}"'
+    lines = [
+        "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
+        "# TYPE vllm:prompt_tokens_total counter",
+        f"vllm:prompt_tokens_total{{{label}}} {state.prompt_tokens_metric}",
+        "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
+        "# TYPE vllm:generation_tokens_total counter",
+        f"vllm:generation_tokens_total{{{label}}} {state.generation_tokens_metric}",
+        "# HELP vllm:request_success_total Count of successfully processed requests.",
+        "# TYPE vllm:request_success_total counter",
+    ]
+    for reason in ("stop", "length"):
+        count = state.success_metric.get(reason, 0)
+        lines.append(f'vllm:request_success_total{{finished_reason="{reason}",{label}}} {count}')
+    lines += [
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+        "# TYPE vllm:num_requests_running gauge",
+        f"vllm:num_requests_running{{{label}}} {state.running}",
+    ]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+
+
+def build_app(
+    faults: Iterable[Fault] = (),
+    latency_ms: float = 0,
+    model: str = "maga-test",
+    api_key: str | None = None,
+    max_model_len: int = MAX_MODEL_LEN,
+    structured_outputs: bool = True,
+) -> web.Application:
+    """The test server as an aiohttp application (see the package docstring)."""
+    faults = tuple(faults)
+    die = [f.after for f in faults if f.kind == "die_after"]
+    state = ServerState(
+        faults=faults,
+        latency_s=max(0.0, latency_ms) / 1000.0,
+        model=model,
+        api_key=api_key or None,
+        max_model_len=max_model_len,
+        structured_outputs=structured_outputs,
+        die_after=min(die) if die else None,
+    )
+    state.reset_stats()
+    # Judge requests carry a document and a rewrite; leave room beyond the 1 MiB default.
+    app = web.Application(middlewares=[_require_api_key], client_max_size=64 * 1024**2)
+    app[STATE_KEY] = state
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/_stats", stats)
+    app.router.add_post("/_reset", reset_stats)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def _serve(host: str, port: int, app: web.Application) -> None:
+    # Bind our own socket so port 0 works and the printed port is the real one.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    bound_port = sock.getsockname()[1]
+    # handler_cancellation: a client that gives up cancels its request, as in vLLM.
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    await web.SockSite(runner, sock, backlog=1024).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # Stop cleanly on Ctrl-C or a supervisor's SIGTERM (main thread only).
+        with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    shown_host = f"[{host}]" if family == socket.AF_INET6 else host
+    print(
+        f"test LLM server listening on http://{shown_host}:{bound_port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _loop_factory():
+    # uvloop roughly doubles aiohttp's request rate; fall back quietly without it.
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run_server(host: str, port: int, **kwargs) -> None:
+    """Serve `build_app(**kwargs)` on host:port until SIGINT/SIGTERM (blocking).
+
+    Prints "test LLM server listening on http://HOST:PORT" to stderr once it accepts
+    connections; port 0 picks a free port and the line shows the real one.
+    """
+    app = build_app(**kwargs)
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve(host, port, app))
+
+
+def _fault_arg(spec: str) -> Fault:
+    try:
+        return parse_fault(spec)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m maga_tasks.tools.test_server",
+        description="Deterministic OpenAI-compatible LLM server for tests (no GPU).",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument(
+        "--fault",
+        type=_fault_arg,
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="KIND[:RATE[:TIMES]][:KEY=VALUE...], repeatable",
+    )
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--model", default="maga-test")
+    parser.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN, help="context length /v1/models reports")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--no-structured-outputs", action="store_true")
+    args = parser.parse_args(argv)
+    run_server(
+        args.host,
+        args.port,
+        faults=args.fault,
+        latency_ms=args.latency_ms,
+        model=args.model,
+        api_key=args.api_key,
+        max_model_len=args.max_model_len,
+        structured_outputs=not args.no_structured_outputs,
+    )
