@@ -201,6 +201,14 @@ def cmd_status(args) -> dict:
     return totals
 
 
+def cmd_requeue(args) -> dict:
+    from maga_tasks.engine.requeue import requeue_shards
+
+    registry = _registry(args)
+    shards = requeue_shards(registry, args.output_root, args.recipe_id, args.shards, args.s3_endpoint_url)
+    return {"recipe_id": args.recipe_id, "requeued": sum(s["requeued"] for s in shards), "shards": shards}
+
+
 def cmd_bench(args) -> dict:
     from maga_tasks.tools.bench import run
 
@@ -234,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--fault", action="append", default=[], help="KIND[:RATE][:TIMES], repeatable")
     server.add_argument("--latency-ms", type=float, default=0.0)
-    server.add_argument("--model", default="maga-test")
+    server.add_argument("--model", default="maga-default", help="served model name (the built-in recipe's)")
     server.add_argument("--api-key")
     server.add_argument("--no-structured-outputs", action="store_true")
     server.set_defaults(func=cmd_test_llm_server)
@@ -286,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--recipe-id")
     status.add_argument("--json", action="store_true", help="only the JSON (otherwise a table on stderr too)")
     status.set_defaults(func=cmd_status)
+
+    requeue = commands.add_parser(
+        "requeue", help="put quarantined or failed shards back in the plan; old output moved under _quarantine/"
+    )
+    requeue.add_argument("shards", nargs="+", metavar="SHARD")
+    requeue.add_argument("--registry", required=True, help="SQLite path or postgresql:// URL")
+    requeue.add_argument("--recipe-id", required=True)
+    requeue.add_argument("--output-root", required=True, help="the corpus output root (local or s3://)")
+    requeue.add_argument("--s3-endpoint-url")
+    requeue.set_defaults(func=cmd_requeue)
 
     from maga_tasks.tools.bench import add_arguments as add_bench_arguments
 

@@ -195,6 +195,18 @@ def test_vllm_workers_take_their_settings_from_the_environment(raw_compose, comp
     assert gpus == [["0"], ["1"]]
 
 
+def test_served_model_agrees_with_the_built_in_recipe_out_of_the_box(compose):
+    from maga_tasks.recipe import load_recipe
+
+    example = dict(
+        line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if line and not line.startswith("#")
+    )
+    assert example["MAGA_VLLM_SERVED_NAME"] == load_recipe().model
+    for name in ("airflow-scheduler", "airflow-worker"):
+        environment = compose["services"][name]["environment"]
+        assert environment["MAGA_SERVED_MODEL"] == load_recipe().model  # the tasks ask for what is served
+
+
 def test_every_variable_is_documented_in_env_example(raw_compose):
     documented = set(_env_example())
     text = COMPOSE_FILE.read_text().replace("$$", "")  # $$ escapes a container-side $

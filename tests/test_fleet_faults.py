@@ -148,3 +148,30 @@ def test_registered_tokens_equal_the_servers_counted_usage_under_faults(tmp_path
     assert row["status"] in ("registered", "quarantined"), summary
     assert row["prompt_tokens"] == sum(s["prompt_tokens_total"] for s in stats)
     assert row["completion_tokens"] == sum(s["completion_tokens_total"] for s in stats)
+
+
+def test_quarantined_shard_is_requeued_and_registers_with_its_old_output_kept_aside(tmp_path, llm_server_factory):
+    broken, healthy = llm_server_factory("empty:1"), llm_server_factory()
+    source = write_sample_corpus(tmp_path / "src", 1, 6)[0]
+    out, registry = tmp_path / "out", str(tmp_path / "registry.sqlite")
+    first = maga(*publish_args(source, out, registry, broken.url))
+    assert json.loads(first.stdout.splitlines()[-1])["status"] == "quarantined", first.stderr
+    paths = shard_paths(str(out), RECIPE.recipe_id, source.stem)
+    old_rejected = Path(paths.rejected).read_bytes()
+
+    again = maga(*publish_args(source, out, registry, healthy.url))  # quarantine holds without requeue
+    assert json.loads(again.stdout.splitlines()[-1])["status"] == "quarantined"
+    requeued = maga("requeue", source.stem, "--registry", registry, "--recipe-id", RECIPE.recipe_id,
+                    "--output-root", str(out))
+    assert requeued.returncode == 0, requeued.stderr
+    summary = json.loads(requeued.stdout.splitlines()[-1])
+    assert summary["requeued"] == 1
+    aside = Path(summary["shards"][0]["moved_to"])
+    assert (aside / "rejected" / f"{source.stem}.parquet").read_bytes() == old_rejected
+    assert not Path(paths.data).exists() and not Path(paths.rejected).exists()
+
+    fixed = maga(*publish_args(source, out, registry, healthy.url))
+    assert json.loads(fixed.stdout.splitlines()[-1])["status"] == "registered", fixed.stderr
+    assert healthy.stats()["by_doc"] and set(healthy.stats()["by_doc"].values()) == {1 + PAIRS}
+    events = [e["event"] for e in Registry(registry).events(RECIPE.recipe_id, source.stem)]
+    assert "requeue" in events

@@ -136,7 +136,7 @@ def call(
 
 def chat(server, messages, request_id=None, seed=0, timeout=5.0, **extra) -> tuple[int, dict, dict]:
     body = {
-        "model": extra.pop("model", "maga-test"),
+        "model": extra.pop("model", "maga-default"),
         "messages": messages,
         "seed": seed,
         "temperature": 0.7,
@@ -267,7 +267,7 @@ def test_health_and_models(servers):
     status, _, raw = call(servers["plain"], "/v1/models")
     models = json.loads(raw)
     assert status == 200 and models["object"] == "list"
-    assert [m["id"] for m in models["data"]] == ["maga-test"]
+    assert [m["id"] for m in models["data"]] == ["maga-default"]
 
 
 @pytest.mark.integration
@@ -384,7 +384,7 @@ def test_stats_reset_and_metrics(servers):
         "vllm:request_success_total",
     ):
         assert re.search(
-            rf'^{name}\{{[^}}]*model_name="maga-test"[^}}]*\}} \d+$', metrics, re.MULTILINE
+            rf'^{name}\{{[^}}]*model_name="maga-default"[^}}]*\}} \d+$', metrics, re.MULTILINE
         ), name
     call(server, "/_reset")
     assert json.loads(call(server, "/_stats")[2])["requests_total"] == 0
@@ -395,7 +395,7 @@ def test_bad_requests_are_rejected(servers):
     server = servers["plain"]
     status, _, answer = chat(server, rewrite_messages(BEES), model="no-such-model")
     assert status == 404 and "no-such-model" in answer["error"]["message"]
-    status, _, _raw = call(server, "/v1/chat/completions", {"model": "maga-test", "messages": []})
+    status, _, _raw = call(server, "/v1/chat/completions", {"model": "maga-default", "messages": []})
     assert status == 400
 
 

@@ -316,3 +316,26 @@ def test_demo_runs_to_the_end_twice_against_the_session_server(vllm_server, vllm
         if log_file.is_file():
             assert vllm_api_key.encode() not in log_file.read_bytes(), log_file
     print(f"\ndemo against the session server: first run {first_seconds:.0f}s, second {second_seconds:.0f}s")
+
+
+@pytest.mark.parametrize(
+    "mistake, cause",
+    [({"api_key": "not-the-key"}, "refused the API key"), ({"served_model": "no-such-model"}, "does not serve model")],
+    ids=["wrong-key", "wrong-model"],
+)
+def test_real_engine_refuses_a_wrong_key_or_model_before_any_document(
+    vllm_server, tiny_model_dir, tmp_path, mistake, cause
+):
+    source = write_wiki_shard(tmp_path / "source" / "keyed.parquet", 3, first_article=3900)
+    recipe = load_recipe(TINY_RECIPE, tokenizer=str(tiny_model_dir))
+    wrong = RunSettings(**{"endpoints": (vllm_server.url,), "api_key": vllm_server.api_key, **mistake})
+    before = read_metrics(vllm_server.url)
+    with pytest.raises(EndpointsUnavailable, match=cause):
+        expand_shard(source, str(tmp_path / "out"), recipe, wrong)
+    after = read_metrics(vllm_server.url)
+    assert after.get("vllm:prompt_tokens_total", 0) == before.get("vllm:prompt_tokens_total", 0)  # nothing was asked
+    assert not Path(shard_paths(str(tmp_path / "out"), recipe.recipe_id, "keyed").data).exists()
+
+    right = RunSettings(endpoints=(vllm_server.url,), api_key=vllm_server.api_key)
+    result = expand_shard(source, str(tmp_path / "out"), recipe, right)
+    assert result.documents == 3 and result.accepted + result.rejected == 3 * recipe.pairs_per_document

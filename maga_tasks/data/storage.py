@@ -33,6 +33,7 @@ class Storage(Protocol):
     def put_file(self, uri: str, local_path: str | Path) -> None: ...
     def list(self, prefix_uri: str) -> list[str]: ...
     def delete_prefix(self, prefix_uri: str) -> None: ...
+    def delete(self, uri: str) -> None: ...
     def local_copy(self, uri: str) -> contextlib.AbstractContextManager[Path]: ...
 
 
@@ -78,6 +79,9 @@ class LocalStorage:
 
     def delete_prefix(self, prefix_uri: str) -> None:
         shutil.rmtree(prefix_uri, ignore_errors=True)
+
+    def delete(self, uri: str) -> None:
+        Path(uri).unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def local_copy(self, uri: str) -> Iterator[Path]:
@@ -144,6 +148,11 @@ class S3Storage:
             for start in range(0, len(keys), 1000):
                 chunk = [{"Key": key} for key in keys[start : start + 1000]]
                 self.client.delete_objects(Bucket=bucket, Delete={"Objects": chunk})
+
+    def delete(self, uri: str) -> None:
+        bucket, key = self._split(uri)
+        with _s3_failures("delete", uri):
+            self.client.delete_object(Bucket=bucket, Key=key)
 
     @contextlib.contextmanager
     def local_copy(self, uri: str) -> Iterator[Path]:

@@ -164,6 +164,13 @@ def mark_failed(*, by_owner: bool) -> TextClause:
     )
 
 
+# Back into the plan: only a quarantined or failed shard, which no worker holds.
+REQUEUE = text(
+    f"UPDATE shards SET status = 'planned', last_error = NULL, failed_expectations = NULL, {_FREE_LEASE},"
+    " updated_at = :now" + _ONE_SHARD + " AND status IN ('quarantined', 'failed')"
+)
+
+
 # -- history: events and quality results ---------------------------------------------
 
 INSERT_EVENT = text(

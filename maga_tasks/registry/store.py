@@ -325,6 +325,15 @@ class ShardStore:
                 _event(conn, recipe_id, shard, "fail", owner, error=error[:1000])
         return bool(changed)
 
+    def requeue(self, recipe_id: str, shard: str, *, moved_to: str | None = None) -> bool:
+        """Put a quarantined or failed shard back to `planned` (False for any other
+        status): the next run expands it afresh."""
+        with self.db.write() as conn:
+            changed = conn.execute(queries.REQUEUE, {"rid": recipe_id, "shard": shard, "now": iso(utc_now())}).rowcount
+            if changed:
+                _event(conn, recipe_id, shard, "requeue", None, moved_to=moved_to)
+        return bool(changed)
+
     def record_quality(
         self,
         recipe_id: str,

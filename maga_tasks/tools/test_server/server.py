@@ -338,7 +338,7 @@ async def metrics(request: web.Request) -> web.Response:
 def build_app(
     faults: Iterable[Fault] = (),
     latency_ms: float = 0,
-    model: str = "maga-test",
+    model: str = "maga-default",
     api_key: str | None = None,
     max_model_len: int = MAX_MODEL_LEN,
     structured_outputs: bool = True,
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         help="KIND[:RATE[:TIMES]][:KEY=VALUE...], repeatable",
     )
     parser.add_argument("--latency-ms", type=float, default=0.0)
-    parser.add_argument("--model", default="maga-test")
+    parser.add_argument("--model", default="maga-default")
     parser.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN, help="context length /v1/models reports")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--no-structured-outputs", action="store_true")
