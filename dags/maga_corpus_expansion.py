@@ -6,16 +6,25 @@ them as a new corpus version `{output_root}/{recipe_id}/`.
 
 1. **wait_for_llm_workers**: a sensor in reschedule mode; done as soon as one vLLM
    endpoint answers `/health` (it frees its worker slot between pokes).
-2. **plan_shards**: lists the source and picks the shards not yet registered for the
-   recipe. `planning_mode=flat` takes the next `shards_per_run` shards of a flat corpus;
-   `planning_mode=dated` reads the partition of the run's logical date (`{ds}` in
-   `source`), so a backfill over N dates processes exactly those N partitions.
+2. **plan_shards**: puts the shards named in `requeue` back, lists the source and picks
+   the shards not yet registered for the recipe, never-tried ones first; a shard that
+   failed `max_shard_failures` tries is failed for good and left out until requeued.
+   `planning_mode=flat` takes the next `shards_per_run` shards of a flat corpus;
+   `planning_mode=dated` takes the whole partition of the run's logical date (`{ds}` in
+   `source`, or `partition_ds`), so a backfill over N dates processes exactly those N
+   partitions. A run maps at most Airflow's `core.max_map_length` shards.
 3. **publish_shard** (mapped, one task per shard, named after the shard): expand
    (checkpointed, resumes after a crash) -> validate (Great Expectations gate) ->
    register or quarantine. Runs in the `maga_llm` pool; retried with exponential
    backoff; a shard that was already registered is a no-op.
-4. **summarize**: logs the recipe's totals and emits an asset event
-   `maga://corpus/{recipe_id}` (through the `maga-corpus` alias) carrying them.
+4. **summarize** (also when shards failed): logs the run report (failed shards by name,
+   shards left in the corpus or partition) and emits an asset event
+   `maga://corpus/{recipe_id}` (through the `maga-corpus` alias) carrying it, with the
+   release manifest of the registered shards (data URI and checksum of each).
+5. **continue_partition**: when a dated partition had more shards than one run maps,
+   triggers a further run of this DAG for the same partition; skipped otherwise.
+6. **fail_if_shards_failed**: a watcher that runs only when a shard task failed and
+   fails the run (the run's state comes from its last tasks, which ran all the same).
 
 Configuration: the registry database comes from the Airflow connection `maga_registry`
 (e.g. `AIRFLOW_CONN_MAGA_REGISTRY=postgresql://user:pass@host:5432/maga`; without it a
@@ -57,6 +66,8 @@ log = logging.getLogger(__name__)
 RETRY_DELAY = timedelta(seconds=float(os.environ.get("MAGA_RETRY_DELAY_SECONDS", "120")))
 SHARD_TIMEOUT = timedelta(minutes=float(os.environ.get("MAGA_SHARD_TIMEOUT_MINUTES", "360")))
 HEALTH_POKE_SECONDS = float(os.environ.get("MAGA_HEALTH_POKE_SECONDS", "60"))
+# A shard's lease; a retry waits up to this long for a killed try's lease to run out.
+LEASE_TTL_SECONDS = float(os.environ.get("MAGA_LEASE_TTL_SECONDS", "300"))
 
 
 def _default_endpoints() -> list[str]:
@@ -87,9 +98,24 @@ PARAMS = {
         os.environ.get("MAGA_PLANNING_MODE", "flat"),
         type="string",
         enum=["flat", "dated"],
-        description="flat: next shards_per_run shards of a flat corpus; dated: the {ds} partition",
+        description="flat: next shards_per_run shards of a flat corpus; dated: the whole {ds} partition",
     ),
-    "shards_per_run": Param(8, type="integer", minimum=1, description="Shard budget of one run"),
+    "shards_per_run": Param(8, type="integer", minimum=1, description="Shard budget of one flat run"),
+    "partition_ds": Param(
+        None,
+        type=["null", "string"],
+        pattern=r"^\d{4}-\d{2}-\d{2}$",
+        description="Dated mode: the partition (YYYY-MM-DD) when not the run's logical date (continuation runs set it)",
+    ),
+    "max_shard_failures": Param(
+        3, type="integer", minimum=1, description="Failed tries after which a shard is failed for good (until requeued)"
+    ),
+    "requeue": Param(
+        [],
+        type="array",
+        items={"type": "string", "minLength": 1},
+        description="Quarantined or failed shards to put back before planning (their old output moves under _quarantine/)",
+    ),
     "max_docs_per_shard": Param(
         None,
         type=["null", "integer"],
@@ -190,7 +216,24 @@ def _run_settings(params: dict, **overrides):
         served_model=params["served_model"],
         max_concurrency=params["max_concurrency"],
         progress_interval_s=params["progress_interval_s"],
+        max_shard_failures=params["max_shard_failures"],
         **overrides,
+    )
+
+
+def _plan_run(params: dict, ds: str | None, registry, recipe_id: str, **options):
+    """`plan_run` with this run's source, mode, partition and failure limit."""
+    from maga_tasks.engine.planning import plan_run
+
+    return plan_run(
+        params["source"],
+        recipe_id,
+        registry,
+        mode=params["planning_mode"],
+        ds=params["partition_ds"] or ds,
+        max_failures=params["max_shard_failures"],
+        s3_endpoint_url=_s3_endpoint_url(),
+        **options,
     )
 
 
@@ -239,7 +282,7 @@ def maga_corpus_expansion():
         recipe = load_recipe(params["recipe"])
 
         async def healthy() -> list[str]:
-            async with LLMClient(_run_settings(params), model=recipe.model) as client:
+            async with LLMClient(_run_settings(params), model=recipe.model, model_revision=recipe.model_revision) as client:
                 return await client.wait_ready(timeout_s=0, min_context_tokens=recipe.required_context_tokens)
 
         try:
@@ -253,9 +296,12 @@ def maga_corpus_expansion():
         return PokeReturnValue(is_done=True, xcom_value=ready)
 
     @task
-    def plan_shards(params: dict, ds: str) -> list[dict]:
-        """The shards this run publishes: unregistered ones within the budget."""
-        from maga_tasks.engine.planning import plan_shards as plan
+    def plan_shards(params: dict, ds: str | None = None) -> list[dict]:
+        """The shards this run publishes: the requeued and unregistered ones, within the
+        flat budget or the whole dated partition, at most Airflow's max_map_length."""
+        from airflow.sdk import conf
+
+        from maga_tasks.engine.requeue import requeue_shards
         from maga_tasks.recipe import load_recipe
         from maga_tasks.registry import Registry
 
@@ -263,17 +309,18 @@ def maga_corpus_expansion():
         registry = Registry(_registry_url(params["output_root"]))
         registry.upgrade()
         registry.ensure_recipe(recipe)
-        shards = plan(
-            params["source"],
-            recipe.recipe_id,
-            registry,
-            mode=params["planning_mode"],
-            ds=ds,
-            budget=params["shards_per_run"],
-            s3_endpoint_url=_s3_endpoint_url(),
+        if params["requeue"]:
+            for item in requeue_shards(
+                registry, params["output_root"], recipe.recipe_id, params["requeue"], _s3_endpoint_url()
+            ):
+                log.log(logging.INFO if item["requeued"] else logging.WARNING, "requeue %s", item)
+        plan = _plan_run(
+            params, ds, registry, recipe.recipe_id,
+            budget=params["shards_per_run"], max_shards=conf.getint("core", "max_map_length"),
         )
-        log.info("recipe %s: %d shard(s) to publish: %s", recipe.recipe_id, len(shards), [s["shard"] for s in shards])
-        return [{**s, "recipe_id": recipe.recipe_id} for s in shards]
+        names = [s["shard"] for s in plan.shards]
+        log.info("recipe %s: %d shard(s) to publish: %s", recipe.recipe_id, len(names), names)
+        return [{**s, "recipe_id": recipe.recipe_id} for s in plan.shards]
 
     @task(
         pool=POOL,
@@ -282,7 +329,10 @@ def maga_corpus_expansion():
     )
     def publish_shard(shard: dict, params: dict) -> dict:
         """Expand -> validate -> register one shard; returns its summary (no text)."""
+        from airflow.sdk.exceptions import AirflowFailException
+
         from maga_tasks.engine.publish import publish_shard as publish
+        from maga_tasks.errors import ShardFailedForGood
         from maga_tasks.recipe import load_recipe
         from maga_tasks.registry import Registry
 
@@ -294,39 +344,89 @@ def maga_corpus_expansion():
             )
         context = get_current_context()
         ti = context["ti"]
-        # Stable across tries, so a retry takes over the lease of the attempt it replaces.
-        owner = f"airflow:{ti.dag_id}/{ti.task_id}/{ti.map_index}/{ti.run_id}"
-        return publish(
-            shard["source_uri"],
-            params["output_root"],
-            recipe,
-            _run_settings(params, s3_endpoint_url=_s3_endpoint_url()),
-            Registry(_registry_url(params["output_root"])),
-            owner=owner,
-            shard=shard["shard"],
-            max_docs=params["max_docs_per_shard"],
-            judge_sample=params["judge_sample_per_shard"],
-        )
+        # One owner per try: a retry never shares the lease of a try that may still run
+        # (a zombie); it takes the shard over once that lease expires, fencing it out.
+        owner = f"airflow:{ti.dag_id}/{ti.task_id}/{ti.map_index}/{ti.run_id}/try-{ti.try_number}"
+        try:
+            return publish(
+                shard["source_uri"],
+                params["output_root"],
+                recipe,
+                _run_settings(params, s3_endpoint_url=_s3_endpoint_url()),
+                Registry(_registry_url(params["output_root"])),
+                owner=owner,
+                lease_ttl_s=LEASE_TTL_SECONDS,
+                lease_wait_s=LEASE_TTL_SECONDS,
+                shard=shard["shard"],
+                max_docs=params["max_docs_per_shard"],
+                judge_sample=params["judge_sample_per_shard"],
+            )
+        except ShardFailedForGood as error:  # retrying will not help: fail without retries
+            raise AirflowFailException(str(error)) from error
 
-    @task(trigger_rule="none_failed", outlets=[CORPUS_ALIAS])
-    def summarize(results, params: dict):
-        """Log this run's figures and the corpus totals; emit the corpus asset event."""
-        from maga_tasks.engine.publish import run_report
+    # all_done: the report names the shards that failed and the others are still released.
+    @task(trigger_rule="all_done", outlets=[CORPUS_ALIAS])
+    def summarize(results, planned: list[dict], params: dict, ds: str | None = None):
+        """Log the run report and emit the corpus asset event carrying it."""
+        from maga_tasks.engine.report import run_report
         from maga_tasks.recipe import load_recipe
         from maga_tasks.registry import Registry
 
         recipe = load_recipe(params["recipe"])
         registry = Registry(_registry_url(params["output_root"]))
-        extra = run_report([results[i] for i in range(len(results))], registry, recipe.recipe_id)
+        extra = run_report(
+            [results[i] for i in range(len(results))],
+            registry,
+            recipe.recipe_id,
+            planned=planned,
+            after=_plan_run(params, ds, registry, recipe.recipe_id, record=False),
+        )
         if params["max_docs_per_shard"]:  # a trial run leaves the corpus unchanged: no asset event
             return extra
         yield Metadata(Asset(f"maga://corpus/{recipe.recipe_id}", group="maga"), extra=extra, alias=CORPUS_ALIAS)
         return extra
 
+    @task
+    def continue_partition(report: dict, params: dict, run_id: str):
+        """Trigger a further run for the same partition when this one could not map it whole."""
+        import hashlib
+
+        from airflow.sdk.exceptions import AirflowSkipException, DagRunTriggerException
+
+        if not report.get("continue"):
+            raise AirflowSkipException(f"nothing to continue ({report.get('left', 0)} shard(s) left)")
+        # Named after this run, so a retry of this task cannot start a second continuation.
+        continuation = f"continue__{report['ds']}__{hashlib.sha1(run_id.encode()).hexdigest()[:12]}"
+        log.info("partition %s: %d shard(s) left; triggering %s", report["ds"], report["pending"], continuation)
+        raise DagRunTriggerException(
+            trigger_dag_id=DAG_ID,
+            dag_run_id=continuation,
+            conf={**dict(params), "partition_ds": report["ds"], "requeue": []},
+            logical_date=None,
+            reset_dag_run=False,
+            skip_when_already_exists=True,
+            wait_for_completion=False,
+            allowed_states=["success"],
+            failed_states=["failed"],
+            poke_interval=60,
+            deferrable=False,
+            note=f"continues partition {report['ds']} after {run_id}: {report['pending']} shard(s) left",
+        )
+
+    # The watcher pattern: without it a run whose shards failed would end as a success.
+    @task(trigger_rule="one_failed", retries=0)
+    def fail_if_shards_failed():
+        """Fail the run: a shard task failed (summarize's report names it)."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException("a shard task failed; summarize's run report names the shards and their errors")
+
     ready = wait_for_llm_workers()
     planned = plan_shards()
     ready >> planned
-    summarize(publish_shard.expand(shard=planned))
+    published = publish_shard.expand(shard=planned)
+    continue_partition(summarize(published, planned))
+    published >> fail_if_shards_failed()
 
 
 maga_corpus_expansion()

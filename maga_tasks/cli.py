@@ -201,6 +201,33 @@ def cmd_status(args) -> dict:
     return totals
 
 
+def cmd_plan(args) -> dict:
+    from maga_tasks.engine.planning import plan_run
+    from maga_tasks.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    registry = _registry(args)
+    if registry.schema_version() == 0:
+        raise ValueError(f"registry {args.registry} has no schema yet: run `maga db upgrade` first")
+    plan = plan_run(
+        args.source, recipe.recipe_id, registry, mode=args.planning_mode, ds=args.ds, budget=args.budget,
+        max_shards=args.max_shards, max_failures=args.max_shard_failures, s3_endpoint_url=args.s3_endpoint_url,
+        record=False,
+    )
+    summary = plan.summary()
+    if not args.json:
+        scope = f"partition {plan.ds}" if plan.mode == "dated" else "flat corpus"
+        skipped = summary["skipped"]
+        sys.stderr.write(
+            f"{scope} of {plan.candidates} shard(s), recipe {plan.recipe_id}: a run would publish"
+            f" {len(plan.shards)} ({plan.retried} retried), skip {skipped['registered']} registered,"
+            f" {skipped['quarantined']} quarantined and {skipped['failed']} failed for good;"
+            f" {len(plan.held_back)} held back; {plan.left} left\n"
+            + "".join(f"  {d['shard']}  {d['source_uri']}\n" for d in plan.shards)
+        )
+    return summary
+
+
 def cmd_requeue(args) -> dict:
     from maga_tasks.engine.requeue import requeue_shards
 
@@ -294,6 +321,23 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--recipe-id")
     status.add_argument("--json", action="store_true", help="only the JSON (otherwise a table on stderr too)")
     status.set_defaults(func=cmd_status)
+
+    from maga_tasks.settings import RunSettings
+
+    plan = commands.add_parser("plan", help="what a run would publish and skip; leases and writes nothing")
+    plan.add_argument("source", help="source corpus folder or s3:// prefix; in dated mode with {ds}")
+    plan.add_argument("--registry", required=True, help="SQLite path or postgresql:// URL")
+    plan.add_argument("--recipe", help="recipe YAML (default: the built-in recipe)")
+    plan.add_argument("--planning-mode", choices=["flat", "dated"], default="flat")
+    plan.add_argument("--ds", help="dated mode: the partition date, YYYY-MM-DD")
+    plan.add_argument("--budget", type=int, help="flat mode: shards per run (default: all)")
+    plan.add_argument("--max-shards", type=int,
+                      help="most shards one run maps (the DAG uses Airflow's core.max_map_length; default: no limit)")
+    plan.add_argument("--max-shard-failures", type=int, default=RunSettings.model_fields["max_shard_failures"].default,
+                      help="failed tries after which a shard is failed for good")
+    plan.add_argument("--s3-endpoint-url")
+    plan.add_argument("--json", action="store_true", help="only the JSON (otherwise a summary on stderr too)")
+    plan.set_defaults(func=cmd_plan)
 
     requeue = commands.add_parser(
         "requeue", help="put quarantined or failed shards back in the plan; old output moved under _quarantine/"

@@ -27,3 +27,8 @@ class FleetRefused(EndpointsUnavailable):
 
 class TokenizerUnavailable(MagaError):
     """A document needs cutting but the served model's tokenizer cannot be loaded."""
+
+
+class ShardFailedForGood(MagaError):
+    """A shard failed `max_shard_failures` tries for reasons of its own: it is `failed`
+    for good and leaves the plan until someone requeues it. Retrying will not help."""

@@ -38,6 +38,9 @@ class PairsStage(_Strict):
     structured_output: Literal["auto", "json_schema", "off"] = "auto"
     genre_chars: tuple[int, int] = (20, 600)
     audience_chars: tuple[int, int] = (10, 400)
+    # A genre or audience must read as a description: at least this many words, no JSON
+    # fragments, not a bare name or place (0 switches the check off).
+    min_description_words: int = Field(3, ge=0, le=50)
 
     @model_validator(mode="after")
     def _bounds_ordered(self) -> "PairsStage":
@@ -62,6 +65,15 @@ class Cleaning(_Strict):
     min_chars: int = Field(50, ge=0)
     # Rewrites that keep almost every 8-word run of the source behave like repetition.
     max_copy_ratio: float = Field(0.9, gt=0.0, le=1.0)
+    # What real models get wrong (maga_tasks/method/detectors.py), each its own reason.
+    # A random-weight test model trips them all, so its recipe switches them off.
+    detectors: tuple[Literal["prompt_echo", "refusal", "repetition", "other_language"], ...] = (
+        "prompt_echo", "refusal", "repetition", "other_language",
+    )
+    # repetition: share of 4-word runs that occur more than once.
+    max_repeated_share: float = Field(0.6, gt=0.0, le=1.0)
+    # other_language: how sure the language identifier must be before it rejects.
+    min_language_confidence: float = Field(0.8, ge=0.0, le=1.0)
 
 
 class Quality(_Strict):
@@ -86,8 +98,13 @@ class Quality(_Strict):
 class Recipe(_Strict):
     name: str = "default"
     model: str = Field(..., min_length=1)
+    # The weights behind `model`: a hub commit, a tag or a checksum the operator names.
+    # Part of the id (new weights behind the same served name are a new version); the
+    # client checks it against what the workers report they loaded, where they can tell.
+    model_revision: str | None = Field(None, min_length=1)
     # Tokenizer used to cut over-long documents: a local directory or a hub id.
-    # Defaults to the model name.
+    # Defaults to the model name. Where it lies is not part of the id (it must be the
+    # served model's own tokenizer, which `model` and `model_revision` already name).
     tokenizer: str | None = None
     prompt_version: str = Field(..., min_length=1)
     prompts: dict[Literal["system", "pairs", "rewrite", "judge"], str]
@@ -108,8 +125,10 @@ class Recipe(_Strict):
 
     @cached_property
     def recipe_id(self) -> str:
-        """Stable 12-hex-digit hash of everything that shapes the output."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Stable 12-hex-digit hash of everything that shapes the rows: every field but
+        `_NOT_IN_RECIPE_ID` (where the tokenizer lies, the publish gate's thresholds)."""
+        shaping = self.model_dump(mode="json", exclude=set(_NOT_IN_RECIPE_ID))
+        canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
         return "r-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
     @property
@@ -124,6 +143,12 @@ class Recipe(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# Fields that do not shape the rows, so changing them keeps the corpus version: the
+# tokenizer's location (a local copy of the served model's tokenizer cuts the same) and
+# the publish gate's thresholds (`quality`: a shard is re-checked, not re-expanded).
+_NOT_IN_RECIPE_ID = ("tokenizer", "quality")
 
 
 def _describe(error: ValidationError) -> str:

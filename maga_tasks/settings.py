@@ -37,6 +37,10 @@ class RunSettings(BaseModel):
     # (local checkpoints are flushed after every document).
     s3_checkpoint_every: int = Field(32, ge=1)
     progress_interval_s: float = Field(30.0, gt=0)
+    # Failed tries after which a shard is `failed` for good and leaves the plan (until
+    # requeued). A try the whole fleet failed (down, refusing) is not the shard's fault
+    # and never makes it final.
+    max_shard_failures: int = Field(3, ge=1)
 
     @field_validator("endpoints")
     @classmethod

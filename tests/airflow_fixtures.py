@@ -9,7 +9,8 @@ do it; `tests/` is on sys.path through its conftest).
   registry database given to the tasks as `AIRFLOW_CONN_MAGA_REGISTRY`.
 - `airflow_stack` (session): a real scheduler (CeleryExecutor, Redis broker on
   127.0.0.1:6379, a queue of its own) + Celery worker + dag-processor + api-server on that
-  environment, started on first use and stopped (by PID) at the end.
+  environment, started on first use and stopped (by PID) at the end; its
+  `core.max_map_length` is `STACK_MAX_MAP_LENGTH` (8).
 - `af_llm_server_factory` (function): starts `python -m maga_tasks.tools.test_server` processes on
   free loopback ports; `.stats()` reads `/_stats`.
 - `postgres_registry_url` (function): an empty PostgreSQL database for the registry.
@@ -53,6 +54,8 @@ REDIS_PORT = int(os.environ.get("MAGA_TEST_REDIS_PORT", "6379"))
 BIN = Path(sys.executable).parent
 AIRFLOW = str(BIN / "airflow")
 ADMIN_USER = "admin"
+# core.max_map_length of the scheduler stack (`airflow_stack`).
+STACK_MAX_MAP_LENGTH = 8
 
 
 def free_port() -> int:
@@ -300,6 +303,7 @@ def _airflow_environment(home: Path, database: str, api_port: int, passwords_fil
             "AIRFLOW__DAG_PROCESSOR__PRINT_STATS_INTERVAL": "600",
             # The DAG's deployment knobs, shortened for tests.
             "MAGA_RETRY_DELAY_SECONDS": "2",
+            "MAGA_LEASE_TTL_SECONDS": "10",  # a killed try's retry waits for its lease to run out
             "MAGA_HEALTH_POKE_SECONDS": "2",
             "PYTHONUNBUFFERED": "1",
         }
@@ -357,6 +361,9 @@ def airflow_stack(airflow_env):
         MAGA_SOURCE=str(af.home / "no-drops" / "{ds}"),
         MAGA_OUTPUT_ROOT=str(af.home / "expanded"),
     )
+    # A small map limit, so that a partition of 20 shards takes three runs (the DAG
+    # continues a partition past it); every other stack test maps fewer shards.
+    af.env["AIRFLOW__CORE__MAX_MAP_LENGTH"] = str(STACK_MAX_MAP_LENGTH)
     # The production executor: Celery with Redis as the broker (as in docker-compose). A
     # queue of this session's own keeps two test sessions on one Redis apart.
     queue = f"maga-tests-{secrets.token_hex(4)}"

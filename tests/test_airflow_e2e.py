@@ -2,10 +2,15 @@
 
 - `airflow dags test` over sample shards: every shard expanded, validated, registered;
   a second run sends no LLM request and registers nothing new.
+- `airflow dags test` of a dated partition of 20 files (budget 8) and one that fails
+  every try: all 20 registered in the run, the failing one failed for good, named by
+  summarize, whose asset event carries the release manifest of the others; the run fails.
 - A real scheduler + dag-processor + api-server (LocalExecutor, metadata DB on
   PostgreSQL): `airflow backfill create` over 3 dates of a date-partitioned source
   processes exactly those partitions, and the same backfill again changes nothing.
 - A shard task SIGKILLed mid-run is retried by Airflow and resumes from its checkpoint.
+- A partition larger than the scheduler's max_map_length continues in runs the DAG
+  triggers itself until every shard is registered.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ pytest.register_assert_rewrite("airflow_fixtures")
 from airflow_fixtures import (
     DAG_ID,
     PROGRESS_LINE,
+    STACK_MAX_MAP_LENGTH,
     dag_runs,
     failure_report,
     read_task_log_text,
@@ -38,11 +44,11 @@ pytest_plugins = ["airflow_fixtures"]
 pytestmark = [pytest.mark.airflow, pytest.mark.integration, pytest.mark.timeout(900)]
 
 
-def write_recipe(tmp_path: Path, name: str) -> tuple[str, str]:
-    """A copy of the default recipe under another name: its own corpus version."""
+def write_recipe(tmp_path: Path, name: str, **fields) -> tuple[str, str]:
+    """A copy of the default recipe under another name (and `fields`): its own corpus version."""
     from maga_tasks.recipe import load_recipe, recipe_from_dict
 
-    recipe = recipe_from_dict({**load_recipe().model_dump(mode="json"), "name": name})
+    recipe = recipe_from_dict({**load_recipe().model_dump(mode="json"), "name": name, **fields})
     path = tmp_path / f"{name}.yaml"
     path.write_text(recipe.to_yaml(), encoding="utf-8")
     return str(path), recipe.recipe_id
@@ -61,6 +67,15 @@ def run_conf(source: str, output_root: str, llm_url: str, recipe_path: str, **ex
     }
     conf.update(extra)
     return conf
+
+
+def task_xcom(af, run_id: str, task_id: str):
+    """The return value of a (non-mapped) task of a run."""
+    (value,), = af.query(
+        "SELECT value FROM xcom WHERE dag_id = %(d)s AND run_id = %(r)s AND task_id = %(t)s AND key = 'return_value'",
+        {"d": DAG_ID, "r": run_id, "t": task_id},
+    )
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def registered(registry_url: str, recipe_id: str) -> dict[str, dict]:
@@ -134,6 +149,64 @@ def test_dags_test_publishes_every_shard_then_reruns_as_noop(airflow_env, af_llm
     again = registered(postgres_registry_url, recipe_id)
     assert {k: v["registered_at"] for k, v in again.items()} == {k: v["registered_at"] for k, v in shards.items()}
     print(f"dags test: first run {first_seconds:.1f}s for 3 shards")
+
+
+def test_dags_test_publishes_a_whole_partition_and_names_the_shard_that_failed(
+    airflow_env, af_llm_server_factory, postgres_registry_url, tmp_path
+):
+    from conftest import write_source_shard
+
+    from maga_tasks.data.sample_corpus import write_sample_corpus
+    from maga_tasks.registry import Registry
+
+    ds = "2025-02-01"
+    drops = tmp_path / "drops"
+    write_sample_corpus(drops, shards=20, docs_per_shard=1, partitions=[ds])
+    # One more file: a document over the context budget, and the tokenizer needed to cut
+    # it cannot be loaded. Every try of that shard fails.
+    write_source_shard(drops / ds / "part-0020.parquet", [{"id": "huge", "text": "River deltas form. " * 400}])
+    broken = tmp_path / "broken-tokenizer"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("not a tokenizer")
+    recipe_path, recipe_id = write_recipe(tmp_path, "partition-test", tokenizer=str(broken))
+    output_root = str(tmp_path / "expanded")
+    llm = af_llm_server_factory()
+    conf = run_conf(str(drops / "{ds}"), output_root, llm.url, recipe_path, planning_mode="dated", shards_per_run=8)
+    run_env = {"AIRFLOW_CONN_MAGA_REGISTRY": postgres_registry_url, "AIRFLOW__CORE__MAX_MAP_LENGTH": "1024"}
+
+    done = airflow_env.cli("dags", "test", DAG_ID, ds, "-c", json.dumps(conf), extra_env=run_env, timeout=600, check=False)
+    output = done.stdout + done.stderr
+    assert "state=failed" in output, output[-5000:]  # a shard failed: so does the run (the watcher)
+
+    # The budget of 8 is for flat corpora: the whole partition was published in this run.
+    shards = registered(postgres_registry_url, recipe_id)
+    assert sorted(shards) == [f"{ds}_part-{i:04d}" for i in range(20)]
+    assert_output_clean(output_root, recipe_id, shards)
+    poisoned = Registry(postgres_registry_url).shard(recipe_id, f"{ds}_part-0020")
+    assert poisoned["status"] == "failed" and poisoned["attempts"] == 3, poisoned  # max_shard_failures
+    assert "cannot load tokenizer" in poisoned["last_error"]
+
+    (run_id, *_), = [r for r in dag_runs(airflow_env) if str(r[1]).startswith(ds)]
+    states = {(ti[0], ti[2] or ti[1]): (ti[3], ti[4]) for ti in task_instances(airflow_env, run_id)}
+    assert states[("publish_shard", f"{ds}_part-0020")] == ("failed", 3)  # no retry after the third failure
+    assert sum(state == ("success", 1) for (task, _), state in states.items() if task == "publish_shard") == 20
+    assert states[("summarize", -1)][0] == "success" and states[("continue_partition", -1)][0] == "skipped"
+    assert states[("fail_if_shards_failed", -1)] == ("failed", 1)
+
+    report = task_xcom(airflow_env, run_id, "summarize")
+    assert report["failed"] == 1 and [f["shard"] for f in report["failed_shards"]] == [f"{ds}_part-0020"]
+    assert report["failed_shards"][0]["status"] == "failed"
+    assert (report["left"], report["pending"], report["failed_for_good"]) == (1, 0, 1)
+    assert not report["complete"] and not report["continue"]
+    # The asset event releases the 20 others: shard, data URI and checksum of each.
+    (extra,), = airflow_env.query(
+        "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE a.uri = %(u)s",
+        {"u": f"maga://corpus/{recipe_id}"},
+    )
+    manifest = {entry["shard"]: entry for entry in extra["manifest"]}
+    assert set(manifest) == set(shards)
+    assert all(manifest[name]["checksum"] == row["checksum"] and manifest[name]["data_uri"] == row["data_uri"]
+               for name, row in shards.items())
 
 
 # -- real scheduler: backfill -------------------------------------------------------------
@@ -286,3 +359,45 @@ def test_killed_shard_task_is_retried_and_resumes_from_checkpoint(airflow_stack,
     assert_output_clean(output_root, recipe_id, shards)
     attempts = sorted(p.name for p in af.task_logs("publish_shard") if f"run_id={run_id}" in str(p))
     assert attempts == ["attempt=1.log", "attempt=2.log"], attempts
+
+
+# -- real scheduler: a partition continued in further runs ---------------------------------
+
+
+def test_a_partition_past_max_map_length_continues_in_runs_the_dag_triggers(airflow_stack, af_llm_server_factory, tmp_path):
+    from maga_tasks.data.sample_corpus import write_sample_corpus
+
+    af = airflow_stack
+    ds = "2025-06-01"
+    drops = tmp_path / "drops"
+    write_sample_corpus(drops, shards=20, docs_per_shard=1, partitions=[ds], offset=600)
+    output_root = str(tmp_path / "expanded")
+    recipe_path, recipe_id = write_recipe(tmp_path, "continue-test")
+    llm = af_llm_server_factory()
+    conf = run_conf(str(drops / "{ds}"), output_root, llm.url, recipe_path, planning_mode="dated", shards_per_run=8)
+    known = {r[0] for r in dag_runs(af)}
+    af.cli("dags", "trigger", DAG_ID, "-r", "partition-continue-test", "-l", f"{ds}T02:00:00+00:00", "-c", json.dumps(conf))
+
+    def all_runs_done():
+        runs = [r for r in dag_runs(af) if r[0] not in known]
+        registered_now = len(registered(af.registry_url, recipe_id))
+        if runs and all(r[2] in ("success", "failed") for r in runs) and (registered_now == 20 or len(runs) >= 4):
+            return runs
+        return False
+
+    runs = wait_for(all_runs_done, 600, 3.0, "the partition's runs")
+    # 20 shards, at most 8 per run: the run, then two continuations the DAG triggered.
+    assert len(runs) == 3 and all(r[2] == "success" for r in runs), failure_report(af, runs)
+    first = [r for r in runs if r[0] == "partition-continue-test"]
+    continuations = sorted((r for r in runs if r[0] != "partition-continue-test"), key=lambda r: r[0])
+    assert first and all(r[0].startswith(f"continue__{ds}__") and r[1] is None for r in continuations), runs
+    shards = registered(af.registry_url, recipe_id)
+    assert sorted(shards) == [f"{ds}_part-{i:04d}" for i in range(20)]
+    assert_output_clean(output_root, recipe_id, shards)
+
+    reports = [task_xcom(af, run[0], "summarize") for run in runs]
+    assert sorted(r["run_shards"] for r in reports) == [4, STACK_MAX_MAP_LENGTH, STACK_MAX_MAP_LENGTH]
+    assert sorted(r["left"] for r in reports) == [0, 4, 12]
+    last = next(r for r in reports if r["left"] == 0)
+    assert last["complete"] and not last["continue"] and last["ds"] == ds
+    assert all(r["continue"] for r in reports if r["left"])

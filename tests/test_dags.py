@@ -80,12 +80,20 @@ def test_schedule_tags_and_docs(nightly):
 
 
 def test_tasks_and_dependencies(nightly):
-    assert set(nightly.task_ids) == {"wait_for_llm_workers", "plan_shards", "publish_shard", "summarize"}
+    assert set(nightly.task_ids) == {
+        "wait_for_llm_workers", "plan_shards", "publish_shard", "summarize", "continue_partition",
+        "fail_if_shards_failed",
+    }
     assert nightly.get_task("plan_shards").upstream_task_ids == {"wait_for_llm_workers"}
     assert nightly.get_task("publish_shard").upstream_task_ids == {"plan_shards"}
-    assert nightly.get_task("summarize").upstream_task_ids == {"publish_shard"}
-    # The summary runs when nothing was left to publish (mapped over zero shards).
-    assert nightly.get_task("summarize").trigger_rule == "none_failed"
+    assert nightly.get_task("summarize").upstream_task_ids == {"publish_shard", "plan_shards"}
+    assert nightly.get_task("continue_partition").upstream_task_ids == {"summarize"}
+    # The summary runs when nothing was left to publish (mapped over zero shards) and when
+    # shards failed (it names them and still releases the others).
+    assert nightly.get_task("summarize").trigger_rule == "all_done"
+    # ...and the run still fails when a shard task failed (the watcher pattern).
+    watcher = nightly.get_task("fail_if_shards_failed")
+    assert watcher.upstream_task_ids == {"publish_shard"} and watcher.trigger_rule == "one_failed"
 
 
 def test_health_sensor_frees_its_slot(nightly):
@@ -109,6 +117,9 @@ def test_shard_task_is_mapped_pooled_retried_and_bounded(nightly):
 
 def test_every_task_has_retries_and_a_timeout(nightly):
     for task in nightly.tasks:
+        if task.task_id == "fail_if_shards_failed":
+            assert task.retries == 0  # it only fails the run: nothing to retry
+            continue
         assert task.retries >= 1, task.task_id
         if task.task_id == "wait_for_llm_workers":
             continue  # bounded by its sensor timeout instead
@@ -128,12 +139,16 @@ def test_params_have_valid_defaults(nightly):
         "endpoints",
         "max_concurrency",
         "progress_interval_s",
+        "partition_ds",
+        "max_shard_failures",
+        "requeue",
     ):
         assert name in params, name
     params.validate()
     resolved = {k: params[k] for k in params}
     assert resolved["planning_mode"] in ("flat", "dated")
     assert resolved["shards_per_run"] >= 1
+    assert resolved["max_shard_failures"] == 3 and resolved["requeue"] == [] and resolved["partition_ds"] is None
 
 
 def test_params_reject_bad_values(nightly):
@@ -146,6 +161,9 @@ def test_params_reject_bad_values(nightly):
         ("endpoints", ["ftp://worker"]),
         ("max_docs_per_shard", 0),
         ("judge_sample_per_shard", -1),
+        ("max_shard_failures", 0),
+        ("partition_ds", "20261101"),
+        ("requeue", "part-0000"),
     ):
         with pytest.raises(ParamValidationError):
             nightly.params.get_param(name).resolve(value)

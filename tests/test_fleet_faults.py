@@ -24,7 +24,7 @@ from maga_tasks.data.layout import shard_paths
 from maga_tasks.data.sample_corpus import write_sample_corpus
 from maga_tasks.engine.publish import publish_shard
 from maga_tasks.engine.shard import expand_shard
-from maga_tasks.errors import EndpointsUnavailable
+from maga_tasks.errors import EndpointsUnavailable, FleetRefused
 from maga_tasks.recipe import load_recipe
 from maga_tasks.registry import Registry
 from maga_tasks.settings import RunSettings
@@ -94,6 +94,32 @@ def test_a_context_too_short_for_the_recipe_is_refused_before_any_document(tmp_p
     with pytest.raises(EndpointsUnavailable, match="max_model_len"):
         expand_shard(str(source), str(tmp_path / "out"), RECIPE, settings(server.url))
     assert server.stats()["requests_total"] == 0
+
+
+@pytest.mark.parametrize(
+    "root, verdict",
+    [
+        ("/models/hub/models--org--maga/snapshots/3f1c2a9", "served"),  # the hub cache's commit folder
+        ("/srv/weights/maga/3f1c2a9/", "served"),  # a folder named after the revision
+        ("/models/hub/models--org--maga/snapshots/8d0e4b1", "refused"),
+        ("org/maga@8d0e4b1", "refused"),
+        ("org/maga", "unchecked"),  # a bare hub id names no revision: the card cannot tell
+    ],
+)
+def test_the_recipe_model_revision_is_checked_against_the_weights_the_worker_loaded(
+    tmp_path, llm_server_factory, caplog, root, verdict
+):
+    server = llm_server_factory(extra=["--model-root", root])
+    recipe = load_recipe(model_revision="3f1c2a9")
+    source = write_sample_corpus(tmp_path / "src", 1, 3)[0]
+    if verdict == "refused":
+        with pytest.raises(FleetRefused, match=f"not the recipe's model_revision '3f1c2a9'"):
+            expand_shard(str(source), str(tmp_path / "out"), recipe, settings(server.url))
+        assert server.stats()["requests_total"] == 0
+        return
+    result = expand_shard(str(source), str(tmp_path / "out"), recipe, settings(server.url))
+    assert result.documents == 3 and result.recipe_id == recipe.recipe_id
+    assert ("names no revision" in caplog.text) == (verdict == "unchecked")
 
 
 def test_requests_timing_out_everywhere_fail_the_shard_within_the_budget(tmp_path, llm_server_factory):

@@ -88,14 +88,33 @@ def test_bad_rows_are_rejected_with_reasons(tmp_path, llm_server, sample_article
     assert ("latin1", "invalid_utf8") in reasons
     assert ("ok-1", "duplicate_id") in reasons
     assert ("#row5", "missing_id") in reasons
-    assert result.documents == 7
+    # The repeated "ok-1" is a rejected source row, not a document; its rows keep ids of their own.
+    assert result.documents == 6
     assert result.accepted + result.rejected == 7 * recipe.pairs_per_document
+    assert result.rejects_by_reason["duplicate_id"] == recipe.pairs_per_document
     data = pq.read_table(result.data_uri).to_pylist()
     huge_rows = [r for r in data + rejected if r["source_id"] == "huge"]
     assert len(huge_rows) == recipe.pairs_per_document
     assert all(r["source_truncated_tokens"] and r["source_truncated_tokens"] <= 1024 for r in huge_rows)
     assert {r["source_id"] for r in data} >= {"ok-1", "huge"}
     assert json.loads(data[0]["source_meta"]) == {"lang": "en"}
+    ids = [r["id"] for r in data + rejected]
+    assert len(ids) == len(set(ids))
+
+
+def test_a_repeated_id_keeps_its_first_row_even_when_that_row_is_bad(tmp_path, llm_server, sample_articles):
+    texts = pa.array([b"caf\xe9 \xff", sample_articles[0]["text"].encode(), sample_articles[1]["text"].encode()], pa.binary())
+    shard = tmp_path / "first-bad.parquet"
+    pq.write_table(pa.table({"id": ["a", "a", "b"], "text": texts}), shard)
+
+    result = expand_shard(str(shard), str(tmp_path / "out"), RECIPE, RunSettings(endpoints=(llm_server.url,)))
+
+    rows = pq.read_table(result.rejected_uri).to_pylist() + pq.read_table(result.data_uri).to_pylist()
+    by_reason = {(r["source_id"], r.get("reject_reason")) for r in rows}
+    assert ("a", "invalid_utf8") in by_reason and ("a", "duplicate_id") in by_reason
+    assert not any(r["source_id"] == "a" and not r.get("reject_reason") for r in rows)  # the later "a" is never expanded
+    assert result.documents == 2 and len(rows) == 3 * RECIPE.pairs_per_document
+    assert len({r["id"] for r in rows}) == len(rows)
 
 
 def test_jsonl_and_gzip_with_broken_lines(tmp_path, llm_server, sample_articles):

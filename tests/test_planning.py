@@ -1,19 +1,30 @@
 """Planning on SQLite and PostgreSQL: flat budgets in name order, dated partitions with
-date-prefixed shard names, registered and quarantined shards left out."""
+date-prefixed shard names taken whole (in further runs past a run's limit), registered,
+quarantined and failed-for-good shards left out, never-tried shards first, and
+`maga plan` as a dry run."""
 
 from __future__ import annotations
 
-import pytest
-from conftest import write_committed_shard
+import json
 
+import pytest
+from conftest import write_committed_shard, write_source_shard
+
+from maga_tasks.cli import main as maga
 from maga_tasks.engine.planning import (
     PlanningError,
+    RunPlan,
     dated_shard_name,
+    plan_run,
     plan_shards,
     source_shards,
 )
 from maga_tasks.engine.publish import publish_shard
+from maga_tasks.engine.report import run_report, should_continue
+from maga_tasks.engine.requeue import requeue_shards
+from maga_tasks.errors import ShardFailedForGood, TokenizerUnavailable
 from maga_tasks.recipe import load_recipe
+from maga_tasks.registry.dashboard import corpus_overview
 from maga_tasks.data.sample_corpus import write_sample_corpus
 from maga_tasks.settings import RunSettings
 
@@ -50,7 +61,10 @@ def test_dated_plans_the_partition_of_the_run_date(tmp_path, registry):
     assert [d["shard"] for d in day2] == ["2026-11-02_part-0000", "2026-11-02_part-0001"]
     assert day1[0]["source_uri"] == str(tmp_path / "drops" / "2026-11-01" / "part-0000.parquet")
     assert plan_shards(source, RID, registry, mode="dated", ds="2026-11-03", budget=None) == []  # not landed
-    assert plan_shards(source, RID, registry, mode="dated", ds="2026-11-01", budget=1) == day1[:1]
+    # The budget is for flat corpora: a dated run takes its whole partition, held back
+    # only by the most shards one run can map.
+    assert plan_shards(source, RID, registry, mode="dated", ds="2026-11-01", budget=1) == day1
+    assert plan_shards(source, RID, registry, mode="dated", ds="2026-11-01", max_shards=1) == day1[:1]
 
 
 def test_a_dated_shard_is_published_under_its_dated_name(tmp_path, registry):
@@ -118,3 +132,155 @@ def test_a_dated_shard_is_expanded_under_its_dated_name(tmp_path, registry, llm_
         assert summary["status"] == "registered", summary
         assert summary["data_uri"].endswith(f"/data/{ds}_part-0000.parquet")
     assert registry.totals(RID)["registered_shards"] == 2
+
+
+# -- whole partitions, failing shards, dry runs ------------------------------------------
+
+
+def _publish(plan, out, recipe, settings, registry) -> list[dict]:
+    """What the DAG's mapped tasks do with a plan: publish each of its shards."""
+    return [
+        publish_shard(d["source_uri"], out, recipe, settings, registry, owner=f"w:{d['shard']}", shard=d["shard"])
+        for d in plan.shards
+    ]
+
+
+@pytest.mark.integration
+def test_a_dated_partition_is_published_whole_in_as_many_runs_as_it_needs(tmp_path, registry, llm_server):
+    """The continuation the DAG does past Airflow's max_map_length, with the library's
+    functions (tests/test_airflow_e2e.py runs a 20-file partition through Airflow)."""
+    write_sample_corpus(tmp_path / "drops", 7, 1, partitions=["2026-11-01"])
+    source, out = str(tmp_path / "drops" / "{ds}"), str(tmp_path / "out")
+    settings = RunSettings(endpoints=(llm_server.url,), max_concurrency=8)
+    options = {"mode": "dated", "ds": "2026-11-01", "budget": 2, "max_failures": 3}
+    # The flat budget of 2 does not cut a partition: one run could take all 7 files.
+    assert len(plan_run(source, RID, registry, **options, record=False).shards) == 7
+
+    reports = []
+    while not reports or reports[-1]["continue"]:
+        assert len(reports) < 4, reports
+        plan = plan_run(source, RID, registry, **options, max_shards=4)  # a run maps at most 4
+        summaries = _publish(plan, out, RECIPE, settings, registry)
+        after = plan_run(source, RID, registry, **options, record=False)
+        reports.append(run_report(summaries, registry, RID, planned=plan.shards, after=after))
+
+    assert [r["run_shards"] for r in reports] == [4, 3]
+    assert [(r["left"], r["complete"], r["continue"]) for r in reports] == [(3, False, True), (0, True, False)]
+    assert registry.totals(RID)["registered_shards"] == 7
+    manifest = reports[0]["manifest"]
+    assert len(manifest) == 4 and set(manifest[0]) == {"shard", "data_uri", "checksum"}
+    for entry in manifest:
+        assert entry["checksum"] == registry.shard(RID, entry["shard"])["checksum"]
+        assert entry["data_uri"].endswith(f"/data/{entry['shard']}.parquet")
+    # Nothing is left to continue once the partition is complete.
+    assert plan_run(source, RID, registry, **options, record=False).left == 0
+
+
+def test_a_partition_continues_only_past_the_run_limit_and_after_progress():
+    def after(pending: list[str], mode: str = "dated") -> RunPlan:
+        return RunPlan(mode=mode, ds="2026-11-01", recipe_id=RID, candidates=4, shards=[], held_back=pending,
+                       retried=0, registered=0, quarantined=0, failed=[])
+
+    planned = [{"source_uri": f"/drops/{name}.parquet", "shard": name} for name in ("a", "b")]
+    assert should_continue(planned, after(["b", "c"]))  # c was held back, a got done
+    assert not should_continue(planned, after(["a", "b", "c"]))  # every try failed: a chain would not end
+    assert not should_continue(planned, after(["b"]))  # nothing held back: the partition is all planned
+    assert not should_continue(planned, after(["c"], mode="flat"))  # a flat corpus waits for the next night
+
+
+def _poisoned_corpus(tmp_path, shards: int = 4):
+    """A flat corpus whose first shard is one document over the context budget, and a
+    recipe whose tokenizer (needed to cut it) cannot be loaded: every try fails."""
+    files = write_sample_corpus(tmp_path / "corpus", shards, 1)
+    write_source_shard(files[0], [{"id": "huge", "text": "River deltas form where sediment settles. " * 200}])
+    broken = tmp_path / "broken-tokenizer"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("not a tokenizer")
+    return load_recipe(tokenizer=str(broken)), [str(f) for f in files]
+
+
+@pytest.mark.integration
+def test_a_shard_failing_every_try_is_failed_for_good_and_fresh_shards_go_first(tmp_path, registry, llm_server):
+    recipe, files = _poisoned_corpus(tmp_path)
+    rid, source, out = recipe.recipe_id, str(tmp_path / "corpus"), str(tmp_path / "out")
+    settings = RunSettings(endpoints=(llm_server.url,), max_concurrency=8, max_shard_failures=3)
+
+    def publish_poisoned():
+        return publish_shard(files[0], out, recipe, settings, registry, owner="w")
+
+    with pytest.raises(TokenizerUnavailable):
+        publish_poisoned()
+    row = registry.shard(rid, "part-0000")
+    assert row["status"] == "planned" and row["attempts"] == 1 and "TokenizerUnavailable" in row["last_error"]
+    # Never-tried shards come first; the retried one waits behind them.
+    assert [d["shard"] for d in plan_shards(source, rid, registry, budget=2, max_failures=3)] == ["part-0001", "part-0002"]
+    assert [d["shard"] for d in plan_shards(source, rid, registry, max_failures=3)] == [
+        "part-0001", "part-0002", "part-0003", "part-0000",
+    ]
+
+    with pytest.raises(TokenizerUnavailable):
+        publish_poisoned()
+    with pytest.raises(ShardFailedForGood, match="failed for good after 3 tries") as third:
+        publish_poisoned()
+    assert isinstance(third.value.__cause__, TokenizerUnavailable)
+    row = registry.shard(rid, "part-0000")
+    assert row["status"] == "failed" and row["attempts"] == 3 and "cannot load tokenizer" in row["last_error"]
+    requests = llm_server.stats()["requests_total"]
+    with pytest.raises(ShardFailedForGood):  # a further try is refused before any work
+        publish_poisoned()
+    assert registry.shard(rid, "part-0000")["attempts"] == 3 and llm_server.stats()["requests_total"] == requests
+
+    # It leaves the plan, is counted as left, and shows on the dashboard.
+    plan = plan_run(source, rid, registry, max_failures=3, record=False)
+    assert plan.pending == ["part-0001", "part-0002", "part-0003"] and plan.failed == ["part-0000"]
+    assert plan.left == 4 and plan.summary()["skipped"]["failed"] == 1
+    overview = corpus_overview(registry, recipe_id=rid)
+    assert overview["totals"]["by_status"]["failed"] == 1
+    (shown,) = [r for r in overview["recipes"][0]["shards"] if r["shard"] == "part-0000"]
+    assert shown["status"] == "failed" and shown["attempts"] == 3 and "tokenizer" in shown["last_error"]
+
+    # The others publish; requeued, the failed one is planned again with its tries from zero.
+    assert all(s["status"] == "registered" for s in _publish(plan, out, recipe, settings, registry))
+    (item,) = requeue_shards(registry, out, rid, ["part-0000"])
+    assert item["requeued"] and registry.shard(rid, "part-0000")["attempts"] == 0
+    assert [d["shard"] for d in plan_shards(source, rid, registry, max_failures=3)] == ["part-0000"]
+
+
+def _registry_state(registry, recipe_id: str) -> tuple:
+    shards = registry.shards(recipe_id)
+    return shards, {s["shard"]: registry.events(recipe_id, s["shard"]) for s in shards}
+
+
+def test_maga_plan_prints_what_a_run_would_do_and_writes_nothing(tmp_path, registry_url, registry, capsys):
+    files = [str(f) for f in write_sample_corpus(tmp_path / "corpus", 5, 2)]
+    source, out = str(tmp_path / "corpus"), str(tmp_path / "out")
+    write_committed_shard(out, RECIPE, "part-0000")
+    assert publish_shard(files[0], out, RECIPE, DEAD, registry, owner="w")["status"] == "registered"
+    registry.quarantine(RID, "part-0001", "output quality gate failed", [], source_uri=files[1])
+    for _ in range(3):  # part-0002 fails three tries of its own: failed for good
+        assert registry.lease(RID, "part-0002", files[2], "w", 60)
+        registry.mark_failed(RID, "part-0002", "ValueError: boom", owner="w", max_failures=3)
+    assert registry.lease(RID, "part-0003", files[3], "w", 60)  # part-0003 failed once: retried later
+    assert registry.mark_failed(RID, "part-0003", "ValueError: boom", owner="w", max_failures=3) == "planned"
+    before = _registry_state(registry, RID)
+
+    assert maga(["plan", source, "--registry", registry_url, "--budget", "1", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    assert plan["publish"] == [{"source_uri": files[4], "shard": "part-0004"}]  # never tried: first
+    assert plan["skipped"] == {"registered": 1, "quarantined": 1, "failed": 1}
+    assert plan["failed_shards"] == ["part-0002"] and plan["held_back"] == 1 and plan["left"] == 3
+    assert plan["candidates"] == 5 and plan["recipe_id"] == RID and plan["mode"] == "flat"
+    assert _registry_state(registry, RID) == before  # nothing leased, planned or recorded
+    assert registry.shard(RID, "part-0004") is None
+
+    # Dated: the whole partition, whatever the budget; the text summary goes to stderr.
+    write_sample_corpus(tmp_path / "drops", 3, 1, partitions=["2026-11-01"])
+    args = ["plan", str(tmp_path / "drops" / "{ds}"), "--registry", registry_url, "--planning-mode", "dated",
+            "--ds", "2026-11-01", "--budget", "1"]
+    assert maga(args) == 0
+    captured = capsys.readouterr()
+    dated = json.loads(captured.out.strip().splitlines()[-1])
+    assert [d["shard"] for d in dated["publish"]] == [f"2026-11-01_part-000{i}" for i in range(3)]
+    assert "a run would publish 3" in captured.err
+    assert _registry_state(registry, RID) == before

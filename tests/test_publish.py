@@ -26,6 +26,7 @@ from maga_tasks.settings import RunSettings
 
 RECIPE = load_recipe()
 RID = RECIPE.recipe_id
+PAIRS = RECIPE.pairs_per_document
 # Nothing listens here: a test using it proves that no LLM request was needed.
 DEAD = RunSettings(endpoints=("http://127.0.0.1:9",), all_down_timeout_s=0.5, max_attempts=1, backoff_base_s=0)
 
@@ -68,8 +69,9 @@ def test_a_good_committed_shard_is_registered_once(tmp_path, registry):
 
 def test_a_crash_between_commit_and_register_is_healed(tmp_path, registry):
     source, out = committed_source(tmp_path)  # the files a crashed worker committed
-    assert registry.lease(RID, "part-0000", source, "crashed-worker", ttl_s=1.0)
-    assert registry.progress(RID, "part-0000", "crashed-worker", status="committed")
+    token = registry.lease(RID, "part-0000", source, "crashed-worker", ttl_s=1.0)
+    assert token
+    assert registry.progress(RID, "part-0000", "crashed-worker", token=token, status="committed")
 
     with pytest.raises(ShardBusy, match="crashed-worker"):  # its lease is still live
         publish_shard(source, out, RECIPE, DEAD, registry, owner="w2")
@@ -175,9 +177,13 @@ def test_all_endpoints_down_marks_failed_and_reraises(tmp_path, registry):
         [{"id": f"d{i}", "text": f"Document {i} about river deltas and their sediment."} for i in range(3)],
     )
     with pytest.raises(EndpointsUnavailable):
-        publish_shard(source, str(tmp_path / "out"), RECIPE, DEAD, registry, owner="w1")
+        publish_shard(
+            source, str(tmp_path / "out"), RECIPE, DEAD.model_copy(update={"max_shard_failures": 1}), registry,
+            owner="w1",
+        )
     row = registry.shard(RID, "part-0009")
-    assert row["status"] == "failed" and row["lease_owner"] is None
+    # The fleet's failure, not the shard's: recorded, never final (not `failed` for good).
+    assert row["status"] == "planned" and row["lease_owner"] is None and row["attempts"] == 1
     assert row["last_error"].startswith("endpoints unavailable")
     # The retry may take the shard at once.
     assert registry.lease(RID, "part-0009", source, "retry", 60)
@@ -258,6 +264,38 @@ def test_a_judge_that_cannot_score_is_recorded_not_raised(tmp_path, registry, ll
     (judged,) = [r for r in registry.quality_results(RID, "part-0000") if r["suite"] == "judge"]
     assert not judged["success"] and judged["statistics"]["failures"] == {"judge_invalid_answer": 4}
     assert registry.shard(RID, "part-0000")["status"] == "registered"  # a measurement, not a gate
+
+
+@pytest.mark.integration
+def test_repeated_ids_and_eos_finishes_pass_both_gates_and_account_for_every_row(tmp_path, registry, llm_server_factory):
+    import pyarrow.parquet as pq
+    from collections import Counter
+
+    # 400 documents, then two later rows that repeat an id (one with another text): within
+    # the input gate's share, so the output gate must pass what the input gate let through.
+    rows = pq.read_table(write_sample_corpus(tmp_path / "gen", 1, 402)[0]).to_pylist()
+    documents, spare = rows[:400], rows[400:]
+    repeats = [documents[7], spare[0] | {"id": documents[250]["id"]}]
+    source = write_source_shard(tmp_path / "source" / "part-0000.parquet", documents[:300] + repeats[:1] + documents[300:] + repeats[1:])
+    server = llm_server_factory("eos:0.5")  # half the rewrites end with "eos", not "stop"
+
+    summary = publish_shard(source, str(tmp_path / "out"), RECIPE, live(server.url), registry, owner="w1")
+
+    assert summary["status"] == "registered" and summary["quality_success"], summary
+    assert summary["documents"] == 400 and registry.shard(RID, "part-0000")["documents"] == 400
+    data = pq.read_table(summary["data_uri"]).to_pylist()
+    rejected = pq.read_table(summary["rejected_uri"]).to_pylist()
+    assert len(data) + len(rejected) == 402 * PAIRS  # every source row accounted for
+    ids = [r["id"] for r in data + rejected]
+    assert len(ids) == len(set(ids))
+    duplicates = [r for r in rejected if r["reject_reason"] == "duplicate_id"]
+    assert sorted({r["source_id"] for r in duplicates}) == sorted(r["id"] for r in repeats)
+    assert len(duplicates) == 2 * PAIRS and not any(r["prompt_tokens"] or r["pairs_prompt_tokens"] for r in duplicates)
+    kept = Counter(r["source_id"] for r in data + rejected if r.get("reject_reason") != "duplicate_id")
+    assert kept == Counter({d["id"]: PAIRS for d in documents})  # one row per pair for every document
+    assert {r["finish_reason"] for r in data} == {"stop", "eos"}
+    assert not any(r["reject_reason"] == "unexpected_finish_reason" for r in rejected)
+    assert len(server.stats()["by_doc"]) == 400  # a repeated row costs no request
 
 
 def _commit_then_crash(url: str, source: str, out: str, endpoint: str) -> None:

@@ -59,3 +59,17 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(RecipeError, match="YAML"):
         load_recipe(bad)
+
+
+def test_recipe_id_names_the_weights_not_where_files_lie_nor_the_gate(tmp_path):
+    base = load_recipe()
+    # Where the tokenizer lies and the publish gate's thresholds do not shape the rows.
+    assert load_recipe(tokenizer=str(tmp_path / "tokenizer")).recipe_id == base.recipe_id
+    quality = default_data()
+    quality["quality"] = {"min_accepted_per_document": 1.0, "max_text_chars": 9_999}
+    assert load_recipe(write(tmp_path, quality)).recipe_id == base.recipe_id
+    # New weights behind the same served name are a new corpus version.
+    first = load_recipe(model_revision="3f1c2a9")
+    assert first.recipe_id != base.recipe_id
+    assert load_recipe(model_revision="3f1c2a9").recipe_id == first.recipe_id
+    assert load_recipe(model_revision="8d0e4b1").recipe_id != first.recipe_id

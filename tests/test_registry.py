@@ -161,16 +161,18 @@ def test_plan_refuses_two_sources_for_one_shard_name(registry):
 
 
 def test_lease_is_exclusive_until_it_expires(registry):
-    assert registry.lease(RID, "s1", "/src/s1.parquet", "worker-a", ttl_s=0.5)
-    assert not registry.lease(RID, "s1", "/src/s1.parquet", "worker-b", ttl_s=60)
-    assert registry.lease(RID, "s1", "/src/s1.parquet", "worker-a", ttl_s=0.5)  # renewal by its owner
+    assert registry.lease(RID, "s1", "/src/s1.parquet", "worker-a", ttl_s=0.5) == 1
+    assert registry.lease(RID, "s1", "/src/s1.parquet", "worker-b", ttl_s=60) is None
+    assert registry.lease(RID, "s1", "/src/s1.parquet", "worker-a", ttl_s=0.5) == 2  # renewal by its owner
     time.sleep(0.7)
-    assert registry.lease(RID, "s1", "/src/s1.parquet", "worker-b", ttl_s=60)  # takeover
+    assert registry.lease(RID, "s1", "/src/s1.parquet", "worker-b", ttl_s=60) == 3  # takeover
     row = registry.shard(RID, "s1")
     assert row["lease_owner"] == "worker-b" and row["status"] == "leased" and row["attempts"] == 3
+    assert row["lease_token"] == 3
     events = [(e["event"], e["owner"]) for e in registry.events(RID, "s1")]
     assert events == [("lease", "worker-a"), ("lease", "worker-a"), ("takeover", "worker-b")]
     assert registry.events(RID, "s1")[-1]["detail"]["previous_owner"] == "worker-a"
+    assert [e["detail"]["token"] for e in registry.events(RID, "s1")] == [1, 2, 3]
 
 
 def test_registered_shard_cannot_be_leased_and_quarantined_only_by_force(registry):
@@ -183,16 +185,21 @@ def test_registered_shard_cannot_be_leased_and_quarantined_only_by_force(registr
 
 
 def test_release_and_progress_need_the_lease(registry):
-    assert registry.lease(RID, "s1", "/src/s1.parquet", "a", 60)
-    assert not registry.progress(RID, "s1", "b", status="expanding")
-    assert registry.progress(RID, "s1", "a", status="expanding", counters={"documents_done": 3, "accepted": 12}, ttl_s=120)
+    token = registry.lease(RID, "s1", "/src/s1.parquet", "a", 60)
+    assert token
+    assert not registry.progress(RID, "s1", "b", token=token, status="expanding")
+    assert not registry.progress(RID, "s1", "a", token=token - 1, status="expanding")  # a stale token
+    assert registry.progress(
+        RID, "s1", "a", token=token, status="expanding", counters={"documents_done": 3, "accepted": 12}, ttl_s=120
+    )
     row = registry.shard(RID, "s1")
     assert row["status"] == "expanding" and row["accepted"] == 12 and row["progress"]["documents_done"] == 3
     assert row["lease_expires_at"] > row["started_at"]
     with pytest.raises(ValueError):
-        registry.progress(RID, "s1", "a", status="registered")
-    assert not registry.release(RID, "s1", "b")
-    assert registry.release(RID, "s1", "a")
+        registry.progress(RID, "s1", "a", token=token, status="registered")
+    assert not registry.release(RID, "s1", "b", token=token)
+    assert not registry.release(RID, "s1", "a", token=token + 1)
+    assert registry.release(RID, "s1", "a", token=token)
     row = registry.shard(RID, "s1")
     assert row["status"] == "planned" and row["lease_owner"] is None
     assert registry.lease(RID, "s1", "/src/s1.parquet", "b", 60)
@@ -235,8 +242,12 @@ def test_two_processes_racing_for_a_lease_exactly_one_wins(registry):
 
 def test_register_twice_leaves_one_row_and_other_content_is_refused(registry):
     result = result_for("s1")
-    assert registry.lease(RID, "s1", result.source_uri, "w", 60)
-    assert registry.register(RID, "s1", result, "sha-1", label_summary={"genres": [["tutorial", 4]], "audiences": []})
+    token = registry.lease(RID, "s1", result.source_uri, "w", 60)
+    assert token
+    assert registry.register(
+        RID, "s1", result, "sha-1", label_summary={"genres": [["tutorial", 4]], "audiences": []}, token=token
+    )
+    assert not registry.register(RID, "s1", result, "sha-1", token=token)
     assert not registry.register(RID, "s1", result, "sha-1")
     rows = registry.shards(RID)
     assert len(rows) == 1

@@ -64,6 +64,17 @@ class ShardPaths:
     def work(self) -> str:
         return join(self.version_root, "_work", self.shard)
 
+    def staged(self, token: int) -> tuple[tuple[str, str], ...]:
+        """(staged, published) URI pairs of the commit made under lease `token`: staged
+        in `_work/{shard}/commit-{token}/`, where no other lease writes, then copied to
+        `rejected/`, `magacorpus/` and last `data/`, whose presence marks the shard
+        committed."""
+        stage = join(self.work, f"commit-{token:08d}")
+        return tuple(
+            (join(stage, f"{kind}.parquet"), published)
+            for kind, published in (("rejected", self.rejected), ("magacorpus", self.export), ("data", self.data))
+        )
+
     @property
     def quality_docs(self) -> str:
         return join(self.version_root, "quality", self.shard)

@@ -54,10 +54,34 @@ LINEAGE_COLUMNS = (
 )
 
 
-def row_id(recipe_id: str, source_shard: str, source_id: str, pair_index: int) -> str:
-    """Deterministic output row id: the same inputs give the same id on every rerun."""
+# The finish reasons of an answer the model ended itself (vLLM says "stop", other
+# servers "eos" or "end_turn"): cleaning accepts only these and the output gate checks
+# the same set, so a shard cleaning lets through can pass the gate.
+ACCEPTED_FINISH_REASONS = ("stop", "eos", "end_turn")
+
+# The reject reason of a source row whose id an earlier row of the shard already has.
+# The first row keeps the id and is the document; a repeated one is a source row, not a
+# document: its rows are rejected and never counted as a document of the shard.
+DUPLICATE_ID = "duplicate_id"
+
+
+def row_id(recipe_id: str, source_shard: str, source_id: str, pair_index: int, position: int | None = None) -> str:
+    """Deterministic output row id: the same inputs give the same id on every rerun.
+
+    `position` (the source row's index in the shard) is given only for a row whose id
+    repeats an earlier one, so its rejected rows keep ids of their own."""
     key = f"{recipe_id}\x1f{source_shard}\x1f{source_id}\x1f{pair_index}"
+    if position is not None:
+        key += f"\x1f#{position}"
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def shard_checksum(data: bytes, rejected: bytes) -> str:
+    """The checksum the registry keeps for a committed shard: sha256 of the data file's
+    bytes followed by the rejected file's."""
+    digest = hashlib.sha256(data)
+    digest.update(rejected)
+    return digest.hexdigest()
 
 
 # The released MAGACorpus layout (mga-fineweb-edu), for users who train on that format.

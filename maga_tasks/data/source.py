@@ -17,6 +17,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from maga_tasks.data.schema import DUPLICATE_ID
 from maga_tasks.errors import ShardInputError
 from maga_tasks.data.storage import StorageError, is_s3, storage_for
 
@@ -151,15 +152,17 @@ class ShardReader:
         if raw_id is None or str(raw_id).strip() == "":
             return SourceDocument(index, f"#row{index}", None, meta, "missing_id")
         source_id = str(raw_id)
+        # The first row with an id is its document, whatever its text: a later row with
+        # the same id is rejected as a duplicate (and never shares the document's rows).
+        # Ids are remembered as short digests so a large shard stays small in memory.
+        digest = hashlib.blake2b(source_id.encode("utf-8", "surrogatepass"), digest_size=12).digest()
+        if digest in self._seen_ids:
+            return SourceDocument(index, source_id, text if isinstance(text, str) else None, meta, DUPLICATE_ID)
+        self._seen_ids.add(digest)
         if isinstance(text, _Undecodable):
             return SourceDocument(index, source_id, None, meta, "invalid_utf8")
         if text is not None and not isinstance(text, str):
             return SourceDocument(index, source_id, None, meta, "text_not_a_string")
-        # Ids are remembered as short digests so a large shard stays small in memory.
-        digest = hashlib.blake2b(source_id.encode("utf-8", "surrogatepass"), digest_size=12).digest()
-        if digest in self._seen_ids:
-            return SourceDocument(index, source_id, text, meta, "duplicate_id")
-        self._seen_ids.add(digest)
         if text is None:
             return SourceDocument(index, source_id, None, meta, "missing_text")
         if not text.strip():

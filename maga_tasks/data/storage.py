@@ -31,6 +31,7 @@ class Storage(Protocol):
     def read_bytes(self, uri: str) -> bytes: ...
     def put_bytes(self, uri: str, data: bytes) -> None: ...
     def put_file(self, uri: str, local_path: str | Path) -> None: ...
+    def copy(self, source_uri: str, uri: str) -> None: ...
     def list(self, prefix_uri: str) -> list[str]: ...
     def delete_prefix(self, prefix_uri: str) -> None: ...
     def delete(self, uri: str) -> None: ...
@@ -70,6 +71,11 @@ class LocalStorage:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+
+    def copy(self, source_uri: str, uri: str) -> None:
+        if not Path(source_uri).exists():
+            raise ObjectNotFound(f"no such file: {source_uri}")
+        self.put_file(uri, source_uri)
 
     def list(self, prefix_uri: str) -> list[str]:
         root = Path(prefix_uri)
@@ -131,6 +137,13 @@ class S3Storage:
         bucket, key = self._split(uri)
         with _s3_failures("upload", uri):
             self.client.upload_file(str(local_path), bucket, key)
+
+    def copy(self, source_uri: str, uri: str) -> None:
+        """A server-side copy: the new object appears whole, no byte passes through here."""
+        source_bucket, source_key = self._split(source_uri)
+        bucket, key = self._split(uri)
+        with _s3_failures("copy to", uri):
+            self.client.copy({"Bucket": source_bucket, "Key": source_key}, bucket, key)
 
     def list(self, prefix_uri: str) -> list[str]:
         bucket, prefix = self._split(prefix_uri.rstrip("/") + "/")

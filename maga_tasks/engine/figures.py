@@ -13,6 +13,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from maga_tasks.data.schema import DUPLICATE_ID
+
 # The output columns the figures are made of; `text_chars` stands for `text` where a
 # reader measured the texts instead of keeping them.
 FIGURE_COLUMNS = (
@@ -68,10 +70,12 @@ class FigureTally:
         """Count one data or rejected row (output columns, `text` or `text_chars`).
 
         Rows of one source document share `document`, by default their `source_id`;
-        the expansion passes the document's position, which also tells apart two
-        documents with the same id. Missing values count as 0."""
-        key = row.get("source_id") if document is None else document
-        self._source_chars[key] = max(self._source_chars.get(key, 0), row.get("source_chars") or 0)
+        the expansion passes the document's position. The rows of a repeated id
+        (`duplicate_id`) are counted as rejected rows but belong to no document: the
+        first row with that id is the document. Missing values count as 0."""
+        if row.get("reject_reason") != DUPLICATE_ID:
+            key = row.get("source_id") if document is None else document
+            self._source_chars[key] = max(self._source_chars.get(key, 0), row.get("source_chars") or 0)
         self._prompt_tokens += (row.get("prompt_tokens") or 0) + (row.get("pairs_prompt_tokens") or 0)
         self._completion_tokens += (row.get("completion_tokens") or 0) + (row.get("pairs_completion_tokens") or 0)
         if rejected:

@@ -7,10 +7,14 @@ Two modes:
   quarantined: those wait for a person).
 - `dated`: date-partitioned drops. The source contains `{ds}` (e.g.
   `s3://corpus/drops/{ds}/`) and a run's logical date fills it, so a backfill over
-  dates re-plans exactly those partitions. Shard names are prefixed with the date,
-  `2026-11-01_part-0000`, because drops usually reuse file names from day to day and
-  the output layout (`data/{shard}.parquet`) is flat per recipe.
+  dates re-plans exactly those partitions. A run takes its whole partition (the budget
+  is for flat corpora); only `max_shards`, the most one run can map (Airflow's
+  `max_map_length`), holds shards back for a further run. Shard names are prefixed
+  with the date, `2026-11-01_part-0000`, because drops usually reuse file names from
+  day to day and the output layout (`data/{shard}.parquet`) is flat per recipe.
 
+In both modes never-tried shards come before retried ones, and a shard that failed
+`max_failures` tries is failed for good: it leaves the plan until it is requeued.
 A missing partition plans nothing (the drop has not landed, or never will for that
 date); a missing flat corpus is an error.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -89,7 +94,50 @@ def source_shards(
     raise PlanningError(f"mode must be 'flat' or 'dated', not {mode!r}")
 
 
-def plan_shards(
+@dataclass(frozen=True)
+class RunPlan:
+    """What one run does with its corpus (flat) or partition (dated): the shards it
+    publishes, and what it leaves and why."""
+
+    mode: str
+    ds: str | None
+    recipe_id: str
+    candidates: int  # source shards listed
+    shards: list[dict]  # {"source_uri", "shard"} this run publishes, never-tried first
+    held_back: list[str]  # still to do, over this run's limit
+    retried: int  # shards of `shards` tried before
+    registered: int
+    quarantined: int
+    failed: list[str]  # failed for good: out of the plan until requeued
+
+    @property
+    def pending(self) -> list[str]:
+        """Every shard still to publish: this run's, then those held back."""
+        return [d["shard"] for d in self.shards] + self.held_back
+
+    @property
+    def left(self) -> int:
+        """Shards neither registered nor quarantined: the corpus or partition is
+        complete at 0 (failed-for-good shards count until requeued and done)."""
+        return len(self.pending) + len(self.failed)
+
+    def summary(self) -> dict:
+        """The plan as JSON for the CLI and logs (names only for what this run does)."""
+        return {
+            "recipe_id": self.recipe_id,
+            "mode": self.mode,
+            "ds": self.ds,
+            "candidates": self.candidates,
+            "publish": self.shards,
+            "retried": self.retried,
+            "skipped": {"registered": self.registered, "quarantined": self.quarantined, "failed": len(self.failed)},
+            "failed_shards": self.failed,
+            "held_back": len(self.held_back),
+            "left": self.left,
+        }
+
+
+def plan_run(
     source: str,
     recipe_id: str,
     registry: Registry,
@@ -97,19 +145,51 @@ def plan_shards(
     mode: Literal["flat", "dated"] = "flat",
     ds: str | None = None,
     budget: int | None = None,
+    max_shards: int | None = None,
+    max_failures: int | None = None,
     s3_endpoint_url: str | None = None,
-) -> list[dict]:
-    """Shard descriptors `{"source_uri", "shard"}` for one run: the shards still to
-    publish, at most `budget` (None: all). Recorded in the registry as planned."""
-    if budget is not None and budget < 0:
-        raise PlanningError(f"budget must be >= 0, got {budget}")
+    record: bool = True,
+) -> RunPlan:
+    """Plan one run. A flat run takes at most `budget` shards, a dated run its whole
+    partition; either at most `max_shards` (None: no limit). A shard that failed
+    `max_failures` tries is left out (None: every failed shard). With `record` the
+    shards of the run are recorded as planned; without, nothing is written (a dry run)."""
+    for name, value in (("budget", budget), ("max_shards", max_shards)):
+        if value is not None and value < 0:
+            raise PlanningError(f"{name} must be >= 0, got {value}")
     candidates = source_shards(source, mode=mode, ds=ds, s3_endpoint_url=s3_endpoint_url)
-    pending = registry.plan(candidates, recipe_id, limit=budget)
-    log.info(
-        "planned %d of %d %s shard(s) for %s%s (budget %s)",
-        len(pending), len(candidates), mode, recipe_id, f" on {ds}" if mode == "dated" else "", budget,
+    triage = registry.triage(candidates, recipe_id, max_failures=max_failures)
+    limits = [n for n in (budget if mode == "flat" else None, max_shards) if n is not None]
+    limit = min(limits) if limits else len(triage.pending)
+    chosen, held_back = triage.pending[:limit], triage.pending[limit:]
+    if record:
+        registry.record_planned(recipe_id, chosen)
+    plan = RunPlan(
+        mode=mode,
+        ds=ds if mode == "dated" else None,
+        recipe_id=recipe_id,
+        candidates=len(candidates),
+        shards=[{"source_uri": uri, "shard": shard} for uri, shard in chosen],
+        held_back=[shard for _, shard in held_back],
+        retried=sum(shard in triage.retried for _, shard in chosen),
+        registered=len(triage.registered),
+        quarantined=len(triage.quarantined),
+        failed=triage.failed,
     )
-    return [{"source_uri": uri, "shard": shard} for uri, shard in pending]
+    log.info(
+        "%s %d of %d %s shard(s) for %s%s (%d retried; skipped %d registered, %d quarantined, %d failed for good;"
+        " %d held back for a further run)",
+        "planned" if record else "would plan", len(chosen), len(candidates), mode, recipe_id,
+        f" on {ds}" if mode == "dated" else "", plan.retried, plan.registered, plan.quarantined, len(plan.failed),
+        len(plan.held_back),
+    )
+    return plan
 
 
-__all__ = ["PlanningError", "dated_shard_name", "partition_uri", "plan_shards", "source_shards"]
+def plan_shards(source: str, recipe_id: str, registry: Registry, **options) -> list[dict]:
+    """Shard descriptors `{"source_uri", "shard"}` for one run: `plan_run(...).shards`
+    (same options), recorded in the registry as planned."""
+    return plan_run(source, recipe_id, registry, **options).shards
+
+
+__all__ = ["PlanningError", "RunPlan", "dated_shard_name", "partition_uri", "plan_run", "plan_shards", "source_shards"]

@@ -10,7 +10,9 @@ it expanded anew).
 
 Two kinds of failure, as everywhere: a bad shard (unreadable source, failed gate) is
 quarantined and the call returns normally; a server-level failure (every LLM endpoint
-down) marks the shard failed, frees the lease and re-raises for the scheduler's retries.
+down) records the failed try, frees the lease and re-raises for the scheduler's retries.
+A shard whose own tries fail `max_shard_failures` times is `failed` for good
+(`ShardFailedForGood`, not worth retrying) until someone requeues it.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections import Counter
+import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from maga_tasks.errors import EndpointsUnavailable, ShardInputError
+from maga_tasks.errors import EndpointsUnavailable, ShardFailedForGood, ShardInputError
 from maga_tasks.data.layout import ShardPaths, shard_name, shard_paths, trial_root
 from maga_tasks.quality import (
     DEFAULT_COLUMNS,
@@ -35,9 +38,11 @@ from maga_tasks.quality import (
     validate_output,
 )
 from maga_tasks.recipe import Recipe
-from maga_tasks.registry import Registry, RegistryError, ShardBusy
+from maga_tasks.registry import LeaseLost, Registry, RegistryConflict, RegistryError, ShardBusy, utc_now
 from maga_tasks.settings import RunSettings
-from maga_tasks.engine.shard import ShardResult, expand_shard
+from maga_tasks.engine.lease import LeaseKeeper
+from maga_tasks.engine.shard import ShardResult, expand_shard, publish_staged
+from maga_tasks.data.schema import shard_checksum
 from maga_tasks.data.source import SourceColumns
 from maga_tasks.data.storage import StorageError, storage_for
 
@@ -46,7 +51,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LEASE_TTL_S = 900.0
+# Renewed every third of it, off the event loop, so it only runs out when the worker is
+# gone (or cut off from the registry) that long; then a retry takes the shard over.
+DEFAULT_LEASE_TTL_S = 300.0
 
 
 def default_owner() -> str:
@@ -137,21 +144,31 @@ def register_committed_shard(
     *,
     shard: str | None = None,
     result: ShardResult | None = None,
-    owner: str | None = None,
+    lease: LeaseKeeper | None = None,
+    expected_checksum: str | None = None,
     s3_endpoint_url: str | None = None,
 ) -> dict:
     """Output gate on committed files, then register (passed) or quarantine (failed).
 
     Idempotent: the same files again leave the registry unchanged; other files for a
-    registered shard raise `RegistryConflict`. For `maga register-shard` and the last
-    step of `publish_shard` (which holds the lease as `owner`)."""
+    registered shard raise `RegistryConflict`. For `maga register-shard` (no lease: only
+    while no live lease holds the shard) and the last step of `publish_shard`, whose
+    `lease` fences the outcome (`LeaseLost` when stale) and whose commit recorded
+    `expected_checksum`: files with other bytes are refused. Once registered, the
+    shard's `_work/` (checkpoint, staged commit) is deleted."""
     paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
     registry.ensure_recipe(recipe)
     committed = load_committed(paths, s3_endpoint_url)
     if result is None:
         result = result_from_committed(committed, source_uri)
+    if expected_checksum is not None and committed.checksum != expected_checksum:
+        raise RegistryConflict(
+            f"shard {paths.shard}: data/ and rejected/ hold checksum {committed.checksum},"
+            f" not the commit's {expected_checksum}; refusing to register bytes the lease did not commit"
+        )
     report = validate_output(committed, recipe, result=result, s3_endpoint_url=s3_endpoint_url)
     _record(registry, report, recipe.recipe_id)
+    token = lease.token if lease is not None else None
     summary = _summary(
         paths,
         source_uri,
@@ -166,6 +183,10 @@ def register_committed_shard(
         requests=result.requests,
         resumed_documents=result.resumed_documents,
     )
+    if lease is not None:
+        if report.success:
+            lease.advance("validated")
+        lease.close()  # the shard is decided next: no renewal runs beside the decision
     if not report.success:
         registry.quarantine(
             recipe.recipe_id,
@@ -175,10 +196,9 @@ def register_committed_shard(
             result=result,
             checksum=committed.checksum,
             docs_uri=report.docs_uri,
+            token=token,
         )
         return summary | {"status": "quarantined", "reason": report.reason()}
-    if owner is not None:
-        registry.progress(recipe.recipe_id, paths.shard, owner, status="validated")
     newly = registry.register(
         recipe.recipe_id,
         paths.shard,
@@ -186,7 +206,10 @@ def register_committed_shard(
         committed.checksum,
         docs_uri=report.docs_uri,
         label_summary=report.labels,
+        token=token,
     )
+    if newly:  # final: nobody needs the checkpoint or a staged commit any more
+        storage_for(paths.work, s3_endpoint_url).delete_prefix(paths.work)
     log.info(
         "shard %s %s: %d docs, %d accepted, %d rejected, x%.2f expansion, checksum %s",
         paths.shard, "registered" if newly else "was already registered", result.documents,
@@ -195,25 +218,49 @@ def register_committed_shard(
     return summary | {"newly_registered": newly}
 
 
-class _Heartbeat:
-    """Progress callback for `expand_shard`: stores the report and extends the lease."""
+def _lease_within(
+    registry: Registry, rid: str, shard: str, source_uri: str, owner: str, ttl_s: float, force: bool, wait_s: float
+) -> int | None:
+    """The lease's token, waiting up to `wait_s` for another owner's lease to expire
+    (None when it stays held, or the shard was decided meanwhile)."""
+    deadline = time.monotonic() + wait_s
+    waited_for = None
+    while True:
+        token = registry.lease(rid, shard, source_uri, owner, ttl_s, force=force)
+        left = deadline - time.monotonic()
+        if token is not None or left <= 0:
+            return token
+        row = registry.shard(rid, shard) or {}
+        if row.get("status") in ("registered", "quarantined") or not row.get("lease_expires_at"):
+            return None
+        expires_in = (datetime.fromisoformat(row["lease_expires_at"]) - utc_now()).total_seconds()
+        if row.get("lease_owner") != waited_for:
+            waited_for = row.get("lease_owner")
+            log.info("shard %s is leased by %s for %.0fs more; waiting up to %.0fs for it", shard, waited_for,
+                     expires_in, left)
+        time.sleep(min(max(expires_in + 0.1, 0.1), 5.0, left))
 
-    def __init__(self, registry: Registry, recipe_id: str, shard: str, owner: str, ttl_s: float, forward):
-        self.registry, self.recipe_id, self.shard = registry, recipe_id, shard
-        self.owner, self.ttl_s, self.forward = owner, ttl_s, forward
-        self.lost = False
 
-    def __call__(self, snapshot: dict) -> None:
-        counters = dict(snapshot)
-        counters.setdefault("documents", snapshot.get("documents_done", 0))
-        held = self.registry.progress(self.recipe_id, self.shard, self.owner, counters=counters, ttl_s=self.ttl_s)
-        if not held and not self.lost:
-            # Not raised: expand_shard calls this from its event loop. The registration
-            # at the end is still exactly-once (checksums), so carry on and say so.
-            self.lost = True
-            log.warning("shard %s: lease of %s expired and was taken over", self.shard, self.owner)
-        if self.forward is not None:
-            self.forward(snapshot)
+def _publish_staged_commit(out, paths: ShardPaths, row: dict) -> str | None:
+    """Publish the commit an earlier lease recorded and staged but may not have published
+    (it stopped between its commit and its copies): exactly the bytes of the recorded
+    checksum. Returns the checksum of the shard's recorded, undecided commit (published
+    now or before), which its files must hold; None when there is none."""
+    token = row.get("commit_token")
+    if token is None:
+        return None
+    staged = {published: uri for uri, published in paths.staged(token)}
+    if not all(out.exists(uri) for uri in staged.values()):
+        return row["checksum"]  # published already: staged files are deleted only after the copies
+    checksum = shard_checksum(out.read_bytes(staged[paths.data]), out.read_bytes(staged[paths.rejected]))
+    if checksum != row["checksum"]:
+        raise RegistryConflict(
+            f"shard {paths.shard}: the commit staged by lease {token} has checksum {checksum},"
+            f" the registry recorded {row['checksum']}"
+        )
+    log.info("shard %s: publishing the commit of lease %d (checksum %s)", paths.shard, token, checksum[:12])
+    publish_staged(out, paths, token)
+    return checksum
 
 
 def publish_shard(
@@ -226,6 +273,7 @@ def publish_shard(
     owner: str,
     shard: str | None = None,
     lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+    lease_wait_s: float = 0.0,
     max_docs: int | None = None,
     columns: SourceColumns = DEFAULT_COLUMNS,
     progress: Callable[[dict], None] | None = None,
@@ -236,14 +284,20 @@ def publish_shard(
     """Publish one source shard under `recipe`; returns a small summary for an XCom
     (shard, status, counts, URIs, quality outcome, failed expectations).
 
+    A shard leased by another owner is waited for up to `lease_wait_s`: a lease that is
+    not renewed (its worker died) is taken over when it expires; one still renewed
+    raises `ShardBusy`.
+
     With `judge_sample` > 0 a newly registered shard also gets the judge's measurement
     over that many rewrites (`judge_shard_after_publish`).
 
     `shard` defaults to the source file's name (dated planning passes its own).
     With `max_docs` it is a `trial_shard` instead: nothing is leased or registered.
     Raises `ShardBusy` when another live worker holds the lease (the task retries
-    later), `EndpointsUnavailable` after marking the shard failed, and
-    `RegistryConflict` if a registered shard would get different content.
+    later), `EndpointsUnavailable` after recording the failed try, `ShardFailedForGood`
+    when the shard's own failures reached `settings.max_shard_failures` (now or before;
+    `force` tries it anyway), and `RegistryConflict` if a registered shard would get
+    different content.
     """
     if max_docs is not None:
         return trial_shard(
@@ -262,7 +316,10 @@ def publish_shard(
     if row is not None and row["status"] == "quarantined" and not force:
         log.warning("shard %s is quarantined (%s); pass force=True to try again", paths.shard, row["last_error"])
         return _summary_from_row(paths, row)
-    if not registry.lease(rid, paths.shard, source_uri, owner, lease_ttl_s, force=force):
+    if row is not None and row["status"] == "failed" and row["attempts"] >= settings.max_shard_failures and not force:
+        raise _failed_for_good(row)
+    token = _lease_within(registry, rid, paths.shard, source_uri, owner, lease_ttl_s, force, lease_wait_s)
+    if token is None:
         row = registry.shard(rid, paths.shard) or {}
         if row.get("status") in ("registered", "quarantined"):
             return _summary_from_row(paths, row)
@@ -270,48 +327,60 @@ def publish_shard(
             f"shard {paths.shard} of {rid} is leased by {row.get('lease_owner')} until {row.get('lease_expires_at')}"
         )
 
+    # Every write from here on is fenced by `token`; the keeper renews the lease off the
+    # event loop until the shard is decided and stops this worker once it is lost.
+    lease = LeaseKeeper(registry, rid, paths.shard, owner, token, lease_ttl_s, forward=progress).start()
     try:
         out = storage_for(output_root, s3)
+        recorded = _publish_staged_commit(out, paths, registry.shard(rid, paths.shard))
         if out.exists(paths.data) and out.exists(paths.rejected):
             # Committed by an earlier attempt that did not get to register: no input
             # gate, no expansion, no LLM request; the figures come from the files.
             log.info("shard %s already committed; validating and registering it", paths.shard)
-            registry.progress(rid, paths.shard, owner, status="committed", ttl_s=lease_ttl_s)
+            lease.advance("committed")
             summary = register_committed_shard(
-                source_uri, output_root, recipe, registry, shard=paths.shard, owner=owner, s3_endpoint_url=s3
+                source_uri, output_root, recipe, registry, shard=paths.shard, lease=lease,
+                expected_checksum=recorded, s3_endpoint_url=s3,
             )
             return judge_shard_after_publish(summary, output_root, recipe, settings, registry, judge_sample, columns)
         if check_input:
             report = validate_input(source_uri, recipe, paths, columns=columns, s3_endpoint_url=s3)
             _record(registry, report, rid)
             if not report.success:
-                registry.quarantine(rid, paths.shard, report.reason(), report.failed, docs_uri=report.docs_uri)
+                lease.close()
+                registry.quarantine(
+                    rid, paths.shard, report.reason(), report.failed, docs_uri=report.docs_uri, token=token
+                )
                 return _summary(
                     paths, source_uri, "quarantined", quality_success=False, docs_uri=report.docs_uri,
                     failed_expectations=report.failed_names, reason=report.reason(),
                 )
-        registry.progress(rid, paths.shard, owner, status="expanding", ttl_s=lease_ttl_s)
-        heartbeat = _Heartbeat(registry, rid, paths.shard, owner, lease_ttl_s, progress)
+        lease.advance("expanding")
         # The output is named after the shard; dated planning names it apart from the file.
         expand_kwargs = {"shard": paths.shard} if paths.shard != shard_name(source_uri) else {}
         result = expand_shard(
             source_uri, output_root, recipe, settings, max_docs=max_docs, columns=columns,
-            progress=heartbeat, **expand_kwargs,
+            progress=lease, fence=lease, **expand_kwargs,
         )
-        registry.progress(
-            rid, paths.shard, owner, status="committed", counters=result.to_dict(), ttl_s=lease_ttl_s
-        )
+        lease.advance("committed", counters=result.to_dict())
         summary = register_committed_shard(
-            source_uri, output_root, recipe, registry, shard=paths.shard, result=result, owner=owner,
-            s3_endpoint_url=s3,
+            source_uri, output_root, recipe, registry, shard=paths.shard, result=result, lease=lease,
+            expected_checksum=lease.committed_checksum, s3_endpoint_url=s3,
         )
     except ShardInputError as error:
+        lease.close()
         reason = f"unusable source shard: {error}"
-        registry.quarantine(rid, paths.shard, reason, [], source_uri=source_uri)
+        registry.quarantine(rid, paths.shard, reason, [], source_uri=source_uri, token=token)
         return _summary(paths, source_uri, "quarantined", quality_success=False, failed_expectations=[], reason=reason)
     except BaseException as error:
-        _mark_failed(registry, rid, paths.shard, owner, error)
+        lease.close()
+        if _mark_failed(
+            registry, rid, paths.shard, owner, error, settings.max_shard_failures, token
+        ) and isinstance(error, Exception):
+            raise _failed_for_good(registry.shard(rid, paths.shard)) from error
         raise
+    finally:
+        lease.close()
     return judge_shard_after_publish(summary, output_root, recipe, settings, registry, judge_sample, columns)
 
 
@@ -395,22 +464,34 @@ def trial_shard(
     )
 
 
-def run_report(summaries: list[dict], registry: Registry, recipe_id: str) -> dict:
-    """One run's shard outcomes by status beside the corpus totals; logged, and the
-    payload of the run's corpus asset event."""
-    statuses = dict(Counter(item.get("status", "unknown") for item in summaries))
-    totals = registry.totals(recipe_id)
-    log.info("this run: %d shard(s) %s", len(summaries), statuses)
-    log.info("corpus %s totals: %s", recipe_id, totals)
-    return {"recipe_id": recipe_id, "run_shards": len(summaries), "run_statuses": statuses, "totals": totals}
-
-
-def _mark_failed(registry: Registry, recipe_id: str, shard: str, owner: str, error: BaseException) -> None:
-    kind = "endpoints unavailable" if isinstance(error, EndpointsUnavailable) else type(error).__name__
+def _mark_failed(
+    registry: Registry, recipe_id: str, shard: str, owner: str, error: BaseException, max_failures: int, token: int
+) -> bool:
+    """Record a failed try of lease `token` (nothing when it is stale); True when it made
+    the shard failed for good. The fleet's failures (every endpoint down or refusing) and
+    a lost lease are not the shard's and never final."""
+    fleet = isinstance(error, EndpointsUnavailable)
+    kind = "endpoints unavailable" if fleet else type(error).__name__
+    not_own = fleet or isinstance(error, LeaseLost)
     try:
-        registry.mark_failed(recipe_id, shard, f"{kind}: {error}", owner=owner)
+        status = registry.mark_failed(
+            recipe_id, shard, f"{kind}: {error}", owner=owner, max_failures=None if not_own else max_failures,
+            token=token,
+        )
     except (SQLAlchemyError, RegistryError) as registry_error:  # the original error matters more
         log.error("shard %s: could not record the failure (%s) in the registry: %s", shard, error, registry_error)
+        return False
+    if status == "failed":
+        log.error("shard %s is failed for good (max_shard_failures=%d); requeue it once the cause is fixed",
+                  shard, max_failures)
+    return status == "failed"
+
+
+def _failed_for_good(row: dict) -> ShardFailedForGood:
+    return ShardFailedForGood(
+        f"shard {row['shard']} of {row['recipe_id']} failed for good after {row['attempts']} tries"
+        f" ({row['last_error']}); requeue it (`maga requeue`, DAG param requeue) once the cause is fixed"
+    )
 
 
 __all__ = [
@@ -422,6 +503,5 @@ __all__ = [
     "publish_shard",
     "register_committed_shard",
     "result_from_committed",
-    "run_report",
     "trial_shard",
 ]

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,12 +25,38 @@ from maga_tasks.errors import MagaError, ShardInputError
 from maga_tasks.data.layout import ShardPaths, shard_name, shard_paths, trial_root
 from maga_tasks.llm.client import LLMClient
 from maga_tasks.recipe import Recipe
-from maga_tasks.data.schema import ACCEPTED_SCHEMA, MAGACORPUS_SCHEMA, REJECTED_SCHEMA, magacorpus_row, row_id
+from maga_tasks.data.schema import (
+    ACCEPTED_SCHEMA, DUPLICATE_ID, MAGACORPUS_SCHEMA, REJECTED_SCHEMA, magacorpus_row, row_id, shard_checksum,
+)
 from maga_tasks.settings import RunSettings
 from maga_tasks.data.source import SourceColumns, SourceDocument, open_shard
 from maga_tasks.method.stages import StructuredOutputSupport, Usage, generate_pairs, rewrite
 from maga_tasks.data.storage import ObjectNotFound, storage_for
 from maga_tasks.method.truncation import DocumentCutter
+
+
+# How often a shard looks whether its lease was lost (a flag, no database call).
+LEASE_POLL_S = 0.1
+
+
+class CommitFence(Protocol):
+    """The lease a shard is expanded and committed under (`engine.lease.LeaseKeeper`).
+
+    A worker whose lease was taken over stops within a heartbeat and publishes nothing:
+    its token is stale, and the registry refuses the commit of a stale token."""
+
+    token: int
+
+    def lost(self) -> BaseException | None:
+        """The error to stop with once the lease is lost, else None (a flag: cheap)."""
+
+    def record_commit(self, checksum: str) -> None:
+        """Record the commit's checksum for this token before anything is published;
+        raises (`LeaseLost`) when the token is stale."""
+
+    def holds(self) -> bool:
+        """Whether this token still holds the shard (False too when the registry cannot
+        say); asked before the checkpoint is deleted."""
 
 
 def documents_in_flight(max_concurrency: int) -> int:
@@ -90,6 +116,7 @@ def expand_shard(
     columns: SourceColumns = SourceColumns(),
     progress: Callable[[dict], None] | None = None,
     shard: str | None = None,
+    fence: CommitFence | None = None,
 ) -> ShardResult:
     """Expand one source shard into `data/` and `rejected/` under the recipe's version.
 
@@ -100,6 +127,12 @@ def expand_shard(
     `shard` overrides the output name (default: from the file name), e.g. to keep
     daily drops that reuse file names apart. With `max_docs` it is a trial over the
     first documents, written under `trial_root` instead of the corpus.
+
+    With `fence` (the lease it works under) a lost lease cancels the expansion within a
+    heartbeat with the fence's error (`LeaseLost`), the checkpoint kept; the commit is
+    staged under the lease's token and published only once the registry accepted it
+    for that token (`_publish_fenced`), and the checkpoint is deleted only while the
+    token still holds the shard.
     """
     if max_docs is not None:
         output_root = trial_root(output_root, max_docs)
@@ -126,16 +159,19 @@ def expand_shard(
         checkpoint.prepare()
         with checkpoint.local_segments() as segments:
             done = set(Checkpoint.index(segments))
-        run = _ShardRun(recipe, settings, paths.shard, checkpoint, total, done, progress)
+        run = _ShardRun(recipe, settings, paths.shard, checkpoint, total, done, progress, fence)
         try:
             asyncio.run(run.execute(itertools.islice(iter(reader), total)))
         finally:
             checkpoint.close()
-        result = _commit(source_uri, paths, out, checkpoint, itertools.islice(iter(reader), total))
+        result = _commit(source_uri, paths, out, checkpoint, itertools.islice(iter(reader), total), fence)
     result.requests = run.client_stats.get("requests", 0)
     result.resumed_documents = len(done & set(range(total)))
     result.seconds = round(time.monotonic() - started, 3)
-    checkpoint.clear()
+    if fence is None or fence.holds():
+        checkpoint.clear()
+    else:
+        log.warning("shard %s: lease %d no longer holds it; its checkpoint is left to the owner", paths.shard, fence.token)
     log.info(
         "shard %s committed: %d docs, %d accepted, %d rejected %s, %d+%d tokens, %.1fs",
         paths.shard, result.documents, result.accepted, result.rejected,
@@ -147,7 +183,7 @@ def expand_shard(
 class _ShardRun:
     """The async part of one shard: documents stream through the stages, no batch barrier."""
 
-    def __init__(self, recipe, settings, shard, checkpoint, total, done, progress):
+    def __init__(self, recipe, settings, shard, checkpoint, total, done, progress, fence=None):
         self.recipe = recipe
         self.settings = settings
         self.shard = shard
@@ -162,9 +198,31 @@ class _ShardRun:
         self.rejects: Counter = Counter()
         self.client_stats: dict = {}
         self._started = time.monotonic()
+        self.fence = fence
+        self.stopped: BaseException | None = None  # why the lease watch cancelled the shard
 
     async def execute(self, documents) -> None:
-        async with LLMClient(self.settings, self.recipe.model) as client:
+        """Expand the documents; with a fence, cancelled once its lease is lost."""
+        watch = asyncio.create_task(self._watch_lease(asyncio.current_task())) if self.fence else None
+        try:
+            await self._expand(documents)
+        except asyncio.CancelledError:
+            if self.stopped is None:
+                raise
+            raise self.stopped from None
+        finally:
+            if watch is not None:
+                watch.cancel()
+
+    async def _watch_lease(self, shard_task: asyncio.Task) -> None:
+        while (error := self.fence.lost()) is None:
+            await asyncio.sleep(LEASE_POLL_S)
+        log.warning("shard %s: stopping, its lease is lost (%s); the checkpoint stays for the owner", self.shard, error)
+        self.stopped = error
+        shard_task.cancel()
+
+    async def _expand(self, documents) -> None:
+        async with LLMClient(self.settings, self.recipe.model, model_revision=self.recipe.model_revision) as client:
             self.client = client
             todo = self.total - self.finished
             if todo:
@@ -204,11 +262,13 @@ class _ShardRun:
                 while pending and not failures:
                     await asyncio.wait(set(pending), return_when=asyncio.FIRST_EXCEPTION)
                 if failures:
-                    for task in list(pending):
-                        task.cancel()
-                    await asyncio.gather(*pending, return_exceptions=True)
                     raise failures[0]
             finally:
+                # On a failure, or when the shard is cancelled (its lease lost): no
+                # request outlives the shard.
+                for task in list(pending):
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
                 ticker.cancel()
                 self.client_stats = client.stats.snapshot()
                 self._report()
@@ -235,7 +295,9 @@ class _ShardRun:
             if result.completion is None:
                 out.append(rows.row(i, pair, None, None, usage, result.reject_reason, result.detail))
                 continue
-            verdict = clean_rewrite(text, result.completion.text, result.completion.finish_reason, self.recipe.cleaning)
+            verdict = clean_rewrite(
+                text, result.completion.text, result.completion.finish_reason, self.recipe.cleaning, pair.genre, pair.audience
+            )
             out.append(rows.row(i, pair, verdict.text, result.completion, usage, verdict.reject_reason, verdict.detail, verdict.keyword_coverage))
         return out
 
@@ -292,7 +354,11 @@ class _RowMaker:
     def row(self, pair_index, pair, text, completion, pairs_usage, reason=None, detail="", coverage=None) -> dict:
         run, doc = self.run, self.doc
         return {
-            "id": row_id(run.recipe.recipe_id, run.shard, doc.source_id, pair_index),
+            # A repeated source id's rows carry the row's position: ids stay unique.
+            "id": row_id(
+                run.recipe.recipe_id, run.shard, doc.source_id, pair_index,
+                doc.index if doc.problem == DUPLICATE_ID else None,
+            ),
             "source_id": doc.source_id,
             "source_shard": run.shard,
             "pair_index": pair_index,
@@ -327,11 +393,14 @@ class _RowMaker:
 _COMMIT_BATCH_ROWS = 500
 
 
-def _commit(source_uri: str, paths: ShardPaths, out, checkpoint: Checkpoint, documents) -> ShardResult:
+def _commit(
+    source_uri: str, paths: ShardPaths, out, checkpoint: Checkpoint, documents, fence: CommitFence | None = None
+) -> ShardResult:
     """Write rejected/, magacorpus/ and data/ from the checkpoint in source order.
 
     Each file is written atomically; data/ goes last since its presence marks the shard
     committed. `documents` streams the source again, in the same order, for raw_text.
+    With a fence the files are published by `_publish_fenced`.
     """
     tally = FigureTally()
     with checkpoint.local_segments() as segments, tempfile.TemporaryDirectory(prefix="maga-commit-") as tmp:
@@ -355,10 +424,36 @@ def _commit(source_uri: str, paths: ShardPaths, out, checkpoint: Checkpoint, doc
                         accepted.add(row)
                         export.add(magacorpus_row(row, doc.text))
         # The data file goes last: its presence is what marks the shard committed.
-        out.put_file(paths.rejected, rejected_path)
-        out.put_file(paths.export, export_path)
-        out.put_file(paths.data, data_path)
+        built = {paths.rejected: rejected_path, paths.export: export_path, paths.data: data_path}
+        if fence is not None:
+            _publish_fenced(out, paths, built, fence)
+        else:
+            for uri, local in built.items():
+                out.put_file(uri, local)
     return ShardResult.of(paths, source_uri, tally.figures())
+
+
+def _publish_fenced(out, paths: ShardPaths, built: dict[str, Path], fence: CommitFence) -> None:
+    """Stage the files under the lease's token, record the commit, then publish them.
+
+    Staged files sit where no other lease writes (`ShardPaths.staged`). Nothing reaches
+    `data/`, `rejected/` or `magacorpus/` before the registry accepted the commit for
+    this token, so a stale lease stops with nothing published. From then on whoever holds
+    the lease publishes these same staged bytes (`publish_staged`): a writer paused
+    between the commit and its copies can only write bytes of the recorded checksum.
+    """
+    if (error := fence.lost()) is not None:
+        raise error
+    for staged, published in paths.staged(fence.token):
+        out.put_file(staged, built[published])
+    fence.record_commit(shard_checksum(built[paths.data].read_bytes(), built[paths.rejected].read_bytes()))
+    publish_staged(out, paths, fence.token)
+
+
+def publish_staged(out, paths: ShardPaths, token: int) -> None:
+    """Copy the commit staged under lease `token` to its published places, `data/` last."""
+    for staged, published in paths.staged(token):
+        out.copy(staged, published)
 
 
 class _BatchedWriter:

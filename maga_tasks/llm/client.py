@@ -5,7 +5,9 @@
   the healthy ones) so that endpoint's prefix cache holds the document; a retry goes to
   the next endpoint in that order.
 - Readiness that means ready: `wait_ready` checks `/health`, then `/v1/models` with the
-  key: the model is served and its context length fits the recipe.
+  key: the model is served, its context length fits the recipe and, when the recipe names
+  a `model_revision`, the weights it reports (`root`) are that revision where it can tell
+  (`serves_revision`).
 - Who owns a failure is decided by the fleet, not by one answer:
   - 401/403/404 (key, model) take the endpoint out for good; when every endpoint refuses,
     `FleetRefused` fails the shard before any document is rejected.
@@ -119,12 +121,35 @@ class ClientStats:
         }
 
 
+def serves_revision(root: object, revision: str) -> bool | None:
+    """Whether the weights a `/v1/models` card reports as `root` (the path or hub id vLLM
+    loaded) are `revision`: True, False, or None when the card cannot tell.
+
+    The card has no revision field and a checksum file inside a worker's folder cannot be
+    read from here, so the root's name is compared: it is `revision` when one of its path
+    segments or its `@` suffix is `revision` (a folder named after the revision, the hub
+    cache's `.../snapshots/<commit>`, `org/name@rev`); it is another one when it names a
+    revision that differs (a `snapshots/<commit>` folder, an `@` suffix); a bare hub id
+    or folder names none."""
+    if not isinstance(root, str) or not root.strip("/"):
+        return None
+    path, _, suffix = root.rstrip("/").partition("@")
+    segments = path.split("/")
+    if revision in segments or suffix == revision:
+        return True
+    if suffix or any(segments[i] == "snapshots" for i in range(len(segments) - 1)):
+        return False
+    return None
+
+
 class LLMClient:
     """Async client for a fleet of OpenAI-compatible chat completion endpoints."""
 
-    def __init__(self, settings: RunSettings, model: str):
+    def __init__(self, settings: RunSettings, model: str, *, model_revision: str | None = None):
         self.settings = settings
         self.model = settings.served_model or model
+        # Checked against what each endpoint reports it loaded (`serves_revision`).
+        self.model_revision = model_revision
         self.endpoints = [Endpoint(url) for url in settings.endpoints]
         self.stats = ClientStats()
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
@@ -199,6 +224,19 @@ class LLMClient:
                 f"serves {self.model!r} with max_model_len {length}, below the {min_context_tokens}"
                 " tokens the recipe needs (context_budget_tokens + rewrite max_tokens)"
             )
+            return
+        if self.model_revision:
+            root = served.get("root")
+            same = serves_revision(root, self.model_revision)
+            if same is False:
+                endpoint.refused = (
+                    f"serves {self.model!r} from {root!r}, not the recipe's model_revision {self.model_revision!r}"
+                )
+            elif same is None:
+                log.warning(
+                    "endpoint %s serves %r from %r, which names no revision: model_revision %r not checked",
+                    endpoint.url, self.model, root, self.model_revision,
+                )
 
     def _refusal_error(self) -> FleetRefused:
         causes = "; ".join(f"{e.url} {e.refused}" for e in self.endpoints if e.refused)

@@ -13,6 +13,8 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
+from maga_tasks.data.schema import ACCEPTED_FINISH_REASONS
+from maga_tasks.method import detectors
 from maga_tasks.recipe import Cleaning
 
 _WORD = re.compile(r"[^\W\d_]{3,}", re.UNICODE)
@@ -126,7 +128,20 @@ class Verdict:
     boilerplate_removed: int = 0
 
 
-def clean_rewrite(source: str, rewrite: str, finish_reason: str, rules: Cleaning) -> Verdict:
+def detector_findings(source: str, text: str, rules: Cleaning, genre: str = "", audience: str = "") -> list[tuple[str, str]]:
+    """The recipe's detectors that fire on a cleaned rewrite, in the recipe's order."""
+    checks = {
+        "prompt_echo": lambda: detectors.prompt_echo(text, genre, audience),
+        "refusal": lambda: detectors.refusal(text),
+        "repetition": lambda: detectors.repetition(text, max_repeated_share=rules.max_repeated_share),
+        "other_language": lambda: detectors.other_language(text, source, min_confidence=rules.min_language_confidence),
+    }
+    return [found for name in rules.detectors if (found := checks[name]())]
+
+
+def clean_rewrite(
+    source: str, rewrite: str, finish_reason: str, rules: Cleaning, genre: str = "", audience: str = ""
+) -> Verdict:
     """Clean one rewrite and decide whether it is accepted."""
     text, removed = strip_boilerplate(rewrite or "")
     coverage = keyword_coverage(source, text, rules.keyword_count) if text else 0.0
@@ -136,7 +151,7 @@ def clean_rewrite(source: str, rewrite: str, finish_reason: str, rules: Cleaning
 
     if finish_reason == "length":
         return reject("truncated", "the model hit max_tokens before finishing")
-    if finish_reason not in ("stop", "eos", "end_turn"):
+    if finish_reason not in ACCEPTED_FINISH_REASONS:
         return reject("unexpected_finish_reason", finish_reason)
     if not text.strip():
         return reject("empty")
@@ -152,4 +167,7 @@ def clean_rewrite(source: str, rewrite: str, finish_reason: str, rules: Cleaning
     copied = copy_ratio(source, text)
     if copied > rules.max_copy_ratio:
         return reject("near_copy", f"{copied:.2f} of 8-word runs copied > {rules.max_copy_ratio}")
+    findings = detector_findings(source, text, rules, genre, audience)
+    if findings:
+        return reject(*findings[0])
     return Verdict(text, coverage, None, "", removed)

@@ -161,7 +161,7 @@ class _Verdict:
 
 async def _judge_rows(rows, sources, recipe, settings, shard, report: JudgeReport) -> list[_Verdict]:
     structured = StructuredOutputSupport(recipe.pairs.structured_output)
-    async with LLMClient(settings, recipe.model) as client:
+    async with LLMClient(settings, recipe.model, model_revision=recipe.model_revision) as client:
         await client.wait_ready(settings.all_down_timeout_s, min_context_tokens=recipe.required_context_tokens)
 
         async def one(row: dict) -> _Verdict:

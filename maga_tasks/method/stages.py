@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from maga_tasks.llm.client import Completion, LLMClient, RequestFailed, refuses_structured_outputs
+from maga_tasks.method.detectors import junk_description
 from maga_tasks.method.prompts import JUDGE_JSON_SCHEMA, judge_messages, pairs_json_schema, pairs_messages, rewrite_messages
 from maga_tasks.recipe import Recipe
 
@@ -104,6 +105,14 @@ def validate_pairs(answer: dict | None, recipe: Recipe) -> tuple[list[Pair] | No
             return None, "pairs_duplicate", f"pair {i} repeats an earlier pair"
         seen.add(key)
         pairs.append(Pair(genre, audience))
+    # Well-formed, but does each field describe a kind of text or reader?
+    min_words = recipe.pairs.min_description_words
+    for i, pair in enumerate(pairs if min_words else ()):
+        junk = junk_description(pair.genre, "genre", min_words=min_words) or junk_description(
+            pair.audience, "audience", min_words=min_words
+        )
+        if junk:
+            return None, junk[0], f"pair {i}: {junk[1]}"
     return pairs, "", ""
 
 

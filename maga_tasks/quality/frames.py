@@ -9,7 +9,6 @@ memory near the size of the ids.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from maga_tasks.data.layout import ShardPaths
-from maga_tasks.data.schema import LINEAGE_COLUMNS
+from maga_tasks.data.schema import DUPLICATE_ID, LINEAGE_COLUMNS, shard_checksum
 from maga_tasks.data.source import SourceColumns, shard_format
 from maga_tasks.data.storage import StorageError, storage_for
 from maga_tasks.engine.figures import ShardFigures, figures_of_files
@@ -69,17 +68,22 @@ class CommittedShard:
     figures: ShardFigures  # measured on the files: what `ShardResult` reports
 
     def documents(self) -> pd.DataFrame:
-        """One row per source document: accepted, rejected and total rows, its length."""
+        """One row per source document: accepted, rejected and total rows, its length.
+        The rows of a repeated source id (`duplicate_id`) belong to no document, as in
+        `ShardFigures`: the first row with the id is the document."""
         import pandas as pd
 
+        rejected = self.rejected
+        if "reject_reason" in rejected:
+            rejected = rejected[rejected["reject_reason"] != DUPLICATE_ID]
         keys = ["source_id", "source_chars"]
         both = pd.concat(
-            [self.rows.reindex(columns=keys), self.rejected.reindex(columns=keys)], ignore_index=True
+            [self.rows.reindex(columns=keys), rejected.reindex(columns=keys)], ignore_index=True
         )
         frame = pd.DataFrame(
             {
                 "accepted": self.rows.groupby("source_id").size() if "source_id" in self.rows else None,
-                "rejected": self.rejected.groupby("source_id").size() if "source_id" in self.rejected else None,
+                "rejected": rejected.groupby("source_id").size() if "source_id" in rejected else None,
                 "source_chars": both.groupby("source_id")["source_chars"].max(),
             }
         )
@@ -110,13 +114,10 @@ def load_committed(paths: ShardPaths, s3_endpoint_url: str | None = None) -> Com
         rejected_bytes = storage.read_bytes(paths.rejected)
     except (StorageError, OSError) as error:
         raise QualityError(f"cannot read shard {paths.shard}: {error}") from None
-    digest = hashlib.sha256()
-    digest.update(data_bytes)
-    digest.update(rejected_bytes)
     rows = _read_parquet_bytes(data_bytes, paths.data, _ROW_COLUMNS + ("text_chars",), keep_text=True)
     rejected = _read_parquet_bytes(rejected_bytes, paths.rejected, _REJECTED_COLUMNS, keep_text=False)
     return CommittedShard(
-        paths, rows.to_pandas(), rejected.to_pandas(), digest.hexdigest(), figures_of_files(rows, rejected)
+        paths, rows.to_pandas(), rejected.to_pandas(), shard_checksum(data_bytes, rejected_bytes), figures_of_files(rows, rejected)
     )
 
 

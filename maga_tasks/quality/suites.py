@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from maga_tasks.data.schema import LINEAGE_COLUMNS
+from maga_tasks.data.schema import ACCEPTED_FINISH_REASONS, LINEAGE_COLUMNS
 from maga_tasks.data.source import SourceColumns
 from maga_tasks.quality.frames import DEFAULT_COLUMNS, source_length_column
 from maga_tasks.recipe import Recipe
@@ -74,9 +74,11 @@ def output_row_checks(gxe, recipe: Recipe, shard: str) -> list:
         _expectation(gxe, "ExpectColumnValuesToBeBetween", "text_length",
                      f"rewrites are {q.min_text_chars}..{q.max_text_chars} characters long",
                      column="text_chars", min_value=q.min_text_chars, max_value=q.max_text_chars),
+        # The check keeps its historical name; its set is the one cleaning accepts.
         _expectation(gxe, "ExpectColumnValuesToBeInSet", "finish_reason_stop",
-                     "every rewrite ended with finish_reason 'stop' (not cut by max_tokens)",
-                     column="finish_reason", value_set=["stop"]),
+                     f"every rewrite ended by the model itself (finish_reason in {', '.join(ACCEPTED_FINISH_REASONS)};"
+                     " not cut by max_tokens)",
+                     column="finish_reason", value_set=list(ACCEPTED_FINISH_REASONS)),
         _expectation(gxe, "ExpectColumnValuesToBeBetween", "keyword_coverage",
                      f"keyword coverage >= {coverage} for at least {q.min_coverage_share:.0%} of rows",
                      column="keyword_coverage", min_value=coverage, mostly=q.min_coverage_share),
@@ -95,7 +97,8 @@ def output_document_checks(gxe, recipe: Recipe, result: ShardFigures | None) -> 
         _expectation(gxe, "ExpectTableRowCountToBeBetween", "documents_present",
                      "the shard accounts for at least one source document", min_value=1),
         _expectation(gxe, "ExpectColumnValuesToBeBetween", "rows_per_document",
-                     f"every document has exactly {pairs} rows across data and rejected (nothing dropped)",
+                     f"every document has exactly {pairs} rows across data and rejected (nothing dropped;"
+                     " a repeated source id's rows are rejected as duplicate_id, not the document's)",
                      column="rows", min_value=pairs, max_value=pairs),
         _expectation(gxe, "ExpectColumnMeanToBeBetween", "accepted_per_document",
                      f"on average at least {q.min_accepted_per_document} accepted rewrites per document",

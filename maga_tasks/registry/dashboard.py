@@ -13,8 +13,11 @@ from urllib.parse import quote
 
 from maga_tasks.registry import Registry
 
-# The DAG leases shards as "airflow:{dag_id}/{task_id}/{map_index}/{run_id}".
-_AIRFLOW_OWNER = re.compile(r"^airflow:(?P<dag_id>[^/]+)/(?P<task_id>[^/]+)/(?P<map_index>-?\d+)/(?P<run_id>.+)$")
+# The DAG leases shards as "airflow:{dag_id}/{task_id}/{map_index}/{run_id}/try-{try_number}"
+# (older registries hold owners without the try).
+_AIRFLOW_OWNER = re.compile(
+    r"^airflow:(?P<dag_id>[^/]+)/(?P<task_id>[^/]+)/(?P<map_index>-?\d+)/(?P<run_id>.+?)(?:/try-(?P<try_number>\d+))?$"
+)
 
 _SHARD_FIELDS = (
     "shard",
@@ -44,6 +47,7 @@ def airflow_task_of(owner: str | None) -> dict | None:
         return None
     task = match.groupdict()
     task["map_index"] = int(task["map_index"])
+    task["try_number"] = int(task["try_number"]) if task["try_number"] else None
     path = f"dags/{quote(task['dag_id'], safe='')}/runs/{quote(task['run_id'], safe='')}/tasks/{quote(task['task_id'], safe='')}"
     if task["map_index"] >= 0:
         path += f"/mapped/{task['map_index']}"

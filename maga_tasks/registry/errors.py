@@ -16,3 +16,9 @@ class RegistryConflict(RegistryError):
 
 class ShardBusy(RegistryError):
     """Another live worker holds the shard's lease."""
+
+
+class LeaseLost(RegistryError):
+    """A lease holder's write was refused: its fencing token is stale (another worker
+    took the shard over, or the shard was decided without it). The worker must stop and
+    leave the shard to the current owner."""

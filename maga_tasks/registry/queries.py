@@ -74,7 +74,12 @@ RECIPE_IDS = text("SELECT DISTINCT recipe_id FROM shards ORDER BY recipe_id")
 # -- one shard ---------------------------------------------------------------------------
 
 _ONE_SHARD = " WHERE recipe_id = :rid AND shard = :shard"
-_HELD = _ONE_SHARD + " AND lease_owner = :owner"
+# Fencing: the lease holder's writes need its token (`:token`) to be the shard's current
+# one and the lease not given up; a stale token (a takeover since) changes nothing.
+_FENCED = " AND lease_token = :token AND lease_owner IS NOT NULL"
+# Writes without a lease (an operator's command) only while no live lease holds the shard.
+_UNLEASED = " AND (lease_owner IS NULL OR lease_expires_at < :now)"
+_HELD = _ONE_SHARD + " AND lease_owner = :owner" + _FENCED
 _NOT_REGISTERED = _ONE_SHARD + " AND status <> 'registered'"
 _FREE_LEASE = "lease_owner = NULL, lease_expires_at = NULL"
 # The end of an attempt: the lease is free and the finish time set.
@@ -90,9 +95,12 @@ _RESULT_ASSIGNMENTS = (
 
 SHARD = text("SELECT * FROM shards" + _ONE_SHARD)
 SHARD_STATUS = text("SELECT status FROM shards" + _ONE_SHARD)
-SHARD_CHECKSUM = text("SELECT checksum FROM shards" + _ONE_SHARD)
-SHARD_LEASE = text("SELECT lease_owner, lease_expires_at FROM shards" + _ONE_SHARD)
-SHARDS_OF_RECIPE = text("SELECT shard, status, source_uri FROM shards WHERE recipe_id = :rid")
+SHARD_LEASE = text("SELECT lease_owner, lease_expires_at, lease_token FROM shards" + _ONE_SHARD)
+# Why a fenced or unleased write changed nothing.
+SHARD_FENCE = text(
+    "SELECT status, checksum, lease_owner, lease_expires_at, lease_token FROM shards" + _ONE_SHARD
+)
+SHARDS_OF_RECIPE = text("SELECT shard, status, source_uri, attempts FROM shards WHERE recipe_id = :rid")
 
 PLAN_SHARD = text(
     "INSERT INTO shards (recipe_id, shard, source_uri, status, created_at, updated_at)"
@@ -104,22 +112,33 @@ RELEASE = text(
     " status = CASE WHEN status IN ('leased', 'expanding') THEN 'planned' ELSE status END"
     + _HELD
 )
-REGISTER = text(
-    f"UPDATE shards SET status = 'registered', {_RESULT_ASSIGNMENTS},"
-    " checksum = :checksum, docs_uri = COALESCE(:docs_uri, docs_uri),"
-    " label_summary = COALESCE(:labels, label_summary),"
-    " seconds = COALESCE(:seconds, seconds), last_error = NULL, failed_expectations = NULL,"
-    f" registered_at = :now, {_FINISHED}"
-    + _NOT_REGISTERED
+# The lease holder's commit: the checksum of the files it publishes next, under its token.
+RECORD_COMMIT = text(
+    "UPDATE shards SET status = 'committed', checksum = :checksum, commit_token = :token, updated_at = :now"
+    + _ONE_SHARD + _FENCED + f" AND status IN {_sql_list(WORKING_STATUSES)}"
 )
+
+
+def register(*, fenced: bool) -> TextClause:
+    """Publish an unregistered shard: by the holder of lease `:token` when `fenced`,
+    else only while no live lease holds it."""
+    return text(
+        f"UPDATE shards SET status = 'registered', {_RESULT_ASSIGNMENTS},"
+        " checksum = :checksum, docs_uri = COALESCE(:docs_uri, docs_uri),"
+        " label_summary = COALESCE(:labels, label_summary),"
+        " seconds = COALESCE(:seconds, seconds), last_error = NULL, failed_expectations = NULL,"
+        f" registered_at = :now, {_FINISHED}"
+        + _NOT_REGISTERED
+        + (_FENCED if fenced else _UNLEASED)
+    )
 
 
 def lease(*, force: bool) -> TextClause:
     """Take a free, expired or own lease; never of a registered shard, of a quarantined
-    one only with `force`."""
+    one only with `force`. Every lease gets the next fencing token."""
     blocked = ("registered",) if force else ("registered", "quarantined")
     return text(
-        "UPDATE shards SET status = 'leased', lease_owner = :owner,"
+        "UPDATE shards SET status = 'leased', lease_owner = :owner, lease_token = lease_token + 1,"
         " lease_expires_at = :expires, attempts = attempts + 1, started_at = :now,"
         " finished_at = NULL, updated_at = :now"
         + _ONE_SHARD
@@ -144,29 +163,37 @@ def progress(*, status: bool, counters: Collection[str] | None, extend_lease: bo
     )
 
 
-def quarantine(*, with_result: bool) -> TextClause:
-    """Hold back an unregistered shard; with its result's figures when `with_result`."""
+def quarantine(*, with_result: bool, fenced: bool) -> TextClause:
+    """Hold back an unregistered shard; with its result's figures when `with_result`; by
+    the holder of lease `:token` when `fenced`, else only while no live lease holds it.
+    Its commit is judged: no longer one for a later lease to publish (`commit_token`)."""
     assignments = (
-        "status = 'quarantined', last_error = :reason, failed_expectations = :failed,"
+        "status = 'quarantined', last_error = :reason, failed_expectations = :failed, commit_token = NULL,"
         f" checksum = COALESCE(:checksum, checksum), docs_uri = COALESCE(:docs_uri, docs_uri), {_FINISHED}"
     )
     if with_result:
         assignments += ", " + _RESULT_ASSIGNMENTS
-    return text(f"UPDATE shards SET {assignments}" + _NOT_REGISTERED)
+    return text(f"UPDATE shards SET {assignments}" + _NOT_REGISTERED + (_FENCED if fenced else _UNLEASED))
 
 
-def mark_failed(*, by_owner: bool) -> TextClause:
-    """Fail an unregistered shard's attempt; only `:owner`'s when `by_owner`."""
+def mark_failed(*, by_owner: bool, by_token: bool = False) -> TextClause:
+    """Fail an unregistered shard's attempt; only `:owner`'s when `by_owner`. The shard is
+    `failed` for good when this try (counted by its lease) is at least its
+    `:max_failures`-th, else back to `planned`; a NULL `:max_failures` never compares
+    true, so such a failure is never final."""
     return text(
-        f"UPDATE shards SET status = 'failed', last_error = :error, {_FINISHED}"
+        "UPDATE shards SET status = CASE WHEN attempts >= :max_failures THEN 'failed' ELSE 'planned' END,"
+        f" last_error = :error, {_FINISHED}"
         + _NOT_REGISTERED
         + (" AND lease_owner = :owner" if by_owner else "")
+        + (_FENCED if by_token else "")
     )
 
 
-# Back into the plan: only a quarantined or failed shard, which no worker holds.
+# Back into the plan: only a quarantined or failed shard, which no worker holds; its
+# tries start again from zero.
 REQUEUE = text(
-    f"UPDATE shards SET status = 'planned', last_error = NULL, failed_expectations = NULL, {_FREE_LEASE},"
+    f"UPDATE shards SET status = 'planned', attempts = 0, last_error = NULL, failed_expectations = NULL, {_FREE_LEASE},"
     " updated_at = :now" + _ONE_SHARD + " AND status IN ('quarantined', 'failed')"
 )
 

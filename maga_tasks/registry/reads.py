@@ -8,12 +8,28 @@ the write lock that every write transaction holds from its start.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from sqlalchemy.sql.elements import TextClause
 
 from maga_tasks.registry import queries
 from maga_tasks.registry.db import Database, from_json, row_dict
+from maga_tasks.registry.errors import RegistryError
 from maga_tasks.registry.queries import COUNTERS, STATUSES
+
+
+@dataclass(frozen=True)
+class PlanTriage:
+    """Where each candidate shard of a plan stands: still to do, or left out and why."""
+
+    # (source_uri, shard) still to do: never tried first, then by tries so far, each
+    # group in the candidates' order.
+    pending: list[tuple[str, str]]
+    retried: frozenset[str]  # pending shards tried before
+    registered: list[str]
+    quarantined: list[str]  # wait for a person (requeue)
+    failed: list[str]  # failed for good: out of the plan until requeued
 
 
 class RegistryReads:
@@ -60,6 +76,46 @@ class RegistryReads:
                 item = row_dict(row)
                 grouped[item["shard"]].append(item)
         return grouped
+
+    def triage(
+        self,
+        shards: Iterable[tuple[str, str]],
+        recipe_id: str,
+        *,
+        include_quarantined: bool = False,
+        max_failures: int | None = None,
+    ) -> PlanTriage:
+        """Sort candidate `(source_uri, shard)` pairs for planning, in one query: a
+        registered shard is done, a quarantined one waits for a person (unless
+        `include_quarantined`), a `failed` one is failed for good once it has
+        `max_failures` tries (None: any failed shard). Writes nothing."""
+        with self.db.read() as conn:
+            rows = conn.execute(queries.SHARDS_OF_RECIPE, {"rid": recipe_id}).all()
+        known = {row.shard: row for row in rows}
+        left_out: dict[str, list[str]] = {"registered": [], "quarantined": [], "failed": []}
+        pending: list[tuple[int, str, str]] = []
+        for source_uri, shard in shards:
+            row = known.get(shard)
+            if row is not None and row.source_uri != source_uri:
+                raise RegistryError(
+                    f"shard {shard!r} of {recipe_id} is recorded from {row.source_uri}, not {source_uri};"
+                    " two source files map to one shard name"
+                )
+            status, tries = (row.status, int(row.attempts)) if row is not None else (None, 0)
+            if (
+                status == "registered"
+                or (status == "quarantined" and not include_quarantined)
+                or (status == "failed" and (max_failures is None or tries >= max_failures))
+            ):
+                left_out[status].append(shard)
+            else:
+                pending.append((tries, source_uri, shard))
+        pending.sort(key=lambda item: item[0])  # stable: fresh shards first, in order
+        return PlanTriage(
+            pending=[(uri, shard) for _, uri, shard in pending],
+            retried=frozenset(shard for tries, _, shard in pending if tries),
+            **left_out,
+        )
 
     def quality_results_of(self, recipe_id: str, shards: list[str]) -> dict[str, list[dict]]:
         """`quality_results` of many shards in one query: shard -> results, oldest first."""

@@ -2,10 +2,17 @@
 each change of hands written to the audit log (`shard_events`).
 
 Exactly-once publication rests on three statements, each atomic on both backends:
-- `lease`: one conditional UPDATE; of two racing workers exactly one changes the row.
+- `lease`: one conditional UPDATE; of two racing workers exactly one changes the row,
+  and it gets the shard's next fencing token.
 - `register`: one conditional UPDATE; a second call with the same checksum changes
   nothing, with another checksum it raises `RegistryConflict`.
 - `quarantine`/`mark_failed`: conditional UPDATEs that never touch a registered shard.
+
+Fencing: the lease holder's writes (`progress`, `release`, `record_commit`, `register`,
+`quarantine`, `mark_failed`) carry its token and are conditional on it
+(`... AND lease_token = :token`), so a worker whose lease was taken over changes
+nothing; its `record_commit`/`register`/`quarantine` raise `LeaseLost`. Without a token
+(an operator's command) they only act while no live lease holds the shard.
 
 Lease expiry uses the workers' clocks; keep them in sync (NTP) and leases long compared
 with any skew.
@@ -23,8 +30,9 @@ from sqlalchemy.engine import Connection
 
 from maga_tasks.registry import queries
 from maga_tasks.registry.db import Database, iso, to_json, utc_now
-from maga_tasks.registry.errors import RegistryConflict, RegistryError
+from maga_tasks.registry.errors import LeaseLost, RegistryConflict, RegistryError, ShardBusy
 from maga_tasks.registry.queries import COUNTERS, WORKING_STATUSES
+from maga_tasks.registry.reads import RegistryReads
 
 if TYPE_CHECKING:
     from maga_tasks.engine.shard import ShardResult
@@ -72,6 +80,28 @@ def _event(conn: Connection, recipe_id: str, shard: str, name: str, owner: str |
     )
 
 
+def _refused(conn: Connection, recipe_id: str, shard: str, token: int | None, action: str):
+    """Why a fenced (`token`) or unleased (None) write changed nothing: raises
+    `LeaseLost`, `ShardBusy` or `RegistryError`, and returns the shard's row when the
+    reason is that it is registered (for that token, or without one), which the caller
+    judges."""
+    row = conn.execute(queries.SHARD_FENCE, {"rid": recipe_id, "shard": shard}).one_or_none()
+    name = f"shard {shard!r} of {recipe_id}"
+    if row is None:
+        raise RegistryError(f"unknown {name}")
+    holder = f", leased by {row.lease_owner}" if row.lease_owner else ""
+    if token is not None and int(row.lease_token) != token:
+        raise LeaseLost(
+            f"cannot {action} {name}: lease token {token} is stale, the shard is at token {row.lease_token}"
+            f" ({row.status}{holder})"
+        )
+    if row.status == "registered":
+        return row
+    if token is not None:
+        raise LeaseLost(f"cannot {action} {name}: lease token {token} no longer holds it ({row.status})")
+    raise ShardBusy(f"cannot {action} {name}: it is leased by {row.lease_owner} until {row.lease_expires_at}")
+
+
 class ShardStore:
     """Every write to the registry's recipes, shards, events and quality results."""
 
@@ -106,38 +136,29 @@ class ShardStore:
         *,
         limit: int | None = None,
         include_quarantined: bool = False,
+        max_failures: int | None = None,
     ) -> list[tuple[str, str]]:
-        """The `(source_uri, shard)` pairs that still need work, in the given order, at
-        most `limit`: not registered and (unless asked) not quarantined, since a
-        quarantined shard waits for a person, not for the next run. The pairs returned
-        are recorded as planned; one query reads the recipe's shards, so planning a
-        corpus of many thousand shards stays cheap."""
-        wanted = list(shards)
-        skip = {"registered"} | (set() if include_quarantined else {"quarantined"})
-        with self.db.read() as conn:
-            rows = conn.execute(queries.SHARDS_OF_RECIPE, {"rid": recipe_id}).all()
-        known = {shard: (status, uri) for shard, status, uri in rows}
-        pending = []
-        for source_uri, shard in wanted:
-            status, recorded_uri = known.get(shard, (None, source_uri))
-            if recorded_uri != source_uri:
-                raise RegistryError(
-                    f"shard {shard!r} of {recipe_id} is recorded from {recorded_uri}, not {source_uri};"
-                    " two source files map to one shard name"
-                )
-            if status not in skip:
-                pending.append((source_uri, shard))
-        if limit is not None:
-            pending = pending[: max(limit, 0)]
-        fresh = [(uri, shard) for uri, shard in pending if shard not in known]
-        if fresh:
-            now = iso(utc_now())
-            with self.db.write() as conn:
-                conn.execute(
-                    queries.PLAN_SHARD,
-                    [{"rid": recipe_id, "shard": shard, "uri": uri, "now": now} for uri, shard in fresh],
-                )
+        """The `(source_uri, shard)` pairs that still need work, never-tried ones first,
+        at most `limit`: not registered, not failed for good and (unless asked) not
+        quarantined, since a quarantined shard waits for a person, not for the next run
+        (`RegistryReads.triage`). The pairs returned are recorded as planned; one query
+        reads the recipe's shards, so planning a corpus of many thousand shards stays cheap."""
+        triage = RegistryReads(self.db).triage(
+            shards, recipe_id, include_quarantined=include_quarantined, max_failures=max_failures
+        )
+        pending = triage.pending if limit is None else triage.pending[: max(limit, 0)]
+        self.record_planned(recipe_id, pending)
         return pending
+
+    def record_planned(self, recipe_id: str, shards: list[tuple[str, str]]) -> None:
+        """Record `(source_uri, shard)` pairs as planned; shards already known keep their row."""
+        if not shards:
+            return
+        now = iso(utc_now())
+        with self.db.write() as conn:
+            conn.execute(
+                queries.PLAN_SHARD, [{"rid": recipe_id, "shard": shard, "uri": uri, "now": now} for uri, shard in shards]
+            )
 
     def lease(
         self,
@@ -148,8 +169,9 @@ class ShardStore:
         ttl_s: float,
         *,
         force: bool = False,
-    ) -> bool:
-        """Take the shard for `owner` for `ttl_s` seconds; True when taken.
+    ) -> int | None:
+        """Take the shard for `owner` for `ttl_s` seconds; its fencing token when taken
+        (an int >= 1, larger than any earlier lease of the shard), else None.
 
         Free, expired and own leases can be taken; a registered shard never; a
         quarantined one only with `force`. Exactly one of several racing callers wins.
@@ -167,26 +189,30 @@ class ShardStore:
         with self.db.write() as conn:
             _insert_planned(conn, recipe_id, shard, source_uri, params["now"])
             previous = conn.execute(queries.SHARD_LEASE, params).one()
-            taken = conn.execute(queries.lease(force=force), params).rowcount
-            if taken:
-                takeover = previous.lease_owner not in (None, owner)
-                _event(
-                    conn,
-                    recipe_id,
-                    shard,
-                    "takeover" if takeover else "lease",
-                    owner,
-                    ttl_s=ttl_s,
-                    **({"previous_owner": previous.lease_owner} if takeover else {}),
-                )
-        return bool(taken)
+            if not conn.execute(queries.lease(force=force), params).rowcount:
+                return None
+            # Read in the transaction that took it: nobody else can have moved it on.
+            token = int(conn.execute(queries.SHARD_LEASE, params).one().lease_token)
+            takeover = previous.lease_owner not in (None, owner)
+            _event(
+                conn,
+                recipe_id,
+                shard,
+                "takeover" if takeover else "lease",
+                owner,
+                ttl_s=ttl_s,
+                token=token,
+                **({"previous_owner": previous.lease_owner} if takeover else {}),
+            )
+        return token
 
-    def release(self, recipe_id: str, shard: str, owner: str) -> bool:
-        """Give the lease back (work not finished); the shard is free for the next run."""
+    def release(self, recipe_id: str, shard: str, owner: str, *, token: int) -> bool:
+        """Give the lease back (work not finished); the shard is free for the next run.
+        False when `owner` no longer holds lease `token`."""
         now = iso(utc_now())
         with self.db.write() as conn:
             released = conn.execute(
-                queries.RELEASE, {"rid": recipe_id, "shard": shard, "owner": owner, "now": now}
+                queries.RELEASE, {"rid": recipe_id, "shard": shard, "owner": owner, "token": token, "now": now}
             ).rowcount
             if released:
                 _event(conn, recipe_id, shard, "release", owner)
@@ -198,16 +224,18 @@ class ShardStore:
         shard: str,
         owner: str,
         *,
+        token: int,
         status: str | None = None,
         counters: dict | None = None,
         ttl_s: float | None = None,
     ) -> bool:
         """Heartbeat of the lease holder: store its progress report, move the status
-        forward, extend the lease. False when `owner` no longer holds the lease."""
+        forward, extend the lease. False when `owner` no longer holds lease `token` (a
+        takeover since, or the shard left the working states)."""
         if status is not None and status not in WORKING_STATUSES:
             raise ValueError(f"progress status must be one of {WORKING_STATUSES}, not {status!r}")
         now = utc_now()
-        params: dict[str, Any] = {"rid": recipe_id, "shard": shard, "owner": owner, "now": iso(now)}
+        params: dict[str, Any] = {"rid": recipe_id, "shard": shard, "owner": owner, "token": token, "now": iso(now)}
         figures: dict[str, int] = {}
         if status is not None:
             params["status"] = status
@@ -239,9 +267,14 @@ class ShardStore:
         *,
         docs_uri: str | None = None,
         label_summary: dict | None = None,
+        token: int | None = None,
     ) -> bool:
         """Publish a validated shard. True when registered now; False when it already
-        was with this checksum (a no-op). Another checksum raises `RegistryConflict`."""
+        was with this checksum (a no-op). Another checksum raises `RegistryConflict`.
+
+        With `token` (the lease holder's) it is fenced: a stale token raises `LeaseLost`
+        and changes nothing. Without, it acts only while no live lease holds the shard
+        (`ShardBusy`)."""
         if not checksum:
             raise ValueError("a checksum is required to register a shard")
         now = iso(utc_now())
@@ -253,14 +286,15 @@ class ShardStore:
             "labels": to_json(label_summary),
             "now": now,
             "seconds": float(result.seconds) if result.seconds else None,
+            "token": token,
         }
         with self.db.write() as conn:
             _insert_planned(conn, recipe_id, shard, result.source_uri, now)
-            changed = conn.execute(queries.REGISTER, params).rowcount
+            changed = conn.execute(queries.register(fenced=token is not None), params).rowcount
             if changed:
-                _event(conn, recipe_id, shard, "register", None, checksum=checksum)
+                _event(conn, recipe_id, shard, "register", None, checksum=checksum, token=token)
                 return True
-            registered = conn.execute(queries.SHARD_CHECKSUM, params).scalar_one()
+            registered = _refused(conn, recipe_id, shard, token, "register").checksum
         if registered != checksum:
             raise RegistryConflict(
                 f"shard {shard!r} of {recipe_id} is registered with checksum {registered},"
@@ -268,12 +302,17 @@ class ShardStore:
             )
         return False
 
-    def _require_not_registered(self, conn: Connection, recipe_id: str, shard: str, action: str) -> None:
-        status = conn.execute(queries.SHARD_STATUS, {"rid": recipe_id, "shard": shard}).scalar_one_or_none()
-        if status is None:
-            raise RegistryError(f"unknown shard {shard!r} of {recipe_id}")
-        if status == "registered":
-            raise RegistryConflict(f"cannot {action} shard {shard!r} of {recipe_id}: it is registered")
+    def record_commit(self, recipe_id: str, shard: str, token: int, checksum: str) -> None:
+        """The lease holder's commit, before any file of it is published: the checksum of
+        the files it staged under `token` (`ShardPaths.staged`), which whoever holds the
+        lease from now on publishes. A stale token raises `LeaseLost`: that worker must
+        not publish anything."""
+        params = {"rid": recipe_id, "shard": shard, "token": token, "checksum": checksum, "now": iso(utc_now())}
+        with self.db.write() as conn:
+            if not conn.execute(queries.RECORD_COMMIT, params).rowcount:
+                _refused(conn, recipe_id, shard, token, "commit")
+                raise RegistryConflict(f"cannot commit shard {shard!r} of {recipe_id}: it is registered")
+            _event(conn, recipe_id, shard, "commit", None, token=token, checksum=checksum)
 
     def quarantine(
         self,
@@ -286,9 +325,11 @@ class ShardStore:
         result: ShardResult | None = None,
         checksum: str | None = None,
         docs_uri: str | None = None,
+        token: int | None = None,
     ) -> None:
         """Hold a shard back from publication, with why. A registered shard is never
-        quarantined (`RegistryConflict`); publication is final for a recipe."""
+        quarantined (`RegistryConflict`); publication is final for a recipe. Fenced by
+        `token` like `register` (`LeaseLost`, or `ShardBusy` without a token)."""
         now = iso(utc_now())
         params: dict[str, Any] = {
             "rid": recipe_id,
@@ -297,6 +338,7 @@ class ShardStore:
             "failed": to_json(failed_expectations or []),
             "checksum": checksum,
             "docs_uri": docs_uri,
+            "token": token,
             "now": now,
         }
         if result is not None:
@@ -305,25 +347,34 @@ class ShardStore:
             uri = source_uri or (result.source_uri if result is not None else None)
             if uri:
                 _insert_planned(conn, recipe_id, shard, uri, now)
-            changed = conn.execute(queries.quarantine(with_result=result is not None), params).rowcount
-            if not changed:
-                self._require_not_registered(conn, recipe_id, shard, "quarantine")
-            _event(conn, recipe_id, shard, "quarantine", None, reason=reason)
+            statement = queries.quarantine(with_result=result is not None, fenced=token is not None)
+            if not conn.execute(statement, params).rowcount:
+                _refused(conn, recipe_id, shard, token, "quarantine")
+                raise RegistryConflict(f"cannot quarantine shard {shard!r} of {recipe_id}: it is registered")
+            _event(conn, recipe_id, shard, "quarantine", None, reason=reason, token=token)
         log.warning("registry: quarantined %s/%s: %s", recipe_id, shard, reason)
 
-    def mark_failed(self, recipe_id: str, shard: str, error: str, *, owner: str | None = None) -> bool:
+    def mark_failed(
+        self, recipe_id: str, shard: str, error: str, *, owner: str | None = None, max_failures: int | None = 1,
+        token: int | None = None,
+    ) -> str | None:
         """Record a failed attempt and free the lease so a retry can take the shard.
-        With `owner`, only that lease holder's attempt is marked. A registered shard is
-        left alone (False)."""
+        With `owner`, only that lease holder's attempt is marked; with `token`, only
+        while that lease is the shard's current one (a stale worker marks nothing).
+        Returns the shard's
+        status: `failed` (for good) when this was at least its `max_failures`-th try,
+        else `planned` (None for `max_failures`: a failure that is not the shard's own);
+        None when nothing was marked (a registered shard is left alone)."""
         now = iso(utc_now())
+        params = {"rid": recipe_id, "shard": shard, "error": error[:4000], "owner": owner, "now": now,
+                  "max_failures": max_failures, "token": token}
         with self.db.write() as conn:
-            changed = conn.execute(
-                queries.mark_failed(by_owner=bool(owner)),
-                {"rid": recipe_id, "shard": shard, "error": error[:4000], "owner": owner, "now": now},
-            ).rowcount
-            if changed:
-                _event(conn, recipe_id, shard, "fail", owner, error=error[:1000])
-        return bool(changed)
+            changed = conn.execute(queries.mark_failed(by_owner=bool(owner), by_token=token is not None), params).rowcount
+            if not changed:
+                return None
+            status = conn.execute(queries.SHARD_STATUS, params).scalar_one()
+            _event(conn, recipe_id, shard, "fail", owner, error=error[:1000], final=status == "failed")
+        return status
 
     def requeue(self, recipe_id: str, shard: str, *, moved_to: str | None = None) -> bool:
         """Put a quarantined or failed shard back to `planned` (False for any other

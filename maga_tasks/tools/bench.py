@@ -236,11 +236,12 @@ def engine_suite(args, figures: Figures) -> dict:
 
     server = None
     url = args.endpoint
-    model_dir = args.model_dir
+    model_dir = args.model_dir or str(REPO / "var" / "models" / "maga-tiny")
+    served = args.served_model or "maga-tiny"
     if url is None:
         if not Path(model_dir, "config.json").exists():
             subprocess.run([sys.executable, str(REPO / "scripts" / "build_tiny_model.py"), model_dir], check=True)
-        server = start_vllm_server(model_dir, served_model_name=args.served_model, max_num_seqs=max(args.concurrency, 8))
+        server = start_vllm_server(model_dir, served_model_name=served, max_num_seqs=max(args.concurrency, 8))
         server.wait_healthy(timeout=600)
         url = server.url
     tokenizer = args.tokenizer or model_dir
@@ -251,16 +252,16 @@ def engine_suite(args, figures: Figures) -> dict:
     try:
         # A first run warms the server and gives the request stream to replay.
         warm = measure_expansion(shard, url, args.concurrency, recipe=recipe_path, tokenizer=tokenizer,
-                                 served_model=args.served_model, output_root=work / "warm")
+                                 served_model=served, output_root=work / "warm")
         dataset, prompts = replay_dataset(shard, warm, recipe_path, work / "replay.jsonl")
         for repeat in range(args.repeats):
             before = read_metrics(url)
-            engine = vllm_bench_serve(url, args.served_model, tokenizer, dataset, prompts, args.concurrency,
+            engine = vllm_bench_serve(url, served, tokenizer, dataset, prompts, args.concurrency,
                                       Path(args.vllm_python or default_vllm_python()), sampling.temperature,
                                       sampling.top_p)
             middle = read_metrics(url)
             ours = measure_expansion(shard, url, args.concurrency, recipe=recipe_path, tokenizer=tokenizer,
-                                     served_model=args.served_model, output_root=work / f"run-{repeat}")
+                                     served_model=served, output_root=work / f"run-{repeat}")
             after = read_metrics(url)
             ours_tps = ours["completion_tokens"] / ours["seconds"]
             figures.add("engine output tokens/s", engine["output_throughput"], "tok/s")
@@ -310,10 +311,12 @@ def client_suite(args, figures: Figures) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--short", action="store_true", help="small sizes and one repeat (CI)")
-    parser.add_argument("--suite", choices=["all", "engine", "client"], default="all")
+    parser.add_argument("--suite", choices=["all", "engine", "client", "quality"], default="all",
+                        help="quality: the real-model quality report (not part of all)")
     parser.add_argument("--endpoint", help="a running vLLM server (default: start the tiny model locally)")
-    parser.add_argument("--served-model", default="maga-tiny")
-    parser.add_argument("--model-dir", default=str(REPO / "var" / "models" / "maga-tiny"))
+    parser.add_argument("--served-model", help="served name (default: the suite's local model)")
+    parser.add_argument("--model-dir", help="model folder (default: var/models/maga-tiny; quality suite:"
+                        " var/models/smollm2-135m-instruct)")
     parser.add_argument("--tokenizer", help="tokenizer dir/id for the replay (default: --model-dir)")
     parser.add_argument("--recipe", help="recipe for the engine suite (default: recipes/tiny.yaml)")
     parser.add_argument("--vllm-python", help="interpreter of the vLLM virtualenv")
@@ -323,9 +326,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-concurrency", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "artifacts" / "bench"))
+    parser.add_argument("--quality-docs", type=int, default=40, help="quality suite: documents (short: 6)")
+    parser.add_argument("--judge-sample", type=int, default=20, help="quality suite: rewrites the judge scores")
+    parser.add_argument("--first-article", type=int, default=0, help="quality suite: first sample article")
 
 
 def run(args) -> dict:
+    if args.suite == "quality":
+        from maga_tasks.tools.quality_report import markdown, run_quality
+
+        figures = run_quality(args)
+        sys.stderr.write(markdown(figures) + "\n")
+        return figures
     if args.short:
         args.repeats, args.engine_docs, args.client_docs = 1, min(args.engine_docs, 12), min(args.client_docs, 200)
         args.concurrency = min(args.concurrency, 8)

@@ -311,8 +311,9 @@ def _restate(words: tuple[str, ...], salt: int) -> str:
 
 
 def _intro(genre: str, audience: str, keywords: tuple[str, ...], salt: int) -> str:
-    shape = _first_sentence(genre, 90)
-    reader = _first_sentence(audience, 70)
+    # A few words of each, as a writer would name them (a copied description is an echo).
+    shape = " ".join(_first_sentence(genre, 90).split()[:6]).rstrip(",;:")
+    reader = " ".join(_first_sentence(audience, 70).split()[:6]).rstrip(",;:")
     subjects = ", ".join(keywords[:3]) or "its subject"
     if salt % 2:
         return f"Presented as {shape}, this text is meant for {reader}. It is about {subjects}."

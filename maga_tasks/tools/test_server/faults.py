@@ -24,8 +24,9 @@ Content faults are aimed by the full key with attempt and seed, so a retry with 
 seed may escape: ``bad_json`` (pairs: prose instead of JSON), ``wrong_count`` (pairs:
 one pair short or a duplicate), ``truncate`` (rewrite: cut in the middle, finish
 reason "length"), ``boilerplate`` (rewrite wrapped in assistant chatter), ``empty``
-(rewrite: empty content) and ``off_topic`` (rewrite: text sharing no word with the
-source).
+(rewrite: empty content), ``off_topic`` (rewrite: text sharing no word with the
+source) and ``eos`` (rewrite: the honest answer, with finish reason "eos" instead of
+"stop", as servers other than vLLM say a natural end).
 
 ``die_after:N`` makes the process exit (``os._exit``) once N chat completion requests
 have been answered (any status), like a worker that dies under load.
@@ -50,7 +51,7 @@ from maga_tasks.tools.test_server.answers import (
 )
 
 TRANSIENT_KINDS = ("http500", "http429", "timeout", "disconnect", "crash")
-CONTENT_KINDS = ("bad_json", "wrong_count", "truncate", "boilerplate", "empty", "off_topic")
+CONTENT_KINDS = ("bad_json", "wrong_count", "truncate", "boilerplate", "empty", "off_topic", "eos")
 # Stages each kind may apply to, and the default when the spec names none. Content
 # faults default to the stage whose output they spoil in the method's description.
 ALLOWED_STAGES = {
@@ -61,6 +62,7 @@ ALLOWED_STAGES = {
     "boilerplate": frozenset({"rewrite"}),
     "empty": frozenset(STAGES),
     "off_topic": frozenset({"rewrite"}),
+    "eos": frozenset(STAGES),
 }
 DEFAULT_STAGES = {
     **{kind: frozenset(STAGES) for kind in TRANSIENT_KINDS},
@@ -70,6 +72,7 @@ DEFAULT_STAGES = {
     "boilerplate": frozenset({"rewrite"}),
     "empty": frozenset({"rewrite"}),
     "off_topic": frozenset({"rewrite"}),
+    "eos": frozenset({"rewrite"}),
 }
 KINDS = (*TRANSIENT_KINDS, *CONTENT_KINDS, "die_after")
 DEFAULT_HANG_S = 30.0
@@ -261,6 +264,8 @@ def spoil(
         return f"{PREAMBLES[salt % 3]}\n\n{answer}\n\n{CLOSERS[(salt >> 4) % 4]}", False
     if kind == "off_topic":
         return _off_topic(profile), False
+    if kind == "eos":  # the content stays; the server reports the end differently
+        return answer, False
     raise AssertionError(kind)
 
 

@@ -60,6 +60,7 @@ class ServerState:
     structured_outputs: bool
     die_after: int | None = None
     max_model_len: int = MAX_MODEL_LEN
+    model_root: str | None = None  # what /v1/models reports as `root` (default: the model name)
     answered: int = 0
     fired_per_key: dict[tuple[int, str], int] = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
@@ -118,7 +119,7 @@ async def list_models(request: web.Request) -> web.Response:
         "object": "model",
         "created": int(time.time()),
         "owned_by": "vllm",
-        "root": model,
+        "root": request.app[STATE_KEY].model_root or model,
         "parent": None,
         "max_model_len": request.app[STATE_KEY].max_model_len,
     }
@@ -225,7 +226,7 @@ def _completion(state: ServerState, req: ChatRequest) -> dict:
             req.max_tokens,
             True,
         )
-    finish_reason = "length" if cut else "stop"
+    finish_reason = "length" if cut else "eos" if fault is not None and fault.kind == "eos" else "stop"
     state.stats["prompt_tokens_total"] += req.prompt_tokens
     state.stats["completion_tokens_total"] += completion_tokens
     state.prompt_tokens_metric += req.prompt_tokens
@@ -342,6 +343,7 @@ def build_app(
     api_key: str | None = None,
     max_model_len: int = MAX_MODEL_LEN,
     structured_outputs: bool = True,
+    model_root: str | None = None,
 ) -> web.Application:
     """The test server as an aiohttp application (see the package docstring)."""
     faults = tuple(faults)
@@ -352,6 +354,7 @@ def build_app(
         model=model,
         api_key=api_key or None,
         max_model_len=max_model_len,
+        model_root=model_root,
         structured_outputs=structured_outputs,
         die_after=min(die) if die else None,
     )
@@ -446,6 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--model", default="maga-default")
     parser.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN, help="context length /v1/models reports")
+    parser.add_argument("--model-root", default=None, help="weights path or hub id /v1/models reports as root")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--no-structured-outputs", action="store_true")
     args = parser.parse_args(argv)
@@ -457,5 +461,6 @@ def main(argv: list[str] | None = None) -> None:
         model=args.model,
         api_key=args.api_key,
         max_model_len=args.max_model_len,
+        model_root=args.model_root,
         structured_outputs=not args.no_structured_outputs,
     )

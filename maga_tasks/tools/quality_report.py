@@ -1,0 +1,143 @@
+"""`maga bench --suite quality`: what a real model's output looks like after cleaning.
+
+Over N real Wikipedia summaries expanded by a real model (by default SmolLM2-135M-Instruct
+served locally by vLLM CPU in float32; or `--endpoint URL --served-model NAME`):
+yield (accepted / documents x pairs), reject reasons, pairs validity, the collapse band
+(keyword coverage and 8-word copy ratio of every rewrite: near copies at one end, drift
+at the other), the detectors run again over the accepted rows, independently of the
+accept decision (their hits must be 0), the judge's pass share, and 3 sample rows.
+
+A 135M judge measures mechanics (the score parses, the prompt fits), not quality.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL_DIR = REPO / "var" / "models" / "smollm2-135m-instruct"
+SERVED_NAME = "smollm2-135m-instruct"
+
+
+def _quantiles(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)  # noqa: E731
+    return {"n": len(values), "p10": pick(0.1), "p50": pick(0.5), "p90": pick(0.9), "mean": round(statistics.fmean(values), 3)}
+
+
+def measure(rows: list[dict], rejected: list[dict], sources: dict[str, str], recipe) -> dict:
+    """The figures of one expanded shard (rows as dicts of data/ and rejected/)."""
+    from maga_tasks.method.cleaning import copy_ratio, keyword_coverage
+    from maga_tasks.method.detectors import junk_description, rewrite_findings
+
+    pairs = recipe.pairs_per_document
+    documents = {r["source_id"] for r in rows + rejected}
+    pairs_failed = {r["source_id"] for r in rejected if (r["reject_reason"] or "").startswith("pairs_")}
+    written = [r for r in rows + rejected if r.get("text")]
+    coverage = [keyword_coverage(sources[r["source_id"]], r["text"], recipe.cleaning.keyword_count) for r in written]
+    copied = [copy_ratio(sources[r["source_id"]], r["text"]) for r in written]
+    hits: Counter = Counter()
+    for row in rows:
+        for reason, _ in rewrite_findings(row["text"], sources[row["source_id"]], row["genre"], row["audience"]):
+            hits[reason] += 1
+        for value, label in ((row["genre"], "genre"), (row["audience"], "audience")):
+            if junk_description(value, label):
+                hits["pairs_junk"] += 1
+    return {
+        "documents": len(documents),
+        "accepted": len(rows),
+        "yield": round(len(rows) / max(1, len(documents) * pairs), 4),
+        "pairs_valid_share": round(1 - len(pairs_failed) / max(1, len(documents)), 4),
+        "rejects_by_reason": dict(Counter(r["reject_reason"] for r in rejected).most_common()),
+        "keyword_coverage": _quantiles(coverage),
+        "copy_ratio": _quantiles(copied),
+        "collapse_band": {
+            "near_copies": sum(c > recipe.cleaning.max_copy_ratio for c in copied),
+            "drifted": sum(c < recipe.cleaning.min_keyword_coverage for c in coverage),
+            "rewrites_with_text": len(written),
+        },
+        "detector_hits_on_accepted": dict(hits),
+        "samples": [
+            {"genre": r["genre"], "audience": r["audience"], "text": r["text"][:400]} for r in rows[:3]
+        ],
+    }
+
+
+def markdown(figures: dict) -> str:
+    lines = [
+        "### Quality report (real model)",
+        "",
+        "| figure | value |",
+        "|---|---:|",
+        f"| documents | {figures['documents']} |",
+        f"| accepted rewrites | {figures['accepted']} |",
+        f"| yield (accepted / documents x pairs) | {figures['yield']:.1%} |",
+        f"| documents with valid pairs | {figures['pairs_valid_share']:.1%} |",
+        f"| keyword coverage p10 / p50 / p90 | {_band(figures['keyword_coverage'])} |",
+        f"| copy ratio p10 / p50 / p90 | {_band(figures['copy_ratio'])} |",
+        f"| near copies / drifted / rewrites with text | {figures['collapse_band']['near_copies']} / "
+        f"{figures['collapse_band']['drifted']} / {figures['collapse_band']['rewrites_with_text']} |",
+        f"| detector hits on accepted rows | {sum(figures['detector_hits_on_accepted'].values())} |",
+        f"| judge pass share (score >= 3) | {figures.get('judge_pass_share')} |",
+        "",
+        "Reject reasons: " + ", ".join(f"{k} {v}" for k, v in figures["rejects_by_reason"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def _band(q: dict) -> str:
+    return f"{q['p10']} / {q['p50']} / {q['p90']}" if q.get("n") else "-"
+
+
+def run_quality(args) -> dict:
+    """Expand N documents with the real model, measure, judge a sample; write the report."""
+    from maga_tasks.data.layout import shard_paths
+    from maga_tasks.data.sample_corpus import write_sample_corpus
+    from maga_tasks.engine.shard import expand_shard
+    from maga_tasks.llm.vllm_local import start_vllm_server
+    from maga_tasks.method.judging import judge_committed_shard
+    from maga_tasks.recipe import builtin_recipe_path, load_recipe
+    from maga_tasks.settings import RunSettings
+
+    documents = min(args.quality_docs, 6) if args.short else args.quality_docs
+    model_dir = Path(args.model_dir) if args.model_dir else DEFAULT_MODEL_DIR
+    recipe = load_recipe(args.recipe or builtin_recipe_path("smollm2-135m"), tokenizer=str(model_dir))
+    server, url = None, args.endpoint
+    if url is None:
+        server = start_vllm_server(model_dir, served_model_name=SERVED_NAME, dtype="float32",
+                                   max_model_len=4096, max_num_seqs=max(args.concurrency, 8), kv_cache_space_gib=2)
+        server.wait_healthy(timeout=600)
+        url = server.url
+    try:
+        work = Path(tempfile.mkdtemp(prefix="maga-quality-"))
+        source = write_sample_corpus(work / "source", 1, documents, offset=args.first_article)[0]
+        settings = RunSettings(endpoints=(url,), served_model=args.served_model or (SERVED_NAME if server else None),
+                               max_concurrency=args.concurrency, api_key=server.api_key if server else None)
+        result = expand_shard(str(source), str(work / "out"), recipe, settings)
+        paths = shard_paths(str(work / "out"), recipe.recipe_id, result.shard)
+        rows, rejected = pq.read_table(paths.data).to_pylist(), pq.read_table(paths.rejected).to_pylist()
+        texts = pq.read_table(source, columns=["id", "text"]).to_pylist()
+        figures = measure(rows, rejected, {t["id"]: t["text"] for t in texts}, recipe)
+        figures["model"] = settings.served_model or recipe.model
+        figures["seconds"] = result.seconds
+        figures["completion_tokens"] = result.completion_tokens
+        if rows and args.judge_sample:
+            report = judge_committed_shard(str(source), str(work / "out"), recipe, settings, sample=args.judge_sample)
+            figures["judge_pass_share"] = report.pass_share
+            figures["judge_scores"] = report.scores
+    finally:
+        if server:
+            server.stop()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(figures, indent=2))
+    (out / "quality.md").write_text(markdown(figures) + "\n")
+    return figures
