@@ -419,7 +419,7 @@ class LLMClient:
                 except RequestFailed as error:
                     self.stats.failures[error.reason] += 1
                     cause = error.reason.removeprefix("retryable_")
-                    first_failure = first_failure if first_failure is not None else time.monotonic()
+                    first_failure = first_failure or time.monotonic()
                     status = int(cause[5:]) if cause.startswith("http_") else 0
                     if status in REFUSAL_STATUS:
                         endpoint.refused = f"{REFUSAL_STATUS[status]} (http {status}: {error.detail[:120]})"
@@ -437,7 +437,7 @@ class LLMClient:
                         attempts += 1
                         spent = attempts >= self.settings.max_attempts
                         tried.add(endpoint.url)
-                    if error.reason in ("retryable_connection_error",):
+                    if error.reason == "retryable_connection_error":
                         self._record_failure(endpoint)
                     if spent:
                         raise self._budget_spent(kind, cause, error.detail, first_failure, used) from None
@@ -445,7 +445,7 @@ class LLMClient:
                     delay = self._backoff(attempts or rate_limited, getattr(error, "retry_after", None))
                 except _Disconnected:
                     self.stats.failures["disconnected"] += 1
-                    first_failure = first_failure if first_failure is not None else time.monotonic()
+                    first_failure = first_failure or time.monotonic()
                     attempts += 1
                     tried.add(endpoint.url)
                     if await self._died(endpoint):
