@@ -365,7 +365,9 @@ def maga_corpus_expansion():
             raise AirflowFailException(str(error)) from error
 
     # all_done: the report names the shards that failed and the others are still released.
-    @task(trigger_rule="all_done", outlets=[CORPUS_ALIAS])
+    # One at a time across runs: the first event of a new recipe's asset creates it, and two
+    # runs creating it at once (a backfill) fail one of them on the unique key.
+    @task(trigger_rule="all_done", outlets=[CORPUS_ALIAS], max_active_tis_per_dag=1)
     def summarize(results, planned: list[dict], params: dict, ds: str | None = None):
         """Log the run report and emit the corpus asset event carrying it."""
         from maga_tasks.engine.report import run_report
