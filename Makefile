@@ -32,10 +32,11 @@ tiny-model: install
 	$(PY) scripts/build_tiny_model.py var/models/maga-tiny
 
 # The whole suite: unit tests, integration tests against real servers on loopback
-# (PostgreSQL, moto S3, the test LLM server, the vLLM CPU engine), Airflow end to end.
+# (PostgreSQL, moto S3, the test LLM server, the vLLM CPU engine with the tiny model and
+# with SmolLM2-135M-Instruct), Airflow end to end.
 # A missing vLLM venv, browser or linter fails the tests here, never skips them: this is
 # the same run as CI's.
-test: install vllm-venv system-packages
+test: install vllm-venv system-packages smollm2-model
 	CI=$${CI:-1} MAGA_REQUIRE_VLLM=1 MAGA_REQUIRE_BROWSER=1 $(PY) -m pytest -q -ra
 
 # Everything but the slow end-to-end parts (vLLM engine, Airflow scheduler, browser).

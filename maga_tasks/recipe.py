@@ -30,12 +30,37 @@ class Sampling(_Strict):
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(1024, ge=1, le=32768)
+    # OpenAI's penalty on tokens by how often the answer has used them (None: not sent).
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+
+
+class PairsCatalogue(_Strict):
+    """Genres and audiences a small model chooses from instead of writing its own.
+
+    A 135M model does not write five distinct descriptions of a genre and a reader (see
+    recipes/smollm2-135m.yaml), but it can choose, one pair per call, the kinds of text
+    and readers that suit a document from lists written here; the grammar holds each
+    answer to the entries not chosen yet, so a document's pairs are distinct by construction.
+    """
+
+    genres: tuple[str, ...] = Field(..., min_length=1)
+    audiences: tuple[str, ...] = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct_entries(self) -> "PairsCatalogue":
+        for name in ("genres", "audiences"):
+            entries = [" ".join(e.lower().split()) for e in getattr(self, name)]
+            if any(not e for e in entries) or len(set(entries)) != len(entries):
+                raise ValueError(f"{name} must be distinct, non-empty descriptions")
+        return self
 
 
 class PairsStage(_Strict):
     sampling: Sampling = Sampling(temperature=0.8, top_p=0.95, max_tokens=768)
     max_attempts: int = Field(3, ge=1, le=10)
     structured_output: Literal["auto", "json_schema", "off"] = "auto"
+    # When set, the model chooses each pair from these lists (one call per pair).
+    catalogue: PairsCatalogue | None = None
     genre_chars: tuple[int, int] = (20, 600)
     audience_chars: tuple[int, int] = (10, 400)
     # A genre or audience must read as a description: at least this many words, no JSON
@@ -48,6 +73,8 @@ class PairsStage(_Strict):
             low, high = getattr(self, name)
             if not 0 < low < high:
                 raise ValueError(f"{name} must be (min, max) with 0 < min < max")
+        if self.catalogue and self.structured_output != "json_schema":
+            raise ValueError("a pairs catalogue needs structured_output: json_schema (the grammar makes the choice)")
         return self
 
 
@@ -121,13 +148,16 @@ class Recipe(_Strict):
         missing = {"system", "pairs", "rewrite", "judge"} - set(self.prompts)
         if missing:
             raise ValueError(f"prompts is missing {sorted(missing)}")
+        catalogue = self.pairs.catalogue
+        if catalogue and min(len(catalogue.genres), len(catalogue.audiences)) < self.pairs_per_document:
+            raise ValueError(f"pairs.catalogue needs at least pairs_per_document ({self.pairs_per_document}) genres and audiences")
         return self
 
     @cached_property
     def recipe_id(self) -> str:
-        """Stable 12-hex-digit hash of everything that shapes the rows: every field but
-        `_NOT_IN_RECIPE_ID` (where the tokenizer lies, the publish gate's thresholds)."""
-        shaping = self.model_dump(mode="json", exclude=set(_NOT_IN_RECIPE_ID))
+        """Stable 12-hex-digit hash of everything that shapes the rows: every field that is
+        set but `_NOT_IN_RECIPE_ID` (where the tokenizer lies, the publish gate's thresholds)."""
+        shaping = _without_unset(self.model_dump(mode="json", exclude=set(_NOT_IN_RECIPE_ID)))
         canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
         return "r-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
@@ -149,6 +179,16 @@ class Recipe(_Strict):
 # tokenizer's location (a local copy of the served model's tokenizer cuts the same) and
 # the publish gate's thresholds (`quality`: a shard is re-checked, not re-expanded).
 _NOT_IN_RECIPE_ID = ("tokenizer", "quality")
+
+
+def _without_unset(value):
+    """`value` without its None fields: an option a recipe leaves unset does not take part
+    in the id, so adding one to the code keeps the ids of the recipes that do not use it."""
+    if isinstance(value, dict):
+        return {k: _without_unset(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_unset(v) for v in value]
+    return value
 
 
 def _describe(error: ValidationError) -> str:

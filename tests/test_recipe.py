@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import yaml
 
@@ -73,3 +76,18 @@ def test_recipe_id_names_the_weights_not_where_files_lie_nor_the_gate(tmp_path):
     assert first.recipe_id != base.recipe_id
     assert load_recipe(model_revision="3f1c2a9").recipe_id == first.recipe_id
     assert load_recipe(model_revision="8d0e4b1").recipe_id != first.recipe_id
+
+
+def test_an_option_left_unset_takes_no_part_in_the_id(tmp_path):
+    base = load_recipe()
+    unset = base.model_dump(mode="json")
+    assert unset["rewrite"]["sampling"]["frequency_penalty"] is None and unset["pairs"]["catalogue"] is None
+    assert load_recipe(write(tmp_path, unset)).recipe_id == base.recipe_id
+    unset["rewrite"]["sampling"]["frequency_penalty"] = 0.5
+    assert load_recipe(write(tmp_path, unset)).recipe_id != base.recipe_id
+    # The id of a recipe that uses neither option is what it was before they existed.
+    dumped = base.model_dump(mode="json", exclude={"tokenizer", "quality"})
+    del dumped["rewrite"]["sampling"]["frequency_penalty"], dumped["pairs"]["sampling"]["frequency_penalty"]
+    del dumped["judge_sampling"]["frequency_penalty"], dumped["pairs"]["catalogue"], dumped["model_revision"]
+    canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
+    assert base.recipe_id == "r-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]

@@ -7,8 +7,6 @@
 - The server SIGKILLed mid-shard: the run ends with `EndpointsUnavailable`, the
   checkpoint keeps what finished; the server started again on the same port, the rerun
   resumes and completes the shard with every (document, pair) exactly once.
-- The one-command demo (`scripts/demo.sh`) runs to the end twice against the session's
-  server; the second run registers nothing new.
 
 The model's text is random; its tokens, grammar-constrained JSON, prefix cache, metrics,
 authentication and failures are real. Tests are ordered so that the server of the kill
@@ -20,9 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -36,7 +31,6 @@ from maga_tasks.errors import EndpointsUnavailable
 from maga_tasks.method.judging import judge_committed_shard
 from maga_tasks.data.layout import shard_paths
 from maga_tasks.recipe import load_recipe
-from maga_tasks.registry import Registry
 from maga_tasks.data.sample_corpus import wikipedia_summaries
 from maga_tasks.settings import RunSettings
 from maga_tasks.engine.shard import expand_shard
@@ -54,7 +48,6 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_RECIPE = REPO_ROOT / "maga_tasks" / "recipes" / "tiny.yaml"
-DEMO_SCRIPT = REPO_ROOT / "scripts" / "demo.sh"
 ARTICLES_PER_DOCUMENT = 3  # three summaries make a document of ~400 tokens (211-617 here)
 
 
@@ -264,58 +257,6 @@ def test_shard_end_to_end_tokens_agree_with_metrics_and_prefix_cache_pays(
     assert all(vllm_api_key not in str(record.args) for record in caplog.records)
     assert vllm_api_key not in repr(settings)
     assert not any(vllm_api_key.encode() in f.read_bytes() for f in Path(output_root).rglob("*") if f.is_file())
-
-
-# -- the one-command demo ----------------------------------------------------------------
-
-
-@pytest.mark.airflow
-def test_demo_runs_to_the_end_twice_against_the_session_server(vllm_server, vllm_api_key, tiny_model_dir, tmp_path):
-    """`scripts/demo.sh` as `make demo` runs it, pointed at the running server."""
-    demo_dir = tmp_path / "var"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__", "MAGA_"))}
-    env.update(
-        MAGA_DEMO_DIR=str(demo_dir),
-        MAGA_DEMO_ENDPOINT=vllm_server.url,
-        MAGA_DEMO_MODEL_DIR=str(tiny_model_dir),
-        MAGA_API_KEY=vllm_api_key,
-        MAGA_PYTHON=sys.executable,
-    )
-
-    def run_demo() -> tuple[str, float]:
-        started = time.monotonic()
-        done = subprocess.run(
-            ["bash", str(DEMO_SCRIPT)], check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
-        )
-        output = done.stdout + done.stderr
-        assert done.returncode == 0, output[-8000:]
-        return output, time.monotonic() - started
-
-    first, first_seconds = run_demo()
-    assert "text is random" in first
-    assert "demo finished" in first
-    assert "registered 3 new shard(s)" in first and "prefix-cache hit rate" in first
-    registry_path = demo_dir / "demo" / "expanded" / "_registry.sqlite"
-    registry = Registry(str(registry_path))
-    shards = {row["shard"]: row for row in registry.shards() if row["status"] == "registered"}
-    assert set(shards) == {"part-0000", "part-0001", "part-0002"}, registry.shards()
-    assert all(row["accepted"] > 0 for row in shards.values())
-    registry.close()
-
-    second, second_seconds = run_demo()
-    assert "demo finished" in second
-    registry = Registry(str(registry_path))
-    again = {row["shard"]: row for row in registry.shards() if row["status"] == "registered"}
-    registry.close()
-    assert {k: v["registered_at"] for k, v in again.items()} == {k: v["registered_at"] for k, v in shards.items()}
-    assert "registered 0 new shard(s)" in second
-    # The key went to the server through the environment, never into the output.
-    for text in (first, second):
-        assert vllm_api_key not in text
-    for log_file in (demo_dir / "airflow" / "logs").rglob("*"):
-        if log_file.is_file():
-            assert vllm_api_key.encode() not in log_file.read_bytes(), log_file
-    print(f"\ndemo against the session server: first run {first_seconds:.0f}s, second {second_seconds:.0f}s")
 
 
 @pytest.mark.parametrize(

@@ -395,6 +395,8 @@ class LLMClient:
             "top_p": sampling.top_p,
             "max_tokens": sampling.max_tokens,
         }
+        if sampling.frequency_penalty is not None:
+            body["frequency_penalty"] = sampling.frequency_penalty
         if seed is not None:
             body["seed"] = seed
         if response_format:

@@ -81,6 +81,17 @@ def pairs_json_schema(recipe: Recipe) -> dict:
     }
 
 
+def pair_choice_json_schema(genres: list[str], audiences: list[str]) -> dict:
+    """JSON schema of one pair chosen from a recipe's catalogue: the grammar admits only
+    the entries listed, so the answer is one of them word for word."""
+    return {
+        "type": "object",
+        "properties": {"genre": {"enum": genres}, "audience": {"enum": audiences}},
+        "required": ["genre", "audience"],
+        "additionalProperties": False,
+    }
+
+
 JUDGE_JSON_SCHEMA = {
     "type": "object",
     "properties": {

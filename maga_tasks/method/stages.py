@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+from maga_tasks.errors import FleetRefused
 from maga_tasks.llm.client import Completion, LLMClient, RequestFailed, refuses_structured_outputs
 from maga_tasks.method.detectors import junk_description
-from maga_tasks.method.prompts import JUDGE_JSON_SCHEMA, judge_messages, pairs_json_schema, pairs_messages, rewrite_messages
+from maga_tasks.method.prompts import (
+    JUDGE_JSON_SCHEMA,
+    judge_messages,
+    pair_choice_json_schema,
+    pairs_json_schema,
+    pairs_messages,
+    rewrite_messages,
+)
 from maga_tasks.recipe import Recipe
 
 
@@ -59,6 +68,14 @@ class StructuredOutputSupport:
     def __init__(self, mode: str):
         self.enabled = mode != "off"
         self.required = mode == "json_schema"
+
+
+def _refuses_required_grammar(error: RequestFailed) -> FleetRefused:
+    # The same grammar goes with every document's request: the fleet's fault, not theirs.
+    return FleetRefused(
+        "the recipe needs structured outputs (pairs.structured_output: json_schema) and the"
+        f" LLM fleet refuses them: {error.detail[:200]}"
+    )
 
 
 _JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
@@ -119,6 +136,8 @@ def validate_pairs(answer: dict | None, recipe: Recipe) -> tuple[list[Pair] | No
 async def generate_pairs(
     client: LLMClient, recipe: Recipe, doc_key: str, document: str, structured: StructuredOutputSupport
 ) -> PairsResult:
+    if recipe.pairs.catalogue:
+        return await choose_pairs(client, recipe, doc_key, document)
     messages = pairs_messages(recipe, document)
     schema = {
         "type": "json_schema",
@@ -139,7 +158,9 @@ async def generate_pairs(
                 response_format=schema if structured.enabled else None,
             )
         except RequestFailed as error:
-            if structured.enabled and not structured.required and refuses_structured_outputs(error):
+            if structured.enabled and refuses_structured_outputs(error):
+                if structured.required:
+                    raise _refuses_required_grammar(error) from None
                 structured.enabled = False  # this fleet cannot; ask for plain JSON instead
                 continue
             result.usage.add(error.prompt_tokens, error.completion_tokens)
@@ -154,6 +175,59 @@ async def generate_pairs(
             result.pairs = pairs
             return result
     result.reject_reason, result.detail = reason, detail
+    return result
+
+
+async def choose_pairs(client: LLMClient, recipe: Recipe, doc_key: str, document: str) -> PairsResult:
+    """The document's pairs chosen one per call from the recipe's catalogue, each call
+    offered the genres and audiences not chosen yet (in an order of its own seed, so the
+    model's liking for the first entries does not pick the same ones everywhere)."""
+    catalogue = recipe.pairs.catalogue
+    genres, audiences = list(catalogue.genres), list(catalogue.audiences)
+    messages = pairs_messages(recipe, document)  # the same for every choice: one cached prefix
+    result = PairsResult(None)
+    chosen: list[Pair] = []
+    for index in range(recipe.pairs_per_document):
+        pair, reason, detail = None, "pairs_failed", ""
+        for attempt in range(recipe.pairs.max_attempts):
+            result.attempts += 1
+            seed = derive_seed(doc_key, "pairs", index, attempt)
+            order = random.Random(seed)
+            schema = pair_choice_json_schema(order.sample(genres, len(genres)), order.sample(audiences, len(audiences)))
+            try:
+                completion = await client.chat(
+                    messages,
+                    recipe.pairs.sampling,
+                    seed=seed,
+                    request_id=f"{request_id(doc_key, 'pairs', index)}.{attempt}",
+                    affinity=doc_key,
+                    kind="pairs",
+                    response_format={"type": "json_schema", "json_schema": {"name": "pair_choice", "schema": schema, "strict": True}},
+                )
+            except RequestFailed as error:
+                if refuses_structured_outputs(error):
+                    raise _refuses_required_grammar(error) from None
+                result.usage.add(error.prompt_tokens, error.completion_tokens)
+                result.reject_reason, result.detail = f"pairs_request_{error.reason}", error.detail[:300]
+                return result
+            result.usage.add(completion.prompt_tokens, completion.completion_tokens)
+            if completion.finish_reason == "length":
+                reason, detail = "pairs_truncated", f"choice {index} hit max_tokens"
+                continue
+            answer = parse_json_object(completion.text) or {}
+            genre, audience = answer.get("genre"), answer.get("audience")
+            if genre in genres and audience in audiences:
+                pair = Pair(genre, audience)
+                break
+            # Only a server that ignores the grammar answers this.
+            reason, detail = "pairs_not_in_catalogue", f"choice {index}: {completion.text[:200]!r}"
+        if pair is None:
+            result.reject_reason, result.detail = reason, detail
+            return result
+        chosen.append(pair)
+        genres.remove(pair.genre)
+        audiences.remove(pair.audience)
+    result.pairs = chosen
     return result
 
 

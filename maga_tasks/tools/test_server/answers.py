@@ -432,6 +432,8 @@ class ChatRequest:
     seed: object
     max_tokens: int | None
     prompt_tokens: int
+    # The genre and audience entries a pair-choice schema admits (a catalogue recipe).
+    offered: tuple[list[str], list[str]] | None = None
 
 
 TASK_STAGES = (("TASK: propose", "pairs"), ("TASK: rewrite", "rewrite"), ("TASK: judge", "judge"))
@@ -487,6 +489,16 @@ def _prompt_tokens(messages: list[dict], document: str, task: str) -> int:
     return total
 
 
+def _offered_choices(response_format: object) -> tuple[list[str], list[str]] | None:
+    """(genres, audiences) of a json_schema that admits only listed entries, else None."""
+    try:
+        properties = response_format["json_schema"]["schema"]["properties"]
+        genres, audiences = properties["genre"]["enum"], properties["audience"]["enum"]
+    except (KeyError, TypeError):
+        return None
+    return (genres, audiences) if genres and audiences else None
+
+
 def parse_chat_request(body: dict, request_id: str | None) -> ChatRequest:
     messages = body["messages"]
     document, task = _split_user_message(messages)
@@ -514,6 +526,7 @@ def parse_chat_request(body: dict, request_id: str | None) -> ChatRequest:
         seed=seed,
         max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None,
         prompt_tokens=_prompt_tokens(messages, document, task),
+        offered=_offered_choices(body.get("response_format")),
     )
 
 
@@ -526,6 +539,10 @@ def _task_field(task: str, name: str) -> str:
 
 def answer_for(req: ChatRequest, answer_stage: str, profile: DocumentProfile) -> str:
     """The model's honest answer, a pure function of document, task and seed."""
+    if answer_stage == "pairs" and req.offered:
+        genres, audiences = req.offered
+        pick = _digest("choice", req.document, req.seed)
+        return json.dumps({"genre": genres[pick % len(genres)], "audience": audiences[(pick // 7) % len(audiences)]})
     if answer_stage == "pairs":
         match = PROPOSE_RE.match(req.task)
         n = int(match.group(1)) if match else 5
