@@ -134,7 +134,9 @@ class Recipe(_Strict):
     # served model's own tokenizer, which `model` and `model_revision` already name).
     tokenizer: str | None = None
     prompt_version: str = Field(..., min_length=1)
-    prompts: dict[Literal["system", "pairs", "rewrite", "judge"], str]
+    # `document` (optional) frames the source in the user message, with `{document}` where
+    # it goes; by default it is a "SOURCE DOCUMENT" block between <<< and >>> lines.
+    prompts: dict[Literal["system", "document", "pairs", "rewrite", "judge"], str]
     pairs_per_document: int = Field(5, ge=1, le=20)
     context_budget_tokens: int = Field(3072, ge=64)
     pairs: PairsStage = PairsStage()
@@ -148,6 +150,8 @@ class Recipe(_Strict):
         missing = {"system", "pairs", "rewrite", "judge"} - set(self.prompts)
         if missing:
             raise ValueError(f"prompts is missing {sorted(missing)}")
+        if "document" in self.prompts and self.prompts["document"].count("{document}") != 1:
+            raise ValueError("prompts.document must hold {document} exactly once")
         catalogue = self.pairs.catalogue
         if catalogue and min(len(catalogue.genres), len(catalogue.audiences)) < self.pairs_per_document:
             raise ValueError(f"pairs.catalogue needs at least pairs_per_document ({self.pairs_per_document}) genres and audiences")

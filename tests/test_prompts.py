@@ -29,3 +29,19 @@ def test_per_pair_part_comes_last():
     text = flat(rewrite_messages(RECIPE, DOC, "GENRE-X", "AUDIENCE-Y"))
     assert text.index(DOC) < text.index("GENRE-X") < text.index("AUDIENCE-Y")
     assert "propose 5 genre/audience pairs" in flat(pairs_messages(RECIPE, DOC)).split(DOC)[1]
+
+
+def test_a_recipe_can_frame_the_document_its_own_way():
+    import pytest
+
+    from maga_tasks.recipe import RecipeError, recipe_from_dict
+
+    data = RECIPE.model_dump(mode="json")
+    data["prompts"]["document"] = "{document}\n\n"
+    plain = recipe_from_dict(data)
+    requests = [pairs_messages(plain, DOC)] + [rewrite_messages(plain, DOC, f"genre {i}", f"audience {i}") for i in range(5)]
+    assert all(r[1]["content"].startswith(DOC + "\n\n") and "<<<" not in r[1]["content"] for r in requests)
+    assert DOC in os.path.commonprefix([flat(r) for r in requests])  # still one cached prefix
+    data["prompts"]["document"] = "SOURCE:\n"
+    with pytest.raises(RecipeError, match="exactly once"):
+        recipe_from_dict(data)

@@ -20,10 +20,18 @@ def system_prompt(recipe: Recipe) -> str:
     return recipe.prompts["system"].format(n_pairs=recipe.pairs_per_document)
 
 
+def document_block(recipe: Recipe, document: str) -> str:
+    """The source as the user message frames it (a recipe may frame it its own way)."""
+    template = recipe.prompts.get("document")
+    if template is None:
+        return DOCUMENT_OPEN + document + DOCUMENT_CLOSE
+    return template.replace("{document}", document)  # not format(): documents hold braces
+
+
 def _messages(recipe: Recipe, document: str, task: str) -> Messages:
     return [
         {"role": "system", "content": system_prompt(recipe)},
-        {"role": "user", "content": DOCUMENT_OPEN + document + DOCUMENT_CLOSE + task},
+        {"role": "user", "content": document_block(recipe, document) + task},
     ]
 
 
