@@ -94,8 +94,8 @@ class Cleaning(_Strict):
     max_copy_ratio: float = Field(0.9, gt=0.0, le=1.0)
     # What real models get wrong (maga_tasks/method/detectors.py), each its own reason.
     # A random-weight test model trips them all, so its recipe switches them off.
-    detectors: tuple[Literal["prompt_echo", "refusal", "repetition", "other_language"], ...] = (
-        "prompt_echo", "refusal", "repetition", "other_language",
+    detectors: tuple[Literal["prompt_echo", "refusal", "task_talk", "repetition", "other_language"], ...] = (
+        "prompt_echo", "refusal", "task_talk", "repetition", "other_language",
     )
     # repetition: share of 4-word runs that occur more than once.
     max_repeated_share: float = Field(0.6, gt=0.0, le=1.0)

@@ -2,7 +2,8 @@
 
 tests/fixtures/smollm2_outputs.jsonl holds answers collected from the real model (served
 by vLLM CPU) on real Wikipedia summaries, each labelled by hand: good rewrites, echoes
-of the prompt, loops, refusals, other languages, near copies, drift, truncation, and
+of the prompt, loops, refusals, talk about the task, other languages, near copies,
+drift, truncation, and
 genre/audience pairs that are or are not descriptions.
 """
 
@@ -31,7 +32,7 @@ def _id(row: dict) -> str:
 
 def test_the_fixture_holds_every_failure_mode_it_claims():
     labels = {r["label"] for r in REWRITES}
-    assert {"good", "prompt_echo", "repetition", "refusal", "other_language", "near_copy", "drift"} <= labels
+    assert {"good", "prompt_echo", "repetition", "refusal", "task_talk", "other_language", "near_copy", "drift"} <= labels
     assert {"junk_pair", "good_pair"} <= {r["label"] for r in PAIRS}
 
 
@@ -56,6 +57,7 @@ def test_every_real_junk_rewrite_is_rejected(row):
         ("repetition", lambda text, row: detectors.repetition(text)),
         ("other_language", lambda text, row: detectors.other_language(text, row["source"])),
         ("refusal", lambda text, row: detectors.refusal(text)),
+        ("task_talk", lambda text, row: detectors.task_talk(text, row["source"])),
         # The echoes it misses are a bare restatement of the genre, one short line, which
         # the length checks reject (the junk test above).
         ("prompt_echo", lambda text, row: detectors.prompt_echo(text, row["genre"], row["audience"])),
@@ -90,3 +92,10 @@ def test_real_descriptive_pairs_pass(row):
     recipe = RECIPE.model_copy(update={"pairs_per_document": 1})
     pairs, reason, detail = validate_pairs({"pairs": [{"genre": row["genre"], "audience": row["audience"]}]}, recipe)
     assert pairs, (reason, detail)
+
+
+def test_task_talk_is_judged_against_the_source():
+    # A source about rewriting may use the word; a rewrite of a source that does not, may not.
+    assert detectors.task_talk("Rewritten text: The river floods in spring.", "The river floods in spring.")
+    assert detectors.task_talk("Editors rewrite drafts many times.", "Editors often rewrite drafts before print.") is None
+    assert detectors.task_talk("Ladies and gentlemen, here is a radio script read aloud:", "A radio station.")

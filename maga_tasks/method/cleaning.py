@@ -133,6 +133,7 @@ def detector_findings(source: str, text: str, rules: Cleaning, genre: str = "", 
     checks = {
         "prompt_echo": lambda: detectors.prompt_echo(text, genre, audience),
         "refusal": lambda: detectors.refusal(text),
+        "task_talk": lambda: detectors.task_talk(text, source),
         "repetition": lambda: detectors.repetition(text, max_repeated_share=rules.max_repeated_share),
         "other_language": lambda: detectors.other_language(text, source, min_confidence=rules.min_language_confidence),
     }

@@ -2,7 +2,8 @@
 
 Collected from SmolLM2-135M-Instruct on real Wikipedia summaries
 (tests/fixtures/smollm2_outputs.jsonl): rewrites that echo the prompt or the chat
-template, loop on a phrase, refuse or talk about being an AI, switch language; and
+template, loop on a phrase, refuse or talk about being an AI, talk about the rewriting
+task instead of the topic, switch language; and
 genre/audience "descriptions" that are a name, a place, one word or a JSON fragment.
 Cleaning runs them on every rewrite (and on every pair); the quality report runs them
 again, independently, over what was accepted.
@@ -117,6 +118,30 @@ def refusal(text: str) -> Finding:
     return ("refusal", f"{match.group(0)!r}") if match else None
 
 
+# -- talk about the task instead of the text ------------------------------------------
+
+# Words a rewrite of an encyclopedia text has no reason to use unless the source does:
+# the model describing its rewriting ("Rewritten text:", "In this rewritten text, the
+# events were reorganized", "Rewrite this text in plain language:"), addressing the text
+# it was given ("the original text", "my previous response") or announcing its answer
+# ("Here's an edited version", "here is a radio script read aloud by a presenter:").
+_TASK_TALK = (
+    re.compile(r"\b(?:rewrit\w*|rewrote|rephras\w*|reword\w*|paraphras\w*)\b", re.IGNORECASE),
+    re.compile(r"\b(?:the|this|your|my) (?:original |given |provided |source |above |following )?"
+               r"(?:text|passage|document|response)\b", re.IGNORECASE),
+    re.compile(r"\bhere(?:'s|\u2019s| is| are) (?:a|an|the|my|some)\b[^.:\n]{0,60}?"
+               r"\b(?:version|rewording|edit|revision|script|text)\b", re.IGNORECASE),
+)
+
+
+def task_talk(text: str, source: str) -> Finding:
+    for pattern in _TASK_TALK:
+        match = pattern.search(text)
+        if match and not pattern.search(source):
+            return "task_talk", f"talks about the task, not the topic: {match.group(0)!r}"
+    return None
+
+
 # -- another language than the source's ------------------------------------------------
 
 
@@ -179,6 +204,7 @@ def rewrite_findings(text: str, source: str, genre: str = "", audience: str = ""
         prompt_echo(text, genre, audience),
         repetition(text),
         refusal(text),
+        task_talk(text, source),
         other_language(text, source),
     ]
     return [f for f in found if f]
