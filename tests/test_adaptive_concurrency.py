@@ -236,3 +236,31 @@ def test_independent_adaptive_clients_keep_a_saturated_servers_queue_short(llm_s
     assert min(done) > 0 and max(done) <= 2.5 * min(done), summary  # shares roughly fair
     # The server stayed busy: most of its 80 requests/s were used.
     assert sum(r["completed"] / r["seconds"] for r in adaptive) > 40, summary
+
+
+@pytest.mark.integration
+def test_shard_progress_lines_show_the_window_and_the_servers_queue(tmp_path, llm_server_factory, caplog):
+    from maga_tasks.data.sample_corpus import write_sample_corpus
+    from maga_tasks.engine.shard import expand_shard
+    from maga_tasks.recipe import load_recipe
+    from maga_tasks.settings import RunSettings
+
+    server = llm_server_factory(latency_ms=50, max_running=4)
+    source = write_sample_corpus(tmp_path / "src", 1, 16)[0]
+    reports: list[dict] = []
+    settings = RunSettings(endpoints=(server.url,), max_concurrency=64, adaptive_interval_s=0.2, progress_interval_s=0.5)
+    with caplog.at_level("INFO", logger="maga_tasks"):
+        result = expand_shard(str(source), str(tmp_path / "out"), load_recipe(), settings, progress=reports.append)
+    assert result.documents == 16 and result.rejected == 0
+    lines = [r.getMessage() for r in caplog.records if "docs," in r.getMessage()]
+    assert any(re.search(r", window \d+ \(server waiting \d+\)$", line) for line in lines), lines
+    read = [w for report in reports for w in report["windows"] if w["server_waiting"] is not None]
+    assert read and all(1 <= w["window"] <= 64 and w["signal"] == "metrics" for w in read), read
+    # The server ran at most 4 and its queue stayed far below the 64 requests allowed.
+    assert server.stats()["max_running"] == 4 and server.stats()["max_waiting"] < 64
+
+    fixed = settings.model_copy(update={"adaptive_concurrency": False})
+    caplog.clear()
+    with caplog.at_level("INFO", logger="maga_tasks"):
+        expand_shard(str(source), str(tmp_path / "fixed"), load_recipe(), fixed)
+    assert not any("window" in r.getMessage() for r in caplog.records)
