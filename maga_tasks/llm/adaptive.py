@@ -24,7 +24,8 @@ windows to equal shares without any talk between them.
 A server without usable metrics falls back to latency: the median seconds per output
 token of the requests finished since the last sample, against the best median seen
 (which drifts up slowly so an old optimum is forgotten). Well above the best, or any
-timeout, is congestion; close to it is free capacity.
+timeout, is congestion; close to it is free capacity; between, the window holds (latency
+is noisy). Nothing finished and nothing timed out: nothing to go by, the window holds.
 
 `WindowController` is pure: the client feeds it samples (`observe`, `note_in_flight`,
 `update`) and reads `window`; the clock is passed in.
