@@ -233,7 +233,9 @@ def test_independent_adaptive_clients_keep_a_saturated_servers_queue_short(llm_s
     assert settled["before_reset"] < 3 * 32, settled  # the start: three initial windows at most
     assert settled["second_half"] <= 24, (settled, summary)  # settled: a few requests each
     done = [r["completed"] for r in adaptive]
-    assert min(done) > 0 and max(done) <= 2.5 * min(done), summary  # shares roughly fair
+    # Shares roughly fair: windows of 2-3 each leave AIMD little room over 10 s, and the
+    # clients start a second or so apart (exact convergence: the unit test above).
+    assert min(done) > 0 and max(done) <= 3 * min(done), summary
     # The server stayed busy: most of its 80 requests/s were used.
     assert sum(r["completed"] / r["seconds"] for r in adaptive) > 40, summary
 
