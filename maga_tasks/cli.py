@@ -36,6 +36,7 @@ def _settings(args, **extra):
         progress_interval_s=args.progress_interval,
         served_model=args.served_model,
         all_down_timeout_s=args.all_down_timeout,
+        adaptive_concurrency=not args.fixed_concurrency,
         **extra,
     )
 
@@ -44,7 +45,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", help="recipe YAML (default: the built-in recipe)")
     parser.add_argument("--endpoint", action="append", required=True, help="LLM server base URL (repeatable)")
     parser.add_argument("--served-model", help="model name the servers serve, when not the recipe's")
-    parser.add_argument("--concurrency", type=int, default=64, help="requests in flight across endpoints")
+    parser.add_argument("--concurrency", type=int, default=64, help="most requests in flight across endpoints")
+    parser.add_argument("--fixed-concurrency", action="store_true",
+                        help="keep --concurrency in flight whatever the servers' /metrics say (default: adaptive)")
     parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: boto3's configuration)")
     parser.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")

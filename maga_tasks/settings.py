@@ -18,7 +18,15 @@ class RunSettings(BaseModel):
     api_key: str | None = Field(default=None, repr=False)
     # Served model name, when it differs from the recipe's model (e.g. an alias).
     served_model: str | None = None
+    # The ceiling of requests in flight across all endpoints.
     max_concurrency: int = Field(64, ge=1, le=4096)
+    # Below that ceiling, each endpoint's window follows its load as its /metrics say
+    # (`llm.adaptive`); False pins it at max_concurrency.
+    adaptive_concurrency: bool = True
+    # Seconds between reads of each endpoint's /metrics (each read moves the window once).
+    adaptive_interval_s: float = Field(2.0, gt=0)
+    # Each endpoint's window at the start; it doubles per read while the server has room.
+    adaptive_initial_window: int = Field(32, ge=1, le=4096)
     request_timeout_s: float = Field(300.0, gt=0)
     connect_timeout_s: float = Field(10.0, gt=0)
     # One budget per request for every failure kind: timeouts, connection errors, 5xx,

@@ -324,14 +324,17 @@ class _ShardRun:
             "requests_per_s": round(stats.get("requests", 0) / elapsed, 2),
             "output_tokens_per_s": round(stats.get("completion_tokens", 0) / elapsed, 1),
             "elapsed_s": round(elapsed, 1),
+            # Per endpoint: the adaptive window and the server's queue (empty: fixed cap).
+            "windows": self.client.load_report() if hasattr(self, "client") else [],
         }
 
     def _report(self) -> None:
         snap = self.snapshot()
         log.info(
-            "shard %s: %d/%d docs, %.1f req/s, %.0f tok/s out, accepted %d, rejected %d %s",
+            "shard %s: %d/%d docs, %.1f req/s, %.0f tok/s out, accepted %d, rejected %d %s%s",
             snap["shard"], snap["documents_done"], snap["documents_total"], snap["requests_per_s"],
             snap["output_tokens_per_s"], snap["accepted"], snap["rejected"], snap["rejects_by_reason"],
+            describe_windows(snap["windows"]),
         )
         if self.progress:
             self.progress(snap)
@@ -340,6 +343,21 @@ class _ShardRun:
         while True:
             await asyncio.sleep(interval)
             self._report()
+
+
+def describe_windows(windows: list[dict]) -> str:
+    """The progress line's tail: `, window 24 (server waiting 3)`, the endpoint named
+    when there are several; empty with a fixed cap."""
+    parts = []
+    for w in windows:
+        waiting = w["server_waiting"]
+        if waiting is not None:
+            queue = f"server waiting {waiting:g}"
+        else:  # no metrics: the window follows latency, or nothing was read yet
+            queue = "no server metrics, by latency" if w["signal"] == "latency" else "server load not read yet"
+        where = f"{w['endpoint'].split('://')[-1]} " if len(windows) > 1 else ""
+        parts.append(f"{where}window {w['window']} ({queue})")
+    return (", " + ", ".join(parts)) if parts else ""
 
 
 class _RowMaker:

@@ -1,6 +1,12 @@
 """The one place that talks HTTP to the OpenAI-compatible LLM workers (vLLM).
 
-- Bounded concurrency: one semaphore caps the requests in flight across all endpoints.
+- Bounded concurrency: one semaphore caps the requests in flight across all endpoints
+  (`max_concurrency`). Below it, with `adaptive_concurrency` (the default), each endpoint
+  has a window of requests it may hold, moved by `llm.adaptive.WindowController` from the
+  endpoint's `/metrics` (queue, KV cache, preemptions), read every `adaptive_interval_s`
+  by a background task of the client, or from latency where metrics are missing. A
+  request takes its place in the window before a global slot, so requests waiting for a
+  full endpoint never hold slots another endpoint could use.
 - Affinity: the requests of one document go to the same endpoint (rendezvous hashing over
   the healthy ones) so that endpoint's prefix cache holds the document; a retry goes to
   the next endpoint in that order.
@@ -32,6 +38,8 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,6 +51,8 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from maga_tasks.errors import EndpointsUnavailable, FleetRefused
+from maga_tasks.llm.adaptive import AimdParams, ServerLoad, WindowController
+from maga_tasks.llm.vllm_local import parse_prometheus_text
 from maga_tasks.recipe import Sampling
 from maga_tasks.settings import RunSettings
 
@@ -62,6 +72,7 @@ class Completion:
     completion_tokens: int
     attempts: int
     endpoint: str
+    latency_s: float = 0.0  # the answered attempt's HTTP exchange, server queue included
 
 
 class RequestFailed(Exception):
@@ -89,6 +100,51 @@ class _Disconnected(Exception):
     """The server dropped the connection while it held the request."""
 
 
+class WindowGate:
+    """Admits requests to one endpoint while fewer than `limit` hold a place; first come,
+    first served, so a document's requests are not overtaken forever."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.admitted = 0
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    async def enter(self) -> None:
+        if self.admitted < self.limit and not self._waiters:
+            self.admitted += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # resolved with the place already counted for it
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.leave()  # granted just as it was cancelled: hand the place on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def leave(self) -> None:
+        self.admitted -= 1
+        self._wake()
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.admitted < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.admitted += 1
+                waiter.set_result(None)
+
+    @property
+    def waiting(self) -> int:
+        return sum(not w.done() for w in self._waiters)
+
+
 @dataclass
 class Endpoint:
     url: str
@@ -101,6 +157,9 @@ class Endpoint:
     models_checked: bool = False
     # Requests it held when it last died (None while it lives): 1 names the culprit.
     died_holding: int | None = None
+    # Adaptive concurrency only: its window and the gate that enforces it.
+    controller: WindowController | None = None
+    gate: WindowGate | None = None
 
 
 @dataclass
@@ -151,6 +210,12 @@ class LLMClient:
         # Checked against what each endpoint reports it loaded (`serves_revision`).
         self.model_revision = model_revision
         self.endpoints = [Endpoint(url) for url in settings.endpoints]
+        if settings.adaptive_concurrency:
+            params = AimdParams(ceiling=settings.max_concurrency, initial=settings.adaptive_initial_window)
+            for endpoint in self.endpoints:
+                endpoint.controller = WindowController(params)
+                endpoint.gate = WindowGate(endpoint.controller.window)
+        self._load_watch: asyncio.Task | None = None
         self.stats = ClientStats()
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
         self._recovered = asyncio.Event()
@@ -172,12 +237,18 @@ class LLMClient:
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=timeout, headers=headers, json_serialize=json.dumps
         )
+        if self.settings.adaptive_concurrency:
+            self._load_watch = asyncio.create_task(self._watch_load())
         return self
 
     async def __aexit__(self, *exc) -> None:
         for endpoint in self.endpoints:
             if endpoint.prober:
                 endpoint.prober.cancel()
+        if self._load_watch is not None:
+            self._load_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._load_watch
         if self._session:
             await self._session.close()
 
@@ -308,6 +379,28 @@ class LLMClient:
             endpoint = self._choose(affinity, tried)
         return endpoint
 
+    @contextlib.asynccontextmanager
+    async def _slot(self, key: str, tried: set[str]):
+        """An endpoint and a global slot for one attempt. With adaptive concurrency the
+        request takes its place in the endpoint's window first, so one waiting for a full
+        endpoint holds no slot another endpoint could use."""
+        if not self.settings.adaptive_concurrency:
+            async with self._semaphore:
+                yield await self._pick(key, tried)
+            return
+        while True:
+            endpoint = await self._pick(key, tried)
+            await endpoint.gate.enter()
+            try:
+                endpoint.controller.note_in_flight(endpoint.gate.admitted)
+                async with self._semaphore:
+                    if endpoint.healthy and not endpoint.refused:
+                        yield endpoint
+                        return
+            finally:
+                endpoint.gate.leave()
+            # It left the rotation while this request waited for a place: choose again.
+
     def _all_down(self) -> EndpointsUnavailable:
         if all(e.refused for e in self.endpoints):
             return self._refusal_error()
@@ -409,12 +502,13 @@ class LLMClient:
         first_failure: float | None = None
         while True:
             delay = 0.0
-            async with self._semaphore:
-                endpoint = await self._pick(affinity or request_id, tried)
+            async with self._slot(affinity or request_id, tried) as endpoint:
                 endpoint.in_flight += 1
                 try:
                     completion = await self._post(endpoint, payload, request_id, attempts + rate_limited + 1, used)
                     self._record_success(endpoint, kind)
+                    if endpoint.controller is not None:
+                        endpoint.controller.observe(completion.latency_s, completion.completion_tokens)
                     completion.prompt_tokens += used[0]
                     completion.completion_tokens += used[1]
                     return completion
@@ -422,6 +516,8 @@ class LLMClient:
                     self.stats.failures[error.reason] += 1
                     cause = error.reason.removeprefix("retryable_")
                     first_failure = first_failure or time.monotonic()
+                    if cause == "timeout" and endpoint.controller is not None:
+                        endpoint.controller.observe_timeout()
                     status = int(cause[5:]) if cause.startswith("http_") else 0
                     if status in REFUSAL_STATUS:
                         endpoint.refused = f"{REFUSAL_STATUS[status]} (http {status}: {error.detail[:120]})"
@@ -471,6 +567,7 @@ class LLMClient:
     async def _post(self, endpoint: Endpoint, payload: str, request_id: str, attempt: int, used: list[int]) -> Completion:
         headers = {"X-Request-Id": f"{request_id}/{attempt}"} if request_id else None
         self.stats.requests += 1
+        started = time.monotonic()
         try:
             async with self._session.post(
                 f"{endpoint.url}/v1/chat/completions", data=payload, headers=headers
@@ -512,7 +609,59 @@ class LLMClient:
             used[0] += prompt_tokens
             used[1] += completion_tokens
             raise RequestFailed("retryable_bad_response", raw[:200].decode("utf-8", "replace")) from None
-        return Completion(text, finish_reason, prompt_tokens, completion_tokens, attempt, endpoint.url)
+        return Completion(
+            text, finish_reason, prompt_tokens, completion_tokens, attempt, endpoint.url, time.monotonic() - started
+        )
+
+    # -- adaptive concurrency ----------------------------------------------------------
+
+    async def _watch_load(self) -> None:
+        """Read every usable endpoint's /metrics each `adaptive_interval_s` and move its
+        window. Off the request path; a failing read never ends the watch."""
+        interval = self.settings.adaptive_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.gather(*(self._read_load(e) for e in self._usable()))
+            except Exception:  # a bug here must not stop the windows: say it, go on
+                log.warning("reading the endpoints' load failed", exc_info=True)
+
+    async def _read_load(self, endpoint: Endpoint) -> None:
+        load = None
+        try:
+            async with self._session.get(
+                f"{endpoint.url}/metrics", timeout=aiohttp.ClientTimeout(total=min(5.0, 2 * self.settings.adaptive_interval_s))
+            ) as response:
+                if response.status == 200:
+                    load = ServerLoad.from_metrics(parse_prometheus_text((await response.read()).decode("utf-8", "replace")))
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            pass  # no metrics this time: the controller goes by latency
+        before = endpoint.controller.window
+        window = endpoint.controller.update(load, time.monotonic())
+        endpoint.gate.set_limit(window)
+        if window != before:
+            log.debug("endpoint %s: window %d -> %d (%s, %s)", endpoint.url, before, window,
+                      endpoint.controller.signal, load)
+
+    def load_report(self) -> list[dict]:
+        """Per endpoint: its window, requests it holds or waits for, and the server's
+        queue as last read (None when unknown); empty with a fixed cap."""
+        report = []
+        for endpoint in self.endpoints:
+            if endpoint.controller is None:
+                continue
+            load = endpoint.controller.last_load
+            report.append({
+                "endpoint": endpoint.url,
+                "window": endpoint.controller.window,
+                "in_flight": endpoint.gate.admitted,
+                "queued_here": endpoint.gate.waiting,
+                "server_running": load.running if load else None,
+                "server_waiting": load.waiting if load else None,
+                "kv_cache_usage": load.kv_cache_usage if load else None,
+                "signal": endpoint.controller.signal,
+            })
+        return report
 
 
 def _retry_after(value: str | None) -> float | None:

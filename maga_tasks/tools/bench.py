@@ -12,6 +12,12 @@ Two suites, each figure the median of repeated runs with min and max:
 - client: against the test LLM server at zero latency, server and client pinned to
   different cores: requests/s the client sustains on one core, and peak RSS expanding a
   small and a ten times larger shard.
+- fleet: several independent clients (processes) share one capacity-limited test LLM
+  server (`--max-running`, with latency), each wanting `--fleet-concurrency` requests in
+  flight: first with that fixed cap, then with adaptive concurrency. Printed per mode:
+  output tokens/s (and the ratio adaptive/fixed), p50/p99 latency of the HTTP exchange
+  and of the whole call (a request waiting for its window included), timeouts, and the
+  server's longest waiting queue. Not part of `all`.
 
 Each measured expansion runs in a child process, so CPU time and peak RSS are its own.
 """
@@ -19,6 +25,7 @@ Each measured expansion runs in a child process, so CPU time and peak RSS are it
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -306,13 +313,154 @@ def client_suite(args, figures: Figures) -> dict:
             "client_core": client_core, "server_core": server_core}
 
 
+# -- a shared fleet: independent clients on one saturated server ----------------------
+
+
+def _fleet_child(argv: list[str]) -> int:
+    """One client of the fleet suite: keeps `--concurrency` requests wanted for
+    `--seconds`, then prints what it saw as JSON."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--name", default="c0")
+    parser.add_argument("--concurrency", type=int, default=128)
+    parser.add_argument("--fixed", action="store_true", help="pin the cap (no adaptive concurrency)")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--request-timeout", type=float, default=5.0)
+    parser.add_argument("--interval", type=float, default=0.5, help="adaptive_interval_s")
+    args = parser.parse_args(argv)
+    print(json.dumps(asyncio.run(_drive_fleet_client(args))))
+    return 0
+
+
+async def _drive_fleet_client(args) -> dict:
+    from collections import Counter
+
+    from maga_tasks.data.sample_corpus import wikipedia_summaries
+    from maga_tasks.errors import MagaError
+    from maga_tasks.llm.client import LLMClient, RequestFailed
+    from maga_tasks.method.prompts import rewrite_messages
+    from maga_tasks.settings import RunSettings
+
+    recipe = load_recipe()
+    texts = [a["text"] for a in wikipedia_summaries()[:64]]
+    settings = RunSettings(
+        endpoints=(args.endpoint,), max_concurrency=args.concurrency, adaptive_concurrency=not args.fixed,
+        adaptive_interval_s=args.interval, request_timeout_s=args.request_timeout,
+        max_attempts=1,  # every timeout is counted once, not hidden by a retry
+    )
+    calls, exchanges, errors, windows = [], [], Counter(), []
+    tokens = 0
+    async with LLMClient(settings, recipe.model) as client:
+        await client.wait_ready(30)
+
+        async def want_requests(worker: int) -> None:
+            nonlocal tokens
+            for n in range(10**9):
+                started = time.monotonic()
+                try:
+                    completion = await client.chat(
+                        rewrite_messages(recipe, texts[(worker + n) % len(texts)], "A short tutorial.", "Students."),
+                        recipe.rewrite.sampling, request_id=f"{args.name}w{worker}n{n}/rewrite/0",
+                    )
+                except (RequestFailed, MagaError) as error:
+                    errors[getattr(error, "reason", type(error).__name__)] += 1
+                    continue
+                calls.append(time.monotonic() - started)
+                exchanges.append(completion.latency_s)
+                tokens += completion.completion_tokens
+
+        async def watch_windows() -> None:
+            while True:
+                await asyncio.sleep(0.25)
+                windows.extend(w["window"] for w in client.load_report())
+
+        tasks = [asyncio.create_task(want_requests(i)) for i in range(args.concurrency)]
+        tasks.append(asyncio.create_task(watch_windows()))
+        started = time.monotonic()
+        await asyncio.sleep(args.seconds)
+        seconds = time.monotonic() - started
+        for task in tasks:  # requests still out when time is up are not counted
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        timeouts = client.stats.failures.get("retryable_timeout", 0)
+    half = windows[len(windows) // 2:]
+    return {
+        "name": args.name, "adaptive": not args.fixed, "seconds": round(seconds, 3),
+        "completed": len(calls), "completion_tokens": tokens, "timeouts": timeouts, "errors": dict(errors),
+        "call_latencies": [round(x, 4) for x in calls], "exchange_latencies": [round(x, 4) for x in exchanges],
+        "window_final": windows[-1] if windows else None,
+        "window_max_second_half": max(half) if half else None,
+    }
+
+
+def run_fleet_clients(url: str, clients: int, *, fixed: bool, concurrency: int = 128, seconds: float = 10.0,
+                      request_timeout: float = 5.0, interval: float = 0.5, midway=None) -> list[dict]:
+    """Start `clients` fleet clients (processes) on `url` at once, wait, return their
+    reports. `midway`, when given, is called halfway through (e.g. to reset the
+    server's peaks, so the second half can be judged alone)."""
+    command = [sys.executable, "-m", "maga_tasks.tools.bench", "_fleet_child", "--endpoint", url,
+               "--concurrency", str(concurrency), "--seconds", str(seconds),
+               "--request-timeout", str(request_timeout), "--interval", str(interval)] + (["--fixed"] if fixed else [])
+    children = [subprocess.Popen(command + ["--name", f"c{i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, cwd=REPO) for i in range(clients)]
+    if midway is not None:
+        time.sleep(2.0 + seconds / 2)  # about the children's start-up, then half their run
+        midway()
+    reports = []
+    for child in children:
+        out, err = child.communicate(timeout=seconds + request_timeout + 120)
+        if child.returncode != 0:
+            raise RuntimeError(f"fleet client failed: {err.strip()[-1500:]}")
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    return reports
+
+
+def _percentile(values: list[float], share: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def fleet_suite(args, figures: Figures) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="maga-bench-fleet-"))
+    throughput = {}
+    with TestServerProcess(max_running=args.fleet_max_running, latency_ms=args.fleet_latency_ms, log_dir=work) as server:
+        for repeat in range(args.repeats):
+            for mode in ("fixed", "adaptive"):
+                server.reset()
+                reports = run_fleet_clients(server.url, args.fleet_clients, fixed=mode == "fixed",
+                                            concurrency=args.fleet_concurrency, seconds=args.fleet_seconds,
+                                            request_timeout=args.fleet_request_timeout)
+                stats = server.stats()
+                calls = [x for r in reports for x in r["call_latencies"]]
+                exchanges = [x for r in reports for x in r["exchange_latencies"]]
+                throughput[mode] = sum(r["completion_tokens"] / r["seconds"] for r in reports)
+                figures.add(f"{mode}: output tokens/s (all clients)", throughput[mode], "tok/s")
+                figures.add(f"{mode}: p50 latency, HTTP exchange", _percentile(exchanges, 0.5), "s")
+                figures.add(f"{mode}: p99 latency, HTTP exchange", _percentile(exchanges, 0.99), "s")
+                figures.add(f"{mode}: p50 latency, whole call", _percentile(calls, 0.5), "s")
+                figures.add(f"{mode}: p99 latency, whole call", _percentile(calls, 0.99), "s")
+                figures.add(f"{mode}: timeouts (all clients)", sum(r["timeouts"] for r in reports), "requests")
+                figures.add(f"{mode}: max server waiting queue", stats["max_waiting"], "requests")
+                done = [r["completed"] for r in reports]
+                figures.add(f"{mode}: client share spread (max/min completed)", max(done) / max(1, min(done)), "x")
+                log.info("fleet %s run %d: %.0f tok/s, %d timeouts, max waiting %d", mode, repeat + 1,
+                         throughput[mode], sum(r["timeouts"] for r in reports), stats["max_waiting"])
+            figures.add("output tokens/s ratio adaptive / fixed", throughput["adaptive"] / max(throughput["fixed"], 1e-9), "x")
+    return {"clients": args.fleet_clients, "cap_per_client": args.fleet_concurrency,
+            "server_max_running": args.fleet_max_running, "server_latency_ms": args.fleet_latency_ms,
+            "seconds": args.fleet_seconds, "request_timeout_s": args.fleet_request_timeout}
+
+
 # -- command ---------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--short", action="store_true", help="small sizes and one repeat (CI)")
-    parser.add_argument("--suite", choices=["all", "engine", "client", "quality"], default="all",
-                        help="quality: the real-model quality report (not part of all)")
+    parser.add_argument("--suite", choices=["all", "engine", "client", "quality", "fleet"], default="all",
+                        help="quality: the real-model quality report; fleet: shared-server clients, fixed"
+                        " cap vs adaptive (neither part of all)")
     parser.add_argument("--endpoint", help="a running vLLM server (default: start the tiny model locally)")
     parser.add_argument("--served-model", help="served name (default: the suite's local model)")
     parser.add_argument("--model-dir", help="model folder (default: var/models/maga-tiny; quality suite:"
@@ -329,6 +477,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quality-docs", type=int, default=40, help="quality suite: documents (short: 6)")
     parser.add_argument("--judge-sample", type=int, default=20, help="quality suite: rewrites the judge scores")
     parser.add_argument("--first-article", type=int, default=0, help="quality suite: first sample article")
+    parser.add_argument("--fleet-clients", type=int, default=4, help="fleet suite: client processes")
+    parser.add_argument("--fleet-concurrency", type=int, default=128, help="fleet suite: cap per client")
+    parser.add_argument("--fleet-max-running", type=int, default=8, help="fleet suite: server capacity")
+    parser.add_argument("--fleet-latency-ms", type=float, default=100.0, help="fleet suite: server latency")
+    parser.add_argument("--fleet-seconds", type=float, default=12.0, help="fleet suite: seconds per mode")
+    parser.add_argument("--fleet-request-timeout", type=float, default=3.0, help="fleet suite: request timeout")
 
 
 def run(args) -> dict:
@@ -346,8 +500,9 @@ def run(args) -> dict:
     for suite, runner, title in (
         ("engine", engine_suite, "Pipeline vs engine (vLLM CPU, tiny model)"),
         ("client", client_suite, "Client overhead (test LLM server, zero latency)"),
+        ("fleet", fleet_suite, "Shared fleet: fixed cap vs adaptive concurrency (capacity-limited test server)"),
     ):
-        if args.suite in ("all", suite):
+        if args.suite == suite or (args.suite == "all" and suite != "fleet"):
             figures = Figures()
             setup = runner(args, figures)
             report[suite] = {"setup": setup, "figures": figures.as_dict()}
@@ -364,6 +519,8 @@ def run(args) -> dict:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_child"]:
         sys.exit(_child(sys.argv[2:]))
+    if sys.argv[1:2] == ["_fleet_child"]:
+        sys.exit(_fleet_child(sys.argv[2:]))
     main_parser = argparse.ArgumentParser(prog="python -m maga_tasks.tools.bench")
     add_arguments(main_parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -35,6 +35,7 @@ class TestServerProcess:
         *,
         faults: tuple[str, ...] | list[str] = (),
         latency_ms: float = 0.0,
+        max_running: int | None = None,
         extra: tuple[str, ...] | list[str] = (),
         log_dir: Path | str | None = None,
         cpu: int | None = None,
@@ -44,6 +45,8 @@ class TestServerProcess:
             self.argv += ["--fault", spec]
         if latency_ms:
             self.argv += ["--latency-ms", str(latency_ms)]
+        if max_running is not None:  # a saturated engine: the rest wait in its queue
+            self.argv += ["--max-running", str(max_running)]
         self.argv += list(extra)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.cpu = cpu

@@ -5,6 +5,19 @@ non-streaming `/v1/chat/completions`, `/metrics`), answering with `answers` and
 refusing, failing or spoiling as the `faults` switches say. Besides the vLLM routes,
 ``GET /_stats`` returns request, fault and token counts (``POST /_reset`` clears them)
 for tests and benchmarks to check against.
+
+``--max-running N`` makes it behave like a saturated vLLM engine: at most N requests
+are running (sleeping their latency and being answered) at once, the rest wait in a FIFO
+queue. Queue time is part of the client's request time, so it counts toward the client's
+timeout, and a client that gives up leaves the queue (counted as `cancelled_waiting`).
+/metrics then reports vLLM's gauges `vllm:num_requests_running`,
+`vllm:num_requests_waiting` and `vllm:kv_cache_usage_perc` (running / N: each running
+request holds an equal share of the cache), and the counter `vllm:num_preemptions_total`,
+which rises by one for each request that arrives while N or more already wait: the
+point where an oversubscribed engine runs out of KV blocks and preempts. The request is
+still queued as usual; only the signal is modelled. Without the option nothing waits,
+the cache reads 0 and preemptions stay 0. `/_stats` adds `max_running` and
+`max_waiting` (peaks since the last reset) and the cancellation counts.
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -69,6 +82,9 @@ class ServerState:
     generation_tokens_metric: int = 0
     success_metric: Counter = field(default_factory=Counter)
     running: int = 0
+    max_running: int | None = None  # capacity: more requests than this wait in `queue`
+    queue: deque = field(default_factory=deque)  # futures of waiting requests, FIFO
+    preemptions_metric: int = 0
 
     def reset_stats(self) -> None:
         self.stats = {
@@ -78,7 +94,42 @@ class ServerState:
             "faults_fired": Counter(),
             "prompt_tokens_total": 0,
             "completion_tokens_total": 0,
+            "max_running": self.running,
+            "max_waiting": len(self.queue),
+            "cancelled_waiting": 0,
+            "cancelled_running": 0,
         }
+
+    async def start_running(self) -> None:
+        """Wait for a place among the running requests (FIFO behind the waiting ones)."""
+        if self.max_running is not None and (self.running >= self.max_running or self.queue):
+            if len(self.queue) >= self.max_running:
+                self.preemptions_metric += 1
+            waiter = asyncio.get_running_loop().create_future()
+            self.queue.append(waiter)
+            self.stats["max_waiting"] = max(self.stats["max_waiting"], len(self.queue))
+            try:
+                await waiter  # resolved by `stop_running`, the place already counted
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self.stop_running()  # given a place just as the client left: pass it on
+                else:
+                    with contextlib.suppress(ValueError):  # `stop_running` may have dropped it
+                        self.queue.remove(waiter)
+                self.stats["cancelled_waiting"] += 1
+                raise
+        else:
+            self.running += 1
+        self.stats["max_running"] = max(self.stats["max_running"], self.running)
+
+    def stop_running(self) -> None:
+        """Leave the running requests; the first waiting one takes the place."""
+        while self.queue:
+            waiter = self.queue.popleft()
+            if not waiter.done():  # a cancelled one is a client that left
+                waiter.set_result(None)  # `running` stays: the place changes hands
+                return
+        self.running -= 1
 
     def fires(self, index: int, fault: Fault, stage: str, aim_key: str, request_key: str) -> bool:
         """Whether `fault` fires now (see `fault_fires`); a firing is counted in the stats."""
@@ -279,7 +330,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     refusal = _refusal(body, state)
     if refusal is not None:
         return await _answer(request, state, refusal)
-    state.running += 1
+    await state.start_running()
     try:
         if state.latency_s:
             await asyncio.sleep(state.latency_s)
@@ -287,8 +338,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if failure is not None:
             return await _answer(request, state, failure)
         return await _answer(request, state, web.json_response(_completion(state, req)))
+    except asyncio.CancelledError:
+        state.stats["cancelled_running"] += 1
+        raise
     finally:
-        state.running -= 1
+        state.stop_running()
 
 
 async def _answer(
@@ -332,6 +386,15 @@ async def metrics(request: web.Request) -> web.Response:
         "# HELP vllm:num_requests_running Number of requests in model execution batches.",
         "# TYPE vllm:num_requests_running gauge",
         f"vllm:num_requests_running{{{label}}} {state.running}",
+        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+        "# TYPE vllm:num_requests_waiting gauge",
+        f"vllm:num_requests_waiting{{{label}}} {len(state.queue)}",
+        "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+        "# TYPE vllm:kv_cache_usage_perc gauge",
+        f"vllm:kv_cache_usage_perc{{{label}}} {state.running / state.max_running if state.max_running else 0.0}",
+        "# HELP vllm:num_preemptions_total Cumulative number of preemption from the engine.",
+        "# TYPE vllm:num_preemptions_total counter",
+        f"vllm:num_preemptions_total{{{label}}} {state.preemptions_metric}",
     ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
@@ -344,6 +407,7 @@ def build_app(
     max_model_len: int = MAX_MODEL_LEN,
     structured_outputs: bool = True,
     model_root: str | None = None,
+    max_running: int | None = None,
 ) -> web.Application:
     """The test server as an aiohttp application (see the package docstring)."""
     faults = tuple(faults)
@@ -357,6 +421,7 @@ def build_app(
         model_root=model_root,
         structured_outputs=structured_outputs,
         die_after=min(die) if die else None,
+        max_running=max_running,
     )
     state.reset_stats()
     # Judge requests carry a document and a rewrite; leave room beyond the 1 MiB default.
@@ -431,6 +496,12 @@ def _fault_arg(spec: str) -> Fault:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m maga_tasks.tools.test_server",
@@ -452,6 +523,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-root", default=None, help="weights path or hub id /v1/models reports as root")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--no-structured-outputs", action="store_true")
+    parser.add_argument("--max-running", type=_positive_int, default=None, metavar="N",
+                        help="run at most N requests at once, queue the rest (like a saturated vLLM)")
     args = parser.parse_args(argv)
     run_server(
         args.host,
@@ -463,4 +536,5 @@ def main(argv: list[str] | None = None) -> None:
         max_model_len=args.max_model_len,
         model_root=args.model_root,
         structured_outputs=not args.no_structured_outputs,
+        max_running=args.max_running,
     )
