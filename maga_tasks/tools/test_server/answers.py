@@ -316,8 +316,8 @@ def _intro(genre: str, audience: str, keywords: tuple[str, ...], salt: int) -> s
     reader = " ".join(_first_sentence(audience, 70).split()[:6]).rstrip(",;:")
     subjects = ", ".join(keywords[:3]) or "its subject"
     if salt % 2:
-        return f"Presented as {shape}, this text is meant for {reader}. It is about {subjects}."
-    return f"Written for {reader}, this text takes the form of {shape}. Its subjects: {subjects}."
+        return f"Presented as {shape}, this piece is meant for {reader}. It is about {subjects}."
+    return f"Written for {reader}, this piece takes the form of {shape}. Its subjects: {subjects}."
 
 
 def make_rewrite(profile: DocumentProfile, genre: str, audience: str, salt: object) -> str:
