@@ -202,7 +202,9 @@ def test_a_capacity_limited_server_queues_the_rest_and_says_so_in_vllm_gauges(ll
     assert asyncio.run(post_chats(server.url, 6, 2.0)).count("timeout") == 4
     time.sleep(0.2)
     stats, after = server.stats(), metrics_of(server)
-    assert (stats["cancelled_running"], stats["cancelled_waiting"]) == (2, 2)
+    # Each of the four leaves the queue or its slot; a waiting one may be started by the
+    # slot another's cancel just freed before its own cancel arrives (seen 1 run in 5).
+    assert stats["cancelled_running"] + stats["cancelled_waiting"] == 4 and stats["cancelled_running"] >= 2
     assert after["vllm:num_requests_waiting"] == 0 and after["vllm:num_requests_running"] == 0
 
 
