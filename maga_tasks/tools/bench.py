@@ -286,7 +286,7 @@ def engine_suite(args, figures: Figures) -> dict:
         if server is not None:
             server.stop()
     return {"documents": args.engine_docs, "requests_replayed": prompts, "concurrency": args.concurrency,
-            "endpoint": "local vLLM CPU (tiny random model)" if server else url}
+            "endpoint": "local vLLM CPU (tiny random model)" if server else url, "served_model": served}
 
 
 # -- client overhead against the test server at zero latency --------------------------
@@ -415,7 +415,8 @@ def run_fleet_clients(url: str, clients: int, *, fixed: bool, concurrency: int =
     return reports
 
 
-def _percentile(values: list[float], share: float) -> float | None:
+def percentile(values: list[float], share: float) -> float | None:
+    """The value at `share` of the sorted values (nearest rank), None for no values."""
     if not values:
         return None
     ordered = sorted(values)
@@ -437,10 +438,10 @@ def fleet_suite(args, figures: Figures) -> dict:
                 exchanges = [x for r in reports for x in r["exchange_latencies"]]
                 throughput[mode] = sum(r["completion_tokens"] / r["seconds"] for r in reports)
                 figures.add(f"{mode}: output tokens/s (all clients)", throughput[mode], "tok/s")
-                figures.add(f"{mode}: p50 latency, HTTP exchange", _percentile(exchanges, 0.5), "s")
-                figures.add(f"{mode}: p99 latency, HTTP exchange", _percentile(exchanges, 0.99), "s")
-                figures.add(f"{mode}: p50 latency, whole call", _percentile(calls, 0.5), "s")
-                figures.add(f"{mode}: p99 latency, whole call", _percentile(calls, 0.99), "s")
+                figures.add(f"{mode}: p50 latency, HTTP exchange", percentile(exchanges, 0.5), "s")
+                figures.add(f"{mode}: p99 latency, HTTP exchange", percentile(exchanges, 0.99), "s")
+                figures.add(f"{mode}: p50 latency, whole call", percentile(calls, 0.5), "s")
+                figures.add(f"{mode}: p99 latency, whole call", percentile(calls, 0.99), "s")
                 figures.add(f"{mode}: timeouts (all clients)", sum(r["timeouts"] for r in reports), "requests")
                 figures.add(f"{mode}: max server waiting queue", stats["max_waiting"], "requests")
                 done = [r["completed"] for r in reports]
@@ -498,7 +499,7 @@ def run(args) -> dict:
     report: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "short": args.short}
     tables = []
     for suite, runner, title in (
-        ("engine", engine_suite, "Pipeline vs engine (vLLM CPU, tiny model)"),
+        ("engine", engine_suite, "Pipeline vs engine (vLLM)"),
         ("client", client_suite, "Client overhead (test LLM server, zero latency)"),
         ("fleet", fleet_suite, "Shared fleet: fixed cap vs adaptive concurrency (capacity-limited test server)"),
     ):
@@ -506,6 +507,8 @@ def run(args) -> dict:
             figures = Figures()
             setup = runner(args, figures)
             report[suite] = {"setup": setup, "figures": figures.as_dict()}
+            if "served_model" in setup:
+                title += f", {setup['served_model']}"
             tables.append(markdown_table(title, report[suite]["figures"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from maga_tasks.tools.bench import percentile
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_DIR = REPO / "var" / "models" / "smollm2-135m-instruct"
 SERVED_NAME = "smollm2-135m-instruct"
@@ -28,8 +30,7 @@ SERVED_NAME = "smollm2-135m-instruct"
 def _quantiles(values: list[float]) -> dict:
     if not values:
         return {"n": 0}
-    ordered = sorted(values)
-    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)  # noqa: E731
+    pick = lambda q: round(percentile(values, q), 3)  # noqa: E731
     return {"n": len(values), "p10": pick(0.1), "p50": pick(0.5), "p90": pick(0.9), "mean": round(statistics.fmean(values), 3)}
 
 
