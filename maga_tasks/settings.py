@@ -45,6 +45,9 @@ class RunSettings(BaseModel):
     # (local checkpoints are flushed after every document).
     s3_checkpoint_every: int = Field(32, ge=1)
     progress_interval_s: float = Field(30.0, gt=0)
+    # A JSON-lines file getting every answered request (its body and token counts): the
+    # exact stream `maga bench` replays against the engine. Off in production.
+    request_log: str | None = None
     # Failed tries after which a shard is `failed` for good and leaves the plan (until
     # requeued). A try the whole fleet failed (down, refusing) is not the shard's fault
     # and never makes it final.
