@@ -42,7 +42,7 @@ from maga_tasks.registry import LeaseLost, Registry, RegistryConflict, RegistryE
 from maga_tasks.settings import RunSettings
 from maga_tasks.engine.lease import LeaseKeeper
 from maga_tasks.engine.shard import ShardResult, expand_shard, publish_staged
-from maga_tasks.data.schema import shard_checksum
+from maga_tasks.data.committed import staged_checksum
 from maga_tasks.data.source import SourceColumns
 from maga_tasks.data.storage import StorageError, storage_for
 
@@ -249,10 +249,9 @@ def _publish_staged_commit(out, paths: ShardPaths, row: dict) -> str | None:
     token = row.get("commit_token")
     if token is None:
         return None
-    staged = {published: uri for uri, published in paths.staged(token)}
-    if not all(out.exists(uri) for uri in staged.values()):
+    if not all(out.exists(uri) for uri, _ in paths.staged(token)):
         return row["checksum"]  # published already: staged files are deleted only after the copies
-    checksum = shard_checksum(out.read_bytes(staged[paths.data]), out.read_bytes(staged[paths.rejected]))
+    checksum = staged_checksum(out, paths, token)
     if checksum != row["checksum"]:
         raise RegistryConflict(
             f"shard {paths.shard}: the commit staged by lease {token} has checksum {checksum},"

@@ -1,9 +1,10 @@
 """What the gates measure, read from files: a shard's committed `data/` and `rejected/`
-files (frames for GX, their figures and checksum) and the ids and text lengths of a
-source shard.
+files (frames for GX, their figures, labels and checksum) and the ids and text lengths
+of a source shard.
 
-Texts are measured with pyarrow and only their lengths are handed to GX, which keeps
-memory near the size of the ids.
+Files are read batch by batch (`data.committed`), only the columns the expectations
+use; texts, genres and audiences are measured per batch and only their lengths are
+handed to GX, which keeps memory near the size of the ids, whatever the texts weigh.
 """
 
 from __future__ import annotations
@@ -18,19 +19,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from maga_tasks.data.committed import BATCH_ROWS, MEASURED, files_checksum, local_files, read_measured
 from maga_tasks.data.layout import ShardPaths
-from maga_tasks.data.schema import DUPLICATE_ID, LINEAGE_COLUMNS, shard_checksum
+from maga_tasks.data.schema import DUPLICATE_ID, LINEAGE_COLUMNS
 from maga_tasks.data.source import SourceColumns, shard_format
 from maga_tasks.data.storage import StorageError, storage_for
 from maga_tasks.engine.figures import ShardFigures, figures_of_files
 from maga_tasks.errors import MagaError, ShardInputError
+from maga_tasks.quality.labels import LabelTally
 
 if TYPE_CHECKING:
     import pandas as pd
 
 DEFAULT_COLUMNS = SourceColumns()
-# Output columns measured by GX. `text` is replaced by its length, `text_chars`.
-_ROW_COLUMNS = tuple(c for c in LINEAGE_COLUMNS if c != "text") + (
+# The lineage columns as GX sees them: a measured text by its length (`text_chars`).
+MEASURED_LINEAGE = tuple(MEASURED.get(c, c) for c in LINEAGE_COLUMNS)
+# Output columns measured by GX.
+_ROW_COLUMNS = MEASURED_LINEAGE + (
     "keyword_coverage",
     "source_chars",
     "prompt_tokens",
@@ -48,6 +53,7 @@ _REJECTED_COLUMNS = (
     "pairs_prompt_tokens",
     "pairs_completion_tokens",
 )
+_LABEL_COLUMNS = ("genre", "audience", "pair_index")
 
 
 class QualityError(MagaError):
@@ -59,13 +65,15 @@ class QualityError(MagaError):
 
 @dataclass
 class CommittedShard:
-    """The committed files of a shard, read once: frames for GX, their figures and checksum."""
+    """The committed files of a shard, read once: frames for GX, their figures, labels
+    and checksum. No text is kept: `text`, `genre` and `audience` are their lengths."""
 
     paths: ShardPaths
-    rows: pd.DataFrame  # accepted rows; `text` replaced by `text_chars`
+    rows: pd.DataFrame  # accepted rows; texts replaced by `text_chars` etc.
     rejected: pd.DataFrame
     checksum: str  # sha256 of the data file bytes followed by the rejected file bytes
     figures: ShardFigures  # measured on the files: what `ShardResult` reports
+    labels: dict  # genre/audience summary of the accepted rows (`LabelTally`)
 
     def documents(self) -> pd.DataFrame:
         """One row per source document: accepted, rejected and total rows, its length.
@@ -92,33 +100,35 @@ class CommittedShard:
         return frame.rename_axis("source_id").reset_index()
 
 
-def _read_parquet_bytes(data: bytes, uri: str, wanted: tuple[str, ...], keep_text: bool) -> pa.Table:
+def _read(path: Path, uri: str, wanted: tuple[str, ...], batch_rows: int, labels: LabelTally | None = None) -> pa.Table:
+    def count_labels(batch: pa.RecordBatch) -> None:
+        labels.add({c: batch.column(c).to_pylist() for c in _LABEL_COLUMNS if c in batch.schema.names})
+
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        return read_measured(path, wanted, batch_rows=batch_rows, on_batch=count_labels if labels else None)
     except (pa.ArrowException, OSError) as error:
         raise QualityError(f"cannot read committed file {uri}: {error}") from None
-    if keep_text and "text" in table.column_names:
-        lengths = pc.utf8_length(table.column("text"))
-        table = table.append_column("text_chars", lengths)
-    return table.select([c for c in wanted if c in table.column_names])
 
 
-def load_committed(paths: ShardPaths, s3_endpoint_url: str | None = None) -> CommittedShard:
-    """Read a shard's committed `data/` and `rejected/` files (each read once)."""
+def load_committed(
+    paths: ShardPaths, s3_endpoint_url: str | None = None, *, batch_rows: int = BATCH_ROWS
+) -> CommittedShard:
+    """Read a shard's committed `data/` and `rejected/` files (each read once, batch by
+    batch of `batch_rows`)."""
     storage = storage_for(paths.data, s3_endpoint_url)
     missing = [uri for uri in (paths.data, paths.rejected) if not storage.exists(uri)]
     if missing:
         raise QualityError(f"shard {paths.shard} is not committed: missing {', '.join(missing)}")
+    labels = LabelTally()
     try:
-        data_bytes = storage.read_bytes(paths.data)
-        rejected_bytes = storage.read_bytes(paths.rejected)
+        with local_files(storage, paths.data, paths.rejected) as (data_path, rejected_path):
+            checksum = files_checksum(data_path, rejected_path)
+            rows = _read(data_path, paths.data, _ROW_COLUMNS, batch_rows, labels)
+            rejected = _read(rejected_path, paths.rejected, _REJECTED_COLUMNS, batch_rows)
     except (StorageError, OSError) as error:
         raise QualityError(f"cannot read shard {paths.shard}: {error}") from None
-    rows = _read_parquet_bytes(data_bytes, paths.data, _ROW_COLUMNS + ("text_chars",), keep_text=True)
-    rejected = _read_parquet_bytes(rejected_bytes, paths.rejected, _REJECTED_COLUMNS, keep_text=False)
-    return CommittedShard(
-        paths, rows.to_pandas(), rejected.to_pandas(), shard_checksum(data_bytes, rejected_bytes), figures_of_files(rows, rejected)
-    )
+    figures = figures_of_files(rows, rejected)
+    return CommittedShard(paths, rows.to_pandas(), rejected.to_pandas(), checksum, figures, labels.summary())
 
 
 # -- source shards ---------------------------------------------------------------------
@@ -217,6 +227,7 @@ __all__ = [
     "CommittedShard",
     "QualityError",
     "load_committed",
+    "MEASURED_LINEAGE",
     "read_source_frame",
     "source_length_column",
 ]
