@@ -37,14 +37,15 @@ from maga_tasks.quality import (
     validate_input,
     validate_output,
 )
+from maga_tasks.quality.datadocs import DATA_DOCS_SAMPLE_RATE
 from maga_tasks.recipe import Recipe
 from maga_tasks.registry import LeaseLost, Registry, RegistryConflict, RegistryError, ShardBusy, utc_now
 from maga_tasks.settings import RunSettings
 from maga_tasks.engine.lease import LeaseKeeper
-from maga_tasks.engine.shard import ShardResult, expand_shard, publish_staged
+from maga_tasks.engine.shard import ShardResult, commit_checkpoint, expand_shard, publish_staged
 from maga_tasks.data.committed import staged_checksum
 from maga_tasks.data.source import SourceColumns
-from maga_tasks.data.storage import StorageError, storage_for
+from maga_tasks.data.storage import StorageError, read_once, storage_for
 
 if TYPE_CHECKING:
     from maga_tasks.method.judging import JudgeReport
@@ -124,16 +125,43 @@ def check_committed_shard(
     shard: str | None = None,
     registry: Registry | None = None,
     s3_endpoint_url: str | None = None,
+    data_docs_sample_rate: float = DATA_DOCS_SAMPLE_RATE,
 ) -> QualityReport:
     """Run the output gate on a committed shard without changing its status (the
     result is recorded when a registry is given). For `maga validate-shard`."""
     paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
     committed = load_committed(paths, s3_endpoint_url)
-    report = validate_output(committed, recipe, s3_endpoint_url=s3_endpoint_url)
+    report = validate_output(
+        committed, recipe, s3_endpoint_url=s3_endpoint_url, data_docs_sample_rate=data_docs_sample_rate
+    )
     if registry is not None:
         registry.ensure_recipe(recipe)
         _record(registry, report, recipe.recipe_id)
     return report
+
+
+def commit_and_validate(
+    source_uri: str,
+    output_root: str,
+    recipe: Recipe,
+    *,
+    shard: str | None = None,
+    columns: SourceColumns = DEFAULT_COLUMNS,
+    s3_endpoint_url: str | None = None,
+    data_docs_sample_rate: float = DATA_DOCS_SAMPLE_RATE,
+) -> QualityReport:
+    """The file work of a shard after its LLM calls: commit its checkpoint, which must
+    hold every document of the source (`_work/{shard}/`, as `expand_shard` leaves it
+    before its commit), to `data/`, `rejected/` and `magacorpus/`, then run the output
+    gate on the committed files. Nothing is leased or registered. Its memory does not
+    grow with the shard: what `maga bench --scale` measures."""
+    paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
+    out = storage_for(output_root, s3_endpoint_url)
+    result = commit_checkpoint(source_uri, paths, out, columns=columns, s3_endpoint_url=s3_endpoint_url)
+    committed = load_committed(paths, s3_endpoint_url)
+    return validate_output(
+        committed, recipe, result=result, s3_endpoint_url=s3_endpoint_url, data_docs_sample_rate=data_docs_sample_rate
+    )
 
 
 def register_committed_shard(
@@ -147,6 +175,7 @@ def register_committed_shard(
     lease: LeaseKeeper | None = None,
     expected_checksum: str | None = None,
     s3_endpoint_url: str | None = None,
+    data_docs_sample_rate: float = DATA_DOCS_SAMPLE_RATE,
 ) -> dict:
     """Output gate on committed files, then register (passed) or quarantine (failed).
 
@@ -166,7 +195,9 @@ def register_committed_shard(
             f"shard {paths.shard}: data/ and rejected/ hold checksum {committed.checksum},"
             f" not the commit's {expected_checksum}; refusing to register bytes the lease did not commit"
         )
-    report = validate_output(committed, recipe, result=result, s3_endpoint_url=s3_endpoint_url)
+    report = validate_output(
+        committed, recipe, result=result, s3_endpoint_url=s3_endpoint_url, data_docs_sample_rate=data_docs_sample_rate
+    )
     _record(registry, report, recipe.recipe_id)
     token = lease.token if lease is not None else None
     summary = _summary(
@@ -303,7 +334,34 @@ def publish_shard(
             source_uri, output_root, recipe, settings, max_docs=max_docs, shard=shard, columns=columns,
             progress=progress, check_input=check_input,
         )
+    # The input gate, the expansion and the judge each read the source: one download.
+    with read_once(source_uri):
+        return _publish_shard(
+            source_uri, output_root, recipe, settings, registry, owner=owner, shard=shard, lease_ttl_s=lease_ttl_s,
+            lease_wait_s=lease_wait_s, columns=columns, progress=progress, force=force, check_input=check_input,
+            judge_sample=judge_sample,
+        )
+
+
+def _publish_shard(
+    source_uri: str,
+    output_root: str,
+    recipe: Recipe,
+    settings: RunSettings,
+    registry: Registry,
+    *,
+    owner: str,
+    shard: str | None,
+    lease_ttl_s: float,
+    lease_wait_s: float,
+    columns: SourceColumns,
+    progress: Callable[[dict], None] | None,
+    force: bool,
+    check_input: bool,
+    judge_sample: int,
+) -> dict:
     s3 = settings.s3_endpoint_url
+    docs_rate = settings.data_docs_sample_rate
     paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
     rid = recipe.recipe_id
     registry.ensure_recipe(recipe)
@@ -339,11 +397,13 @@ def publish_shard(
             lease.advance("committed")
             summary = register_committed_shard(
                 source_uri, output_root, recipe, registry, shard=paths.shard, lease=lease,
-                expected_checksum=recorded, s3_endpoint_url=s3,
+                expected_checksum=recorded, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate,
             )
             return judge_shard_after_publish(summary, output_root, recipe, settings, registry, judge_sample, columns)
         if check_input:
-            report = validate_input(source_uri, recipe, paths, columns=columns, s3_endpoint_url=s3)
+            report = validate_input(
+                source_uri, recipe, paths, columns=columns, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate
+            )
             _record(registry, report, rid)
             if not report.success:
                 lease.close()
@@ -358,13 +418,12 @@ def publish_shard(
         # The output is named after the shard; dated planning names it apart from the file.
         expand_kwargs = {"shard": paths.shard} if paths.shard != shard_name(source_uri) else {}
         result = expand_shard(
-            source_uri, output_root, recipe, settings, max_docs=max_docs, columns=columns,
-            progress=lease, fence=lease, **expand_kwargs,
+            source_uri, output_root, recipe, settings, columns=columns, progress=lease, fence=lease, **expand_kwargs,
         )
         lease.advance("committed", counters=result.to_dict())
         summary = register_committed_shard(
             source_uri, output_root, recipe, registry, shard=paths.shard, result=result, lease=lease,
-            expected_checksum=lease.committed_checksum, s3_endpoint_url=s3,
+            expected_checksum=lease.committed_checksum, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate,
         )
     except ShardInputError as error:
         lease.close()
@@ -433,22 +492,28 @@ def trial_shard(
     s3 = settings.s3_endpoint_url
     paths = shard_paths(trial_root(output_root, max_docs), recipe.recipe_id, shard or shard_name(source_uri))
     trial = {"max_docs": max_docs}
-    try:
-        if check_input:
-            report = validate_input(source_uri, recipe, paths, columns=columns, s3_endpoint_url=s3)
-            if not report.success:
-                return _summary(
-                    paths, source_uri, "trial", **trial, quality_success=False, docs_uri=report.docs_uri,
-                    failed_expectations=report.failed_names, reason=report.reason(),
+    docs_rate = settings.data_docs_sample_rate
+    with read_once(source_uri):  # the input gate and the expansion share one download
+        try:
+            if check_input:
+                report = validate_input(
+                    source_uri, recipe, paths, columns=columns, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate
                 )
-        result = expand_shard(
-            source_uri, output_root, recipe, settings, max_docs=max_docs, columns=columns,
-            progress=progress, shard=paths.shard,
-        )
-    except ShardInputError as error:
-        reason = f"unusable source shard: {error}"
-        return _summary(paths, source_uri, "trial", **trial, quality_success=False, failed_expectations=[], reason=reason)
-    report = validate_output(load_committed(paths, s3), recipe, result=result, s3_endpoint_url=s3)
+                if not report.success:
+                    return _summary(
+                        paths, source_uri, "trial", **trial, quality_success=False, docs_uri=report.docs_uri,
+                        failed_expectations=report.failed_names, reason=report.reason(),
+                    )
+            result = expand_shard(
+                source_uri, output_root, recipe, settings, max_docs=max_docs, columns=columns,
+                progress=progress, shard=paths.shard,
+            )
+        except ShardInputError as error:
+            reason = f"unusable source shard: {error}"
+            return _summary(paths, source_uri, "trial", **trial, quality_success=False, failed_expectations=[], reason=reason)
+    report = validate_output(
+        load_committed(paths, s3), recipe, result=result, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate
+    )
     log.info(
         "trial of shard %s (first %d documents): %d accepted, %d rejected, gates %s; nothing registered, outputs under %s",
         paths.shard, max_docs, result.accepted, result.rejected, "passed" if report.success else "failed",
@@ -496,6 +561,7 @@ def _failed_for_good(row: dict) -> ShardFailedForGood:
 __all__ = [
     "DEFAULT_LEASE_TTL_S",
     "check_committed_shard",
+    "commit_and_validate",
     "default_owner",
     "judge_shard_after_publish",
     "record_judge",

@@ -452,6 +452,17 @@ def _commit(
     return ShardResult.of(paths, source_uri, tally.figures())
 
 
+def commit_checkpoint(
+    source_uri: str, paths: ShardPaths, out, *, columns: SourceColumns = SourceColumns(), s3_endpoint_url: str | None = None
+) -> ShardResult:
+    """Commit a shard whose checkpoint (`_work/{shard}/`) holds every document of its
+    source, without any LLM call: the commit step of `expand_shard` on its own (for
+    `engine.publish.commit_and_validate`)."""
+    with storage_for(source_uri, s3_endpoint_url).local_copy(source_uri) as local:
+        checkpoint = Checkpoint(out, paths.work, {})
+        return _commit(source_uri, paths, out, checkpoint, iter(open_shard(local, source_uri, columns)))
+
+
 def _publish_fenced(out, paths: ShardPaths, built: dict[str, Path], fence: CommitFence) -> None:
     """Stage the files under the lease's token, record the commit, then publish them.
 
