@@ -167,7 +167,7 @@ def data_docs_sampled(shard: str, rate: float) -> bool:
     `rate`, chosen by a hash of the shard name, so a retry makes the same choice."""
     if rate <= 0:
         return False
-    draw = int.from_bytes(hashlib.sha256(f"data-docs/{shard}".encode("utf-8")).digest()[:8], "big") / 2**64
+    draw = int.from_bytes(hashlib.sha256(f"data-docs/{shard}".encode()).digest()[:8], "big") / 2**64
     return draw < rate
 
 

@@ -9,20 +9,22 @@ handed to GX, which keeps memory near the size of the ids, whatever the texts we
 
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from maga_tasks.data.committed import BATCH_ROWS, MEASURED, files_checksum, local_files, read_measured
+from maga_tasks.data.committed import (
+    BATCH_ROWS,
+    MEASURED,
+    files_checksum,
+    local_files,
+    read_measured,
+)
 from maga_tasks.data.layout import ShardPaths
 from maga_tasks.data.schema import DUPLICATE_ID, LINEAGE_COLUMNS
-from maga_tasks.data.source import SourceColumns, shard_format
+from maga_tasks.data.source import SourceColumns, measure_source, shard_format
 from maga_tasks.data.storage import StorageError, storage_for
 from maga_tasks.engine.figures import ShardFigures, figures_of_files
 from maga_tasks.errors import MagaError, ShardInputError
@@ -146,10 +148,7 @@ def read_source_frame(
     storage = storage_for(source_uri, s3_endpoint_url)
     try:
         with storage.local_copy(source_uri) as path:
-            if fmt == "parquet":
-                table = _source_parquet(path, columns)
-            else:
-                table = _source_jsonl(path, fmt, columns)
+            table = measure_source(path, fmt, columns, source_length_column(columns))
     except StorageError as error:
         raise ShardInputError(f"cannot read source shard {source_uri}: {error}") from None
     return table.to_pandas()
@@ -160,74 +159,12 @@ def source_length_column(columns: SourceColumns) -> str:
     return f"{columns.text}_chars"
 
 
-def _source_parquet(path: Path, columns: SourceColumns) -> pa.Table:
-    # Batch by batch, so only ids and lengths are kept: memory does not grow with the text.
-    try:
-        parquet = pq.ParquetFile(path)
-        present = [c for c in (columns.id, columns.text) if c in parquet.schema_arrow.names]
-        batches = [_id_and_length(batch, columns) for batch in parquet.iter_batches(batch_size=4096, columns=present)]
-    except (pa.ArrowException, OSError) as error:
-        raise ShardInputError(f"{path.name}: not a readable parquet file ({error})") from None
-    if not present:  # neither column: keep the row count so the report still says how many rows there were
-        return pa.table({"_row": pa.nulls(parquet.metadata.num_rows, pa.int8())})
-    if not batches:
-        return _id_and_length(parquet.schema_arrow.empty_table().select(present), columns)
-    return pa.concat_tables(batches)
-
-
-def _id_and_length(batch: pa.RecordBatch | pa.Table, columns: SourceColumns) -> pa.Table:
-    out = {}
-    if columns.id in batch.schema.names:
-        out[columns.id] = batch.column(columns.id)
-    if columns.text in batch.schema.names:
-        text = batch.column(columns.text)
-        if pa.types.is_binary(text.type) or pa.types.is_large_binary(text.type):
-            out[source_length_column(columns)] = pc.binary_length(text)
-        else:
-            out[source_length_column(columns)] = pc.utf8_length(text.cast(pa.large_string()))
-    return pa.table(out)
-
-
-def _source_jsonl(path: Path, fmt: str, columns: SourceColumns) -> pa.Table:
-    opener = gzip.open if fmt == "jsonl.gz" else open
-    ids: list = []
-    lengths: list = []
-    seen = {"id": False, "text": False}
-    try:
-        with opener(path, "rb") as handle:
-            for line in handle:
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    record = None
-                if not isinstance(record, dict):
-                    ids.append(None)
-                    lengths.append(None)
-                    continue
-                seen["id"] |= columns.id in record
-                seen["text"] |= columns.text in record
-                raw_id = record.get(columns.id)
-                text = record.get(columns.text)
-                ids.append(None if raw_id is None else str(raw_id))
-                lengths.append(len(text) if isinstance(text, str) else None)
-    except (OSError, EOFError) as error:
-        raise ShardInputError(f"{path.name}: cannot read ({error})") from None
-    out = {}
-    if seen["id"]:
-        out[columns.id] = pa.array(ids, pa.string())
-    if seen["text"]:
-        out[source_length_column(columns)] = pa.array(lengths, pa.int64())
-    return pa.table(out) if out else pa.table({"_row": pa.array([None] * len(ids), pa.int8())})
-
-
 __all__ = [
     "DEFAULT_COLUMNS",
+    "MEASURED_LINEAGE",
     "CommittedShard",
     "QualityError",
     "load_committed",
-    "MEASURED_LINEAGE",
     "read_source_frame",
     "source_length_column",
 ]
