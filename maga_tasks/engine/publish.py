@@ -17,6 +17,7 @@ A shard whose own tries fail `max_shard_failures` times is `failed` for good
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -126,13 +127,15 @@ def check_committed_shard(
     registry: Registry | None = None,
     s3_endpoint_url: str | None = None,
     data_docs_sample_rate: float = DATA_DOCS_SAMPLE_RATE,
+    result: ShardResult | None = None,
 ) -> QualityReport:
     """Run the output gate on a committed shard without changing its status (the
-    result is recorded when a registry is given). For `maga validate-shard`."""
+    result is recorded when a registry is given). For `maga validate-shard`; with the
+    expansion's `result`, the files must hold the documents it reported."""
     paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
     committed = load_committed(paths, s3_endpoint_url)
     report = validate_output(
-        committed, recipe, s3_endpoint_url=s3_endpoint_url, data_docs_sample_rate=data_docs_sample_rate
+        committed, recipe, result=result, s3_endpoint_url=s3_endpoint_url, data_docs_sample_rate=data_docs_sample_rate
     )
     if registry is not None:
         registry.ensure_recipe(recipe)
@@ -141,26 +144,20 @@ def check_committed_shard(
 
 
 def commit_and_validate(
-    source_uri: str,
-    output_root: str,
-    recipe: Recipe,
-    *,
-    shard: str | None = None,
-    columns: SourceColumns = DEFAULT_COLUMNS,
-    s3_endpoint_url: str | None = None,
-    data_docs_sample_rate: float = DATA_DOCS_SAMPLE_RATE,
+    source_uri: str, output_root: str, recipe: Recipe, *, shard: str | None = None,
+    columns: SourceColumns = DEFAULT_COLUMNS, s3_endpoint_url: str | None = None, **gate,
 ) -> QualityReport:
     """The file work of a shard after its LLM calls: commit its checkpoint, which must
     hold every document of the source (`_work/{shard}/`, as `expand_shard` leaves it
     before its commit), to `data/`, `rejected/` and `magacorpus/`, then run the output
     gate on the committed files. Nothing is leased or registered. Its memory does not
-    grow with the shard: what `maga bench --scale` measures."""
+    grow with the shard: what `maga bench --scale` measures. `gate` goes to
+    `check_committed_shard` (`registry`, `data_docs_sample_rate`)."""
     paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
     out = storage_for(output_root, s3_endpoint_url)
     result = commit_checkpoint(source_uri, paths, out, columns=columns, s3_endpoint_url=s3_endpoint_url)
-    committed = load_committed(paths, s3_endpoint_url)
-    return validate_output(
-        committed, recipe, result=result, s3_endpoint_url=s3_endpoint_url, data_docs_sample_rate=data_docs_sample_rate
+    return check_committed_shard(
+        source_uri, output_root, recipe, shard=paths.shard, s3_endpoint_url=s3_endpoint_url, result=result, **gate
     )
 
 
@@ -249,6 +246,18 @@ def register_committed_shard(
     return summary | {"newly_registered": newly}
 
 
+def _reading_source_once(function):
+    """`function(source_uri, ...)` with its S3 source downloaded once: the input gate,
+    the expansion and the judge each read it (`read_once`)."""
+
+    @functools.wraps(function)
+    def reading(source_uri: str, *args, **kwargs):
+        with read_once(source_uri):
+            return function(source_uri, *args, **kwargs)
+
+    return reading
+
+
 def _lease_within(
     registry: Registry, rid: str, shard: str, source_uri: str, owner: str, ttl_s: float, force: bool, wait_s: float
 ) -> int | None:
@@ -293,6 +302,7 @@ def _publish_staged_commit(out, paths: ShardPaths, row: dict) -> str | None:
     return checksum
 
 
+@_reading_source_once
 def publish_shard(
     source_uri: str,
     output_root: str,
@@ -334,32 +344,6 @@ def publish_shard(
             source_uri, output_root, recipe, settings, max_docs=max_docs, shard=shard, columns=columns,
             progress=progress, check_input=check_input,
         )
-    # The input gate, the expansion and the judge each read the source: one download.
-    with read_once(source_uri):
-        return _publish_shard(
-            source_uri, output_root, recipe, settings, registry, owner=owner, shard=shard, lease_ttl_s=lease_ttl_s,
-            lease_wait_s=lease_wait_s, columns=columns, progress=progress, force=force, check_input=check_input,
-            judge_sample=judge_sample,
-        )
-
-
-def _publish_shard(
-    source_uri: str,
-    output_root: str,
-    recipe: Recipe,
-    settings: RunSettings,
-    registry: Registry,
-    *,
-    owner: str,
-    shard: str | None,
-    lease_ttl_s: float,
-    lease_wait_s: float,
-    columns: SourceColumns,
-    progress: Callable[[dict], None] | None,
-    force: bool,
-    check_input: bool,
-    judge_sample: int,
-) -> dict:
     s3 = settings.s3_endpoint_url
     docs_rate = settings.data_docs_sample_rate
     paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
@@ -473,6 +457,7 @@ def record_judge(registry: Registry, report: "JudgeReport") -> None:
     registry.record_quality(report.recipe_id, report.shard, "judge", report.success, statistics | counts, [], report.uri)
 
 
+@_reading_source_once
 def trial_shard(
     source_uri: str,
     output_root: str,
@@ -493,24 +478,23 @@ def trial_shard(
     paths = shard_paths(trial_root(output_root, max_docs), recipe.recipe_id, shard or shard_name(source_uri))
     trial = {"max_docs": max_docs}
     docs_rate = settings.data_docs_sample_rate
-    with read_once(source_uri):  # the input gate and the expansion share one download
-        try:
-            if check_input:
-                report = validate_input(
-                    source_uri, recipe, paths, columns=columns, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate
-                )
-                if not report.success:
-                    return _summary(
-                        paths, source_uri, "trial", **trial, quality_success=False, docs_uri=report.docs_uri,
-                        failed_expectations=report.failed_names, reason=report.reason(),
-                    )
-            result = expand_shard(
-                source_uri, output_root, recipe, settings, max_docs=max_docs, columns=columns,
-                progress=progress, shard=paths.shard,
+    try:
+        if check_input:
+            report = validate_input(
+                source_uri, recipe, paths, columns=columns, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate
             )
-        except ShardInputError as error:
-            reason = f"unusable source shard: {error}"
-            return _summary(paths, source_uri, "trial", **trial, quality_success=False, failed_expectations=[], reason=reason)
+            if not report.success:
+                return _summary(
+                    paths, source_uri, "trial", **trial, quality_success=False, docs_uri=report.docs_uri,
+                    failed_expectations=report.failed_names, reason=report.reason(),
+                )
+        result = expand_shard(
+            source_uri, output_root, recipe, settings, max_docs=max_docs, columns=columns,
+            progress=progress, shard=paths.shard,
+        )
+    except ShardInputError as error:
+        reason = f"unusable source shard: {error}"
+        return _summary(paths, source_uri, "trial", **trial, quality_success=False, failed_expectations=[], reason=reason)
     report = validate_output(
         load_committed(paths, s3), recipe, result=result, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate
     )

@@ -8,6 +8,9 @@ Two gates, thresholds from the recipe (`recipe.quality`, `recipe.cleaning`):
   finish reason, keyword coverage for most rows), `output.documents` (one row per source
   document: every pair accounted for, accepted rewrites per document) and
   `output.shard` (one row: the expansion ratio).
+
+Each gate writes a compact JSON result for every shard and a Data Docs site only for a
+failed or sampled shard (`datadocs.run_gate`); the report's `docs_uri` is what exists.
 """
 
 from __future__ import annotations
