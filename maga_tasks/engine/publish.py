@@ -251,9 +251,9 @@ def _reading_source_once(function):
     the expansion and the judge each read it (`read_once`)."""
 
     @functools.wraps(function)
-    def reading(source_uri: str, *args, **kwargs):
-        with read_once(source_uri):
-            return function(source_uri, *args, **kwargs)
+    def reading(*args, **kwargs):
+        with read_once(args[0] if args else kwargs["source_uri"]):
+            return function(*args, **kwargs)
 
     return reading
 
