@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 from maga_tasks.data.layout import ShardPaths
 from maga_tasks.data.storage import Storage
 
-# Rows read at once: bounds the memory of one batch (with 5 KB rewrites about 20 MB).
-BATCH_ROWS = 4096
+# Rows read at once: bounds the memory of one batch (with 5 KB rewrites about 5 MB).
+BATCH_ROWS = 1024
 # Texts a reader measures instead of keeping: column -> the column of its lengths.
 MEASURED = {"text": "text_chars", "genre": "genre_chars", "audience": "audience_chars"}
 # Few distinct values per shard: read dictionary-encoded, a byte or two a row.
@@ -87,9 +87,13 @@ def read_measured(
     names = pq.read_schema(path).names
     sources = {next((t for t, n in MEASURED.items() if n == name), name) for name in wanted}
     read = [c for c in names if c in sources]
-    parquet = pq.ParquetFile(path, read_dictionary=[c for c in _DICTIONARY if c in read])
+    # Without pre-buffering (and with a small read buffer) arrow reads a row group's
+    # column chunks as it decodes them: memory follows the batch, not the row group.
+    parquet = pq.ParquetFile(
+        path, read_dictionary=[c for c in _DICTIONARY if c in read], pre_buffer=False, buffer_size=_CHUNK
+    )
     parts = []
-    for batch in parquet.iter_batches(batch_size=batch_rows, columns=read):
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=read, use_threads=False):
         if on_batch is not None:
             on_batch(batch)
         parts.append(measure_batch(batch, wanted))

@@ -137,8 +137,10 @@ def _measure_jsonl(path: Path, fmt: str, columns: SourceColumns, length_column: 
 
 
 def _open_parquet(path: Path) -> pq.ParquetFile:
+    # Not pre-buffered: a row group's texts are read as they are decoded, batch by
+    # batch, so a shard written as one big row group does not land in memory whole.
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
     except (pa.ArrowException, OSError) as error:
         raise ShardInputError(f"{path.name}: not a readable parquet file ({error})") from None
 
