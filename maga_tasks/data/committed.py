@@ -24,6 +24,7 @@ from maga_tasks.data.storage import Storage
 BATCH_ROWS = 1024
 # Texts a reader measures instead of keeping: column -> the column of its lengths.
 MEASURED = {"text": "text_chars", "genre": "genre_chars", "audience": "audience_chars"}
+_MEASURED_FROM = {length: text for text, length in MEASURED.items()}
 # Few distinct values per shard: read dictionary-encoded, a byte or two a row.
 _DICTIONARY = ("source_shard", "recipe_id", "model", "prompt_version", "finish_reason", "reject_reason")
 _CHUNK = 1 << 20
@@ -63,7 +64,7 @@ def measure_batch(batch: pa.RecordBatch, wanted: tuple[str, ...]) -> pa.Table:
     """The `wanted` columns of a batch, a measured text as its length (null stays null)."""
     columns = {}
     for name in wanted:
-        source = next((text for text, length in MEASURED.items() if length == name), None)
+        source = _MEASURED_FROM.get(name)
         if source is not None and source in batch.schema.names:
             column = batch.column(source)
             if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
@@ -85,7 +86,7 @@ def read_measured(
     the measured texts), read batch by batch. `on_batch` sees each raw batch first
     (for figures that need a text, e.g. labels). Raises arrow's errors for a bad file."""
     names = pq.read_schema(path).names
-    sources = {next((t for t, n in MEASURED.items() if n == name), name) for name in wanted}
+    sources = {_MEASURED_FROM.get(name, name) for name in wanted}
     read = [c for c in names if c in sources]
     # Without pre-buffering (and with a small read buffer) arrow reads a row group's
     # column chunks as it decodes them: memory follows the batch, not the row group.

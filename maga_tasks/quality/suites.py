@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from maga_tasks.data.committed import MEASURED
 from maga_tasks.data.schema import ACCEPTED_FINISH_REASONS, LINEAGE_COLUMNS
 from maga_tasks.data.source import SourceColumns
-from maga_tasks.data.committed import MEASURED
 from maga_tasks.quality.frames import DEFAULT_COLUMNS, MEASURED_LINEAGE, source_length_column
 from maga_tasks.recipe import Recipe
 
