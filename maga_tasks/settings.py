@@ -52,6 +52,9 @@ class RunSettings(BaseModel):
     # requeued). A try the whole fleet failed (down, refusing) is not the shard's fault
     # and never makes it final.
     max_shard_failures: int = Field(3, ge=1)
+    # Share of passing shards whose gates also write a full Data Docs site (chosen by a
+    # hash of the shard name); failed shards always get one, every shard a JSON result.
+    data_docs_sample_rate: float = Field(0.01, ge=0, le=1)
 
     @field_validator("endpoints")
     @classmethod
