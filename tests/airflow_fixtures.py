@@ -322,16 +322,16 @@ class CeleryWorker:
     env: dict
     process: ManagedProcess | None = None
 
-    @property
-    def own_queue(self) -> str:
-        return self.queues[-1]
-
     def log_text(self) -> str:
         return self.process.log_path.read_text(errors="replace") if self.process else ""
 
     def workloads(self) -> list[str]:
         """The `Executing workload` lines of its log: one per task try it started."""
         return [line for line in self.log_text().splitlines() if "Executing workload in Celery" in line]
+
+    def consumed_queues(self) -> set[str]:
+        """The queues its Celery banner lists (`.> NAME exchange=...` under `[queues]`)."""
+        return set(re.findall(r"^\s+\.> (\S+) exchange=", self.log_text(), re.MULTILINE))
 
     def ready(self) -> bool:
         """Its current process is connected and consuming (Celery's `ready.` line)."""

@@ -501,7 +501,10 @@ def test_a_worker_lost_mid_shard_moves_its_shard_to_the_other_worker(airflow_sta
             start_celery_worker(af, victim)
     wait_for(victim.ready, 60, 0.5, f"{victim.name} to be back")
 
-    # Shards ran on both workers: each worker's own endpoint saw them (and its log).
+    # Shards ran on both workers: each worker's own endpoint saw them (and its log). Each
+    # consumes the shared queue the tasks went to and one of its own.
+    assert [w.consumed_queues() for w in af.workers] == [set(w.queues) for w in af.workers]
+    assert len({w.queues[0] for w in af.workers}) == 1 and len({w.queues[1] for w in af.workers}) == 2
     assert survivor_ran - set(moved) and shards_served(victim), (survivor_ran, moved)
     for worker in af.workers:
         assert any(_ran_on(worker, run_id, ti[1], 1) for ti in task_instances(af, run_id) if ti[0] == "publish_shard")
