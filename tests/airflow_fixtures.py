@@ -189,15 +189,20 @@ class ManagedProcess:
         psutil.wait_procs(descendants, timeout=10)
         return [pgid, *(proc.pid for proc in descendants)]
 
+    def terminate(self) -> None:
+        """SIGTERM the process group we created for it, without waiting."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)  # start_new_session: its own group
+            except ProcessLookupError:
+                pass
+
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM the process group we created for it, then SIGKILL what is left."""
         if self.popen.poll() is not None:
             return
-        pgid = self.popen.pid  # started with start_new_session: its own process group
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
+        pgid = self.popen.pid
+        self.terminate()
         try:
             self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -404,6 +409,8 @@ def airflow_env():
         af.cli("pools", "set", POOL, "4", "vLLM request streams (tests)")
         yield af
     finally:
+        for process in reversed(af.processes):  # all shut down at once, then each is waited for
+            process.terminate()
         for process in reversed(af.processes):
             process.stop()
         drop_pg_database(database)
@@ -421,12 +428,13 @@ def _dag_serialized(af: AirflowEnv) -> bool:
 
 @pytest.fixture(scope="session")
 def airflow_stack(airflow_env):
-    """Scheduler + dag-processor + api-server + a Celery worker on `airflow_env`; returns the env."""
+    """Scheduler + dag-processor + api-server + two Celery workers on `airflow_env`; returns the env."""
     af = airflow_env
     log_dir = af.home / "process-logs"
     # The DAG must be unpaused for the scheduler to start backfill runs; unpaused, it also
     # gets its latest scheduled run. Point that run's defaults at a healthy test LLM
-    # server and an empty dated source, so it publishes nothing and finishes.
+    # server and an empty dated source, so it publishes nothing and finishes. (On the
+    # workers, the `endpoints` default is each worker's own server: see below.)
     default_llm = start_llm_server(log_dir)
     af.processes.append(default_llm)
     af.env.update(
