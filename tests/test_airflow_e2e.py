@@ -446,7 +446,7 @@ def test_a_worker_lost_mid_shard_moves_its_shard_to_the_other_worker(airflow_sta
     source = tmp_path / "corpus"
     write_sample_corpus(source, shards=4, docs_per_shard=docs, offset=900)
     source_ids = {path.stem: pq.read_table(path).column("id").to_pylist() for path in source.glob("*.parquet")}
-    output_root = Path(tmp_path / "expanded")
+    output_root = tmp_path / "expanded"
     recipe_path, recipe_id = write_recipe(tmp_path, "two-workers-test")
     conf = run_conf(str(source), str(output_root), "", recipe_path, max_concurrency=2)
     del conf["endpoints"]  # each worker uses its own (MAGA_ENDPOINTS in its environment)
