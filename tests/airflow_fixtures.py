@@ -8,9 +8,12 @@ do it; `tests/` is on sys.path through its conftest).
   `maga_llm` pool, a SimpleAuthManager user with a known password, free ports, and a
   registry database given to the tasks as `AIRFLOW_CONN_MAGA_REGISTRY`.
 - `airflow_stack` (session): a real scheduler (CeleryExecutor, Redis broker on
-  127.0.0.1:6379, a queue of its own) + Celery worker + dag-processor + api-server on that
-  environment, started on first use and stopped (by PID) at the end; its
-  `core.max_map_length` is `STACK_MAX_MAP_LENGTH` (8).
+  127.0.0.1:6379) + two Celery workers + dag-processor + api-server on that environment,
+  started on first use and stopped (by PID) at the end; its `core.max_map_length` is
+  `STACK_MAX_MAP_LENGTH` (8). The workers stand for two machines (`CeleryWorker`): each
+  its own process group, Celery hostname, log server port and vLLM endpoint (a test LLM
+  server of its own, `MAGA_ENDPOINTS` in its environment), each consuming the session's
+  shared queue (every task goes there) plus a queue of its own.
 - `af_llm_server_factory` (function): starts `python -m maga_tasks.tools.test_server` processes on
   free loopback ports; `.stats()` reads `/_stats`.
 - `postgres_registry_url` (function): an empty PostgreSQL database for the registry.
@@ -56,6 +59,17 @@ AIRFLOW = str(BIN / "airflow")
 ADMIN_USER = "admin"
 # core.max_map_length of the scheduler stack (`airflow_stack`).
 STACK_MAX_MAP_LENGTH = 8
+# The stack's Celery workers: two "machines", two task slots each (4 in all, as the pool).
+WORKER_NAMES = ("worker-a", "worker-b")
+WORKER_CONCURRENCY = 2
+# Each worker's own test LLM server answers this slowly, so a shard lasts long enough to
+# lose its worker mid-way (runs that name `endpoints` in their conf use their own server).
+WORKER_LLM_LATENCY_MS = 150
+# [scheduler] task_instance_heartbeat_timeout of the stack: a task whose worker vanished
+# is failed (and retried) this long after its last heartbeat (Airflow's default: 300 s).
+# Supervisors heartbeat every 3 s ([workers] min_heartbeat_interval), so a slow machine
+# has several beats of margin.
+STACK_HEARTBEAT_TIMEOUT_S = 15
 
 
 def free_port() -> int:
@@ -139,6 +153,7 @@ class ManagedProcess:
     name: str
     popen: subprocess.Popen
     log_path: Path
+    log_offset: int = 0  # where its own output starts in the log (a restart appends)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -149,15 +164,45 @@ class ManagedProcess:
         except OSError:
             return ""
 
+    def kill_machine(self) -> list[int]:
+        """SIGKILL the process and everything it started, at once, as a machine lost.
+
+        Airflow's supervisor puts each task process in a process group of its own, so the
+        group we created is not enough: it is stopped first (no process in it forks a new
+        task), then every descendant and the group are killed. Returns the killed pids.
+        """
+        import psutil
+
+        pgid = self.popen.pid
+        try:
+            os.killpg(pgid, signal.SIGSTOP)
+            descendants = psutil.Process(pgid).children(recursive=True)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            return []
+        for proc in descendants:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        os.killpg(pgid, signal.SIGKILL)
+        self.popen.wait(timeout=10)
+        psutil.wait_procs(descendants, timeout=10)
+        return [pgid, *(proc.pid for proc in descendants)]
+
+    def terminate(self) -> None:
+        """SIGTERM the process group we created for it, without waiting."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)  # start_new_session: its own group
+            except ProcessLookupError:
+                pass
+
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM the process group we created for it, then SIGKILL what is left."""
         if self.popen.poll() is not None:
             return
-        pgid = self.popen.pid  # started with start_new_session: its own process group
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
+        pgid = self.popen.pid
+        self.terminate()
         try:
             self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -175,6 +220,7 @@ class ManagedProcess:
 def start_process(name: str, argv: list[str], env: dict, log_dir: Path) -> ManagedProcess:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
+    offset = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as handle:  # the child keeps its own copy of the descriptor
         popen = subprocess.Popen(
             argv,
@@ -185,7 +231,7 @@ def start_process(name: str, argv: list[str], env: dict, log_dir: Path) -> Manag
             start_new_session=True,
             cwd=str(log_dir),
         )
-    return ManagedProcess(name, popen, log_path)
+    return ManagedProcess(name, popen, log_path, offset)
 
 
 # -- the test LLM server --------------------------------------------------------------
@@ -223,6 +269,7 @@ class AirflowEnv:
     password: str
     registry_database: str
     processes: list = field(default_factory=list)
+    workers: list[CeleryWorker] = field(default_factory=list)
 
     @property
     def api_url(self) -> str:
@@ -269,6 +316,34 @@ class AirflowEnv:
         return sorted(self.logs.glob(f"dag_id={DAG_ID}/**/task_id={task_id}/**/*.log"))
 
 
+@dataclass
+class CeleryWorker:
+    """One Celery worker of the stack, set up as a machine of its own would be."""
+
+    name: str
+    hostname: str  # Celery's node name, unique on the broker
+    queues: tuple[str, ...]  # the shared queue first, then its own
+    llm: TestServerProcess  # its vLLM endpoint
+    env: dict
+    process: ManagedProcess | None = None
+
+    def log_text(self) -> str:
+        return self.process.log_path.read_text(errors="replace") if self.process else ""
+
+    def workloads(self) -> list[str]:
+        """The `Executing workload` lines of its log: one per task try it started."""
+        return [line for line in self.log_text().splitlines() if "Executing workload in Celery" in line]
+
+    def consumed_queues(self) -> set[str]:
+        """The queues its Celery banner lists (`.> NAME exchange=...` under `[queues]`)."""
+        return set(re.findall(r"^\s+\.> (\S+) exchange=", self.log_text(), re.MULTILINE))
+
+    def ready(self) -> bool:
+        """Its current process is connected and consuming (Celery's `ready.` line)."""
+        own_output = self.process.log_path.read_bytes()[self.process.log_offset :]
+        return f"{self.hostname} ready.".encode() in own_output
+
+
 def _airflow_environment(home: Path, database: str, api_port: int, passwords_file: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__"))}
     db = pg_url(database, "postgresql+psycopg")
@@ -298,6 +373,10 @@ def _airflow_environment(home: Path, database: str, api_port: int, passwords_fil
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
             "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "1",
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            # A lost worker's tasks are failed and retried within seconds, not minutes.
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(STACK_HEARTBEAT_TIMEOUT_S),
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
+            "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "3",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
             "AIRFLOW__DAG_PROCESSOR__PRINT_STATS_INTERVAL": "600",
@@ -330,6 +409,8 @@ def airflow_env():
         af.cli("pools", "set", POOL, "4", "vLLM request streams (tests)")
         yield af
     finally:
+        for process in reversed(af.processes):  # all shut down at once, then each is waited for
+            process.terminate()
         for process in reversed(af.processes):
             process.stop()
         drop_pg_database(database)
@@ -347,12 +428,13 @@ def _dag_serialized(af: AirflowEnv) -> bool:
 
 @pytest.fixture(scope="session")
 def airflow_stack(airflow_env):
-    """Scheduler + dag-processor + api-server + a Celery worker on `airflow_env`; returns the env."""
+    """Scheduler + dag-processor + api-server + two Celery workers on `airflow_env`; returns the env."""
     af = airflow_env
     log_dir = af.home / "process-logs"
     # The DAG must be unpaused for the scheduler to start backfill runs; unpaused, it also
     # gets its latest scheduled run. Point that run's defaults at a healthy test LLM
-    # server and an empty dated source, so it publishes nothing and finishes.
+    # server and an empty dated source, so it publishes nothing and finishes. (On the
+    # workers, the `endpoints` default is each worker's own server: see below.)
     default_llm = start_llm_server(log_dir)
     af.processes.append(default_llm)
     af.env.update(
@@ -365,22 +447,36 @@ def airflow_stack(airflow_env):
     # continues a partition past it); every other stack test maps fewer shards.
     af.env["AIRFLOW__CORE__MAX_MAP_LENGTH"] = str(STACK_MAX_MAP_LENGTH)
     # The production executor: Celery with Redis as the broker (as in docker-compose). A
-    # queue of this session's own keeps two test sessions on one Redis apart.
+    # queue of this session's own keeps two test sessions on one Redis apart; every task
+    # goes to it (`default_queue`) and both workers consume it, so shards spread over both
+    # and a retry lands on whichever worker is alive.
     queue = f"maga-tests-{secrets.token_hex(4)}"
     af.env.update(
         AIRFLOW__CORE__EXECUTOR="CeleryExecutor",
         AIRFLOW__CELERY__BROKER_URL=f"redis://{REDIS_HOST}:{REDIS_PORT}/0",
         AIRFLOW__CELERY__RESULT_BACKEND="db+" + pg_url(af.database, "postgresql+psycopg"),
-        AIRFLOW__CELERY__WORKER_CONCURRENCY="4",
+        AIRFLOW__CELERY__WORKER_CONCURRENCY=str(WORKER_CONCURRENCY),
         AIRFLOW__OPERATORS__DEFAULT_QUEUE=queue,
     )
     for name, argv in (
         ("api-server", [AIRFLOW, "api-server", "--port", str(af.api_port), "--host", "127.0.0.1"]),
         ("dag-processor", [AIRFLOW, "dag-processor"]),
         ("scheduler", [AIRFLOW, "scheduler"]),
-        ("celery-worker", [AIRFLOW, "celery", "worker", "--queues", queue, "--concurrency", "4"]),
     ):
         af.processes.append(start_process(name, argv, af.env, log_dir))
+    servers = [TestServerProcess(latency_ms=WORKER_LLM_LATENCY_MS, log_dir=log_dir).start() for _ in WORKER_NAMES]
+    for name, llm in zip(WORKER_NAMES, servers):
+        af.processes.append(llm.wait_ready())
+        worker = CeleryWorker(
+            name,
+            hostname=f"{name}@{queue}",
+            queues=(queue, f"{queue}.{name}"),
+            llm=llm,
+            # What differs from machine to machine: its endpoint and its log server's port.
+            env=dict(af.env, MAGA_ENDPOINTS=llm.url, AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port())),
+        )
+        start_celery_worker(af, worker, log_dir)
+        af.workers.append(worker)
 
     def ready():
         for process in af.processes:
@@ -395,8 +491,22 @@ def airflow_stack(airflow_env):
         return _dag_serialized(af)
 
     wait_for(ready, 180, 1.0, "api-server health and the DAG being parsed")
+    wait_for(lambda: all(w.ready() for w in af.workers), 60, 0.5, "both Celery workers to be ready")
     af.cli("dags", "unpause", DAG_ID)
     yield af
+
+
+def start_celery_worker(af: AirflowEnv, worker: CeleryWorker, log_dir: Path | None = None) -> ManagedProcess:
+    """Start (or start again, after `kill_machine`) one worker of the stack."""
+    argv = [
+        AIRFLOW, "celery", "worker", "--celery-hostname", worker.hostname,
+        "--queues", ",".join(worker.queues), "--concurrency", str(WORKER_CONCURRENCY),
+    ]
+    if worker.process is not None:
+        af.processes.remove(worker.process)
+    worker.process = start_process(f"celery-{worker.name}", argv, worker.env, log_dir or af.home / "process-logs")
+    af.processes.append(worker.process)
+    return worker.process
 
 
 # -- runs -----------------------------------------------------------------------------
