@@ -172,7 +172,14 @@ PARAMS = {
         type=["null", "string"],
         description="Model name the vLLM workers serve, when not the recipe's model (default MAGA_SERVED_MODEL)",
     ),
-    "max_concurrency": Param(128, type="integer", minimum=1, maximum=4096, description="Requests in flight per shard task"),
+    "max_concurrency": Param(
+        128, type="integer", minimum=1, maximum=4096,
+        description="Ceiling of requests in flight per shard task (each endpoint's window adapts below it)",
+    ),
+    "adaptive_concurrency": Param(
+        True, type="boolean",
+        description="Follow each vLLM worker's /metrics (queue, KV cache, preemptions); off: a fixed max_concurrency",
+    ),
     "progress_interval_s": Param(30, type="number", exclusiveMinimum=0, description="Seconds between progress log lines"),
 }
 
@@ -247,6 +254,7 @@ def _run_settings(params: dict, **overrides):
         api_key=_api_key(),
         served_model=params["served_model"],
         max_concurrency=params["max_concurrency"],
+        adaptive_concurrency=params["adaptive_concurrency"],
         progress_interval_s=params["progress_interval_s"],
         max_shard_failures=params["max_shard_failures"],
         **overrides,
