@@ -40,7 +40,8 @@ SQLite file `{output_root}/_registry.sqlite`), S3 from the connection `maga_s3` 
 vLLM API key from `MAGA_API_KEY` or the password of the connection `maga_llm`. Create
 the pool once: `airflow pools set maga_llm 8 "vLLM request streams"` and give its size
 to the budget as `pool_slots` (default `MAGA_POOL_SLOTS`, 8): Airflow 3 tasks cannot read
-pools (the Task SDK has no pool API and tasks have no metadata DB access).
+pools (the Task SDK and its execution API have no pool call; tasks have no metadata DB
+access).
 
 All the work is done by the `maga_tasks` library; this file only wires it into tasks.
 """
