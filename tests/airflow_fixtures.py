@@ -10,7 +10,7 @@ do it; `tests/` is on sys.path through its conftest).
 - `airflow_stack` (session): a real scheduler (CeleryExecutor, Redis broker on
   127.0.0.1:6379) + two Celery workers + dag-processor + api-server on that environment,
   started on first use and stopped (by PID) at the end; its `core.max_map_length` is
-  `STACK_MAX_MAP_LENGTH` (8). The workers stand for two machines (`CeleryWorker`): each
+  `STACK_MAX_MAP_LENGTH` (4). The workers stand for two machines (`CeleryWorker`): each
   its own process group, Celery hostname, log server port and vLLM endpoint (a test LLM
   server of its own, `MAGA_ENDPOINTS` in its environment), each consuming the session's
   shared queue (every task goes there) plus a queue of its own.
@@ -58,7 +58,7 @@ BIN = Path(sys.executable).parent
 AIRFLOW = str(BIN / "airflow")
 ADMIN_USER = "admin"
 # core.max_map_length of the scheduler stack (`airflow_stack`).
-STACK_MAX_MAP_LENGTH = 8
+STACK_MAX_MAP_LENGTH = 4
 # The stack's Celery workers: two "machines", two task slots each (4 in all, as the pool).
 WORKER_NAMES = ("worker-a", "worker-b")
 WORKER_CONCURRENCY = 2
@@ -443,8 +443,8 @@ def airflow_stack(airflow_env):
         MAGA_SOURCE=str(af.home / "no-drops" / "{ds}"),
         MAGA_OUTPUT_ROOT=str(af.home / "expanded"),
     )
-    # A small map limit, so that a partition of 20 shards takes three runs (the DAG
-    # continues a partition past it); every other stack test maps fewer shards.
+    # A small map limit, so that a partition or a flat budget of a few shards takes
+    # several runs (the DAG continues past it); no other stack test maps more in a run.
     af.env["AIRFLOW__CORE__MAX_MAP_LENGTH"] = str(STACK_MAX_MAP_LENGTH)
     # The production executor: Celery with Redis as the broker (as in docker-compose). A
     # queue of this session's own keeps two test sessions on one Redis apart; every task

@@ -14,6 +14,8 @@
 - Two Celery workers (two "machines", each with its own vLLM endpoint) share a run's
   shards; one is killed mid-shard with all its processes, and its shard moves to the
   other, which resumes from the checkpoint: every shard is registered exactly once.
+- A flat budget larger than max_map_length is published through continuation runs: every
+  shard of the budget, and no more.
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ def test_dags_test_publishes_a_whole_partition_and_names_the_shard_that_failed(
     states = {(ti[0], ti[2] or ti[1]): (ti[3], ti[4]) for ti in task_instances(airflow_env, run_id)}
     assert states[("publish_shard", f"{ds}_part-0020")] == ("failed", 3)  # no retry after the third failure
     assert sum(state == ("success", 1) for (task, _), state in states.items() if task == "publish_shard") == 20
-    assert states[("summarize", -1)][0] == "success" and states[("continue_partition", -1)][0] == "skipped"
+    assert states[("summarize", -1)][0] == "success" and states[("continue_run", -1)][0] == "skipped"
     assert states[("fail_if_shards_failed", -1)] == ("failed", 1)
 
     report = task_xcom(airflow_env, run_id, "summarize")
@@ -372,35 +374,37 @@ def test_a_partition_past_max_map_length_continues_in_runs_the_dag_triggers(airf
 
     af = airflow_stack
     ds = "2025-06-01"
+    files = 2 * STACK_MAX_MAP_LENGTH + 1  # two full runs and one shard for a third
     drops = tmp_path / "drops"
-    write_sample_corpus(drops, shards=20, docs_per_shard=1, partitions=[ds], offset=600)
+    write_sample_corpus(drops, shards=files, docs_per_shard=1, partitions=[ds], offset=600)
     output_root = str(tmp_path / "expanded")
     recipe_path, recipe_id = write_recipe(tmp_path, "continue-test")
     llm = af_llm_server_factory()
-    conf = run_conf(str(drops / "{ds}"), output_root, llm.url, recipe_path, planning_mode="dated", shards_per_run=8)
+    conf = run_conf(str(drops / "{ds}"), output_root, llm.url, recipe_path, planning_mode="dated", shards_per_run=1)
     known = {r[0] for r in dag_runs(af)}
     af.cli("dags", "trigger", DAG_ID, "-r", "partition-continue-test", "-l", f"{ds}T02:00:00+00:00", "-c", json.dumps(conf))
 
     def all_runs_done():
         runs = [r for r in dag_runs(af) if r[0] not in known]
         registered_now = len(registered(af.registry_url, recipe_id))
-        if runs and all(r[2] in ("success", "failed") for r in runs) and (registered_now == 20 or len(runs) >= 4):
+        if runs and all(r[2] in ("success", "failed") for r in runs) and (registered_now == files or len(runs) >= 4):
             return runs
         return False
 
     runs = wait_for(all_runs_done, 600, 3.0, "the partition's runs")
-    # 20 shards, at most 8 per run: the run, then two continuations the DAG triggered.
+    # At most max_map_length shards a run (the flat budget of 1 does not cut a partition):
+    # the run, then two continuations the DAG triggered.
     assert len(runs) == 3 and all(r[2] == "success" for r in runs), failure_report(af, runs)
     first = [r for r in runs if r[0] == "partition-continue-test"]
     continuations = sorted((r for r in runs if r[0] != "partition-continue-test"), key=lambda r: r[0])
     assert first and all(r[0].startswith(f"continue__{ds}__") and r[1] is None for r in continuations), runs
     shards = registered(af.registry_url, recipe_id)
-    assert sorted(shards) == [f"{ds}_part-{i:04d}" for i in range(20)]
+    assert sorted(shards) == [f"{ds}_part-{i:04d}" for i in range(files)]
     assert_output_clean(output_root, recipe_id, shards)
 
     reports = [task_xcom(af, run[0], "summarize") for run in runs]
-    assert sorted(r["run_shards"] for r in reports) == [4, STACK_MAX_MAP_LENGTH, STACK_MAX_MAP_LENGTH]
-    assert sorted(r["left"] for r in reports) == [0, 4, 12]
+    assert sorted(r["run_shards"] for r in reports) == [1, STACK_MAX_MAP_LENGTH, STACK_MAX_MAP_LENGTH]
+    assert sorted(r["left"] for r in reports) == [0, 1, STACK_MAX_MAP_LENGTH + 1]
     last = next(r for r in reports if r["left"] == 0)
     assert last["complete"] and not last["continue"] and last["ds"] == ds
     assert all(r["continue"] for r in reports if r["left"])
@@ -540,3 +544,55 @@ def test_a_worker_lost_mid_shard_moves_its_shard_to_the_other_worker(airflow_sta
     assert_output_clean(str(output_root), recipe_id, rows)
     print(f"two workers: {victim.name} killed with {len(moved)} shard(s) mid-way "
           f"({', '.join(f'{s}: {len(c)}/{docs} checkpointed' for s, c in moved.items())}); moved to {survivor.name}")
+def test_a_flat_budget_past_max_map_length_is_published_in_continuations_and_no_more(
+    airflow_stack, af_llm_server_factory, tmp_path
+):
+    from maga_tasks.data.sample_corpus import write_sample_corpus
+
+    af = airflow_stack
+    budget, corpus = STACK_MAX_MAP_LENGTH + 2, STACK_MAX_MAP_LENGTH + 4
+    source = tmp_path / "corpus"
+    write_sample_corpus(source, shards=corpus, docs_per_shard=1, offset=700)
+    output_root = str(tmp_path / "expanded")
+    recipe_path, recipe_id = write_recipe(tmp_path, "flat-continue-test")
+    llm = af_llm_server_factory()
+    conf = run_conf(str(source), output_root, llm.url, recipe_path, shards_per_run=budget)
+    known = {r[0] for r in dag_runs(af)}
+    af.cli("dags", "trigger", DAG_ID, "-r", "flat-continue-test", "-c", json.dumps(conf))
+
+    def all_runs_done():
+        runs = [r for r in dag_runs(af) if r[0] not in known]
+        if runs and all(r[2] in ("success", "failed") for r in runs) and (
+            len(registered(af.registry_url, recipe_id)) >= budget or len(runs) >= 3
+        ):
+            return runs
+        return False
+
+    runs = wait_for(all_runs_done, 600, 3.0, "the flat night's runs")
+    # The run maps max_map_length shards, then one continuation the DAG triggered the rest.
+    assert len(runs) == 2 and all(r[2] == "success" for r in runs), failure_report(af, runs)
+    (continuation,) = [r for r in runs if r[0] != "flat-continue-test"]
+    assert continuation[0].startswith("continue__flat__"), runs
+    shards = registered(af.registry_url, recipe_id)
+    assert sorted(shards) == [f"part-{i:04d}" for i in range(budget)]  # the budget, in name order
+    assert_output_clean(output_root, recipe_id, shards)
+    assert len(llm.stats()["by_doc"]) == budget  # no document of a shard past the budget was asked for
+
+    first, last = (task_xcom(af, run_id, "summarize") for run_id in ("flat-continue-test", continuation[0]))
+    assert (first["run_shards"], first["budget"], first["budget_left"], first["continue"]) == (
+        STACK_MAX_MAP_LENGTH, budget, budget - STACK_MAX_MAP_LENGTH, True,
+    )
+    assert (last["run_shards"], last["budget"], last["budget_left"], last["continue"]) == (
+        budget - STACK_MAX_MAP_LENGTH, budget - STACK_MAX_MAP_LENGTH, 0, False,
+    )
+    assert last["left"] == corpus - budget  # the next night's
+    # The continuation carried the rest of the budget; its own continue_run found nothing to do.
+    (run_conf_of_continuation,), = af.query(
+        "SELECT conf FROM dag_run WHERE dag_id = %(d)s AND run_id = %(r)s", {"d": DAG_ID, "r": continuation[0]}
+    )
+    assert run_conf_of_continuation["shards_per_run"] == budget - STACK_MAX_MAP_LENGTH
+    states = {(ti[0], ti[2] or ti[1]): ti[3] for ti in task_instances(af, continuation[0])}
+    assert states[("continue_run", -1)] == "skipped"
+    assert sorted(name for (task, name), state in states.items() if task == "publish_shard" and state == "success") == [
+        f"part-{i:04d}" for i in range(STACK_MAX_MAP_LENGTH, budget)
+    ]
