@@ -182,6 +182,10 @@ PARAMS = {
         description="Follow each vLLM worker's /metrics (queue, KV cache, preemptions); off: a fixed max_concurrency",
     ),
     "progress_interval_s": Param(30, type="number", exclusiveMinimum=0, description="Seconds between progress log lines"),
+    "data_docs_sample_rate": Param(
+        0.01, type="number", minimum=0, maximum=1,
+        description="Share of passing shards that also get a full Data Docs site (failed ones always do)",
+    ),
 }
 
 
@@ -257,6 +261,7 @@ def _run_settings(params: dict, **overrides):
         max_concurrency=params["max_concurrency"],
         adaptive_concurrency=params["adaptive_concurrency"],
         progress_interval_s=params["progress_interval_s"],
+        data_docs_sample_rate=params["data_docs_sample_rate"],
         max_shard_failures=params["max_shard_failures"],
         **overrides,
     )

@@ -269,3 +269,18 @@ def test_plugin_module_imports_without_an_api_server():
     names, errors = _run_probe(_PLUGIN_PROBE, env)[-2:]
     assert "maga_corpus" in names
     assert errors == "{}"
+
+
+def test_run_settings_follow_the_params(nightly, monkeypatch):
+    """The params a shard task hands the library: adaptive concurrency on unless the run
+    pins it, the Data Docs sample rate as given."""
+    spec = importlib.util.spec_from_file_location("maga_dag_for_settings", DAG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("MAGA_API_KEY", "k")  # no connection lookup outside a task
+    params = {k: nightly.params[k] for k in nightly.params}
+    settings = module._run_settings(params)
+    assert settings.adaptive_concurrency and settings.max_concurrency == 128
+    assert settings.data_docs_sample_rate == 0.01
+    pinned = module._run_settings({**params, "adaptive_concurrency": False, "data_docs_sample_rate": 1.0})
+    assert not pinned.adaptive_concurrency and pinned.data_docs_sample_rate == 1.0
