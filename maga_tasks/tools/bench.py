@@ -458,6 +458,8 @@ def fleet_suite(args, figures: Figures) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from maga_tasks.tools.scale_bench import add_arguments as add_scale_arguments
+
     parser.add_argument("--short", action="store_true", help="small sizes and one repeat (CI)")
     parser.add_argument("--suite", choices=["all", "engine", "client", "quality", "fleet"], default="all",
                         help="quality: the real-model quality report; fleet: shared-server clients, fixed"
@@ -484,9 +486,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fleet-latency-ms", type=float, default=100.0, help="fleet suite: server latency")
     parser.add_argument("--fleet-seconds", type=float, default=12.0, help="fleet suite: seconds per mode")
     parser.add_argument("--fleet-request-timeout", type=float, default=3.0, help="fleet suite: request timeout")
+    add_scale_arguments(parser)
 
 
 def run(args) -> dict:
+    if args.scale:
+        from maga_tasks.tools.scale_bench import run_scale
+
+        return run_scale(args)
     if args.suite == "quality":
         from maga_tasks.tools.quality_report import markdown, run_quality
 
