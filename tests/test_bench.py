@@ -30,7 +30,8 @@ def test_short_benchmark_prints_every_figure(vllm_server, tiny_model_dir, tmp_pa
 
 
 SCALE_FIGURES = {
-    "planning": ("plan_run, 2,000 objects", "S3 requests, 2,000 objects", "plan time ratio, 10x objects"),
+    "planning": ("plan_run, 2,000 objects", "S3 requests, 2,000 objects", "plan time ratio, 10x objects",
+                 "plan_run, 2,000 objects, all but 8 registered"),
     "registry": ("lease+register operations/s, 1 worker", "lease+register operations/s, 4 workers racing",
                  "operations/s ratio, 4 workers / 1", "double registrations, 4 workers", "shards registered, 4 workers"),
     "dashboard": ("dashboard overview, 200 shards", "maga status, 200 shards", "dashboard time ratio, 200 / 20 shards",

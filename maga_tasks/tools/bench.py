@@ -517,12 +517,16 @@ def run(args) -> dict:
             if "served_model" in setup:
                 title += f", {setup['served_model']}"
             tables.append(markdown_table(title, report[suite]["figures"]))
-    out = Path(args.out)
+    return write_report(Path(args.out), "bench", report, tables)
+
+
+def write_report(out: Path, name: str, report: dict, tables: list[str]) -> dict:
+    """`{name}.json` and `{name}.md` (the tables) under `out`; the tables on stderr too."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=2))
-    (out / "bench.md").write_text("\n\n".join(tables) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{name}.md").write_text("\n\n".join(tables) + "\n")
     sys.stderr.write("\n\n".join(tables) + "\n")
-    report["files"] = [str(out / "bench.json"), str(out / "bench.md")]
+    report["files"] = [str(out / f"{name}.json"), str(out / f"{name}.md")]
     return report
 
 
