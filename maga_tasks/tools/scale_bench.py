@@ -143,12 +143,12 @@ def moto_server(log_dir: Path):
         process.stop()
 
 
-def s3_credentials(endpoint: str) -> None:
-    """moto accepts any credentials; boto3 needs some."""
+def s3_credentials() -> None:
+    """moto accepts any credentials; boto3 needs some. (The endpoint is passed to every
+    call, never set in the environment the Airflow section hands on.)"""
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    os.environ["MAGA_S3_ENDPOINT_URL"] = endpoint
 
 
 def tiny_shard_bytes(rows: int = 2) -> bytes:
@@ -206,7 +206,7 @@ def planning_suite(sizes: dict, db: BenchDatabase, work: Path, figures: Figures)
     objects, baseline = sizes["objects"], max(1, sizes["objects"] // 10)
     setup = {"objects": objects, "baseline_objects": baseline}
     with moto_server(work) as endpoint:
-        s3_credentials(endpoint)
+        s3_credentials()
         started = time.perf_counter()
         put_source_objects(endpoint, "corpus", "flat/", objects)
         put_source_objects(endpoint, "baseline", "flat/", baseline)
