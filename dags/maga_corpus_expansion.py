@@ -9,10 +9,15 @@ them as a new corpus version `{output_root}/{recipe_id}/`.
 2. **plan_shards**: puts the shards named in `requeue` back, lists the source and picks
    the shards not yet registered for the recipe, never-tried ones first; a shard that
    failed `max_shard_failures` tries is failed for good and left out until requeued.
-   `planning_mode=flat` takes the next `shards_per_run` shards of a flat corpus;
+   `planning_mode=flat` takes the next shards of a flat corpus within the night's budget;
    `planning_mode=dated` takes the whole partition of the run's logical date (`{ds}` in
    `source`, or `partition_ds`), so a backfill over N dates processes exactly those N
-   partitions. A run maps at most Airflow's `core.max_map_length` shards.
+   partitions. A run maps at most Airflow's `core.max_map_length` shards (1024): the rest
+   of the budget or partition goes to continuation runs (5.). The flat budget,
+   `shards_per_run`, is by default (0) derived from the fleet: `pool_slots` x `run_hours`
+   / hours per shard (`shard_hours`, else the median wall time of the recipe's 50 latest
+   registered shards, 1.0 h before 3 exist), e.g. 64 slots x 8 h / 0.3 h = 1,706 shards
+   a night: a 20,000-shard corpus version in 13 nights (the first at the fallback).
 3. **publish_shard** (mapped, one task per shard, named after the shard): expand
    (checkpointed, resumes after a crash) -> validate (Great Expectations gate) ->
    register or quarantine. Runs in the `maga_llm` pool; retried with exponential
@@ -21,8 +26,10 @@ them as a new corpus version `{output_root}/{recipe_id}/`.
    shards left in the corpus or partition) and emits an asset event
    `maga://corpus/{recipe_id}` (through the `maga-corpus` alias) carrying it, with the
    release manifest of the registered shards (data URI and checksum of each).
-5. **continue_partition**: when a dated partition had more shards than one run maps,
-   triggers a further run of this DAG for the same partition; skipped otherwise.
+5. **continue_run**: when the flat budget or the dated partition held more shards than
+   one run maps, triggers a further run of this DAG (`continue__{ds|flat}__...`, named
+   after this run) for the rest: the same partition, or the budget left; skipped
+   otherwise, and when this run finished none of its shards.
 6. **fail_if_shards_failed**: a watcher that runs only when a shard task failed and
    fails the run (the run's state comes from its last tasks, which ran all the same).
 
@@ -31,7 +38,10 @@ Configuration: the registry database comes from the Airflow connection `maga_reg
 SQLite file `{output_root}/_registry.sqlite`), S3 from the connection `maga_s3` (type
 `aws`: login/password = access key/secret, extra `endpoint_url`, `region_name`), the
 vLLM API key from `MAGA_API_KEY` or the password of the connection `maga_llm`. Create
-the pool once: `airflow pools set maga_llm 8 "vLLM request streams"`.
+the pool once: `airflow pools set maga_llm 8 "vLLM request streams"` and give its size
+to the budget as `pool_slots` (default `MAGA_POOL_SLOTS`, 8): Airflow 3 tasks cannot read
+pools (the Task SDK and its execution API have no pool call; tasks have no metadata DB
+access).
 
 All the work is done by the `maga_tasks` library; this file only wires it into tasks.
 """
@@ -98,9 +108,32 @@ PARAMS = {
         os.environ.get("MAGA_PLANNING_MODE", "flat"),
         type="string",
         enum=["flat", "dated"],
-        description="flat: next shards_per_run shards of a flat corpus; dated: the whole {ds} partition",
+        description="flat: the next shards of a flat corpus within the night's budget; dated: the whole {ds} partition",
     ),
-    "shards_per_run": Param(8, type="integer", minimum=1, description="Shard budget of one flat run"),
+    "shards_per_run": Param(
+        0,
+        type="integer",
+        minimum=0,
+        description="Flat mode: shards a night publishes (continued past max_map_length); "
+        "0: from the fleet, pool_slots x run_hours / hours per shard",
+    ),
+    "pool_slots": Param(
+        int(os.environ.get("MAGA_POOL_SLOTS", "8")),
+        type="integer",
+        minimum=1,
+        description="Slots of the maga_llm pool, for the fleet budget (default MAGA_POOL_SLOTS); "
+        "tasks cannot read pools in Airflow 3: keep it equal to the pool",
+    ),
+    "run_hours": Param(
+        8.0, type="number", exclusiveMinimum=0, description="Fleet budget: hours a night's runs may take"
+    ),
+    "shard_hours": Param(
+        None,
+        type=["null", "number"],
+        exclusiveMinimum=0,
+        description="Fleet budget: hours per shard; empty: the median of the recipe's latest "
+        "registered shards (1.0 before 3 exist)",
+    ),
     "partition_ds": Param(
         None,
         type=["null", "string"],
@@ -140,7 +173,14 @@ PARAMS = {
         type=["null", "string"],
         description="Model name the vLLM workers serve, when not the recipe's model (default MAGA_SERVED_MODEL)",
     ),
-    "max_concurrency": Param(128, type="integer", minimum=1, maximum=4096, description="Requests in flight per shard task"),
+    "max_concurrency": Param(
+        128, type="integer", minimum=1, maximum=4096,
+        description="Ceiling of requests in flight per shard task (each endpoint's window adapts below it)",
+    ),
+    "adaptive_concurrency": Param(
+        True, type="boolean",
+        description="Follow each vLLM worker's /metrics (queue, KV cache, preemptions); off: a fixed max_concurrency",
+    ),
     "progress_interval_s": Param(30, type="number", exclusiveMinimum=0, description="Seconds between progress log lines"),
 }
 
@@ -215,6 +255,7 @@ def _run_settings(params: dict, **overrides):
         api_key=_api_key(),
         served_model=params["served_model"],
         max_concurrency=params["max_concurrency"],
+        adaptive_concurrency=params["adaptive_concurrency"],
         progress_interval_s=params["progress_interval_s"],
         max_shard_failures=params["max_shard_failures"],
         **overrides,
@@ -298,9 +339,11 @@ def maga_corpus_expansion():
     @task
     def plan_shards(params: dict, ds: str | None = None) -> list[dict]:
         """The shards this run publishes: the requeued and unregistered ones, within the
-        flat budget or the whole dated partition, at most Airflow's max_map_length."""
+        flat night's budget or the whole dated partition, at most Airflow's max_map_length.
+        The night's budget goes to the XCom `budget` (summarize counts what is left of it)."""
         from airflow.sdk import conf
 
+        from maga_tasks.engine.budget import night_budget
         from maga_tasks.engine.requeue import requeue_shards
         from maga_tasks.recipe import load_recipe
         from maga_tasks.registry import Registry
@@ -314,10 +357,22 @@ def maga_corpus_expansion():
                 registry, params["output_root"], recipe.recipe_id, params["requeue"], _s3_endpoint_url()
             ):
                 log.log(logging.INFO if item["requeued"] else logging.WARNING, "requeue %s", item)
+        budget = {"shards": None}  # dated: the whole partition
+        if params["planning_mode"] == "flat":
+            night = night_budget(
+                params["shards_per_run"], registry, recipe.recipe_id,
+                slots=params["pool_slots"], run_hours=params["run_hours"], shard_hours=params["shard_hours"],
+            )
+            log.info("flat corpus: %s", night.describe())
+            budget = night.summary()
+        # The plan is cut to what the api-server lets one run map *before* its shards are
+        # recorded as planned, so the XCom push below cannot refuse a plan it has recorded.
+        # (Give the api-server and the workers the same core.max_map_length.)
         plan = _plan_run(
             params, ds, registry, recipe.recipe_id,
-            budget=params["shards_per_run"], max_shards=conf.getint("core", "max_map_length"),
+            budget=budget["shards"], max_shards=conf.getint("core", "max_map_length"),
         )
+        get_current_context()["ti"].xcom_push(key="budget", value=budget)
         names = [s["shard"] for s in plan.shards]
         log.info("recipe %s: %d shard(s) to publish: %s", recipe.recipe_id, len(names), names)
         return [{**s, "recipe_id": recipe.recipe_id} for s in plan.shards]
@@ -368,7 +423,7 @@ def maga_corpus_expansion():
     # One at a time across runs: the first event of a new recipe's asset creates it, and two
     # runs creating it at once (a backfill) fail one of them on the unique key.
     @task(trigger_rule="all_done", outlets=[CORPUS_ALIAS], max_active_tis_per_dag=1)
-    def summarize(results, planned: list[dict], params: dict, ds: str | None = None):
+    def summarize(results, planned: list[dict], budget: dict, params: dict, ds: str | None = None):
         """Log the run report and emit the corpus asset event carrying it."""
         from maga_tasks.engine.report import run_report
         from maga_tasks.recipe import load_recipe
@@ -382,6 +437,7 @@ def maga_corpus_expansion():
             recipe.recipe_id,
             planned=planned,
             after=_plan_run(params, ds, registry, recipe.recipe_id, record=False),
+            budget=budget["shards"],
         )
         if params["max_docs_per_shard"]:  # a trial run leaves the corpus unchanged: no asset event
             return extra
@@ -389,30 +445,30 @@ def maga_corpus_expansion():
         return extra
 
     @task
-    def continue_partition(report: dict, params: dict, run_id: str):
-        """Trigger a further run for the same partition when this one could not map it whole."""
-        import hashlib
-
+    def continue_run(report: dict, params: dict, run_id: str):
+        """Trigger a further run for the rest of the partition or of the night's budget,
+        when this run could not map it whole."""
         from airflow.sdk.exceptions import AirflowSkipException, DagRunTriggerException
 
-        if not report.get("continue"):
+        from maga_tasks.engine.continuation import continuation
+
+        further = continuation(report, params, run_id)
+        if further is None:
             raise AirflowSkipException(f"nothing to continue ({report.get('left', 0)} shard(s) left)")
-        # Named after this run, so a retry of this task cannot start a second continuation.
-        continuation = f"continue__{report['ds']}__{hashlib.sha1(run_id.encode()).hexdigest()[:12]}"
-        log.info("partition %s: %d shard(s) left; triggering %s", report["ds"], report["pending"], continuation)
+        log.info("%s; triggering %s", further.note, further.run_id)
         raise DagRunTriggerException(
             trigger_dag_id=DAG_ID,
-            dag_run_id=continuation,
-            conf={**dict(params), "partition_ds": report["ds"], "requeue": []},
+            dag_run_id=further.run_id,
+            conf=further.conf,
             logical_date=None,
             reset_dag_run=False,
-            skip_when_already_exists=True,
+            skip_when_already_exists=True,  # a retry of this task finds the run it started
             wait_for_completion=False,
             allowed_states=["success"],
             failed_states=["failed"],
             poke_interval=60,
             deferrable=False,
-            note=f"continues partition {report['ds']} after {run_id}: {report['pending']} shard(s) left",
+            note=further.note,
         )
 
     # The watcher pattern: without it a run whose shards failed would end as a success.
@@ -427,7 +483,7 @@ def maga_corpus_expansion():
     planned = plan_shards()
     ready >> planned
     published = publish_shard.expand(shard=planned)
-    continue_partition(summarize(published, planned))
+    continue_run(summarize(published, planned, planned["budget"]))
     published >> fail_if_shards_failed()
 
 

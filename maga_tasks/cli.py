@@ -137,15 +137,18 @@ def cmd_validate_shard(args) -> dict:
 
     recipe, source, root = _shard_args(args)
     registry = _registry(args) if args.registry else None
+    # Someone asked for this shard: its Data Docs are rendered whatever the sample.
     if args.input:
         paths = shard_paths(root, recipe.recipe_id, args.shard or shard_name(source))
-        report = validate_input(source, recipe, paths, s3_endpoint_url=args.s3_endpoint_url)
+        report = validate_input(source, recipe, paths, s3_endpoint_url=args.s3_endpoint_url, data_docs_sample_rate=1.0)
     else:
         report = check_committed_shard(
-            source, root, recipe, shard=args.shard, registry=registry, s3_endpoint_url=args.s3_endpoint_url
+            source, root, recipe, shard=args.shard, registry=registry, s3_endpoint_url=args.s3_endpoint_url,
+            data_docs_sample_rate=1.0,
         )
     summary = {"shard": report.shard, "gate": report.gate, "success": report.success,
-               "failed_expectations": report.failed_names, "data_docs": report.docs_uri}
+               "failed_expectations": report.failed_names, "data_docs": report.data_docs_uri,
+               "result": report.result_uri}
     if not report.success:
         print(f"maga: shard failed its quality gate: {report.reason()}", file=sys.stderr)
         args.exit_code = 1

@@ -45,10 +45,16 @@ class RunSettings(BaseModel):
     # (local checkpoints are flushed after every document).
     s3_checkpoint_every: int = Field(32, ge=1)
     progress_interval_s: float = Field(30.0, gt=0)
+    # A JSON-lines file getting every answered request (its body and token counts): the
+    # exact stream `maga bench` replays against the engine. Off in production.
+    request_log: str | None = None
     # Failed tries after which a shard is `failed` for good and leaves the plan (until
     # requeued). A try the whole fleet failed (down, refusing) is not the shard's fault
     # and never makes it final.
     max_shard_failures: int = Field(3, ge=1)
+    # Share of passing shards whose gates also write a full Data Docs site (chosen by a
+    # hash of the shard name); failed shards always get one, every shard a JSON result.
+    data_docs_sample_rate: float = Field(0.01, ge=0, le=1)
 
     @field_validator("endpoints")
     @classmethod

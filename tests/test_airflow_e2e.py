@@ -11,6 +11,11 @@
 - A shard task SIGKILLed mid-run is retried by Airflow and resumes from its checkpoint.
 - A partition larger than the scheduler's max_map_length continues in runs the DAG
   triggers itself until every shard is registered.
+- Two Celery workers (two "machines", each with its own vLLM endpoint) share a run's
+  shards; one is killed mid-shard with all its processes, and its shard moves to the
+  other, which resumes from the checkpoint: every shard is registered exactly once.
+- A flat budget larger than max_map_length is published through continuation runs: every
+  shard of the budget, and no more.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from airflow_fixtures import (
     dag_runs,
     failure_report,
     read_task_log_text,
+    start_celery_worker,
     task_instances,
     wait_for,
 )
@@ -190,7 +196,7 @@ def test_dags_test_publishes_a_whole_partition_and_names_the_shard_that_failed(
     states = {(ti[0], ti[2] or ti[1]): (ti[3], ti[4]) for ti in task_instances(airflow_env, run_id)}
     assert states[("publish_shard", f"{ds}_part-0020")] == ("failed", 3)  # no retry after the third failure
     assert sum(state == ("success", 1) for (task, _), state in states.items() if task == "publish_shard") == 20
-    assert states[("summarize", -1)][0] == "success" and states[("continue_partition", -1)][0] == "skipped"
+    assert states[("summarize", -1)][0] == "success" and states[("continue_run", -1)][0] == "skipped"
     assert states[("fail_if_shards_failed", -1)] == ("failed", 1)
 
     report = task_xcom(airflow_env, run_id, "summarize")
@@ -269,9 +275,8 @@ def test_backfill_processes_exactly_the_requested_partitions(airflow_stack, af_l
     assert_output_clean(output_root, recipe_id, shards)
     requests_after_first = llm.stats()["requests_total"]
 
-    # The tasks ran on the Celery worker (the production executor), not in the scheduler.
-    (worker,) = [p for p in af.processes if p.name == "celery-worker"]
-    assert worker.log_path.read_text(errors="replace").count("Task execute_workload[") >= len(runs) * 3
+    # The tasks ran on the Celery workers (the production executor), not in the scheduler.
+    assert sum(w.log_text().count("Task execute_workload[") for w in af.workers) >= len(runs) * 3
 
     # Progress lines of the library are in the scheduler-run task logs too.
     logs = af.task_logs("publish_shard")
@@ -369,35 +374,225 @@ def test_a_partition_past_max_map_length_continues_in_runs_the_dag_triggers(airf
 
     af = airflow_stack
     ds = "2025-06-01"
+    files = 2 * STACK_MAX_MAP_LENGTH + 1  # two full runs and one shard for a third
     drops = tmp_path / "drops"
-    write_sample_corpus(drops, shards=20, docs_per_shard=1, partitions=[ds], offset=600)
+    write_sample_corpus(drops, shards=files, docs_per_shard=1, partitions=[ds], offset=600)
     output_root = str(tmp_path / "expanded")
     recipe_path, recipe_id = write_recipe(tmp_path, "continue-test")
     llm = af_llm_server_factory()
-    conf = run_conf(str(drops / "{ds}"), output_root, llm.url, recipe_path, planning_mode="dated", shards_per_run=8)
+    conf = run_conf(str(drops / "{ds}"), output_root, llm.url, recipe_path, planning_mode="dated", shards_per_run=1)
     known = {r[0] for r in dag_runs(af)}
     af.cli("dags", "trigger", DAG_ID, "-r", "partition-continue-test", "-l", f"{ds}T02:00:00+00:00", "-c", json.dumps(conf))
 
     def all_runs_done():
         runs = [r for r in dag_runs(af) if r[0] not in known]
         registered_now = len(registered(af.registry_url, recipe_id))
-        if runs and all(r[2] in ("success", "failed") for r in runs) and (registered_now == 20 or len(runs) >= 4):
+        if runs and all(r[2] in ("success", "failed") for r in runs) and (registered_now == files or len(runs) >= 4):
             return runs
         return False
 
     runs = wait_for(all_runs_done, 600, 3.0, "the partition's runs")
-    # 20 shards, at most 8 per run: the run, then two continuations the DAG triggered.
+    # At most max_map_length shards a run (the flat budget of 1 does not cut a partition):
+    # the run, then two continuations the DAG triggered.
     assert len(runs) == 3 and all(r[2] == "success" for r in runs), failure_report(af, runs)
     first = [r for r in runs if r[0] == "partition-continue-test"]
     continuations = sorted((r for r in runs if r[0] != "partition-continue-test"), key=lambda r: r[0])
     assert first and all(r[0].startswith(f"continue__{ds}__") and r[1] is None for r in continuations), runs
     shards = registered(af.registry_url, recipe_id)
-    assert sorted(shards) == [f"{ds}_part-{i:04d}" for i in range(20)]
+    assert sorted(shards) == [f"{ds}_part-{i:04d}" for i in range(files)]
     assert_output_clean(output_root, recipe_id, shards)
 
     reports = [task_xcom(af, run[0], "summarize") for run in runs]
-    assert sorted(r["run_shards"] for r in reports) == [4, STACK_MAX_MAP_LENGTH, STACK_MAX_MAP_LENGTH]
-    assert sorted(r["left"] for r in reports) == [0, 4, 12]
+    assert sorted(r["run_shards"] for r in reports) == [1, STACK_MAX_MAP_LENGTH, STACK_MAX_MAP_LENGTH]
+    assert sorted(r["left"] for r in reports) == [0, 1, STACK_MAX_MAP_LENGTH + 1]
     last = next(r for r in reports if r["left"] == 0)
     assert last["complete"] and not last["continue"] and last["ds"] == ds
     assert all(r["continue"] for r in reports if r["left"])
+
+
+# -- real scheduler: two Celery workers, one lost mid-shard ---------------------------------
+
+
+def _shard_of(doc_key: str) -> str:
+    """The shard of a test server `by_doc` key (`{shard}:{source id}`, URL-quoted)."""
+    from urllib.parse import unquote
+
+    return unquote(doc_key).split(":", 1)[0]
+
+
+def _checkpointed(work: Path) -> set[int]:
+    """Indexes of the documents in a shard's checkpoint (a torn last line is skipped)."""
+    done = set()
+    for segment in work.glob("part-*.jsonl"):
+        for line in segment.read_bytes().splitlines():
+            try:
+                done.add(json.loads(line)["i"])
+            except ValueError:
+                continue
+    return done
+
+
+def _ran_on(worker, run_id: str, map_index: int, try_number: int) -> bool:
+    """Whether `worker`'s log shows it started that try of a publish_shard task."""
+    wanted = ("task_id='publish_shard'", f"run_id='{run_id}'", f"try_number={try_number},", f"map_index={map_index},")
+    return any(all(part in line for part in wanted) for line in worker.workloads())
+
+
+def test_a_worker_lost_mid_shard_moves_its_shard_to_the_other_worker(airflow_stack, tmp_path):
+    from urllib.parse import quote
+
+    from maga_tasks.data.sample_corpus import write_sample_corpus
+    from maga_tasks.data.schema import shard_checksum
+    from maga_tasks.registry import Registry
+
+    af = airflow_stack
+    docs = 16
+    source = tmp_path / "corpus"
+    write_sample_corpus(source, shards=4, docs_per_shard=docs, offset=900)
+    source_ids = {path.stem: pq.read_table(path).column("id").to_pylist() for path in source.glob("*.parquet")}
+    output_root = tmp_path / "expanded"
+    recipe_path, recipe_id = write_recipe(tmp_path, "two-workers-test")
+    conf = run_conf(str(source), str(output_root), "", recipe_path, max_concurrency=2)
+    del conf["endpoints"]  # each worker uses its own (MAGA_ENDPOINTS in its environment)
+    run_id = "two-workers-test"
+    af.cli("dags", "trigger", DAG_ID, "-r", run_id, "-l", "2025-07-01T02:00:00+00:00", "-c", json.dumps(conf))
+    work = output_root / recipe_id / "_work"
+    victim = None
+
+    def shards_served(worker) -> set[str]:
+        return {_shard_of(key) for key in worker.llm.stats()["by_doc"]}
+
+    def a_worker_mid_shard():
+        """(worker, its shards in progress) once both workers run shards and one of its
+        shards has documents in the checkpoint and more to do."""
+        served = [shards_served(w) for w in af.workers]
+        if not all(served):
+            return None
+        done = registered(af.registry_url, recipe_id)
+        for worker, shards in zip(af.workers, served):
+            progress = {s: len(_checkpointed(work / s)) for s in shards if s not in done}
+            if any(3 <= n <= docs - 6 for n in progress.values()):
+                return worker, progress
+        return None
+
+    try:
+        victim, _ = wait_for(a_worker_mid_shard, 240, 0.2, "both workers to run shards, one mid-shard")
+        killed = victim.process.kill_machine()
+        (survivor,) = [w for w in af.workers if w is not victim]
+        # What the lost machine left behind: its unfinished shards and their checkpoints.
+        done_at_kill = registered(af.registry_url, recipe_id)
+        moved = {s: _checkpointed(work / s) for s in shards_served(victim) if s not in done_at_kill}
+        survivor_ran = shards_served(survivor)
+        assert moved and len(killed) > 1, (moved, killed)  # the worker and its task processes
+
+        def retries_running_on_survivor():
+            tis = {ti[2]: ti for ti in task_instances(af, run_id) if ti[0] == "publish_shard"}
+            return all(tis[s][4] >= 2 and tis[s][3] in ("running", "success") for s in moved) and all(
+                _ran_on(survivor, run_id, tis[s][1], tis[s][4]) for s in moved
+            )
+
+        # Airflow finds the lost tries by their missing heartbeat and retries them on the
+        # survivor; then the machine comes back (the tests after this one have two workers).
+        wait_for(retries_running_on_survivor, 180, 1.0, "the lost shards' retries on the surviving worker")
+        start_celery_worker(af, victim)
+        run = wait_for(
+            lambda: next((r for r in dag_runs(af) if r[0] == run_id and r[2] in ("success", "failed")), None),
+            300, 2.0, "the run to finish",
+        )
+        assert run[2] == "success", failure_report(af, [run])
+    finally:
+        if victim is not None and not victim.process.alive():
+            start_celery_worker(af, victim)
+    wait_for(victim.ready, 60, 0.5, f"{victim.name} to be back")
+
+    # Shards ran on both workers: each worker's own endpoint saw them (and its log). Each
+    # consumes the shared queue the tasks went to and one of its own.
+    assert [w.consumed_queues() for w in af.workers] == [set(w.queues) for w in af.workers]
+    assert len({w.queues[0] for w in af.workers}) == 1 and len({w.queues[1] for w in af.workers}) == 2
+    assert survivor_ran - set(moved) and shards_served(victim), (survivor_ran, moved)
+    for worker in af.workers:
+        assert any(_ran_on(worker, run_id, ti[1], 1) for ti in task_instances(af, run_id) if ti[0] == "publish_shard")
+
+    tis = {ti[2]: ti for ti in task_instances(af, run_id) if ti[0] == "publish_shard"}
+    assert sorted(tis) == sorted(source_ids) and all(ti[3] == "success" for ti in tis.values()), tis
+    final_stats = {w.name: w.llm.stats()["by_doc"] for w in af.workers}
+    registry = Registry(af.registry_url)
+    for shard, checkpointed in moved.items():
+        # Airflow found the lost try by its missing heartbeat and retried it...
+        assert tis[shard][4] >= 2, tis[shard]
+        events = registry.events(recipe_id, shard)
+        takeovers = [e for e in events if e["event"] == "takeover"]
+        assert takeovers and takeovers[-1]["owner"].endswith(f"try-{tis[shard][4]}"), events
+        # ...on the survivor, which asked its endpoint only for the documents not in the
+        # checkpoint: the finished ones were not requested again.
+        keys = {i: quote(f"{shard}:{doc_id}", safe="") for i, doc_id in enumerate(source_ids[shard])}
+        asked_survivor = {i for i, key in keys.items() if final_stats[survivor.name].get(key)}
+        assert asked_survivor == set(keys) - checkpointed, (shard, sorted(checkpointed), sorted(asked_survivor))
+
+    # Every shard registered exactly once, with its checksum and one data file.
+    rows = {row["shard"]: row for row in registry.shards(recipe_id)}
+    assert sorted(rows) == sorted(source_ids) and all(r["status"] == "registered" for r in rows.values()), rows
+    data_files = sorted(p.name for p in (output_root / recipe_id / "data").iterdir())
+    assert data_files == [f"{shard}.parquet" for shard in sorted(source_ids)], data_files
+    for shard, row in rows.items():
+        registers = [e for e in registry.events(recipe_id, shard) if e["event"] == "register"]
+        assert len(registers) == 1, (shard, registers)
+        data = (output_root / recipe_id / "data" / f"{shard}.parquet").read_bytes()
+        rejected = (output_root / recipe_id / "rejected" / f"{shard}.parquet").read_bytes()
+        assert row["checksum"] == shard_checksum(data, rejected), shard
+        assert row["documents"] == docs and pq.read_metadata(output_root / recipe_id / "data" / f"{shard}.parquet").num_rows == docs * 5
+    assert_output_clean(str(output_root), recipe_id, rows)
+    print(f"two workers: {victim.name} killed with {len(moved)} shard(s) mid-way "
+          f"({', '.join(f'{s}: {len(c)}/{docs} checkpointed' for s, c in moved.items())}); moved to {survivor.name}")
+def test_a_flat_budget_past_max_map_length_is_published_in_continuations_and_no_more(
+    airflow_stack, af_llm_server_factory, tmp_path
+):
+    from maga_tasks.data.sample_corpus import write_sample_corpus
+
+    af = airflow_stack
+    budget, corpus = STACK_MAX_MAP_LENGTH + 2, STACK_MAX_MAP_LENGTH + 4
+    source = tmp_path / "corpus"
+    write_sample_corpus(source, shards=corpus, docs_per_shard=1, offset=700)
+    output_root = str(tmp_path / "expanded")
+    recipe_path, recipe_id = write_recipe(tmp_path, "flat-continue-test")
+    llm = af_llm_server_factory()
+    conf = run_conf(str(source), output_root, llm.url, recipe_path, shards_per_run=budget)
+    known = {r[0] for r in dag_runs(af)}
+    af.cli("dags", "trigger", DAG_ID, "-r", "flat-continue-test", "-c", json.dumps(conf))
+
+    def all_runs_done():
+        runs = [r for r in dag_runs(af) if r[0] not in known]
+        if runs and all(r[2] in ("success", "failed") for r in runs) and (
+            len(registered(af.registry_url, recipe_id)) >= budget or len(runs) >= 3
+        ):
+            return runs
+        return False
+
+    runs = wait_for(all_runs_done, 600, 3.0, "the flat night's runs")
+    # The run maps max_map_length shards, then one continuation the DAG triggered the rest.
+    assert len(runs) == 2 and all(r[2] == "success" for r in runs), failure_report(af, runs)
+    (continuation,) = [r for r in runs if r[0] != "flat-continue-test"]
+    assert continuation[0].startswith("continue__flat__"), runs
+    shards = registered(af.registry_url, recipe_id)
+    assert sorted(shards) == [f"part-{i:04d}" for i in range(budget)]  # the budget, in name order
+    assert_output_clean(output_root, recipe_id, shards)
+    assert len(llm.stats()["by_doc"]) == budget  # no document of a shard past the budget was asked for
+
+    first, last = (task_xcom(af, run_id, "summarize") for run_id in ("flat-continue-test", continuation[0]))
+    assert (first["run_shards"], first["budget"], first["budget_left"], first["continue"]) == (
+        STACK_MAX_MAP_LENGTH, budget, budget - STACK_MAX_MAP_LENGTH, True,
+    )
+    assert (last["run_shards"], last["budget"], last["budget_left"], last["continue"]) == (
+        budget - STACK_MAX_MAP_LENGTH, budget - STACK_MAX_MAP_LENGTH, 0, False,
+    )
+    assert last["left"] == corpus - budget  # the next night's
+    # The continuation carried the rest of the budget; its own continue_run found nothing to do.
+    (run_conf_of_continuation,), = af.query(
+        "SELECT conf FROM dag_run WHERE dag_id = %(d)s AND run_id = %(r)s", {"d": DAG_ID, "r": continuation[0]}
+    )
+    assert run_conf_of_continuation["shards_per_run"] == budget - STACK_MAX_MAP_LENGTH
+    states = {(ti[0], ti[2] or ti[1]): ti[3] for ti in task_instances(af, continuation[0])}
+    assert states[("continue_run", -1)] == "skipped"
+    assert sorted(name for (task, name), state in states.items() if task == "publish_shard" and state == "success") == [
+        f"part-{i:04d}" for i in range(STACK_MAX_MAP_LENGTH, budget)
+    ]

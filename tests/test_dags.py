@@ -81,13 +81,13 @@ def test_schedule_tags_and_docs(nightly):
 
 def test_tasks_and_dependencies(nightly):
     assert set(nightly.task_ids) == {
-        "wait_for_llm_workers", "plan_shards", "publish_shard", "summarize", "continue_partition",
+        "wait_for_llm_workers", "plan_shards", "publish_shard", "summarize", "continue_run",
         "fail_if_shards_failed",
     }
     assert nightly.get_task("plan_shards").upstream_task_ids == {"wait_for_llm_workers"}
     assert nightly.get_task("publish_shard").upstream_task_ids == {"plan_shards"}
     assert nightly.get_task("summarize").upstream_task_ids == {"publish_shard", "plan_shards"}
-    assert nightly.get_task("continue_partition").upstream_task_ids == {"summarize"}
+    assert nightly.get_task("continue_run").upstream_task_ids == {"summarize"}
     # The summary runs when nothing was left to publish (mapped over zero shards) and when
     # shards failed (it names them and still releases the others).
     assert nightly.get_task("summarize").trigger_rule == "all_done"
@@ -134,6 +134,9 @@ def test_params_have_valid_defaults(nightly):
         "recipe",
         "planning_mode",
         "shards_per_run",
+        "pool_slots",
+        "run_hours",
+        "shard_hours",
         "max_docs_per_shard",
         "judge_sample_per_shard",
         "endpoints",
@@ -147,7 +150,8 @@ def test_params_have_valid_defaults(nightly):
     params.validate()
     resolved = {k: params[k] for k in params}
     assert resolved["planning_mode"] in ("flat", "dated")
-    assert resolved["shards_per_run"] >= 1
+    assert resolved["shards_per_run"] == 0  # from the fleet
+    assert resolved["pool_slots"] == 8 and resolved["run_hours"] == 8 and resolved["shard_hours"] is None
     assert resolved["max_shard_failures"] == 3 and resolved["requeue"] == [] and resolved["partition_ds"] is None
 
 
@@ -156,7 +160,10 @@ def test_params_reject_bad_values(nightly):
 
     for name, value in (
         ("planning_mode", "weekly"),
-        ("shards_per_run", 0),
+        ("shards_per_run", -1),
+        ("pool_slots", 0),
+        ("run_hours", 0),
+        ("shard_hours", 0),
         ("endpoints", []),
         ("endpoints", ["ftp://worker"]),
         ("max_docs_per_shard", 0),

@@ -76,6 +76,8 @@ def test_api_returns_the_registry_figures(airflow_stack, published):
     for row in shards.values():
         assert row["status"] == "registered"
         assert row["quality"] and all(result["success"] for result in row["quality"].values())
+        # Passing shards outside the Data Docs sample: each gate links its JSON result.
+        assert {suite: r["report"]["kind"] for suite, r in row["quality"].items()} == {"input": "json", "output": "json"}
         task = row["airflow_task"]
         assert task["dag_id"] == "maga_corpus_expansion" and task["task_id"] == "publish_shard"
         assert task["ui_path"].startswith("dags/maga_corpus_expansion/runs/")
@@ -172,6 +174,8 @@ def test_page_shows_the_totals_in_chromium(airflow_stack, published, tmp_path):
         assert section.find_element(By.ID, f"registered-{recipe_id}").text.startswith(str(expected["registered_shards"]))
         assert "part-0000" in section.text and "registered" in section.text
         assert "Genres" in section.text and "Audiences" in section.text
+        links = section.find_elements(By.CSS_SELECTOR, "a.report.json")
+        assert len(links) == 4 and all(link.get_attribute("href").endswith(".json") for link in links)
         page_png = ARTIFACTS / "dashboard.png"
         driver.save_screenshot(str(page_png))
         assert page_png.stat().st_size > 10_000

@@ -54,6 +54,17 @@ def test_overview_shows_each_shards_quality_and_task(tmp_path, registry):
         assert row["airflow_task"]["map_index"] == int(name[-4:])
         assert row["airflow_task"]["ui_path"].endswith(f"/tasks/publish_shard/mapped/{int(name[-4:])}")
     assert rows["part-0002"]["status"] == "quarantined"
+    # The page links what exists: Data Docs for the failed shard, the JSON result for the others.
+    for name, row in rows.items():
+        report = row["quality"]["output"]["report"]
+        folder = tmp_path / "out" / RID / "quality" / name
+        if name == "part-0002":
+            assert report["kind"] == "data_docs" and report["label"] == "Data Docs"
+            assert report["href"] == f"file://{folder}/output/index.html" and (folder / "output" / "index.html").is_file()
+        else:
+            assert report["kind"] == "json" and report["label"] == "result JSON"
+            assert report["href"] == f"file://{folder}/output.json" and (folder / "output.json").is_file()
+            assert not (folder / "output").exists()
     assert versions[RID]["totals"]["registered_shards"] == 3
     assert [row["shard"] for row in versions[RID]["shards"]] == [
         s["shard"] for s in sorted(registry.shards(RID), key=lambda s: s["updated_at"], reverse=True)

@@ -37,8 +37,10 @@ AIRFLOW_SERVICES = {
     "airflow-scheduler": "scheduler",
     "airflow-dag-processor": "dag-processor",
     "airflow-triggerer": "triggerer",
-    "airflow-worker": "celery worker",
+    "airflow-worker-0": "celery worker",
+    "airflow-worker-1": "celery worker",
 }
+CELERY_WORKERS = {"airflow-worker-0": "vllm-gpu-0", "airflow-worker-1": "vllm-gpu-1"}
 VLLM_SERVICES = {"vllm-gpu-0": "gpu", "vllm-gpu-1": "gpu", "vllm-cpu-0": "cpu"}
 ONE_SHOT = {"airflow-init", "minio-init"}
 
@@ -104,7 +106,7 @@ def test_stack_has_every_component(compose):
     assert expected <= set(services), expected - set(services)
     for name, role in AIRFLOW_SERVICES.items():
         if role:
-            assert " ".join(_command(services[name])) == role, name
+            assert " ".join(_command(services[name])).startswith(role), name
     for name, profile in VLLM_SERVICES.items():
         assert services[name]["profiles"] == [profile]
     assert services["minio"]["profiles"] == ["s3"]
@@ -163,6 +165,26 @@ def test_airflow_services_share_the_pipeline_configuration(compose):
     assert "airflow pools set maga_llm" in " ".join(_command(services["airflow-init"]))
 
 
+def test_celery_workers_are_machines_of_their_own(compose):
+    """Like the two workers of the test stack: every task goes to the shared queue, which
+    each worker consumes beside a queue of its own, under its own hostname, with its own
+    vLLM endpoint."""
+    services = compose["services"]
+    for name, vllm in CELERY_WORKERS.items():
+        service = services[name]
+        command = _command(service)
+        assert command[:2] == ["celery", "worker"], name
+        assert service["hostname"] == name  # the api-server fetches its logs by this name
+        assert command[command.index("--celery-hostname") + 1] == f"celery@{name}"
+        queues = command[command.index("--queues") + 1].split(",")
+        assert queues == [service["environment"]["AIRFLOW__OPERATORS__DEFAULT_QUEUE"], name], name
+        assert [urlparse(url).hostname for url in service["environment"]["MAGA_ENDPOINTS"].split(",")] == [vllm]
+        assert "celery@${HOSTNAME}" in " ".join(service["healthcheck"]["test"]), name  # its own node
+    assert len({services[name]["hostname"] for name in CELERY_WORKERS}) == len(CELERY_WORKERS)
+    for name in AIRFLOW_SERVICES:  # one routing for the scheduler and every worker
+        assert services[name]["environment"]["AIRFLOW__OPERATORS__DEFAULT_QUEUE"] == "default", name
+
+
 def test_vllm_workers_take_their_settings_from_the_environment(raw_compose, compose):
     for name in VLLM_SERVICES:
         raw = raw_compose["services"][name]
@@ -202,7 +224,7 @@ def test_served_model_agrees_with_the_built_in_recipe_out_of_the_box(compose):
         line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if line and not line.startswith("#")
     )
     assert example["MAGA_VLLM_SERVED_NAME"] == load_recipe().model
-    for name in ("airflow-scheduler", "airflow-worker"):
+    for name in ("airflow-scheduler", *CELERY_WORKERS):
         environment = compose["services"][name]["environment"]
         assert environment["MAGA_SERVED_MODEL"] == load_recipe().model  # the tasks ask for what is served
 

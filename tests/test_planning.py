@@ -20,8 +20,10 @@ from maga_tasks.engine.planning import (
     source_shards,
 )
 from maga_tasks.engine.publish import publish_shard
-from maga_tasks.engine.report import run_report, should_continue
+from maga_tasks.engine.continuation import continuation, should_continue
+from maga_tasks.engine.report import run_report
 from maga_tasks.engine.requeue import requeue_shards
+from maga_tasks.engine.shard import ShardResult
 from maga_tasks.errors import ShardFailedForGood, TokenizerUnavailable
 from maga_tasks.recipe import load_recipe
 from maga_tasks.registry.dashboard import corpus_overview
@@ -148,7 +150,7 @@ def _publish(plan, out, recipe, settings, registry) -> list[dict]:
 @pytest.mark.integration
 def test_a_dated_partition_is_published_whole_in_as_many_runs_as_it_needs(tmp_path, registry, llm_server):
     """The continuation the DAG does past Airflow's max_map_length, with the library's
-    functions (tests/test_airflow_e2e.py runs a 20-file partition through Airflow)."""
+    functions (tests/test_airflow_e2e.py runs such a partition through Airflow)."""
     write_sample_corpus(tmp_path / "drops", 7, 1, partitions=["2026-11-01"])
     source, out = str(tmp_path / "drops" / "{ds}"), str(tmp_path / "out")
     settings = RunSettings(endpoints=(llm_server.url,), max_concurrency=8)
@@ -176,16 +178,82 @@ def test_a_dated_partition_is_published_whole_in_as_many_runs_as_it_needs(tmp_pa
     assert plan_run(source, RID, registry, **options, record=False).left == 0
 
 
-def test_a_partition_continues_only_past_the_run_limit_and_after_progress():
+def test_a_run_continues_only_past_its_limit_after_progress_and_within_the_budget():
     def after(pending: list[str], mode: str = "dated") -> RunPlan:
-        return RunPlan(mode=mode, ds="2026-11-01", recipe_id=RID, candidates=4, shards=[], held_back=pending,
-                       retried=0, registered=0, quarantined=0, failed=[])
+        return RunPlan(mode=mode, ds="2026-11-01" if mode == "dated" else None, recipe_id=RID, candidates=4,
+                       shards=[], held_back=pending, retried=0, registered=0, quarantined=0, failed=[])
 
     planned = [{"source_uri": f"/drops/{name}.parquet", "shard": name} for name in ("a", "b")]
     assert should_continue(planned, after(["b", "c"]))  # c was held back, a got done
     assert not should_continue(planned, after(["a", "b", "c"]))  # every try failed: a chain would not end
     assert not should_continue(planned, after(["b"]))  # nothing held back: the partition is all planned
-    assert not should_continue(planned, after(["c"], mode="flat"))  # a flat corpus waits for the next night
+    # Flat: the same, and only while the night's budget lasts.
+    assert should_continue(planned, after(["b", "c"], mode="flat"), budget_left=3)
+    assert not should_continue(planned, after(["b", "c"], mode="flat"), budget_left=0)  # budget spent
+    assert not should_continue(planned, after(["b", "c"], mode="flat"))  # no budget: nothing to go on with
+    assert not should_continue(planned, after(["a", "b", "c"], mode="flat"), budget_left=3)  # no progress
+    assert not should_continue(planned, after([], mode="flat"), budget_left=3)  # the corpus is done
+
+
+def test_a_continuation_is_named_after_its_run_and_carries_what_is_left():
+    params = {"planning_mode": "flat", "shards_per_run": 0, "requeue": ["part-0001"], "partition_ds": None}
+    flat = {"continue": True, "mode": "flat", "ds": None, "budget_left": 1200, "pending": 5000}
+    first = continuation(flat, params, "scheduled__2026-11-01T02:00:00+00:00")
+    # A retry of the asking task asks for the same run (Airflow then skips it: it exists).
+    assert first == continuation(flat, params, "scheduled__2026-11-01T02:00:00+00:00")
+    assert first.run_id.startswith("continue__flat__") and len(first.run_id) == len("continue__flat__") + 12
+    # The rest of the night's budget, as a number (not auto again), and nothing requeued twice.
+    assert first.conf == {**params, "shards_per_run": 1200, "requeue": []}
+    assert "1200 shard(s) left" in first.note and "5000 shard(s) to publish" in first.note
+    # Its own continuation is another run.
+    assert continuation(flat, first.conf, first.run_id).run_id != first.run_id
+
+    dated = {"continue": True, "mode": "dated", "ds": "2026-11-01", "budget_left": None, "pending": 30}
+    further = continuation(dated, {**params, "planning_mode": "dated"}, "manual__x")
+    assert further.run_id.startswith("continue__2026-11-01__")
+    assert further.conf["partition_ds"] == "2026-11-01" and further.conf["shards_per_run"] == 0
+    assert continuation({**dated, "continue": False}, params, "manual__x") is None
+
+
+def _register_as_a_task_does(registry, descriptor: dict) -> dict:
+    """A mapped task's registry writes (lease, register under its token), without the
+    expansion and gates; its summary as the task's XCom has it."""
+    shard, uri = descriptor["shard"], descriptor["source_uri"]
+    token = registry.lease(RID, shard, uri, f"w:{shard}", 60)
+    result = ShardResult(shard, uri, RID, f"/out/data/{shard}.parquet", f"/out/rejected/{shard}.parquet", documents=1)
+    assert registry.register(RID, shard, result, f"sha-{shard}", token=token)
+    return {"shard": shard, "status": "registered", "data_uri": result.data_uri, "checksum": f"sha-{shard}"}
+
+
+def test_a_flat_budget_above_the_run_limit_is_published_in_continuations_and_no_more(tmp_path, registry):
+    """The DAG's flat night with the library's functions: a budget of 5 over a corpus of 7,
+    at most 2 shards a run; every plan records only the shards it maps (tests/test_airflow_e2e.py
+    runs such a night through Airflow, with the whole publish path)."""
+    files = [str(f) for f in write_sample_corpus(tmp_path / "corpus", 7, 1)]
+    source = str(tmp_path / "corpus")
+    params, run_id, reports = {"shards_per_run": 5, "requeue": []}, "scheduled__night", []
+    while True:
+        assert len(reports) < 5, reports
+        plan = plan_run(source, RID, registry, mode="flat", budget=params["shards_per_run"], max_shards=2)
+        # Only the shards this run maps are recorded; the others stay unknown to the registry.
+        assert {row["shard"] for row in registry.shards(RID, "planned")} == {d["shard"] for d in plan.shards}
+        summaries = [_register_as_a_task_does(registry, d) for d in plan.shards]
+        after = plan_run(source, RID, registry, mode="flat", record=False)
+        reports.append(run_report(summaries, registry, RID, planned=plan.shards, after=after,
+                                  budget=params["shards_per_run"]))
+        further = continuation(reports[-1], params, run_id)
+        if further is None:
+            break
+        params, run_id = further.conf, further.run_id
+
+    assert [(r["run_shards"], r["budget"], r["budget_left"], r["continue"]) for r in reports] == [
+        (2, 5, 3, True), (2, 3, 1, True), (1, 1, 0, False),
+    ]
+    assert sorted(registered["shard"] for registered in registry.shards(RID, "registered")) == [
+        f"part-{i:04d}" for i in range(5)
+    ]
+    assert reports[-1]["left"] == 2 and not reports[-1]["complete"]  # the next night's
+    assert registry.shard(RID, "part-0005") is None and files[5].endswith("part-0005.parquet")
 
 
 def _poisoned_corpus(tmp_path, shards: int = 4):

@@ -53,10 +53,57 @@ def test_a_good_shard_passes_with_figures_and_labels(tmp_path):
     assert len(stats["checksum"]) == 64
     assert report.labels["genres"][0] == ["step-by-step tutorial that teaches the topic", 6]
     assert report.labels["distinct_audiences"] == 5
-    assert report.docs_uri == f"{tmp_path}/{RID}/quality/part-0000/output/index.html"
-    assert Path(report.docs_uri).is_file()
-    assert "output.rows" in docs_html(report)
+    # A passing shard outside the Data Docs sample: the compact JSON result only.
+    assert report.data_docs_uri is None
+    assert report.docs_uri == report.result_uri == f"{tmp_path}/{RID}/quality/part-0000/output.json"
+    assert not (tmp_path / RID / "quality" / "part-0000" / "output").exists()
+    result = json.loads(Path(report.result_uri).read_text())
+    assert result["success"] and result["data_docs_uri"] is None and result["shard"] == "part-0000"
+    assert result["statistics"]["checksum"] == stats["checksum"]
+    entries = {(e["check"], e["column"]): e for e in result["expectations"]}
+    assert len(entries) == stats["evaluated_expectations"] and all(e["success"] for e in entries.values())
+    assert entries[("unique_ids", "id")]["expectation"] == "expect_column_values_to_be_unique"
+    assert entries[("unique_ids", "id")]["unexpected_count"] == 0
+    assert entries[("text_length", "text_chars")]["element_count"] == 24
+    assert entries[("accepted_per_document", "accepted")]["observed_value"] == 4.0
+    assert Path(report.result_uri).stat().st_size < 30_000  # small, and readable
     json.dumps(report.to_dict())  # XCom- and registry-safe
+
+
+def test_data_docs_for_a_sampled_shard_and_none_once_it_leaves_the_sample(tmp_path):
+    write_committed_shard(tmp_path, RECIPE, "part-0000", documents=3)
+    paths = shard_paths(str(tmp_path), RID, "part-0000")
+    sampled = validate_output(load_committed(paths), RECIPE, data_docs_sample_rate=1.0)
+    assert sampled.success
+    assert sampled.docs_uri == sampled.data_docs_uri == f"{tmp_path}/{RID}/quality/part-0000/output/index.html"
+    assert "output.rows" in docs_html(sampled)
+    assert json.loads(Path(sampled.result_uri).read_text())["data_docs_uri"] == sampled.data_docs_uri
+    # The same shard validated again outside the sample: the old site goes, the JSON stays.
+    again = validate_output(load_committed(paths), RECIPE, data_docs_sample_rate=0.0)
+    assert again.docs_uri == again.result_uri and not Path(sampled.data_docs_uri).exists()
+
+
+def test_the_data_docs_sample_is_chosen_by_the_shard_name():
+    from maga_tasks.quality.datadocs import data_docs_sampled
+
+    names = [f"part-{i:05d}" for i in range(20_000)]
+    chosen = [name for name in names if data_docs_sampled(name, 0.01)]
+    assert 150 < len(chosen) < 250  # about 1%
+    assert chosen == [name for name in names if data_docs_sampled(name, 0.01)]  # a retry chooses the same
+    assert not any(data_docs_sampled(name, 0.0) for name in names[:100])
+    assert all(data_docs_sampled(name, 1.0) for name in names[:100])
+
+
+def test_the_gate_reads_a_shard_bigger_than_one_batch(tmp_path):
+    write_committed_shard(tmp_path, RECIPE, "many", documents=40, defects=("duplicate_ids",))
+    paths = shard_paths(str(tmp_path), RID, "many")
+    whole, batched = load_committed(paths), load_committed(paths, batch_rows=7)
+    assert "text" not in batched.rows and batched.rows["text_chars"].min() > 0
+    assert batched.checksum == whole.checksum and batched.figures == whole.figures
+    assert batched.labels == whole.labels and batched.labels["rows"] == 160
+    assert batched.rows["text_chars"].tolist() == whole.rows["text_chars"].tolist()
+    report = validate_output(batched, RECIPE)
+    assert [item["check"] for item in report.failed] == ["unique_ids"]
 
 
 @pytest.mark.parametrize(
@@ -79,6 +126,10 @@ def test_each_injected_defect_fails_its_expectation(tmp_path, defect, check):
     assert failed[check]["observed"] and failed[check]["expectation"].startswith("expect_")
     assert check in report.reason()
     assert f"{check}:" in docs_html(report)  # the check name is rendered in Data Docs
+    assert report.docs_uri == report.data_docs_uri  # a failed shard always gets its Data Docs
+    result = json.loads(Path(report.result_uri).read_text())
+    assert not result["success"] and result["data_docs_uri"] == report.data_docs_uri
+    assert check in {e["check"] for e in result["expectations"] if not e["success"]}
 
 
 def test_low_yield_names_the_observed_mean(tmp_path):
@@ -138,7 +189,7 @@ def test_input_gate_passes_a_clean_shard(tmp_path):
     report = validate_input(source, RECIPE, shard_paths(str(tmp_path / "out"), RID, "part-0000"))
     assert report.success, report.failed_names
     assert report.statistics["documents"] == 5
-    assert report.docs_uri.endswith("/quality/part-0000/input/index.html")
+    assert report.docs_uri.endswith("/quality/part-0000/input.json") and report.data_docs_uri is None
 
 
 def test_input_gate_names_missing_duplicate_and_empty_values(tmp_path):

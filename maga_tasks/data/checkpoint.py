@@ -15,7 +15,6 @@ import contextlib
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
 import logging
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,18 +67,14 @@ class Checkpoint:
 
     @contextlib.contextmanager
     def local_segments(self) -> Iterator[list[Path]]:
-        """The segment files as local paths (downloaded first from S3)."""
+        """The segment files as local paths (downloaded to disk first from S3, never
+        held in memory)."""
         uris = self._segment_uris()
         if self._local:
             yield [Path(uri) for uri in uris]
             return
-        with tempfile.TemporaryDirectory(prefix="maga-ckpt-") as tmp:
-            paths = []
-            for uri in uris:
-                path = Path(tmp) / uri.rsplit("/", 1)[-1]
-                path.write_bytes(self.storage.read_bytes(uri))
-                paths.append(path)
-            yield paths
+        with contextlib.ExitStack() as stack:
+            yield [stack.enter_context(self.storage.local_copy(uri)) for uri in uris]
 
     @staticmethod
     def index(segments: list[Path]) -> dict[int, DocLocation]:

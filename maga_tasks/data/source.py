@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from maga_tasks.data.schema import DUPLICATE_ID
@@ -66,6 +67,93 @@ def shard_format(uri: str) -> str:
     raise ShardInputError(f"unsupported shard format (want {', '.join(SHARD_SUFFIXES)}): {uri}")
 
 
+def measure_source(path: Path, fmt: str, columns: SourceColumns, length_column: str) -> pa.Table:
+    """The id and text length of every row of a local shard file, as columns `{id}`
+    and `length_column`, read batch by batch so no text is kept (for the input gate).
+    Rows stay as they are (a missing id is null); a column absent from the file is
+    absent from the table, and a file with neither column keeps its row count."""
+    if fmt == "parquet":
+        return _measure_parquet(path, columns, length_column)
+    return _measure_jsonl(path, fmt, columns, length_column)
+
+
+def _measure_parquet(path: Path, columns: SourceColumns, length_column: str) -> pa.Table:
+    parquet = _open_parquet(path)
+    present = [c for c in (columns.id, columns.text) if c in parquet.schema_arrow.names]
+    try:
+        batches = [
+            _id_and_length(batch, columns, length_column)
+            for batch in parquet.iter_batches(batch_size=4096, columns=present)
+        ]
+    except (pa.ArrowException, OSError) as error:
+        raise ShardInputError(f"{path.name}: not a readable parquet file ({error})") from None
+    if not present:  # neither column: keep the row count so the report still says how many rows there were
+        return pa.table({"_row": pa.nulls(parquet.metadata.num_rows, pa.int8())})
+    if not batches:
+        return _id_and_length(parquet.schema_arrow.empty_table().select(present), columns, length_column)
+    return pa.concat_tables(batches)
+
+
+def _id_and_length(batch: pa.RecordBatch | pa.Table, columns: SourceColumns, length_column: str) -> pa.Table:
+    out = {}
+    if columns.id in batch.schema.names:
+        out[columns.id] = batch.column(columns.id)
+    if columns.text in batch.schema.names:
+        text = batch.column(columns.text)
+        if pa.types.is_binary(text.type) or pa.types.is_large_binary(text.type):
+            out[length_column] = pc.binary_length(text)
+        else:
+            out[length_column] = pc.utf8_length(text.cast(pa.large_string()))
+    return pa.table(out)
+
+
+def _measure_jsonl(path: Path, fmt: str, columns: SourceColumns, length_column: str) -> pa.Table:
+    ids: list = []
+    lengths: list = []
+    seen = {"id": False, "text": False}
+    for line in _jsonl_lines(path, fmt):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        if not isinstance(record, dict):
+            ids.append(None)
+            lengths.append(None)
+            continue
+        seen["id"] |= columns.id in record
+        seen["text"] |= columns.text in record
+        raw_id = record.get(columns.id)
+        text = record.get(columns.text)
+        ids.append(None if raw_id is None else str(raw_id))
+        lengths.append(len(text) if isinstance(text, str) else None)
+    out = {}
+    if seen["id"]:
+        out[columns.id] = pa.array(ids, pa.string())
+    if seen["text"]:
+        out[length_column] = pa.array(lengths, pa.int64())
+    return pa.table(out) if out else pa.table({"_row": pa.array([None] * len(ids), pa.int8())})
+
+
+def _open_parquet(path: Path) -> pq.ParquetFile:
+    # Not pre-buffered: a row group's texts are read as they are decoded, batch by
+    # batch, so a shard written as one big row group does not land in memory whole.
+    try:
+        return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+    except (pa.ArrowException, OSError) as error:
+        raise ShardInputError(f"{path.name}: not a readable parquet file ({error})") from None
+
+
+def _jsonl_lines(path: Path, fmt: str) -> Iterator[bytes]:
+    opener = gzip.open if fmt == "jsonl.gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            yield from handle
+    except (OSError, EOFError) as error:
+        raise ShardInputError(f"{path.name}: cannot read ({error})") from None
+
+
 class ShardReader:
     """Reads one local shard file in batches; validates the columns on open."""
 
@@ -76,10 +164,7 @@ class ShardReader:
         self.batch_size = batch_size
         self._seen_ids: set[bytes] = set()
         if fmt == "parquet":
-            try:
-                self._parquet = pq.ParquetFile(self.path)
-            except (pa.ArrowException, OSError) as error:
-                raise ShardInputError(f"{self.path.name}: not a readable parquet file ({error})") from None
+            self._parquet = _open_parquet(self.path)
             names = self._parquet.schema_arrow.names
             missing = [c for c in (columns.id, columns.text) if c not in names]
             if missing:
@@ -119,12 +204,7 @@ class ShardReader:
     # -- jsonl -----------------------------------------------------------------------
 
     def _jsonl_lines(self) -> Iterator[bytes]:
-        opener = gzip.open if self.fmt == "jsonl.gz" else open
-        try:
-            with opener(self.path, "rb") as handle:
-                yield from handle
-        except (OSError, EOFError) as error:
-            raise ShardInputError(f"{self.path.name}: cannot read ({error})") from None
+        return _jsonl_lines(self.path, self.fmt)
 
     def _iter_jsonl(self) -> Iterator[SourceDocument]:
         index = 0

@@ -8,6 +8,7 @@ completed multipart upload) only becomes visible once it is complete.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import shutil
 import tempfile
@@ -169,12 +170,57 @@ class S3Storage:
 
     @contextlib.contextmanager
     def local_copy(self, uri: str) -> Iterator[Path]:
-        bucket, key = self._split(uri)
+        kept = _kept_copies.get()
+        if kept is not None and uri in kept.uris:
+            yield kept.path(uri, self._download)
+            return
         with tempfile.TemporaryDirectory(prefix="maga-s3-") as tmp:
-            target = Path(tmp) / Path(key).name
-            with _s3_failures("download", uri):
-                self.client.download_file(bucket, key, str(target))
+            target = Path(tmp) / Path(uri).name
+            self._download(uri, target)
             yield target
+
+    def _download(self, uri: str, target: Path) -> None:
+        bucket, key = self._split(uri)
+        with _s3_failures("download", uri):
+            self.client.download_file(bucket, key, str(target))
+
+
+class _KeptCopies:
+    """Local copies of some objects, downloaded on first use and kept until the
+    `read_once` block ends."""
+
+    def __init__(self, uris: set[str], folder: Path):
+        self.uris = uris
+        self.folder = folder
+        self._paths: dict[str, Path] = {}
+
+    def path(self, uri: str, download) -> Path:
+        if uri not in self._paths:
+            target = self.folder / f"{len(self._paths)}-{Path(uri).name}"
+            download(uri, target)
+            self._paths[uri] = target
+        return self._paths[uri]
+
+
+_kept_copies: contextvars.ContextVar[_KeptCopies | None] = contextvars.ContextVar("maga_kept_copies", default=None)
+
+
+@contextlib.contextmanager
+def read_once(*uris: str) -> Iterator[None]:
+    """Within the block, every `local_copy` of these S3 objects shares one download,
+    made on first use and deleted when the block ends: a task that reads its source
+    shard in several steps (input gate, expansion, judge) downloads it once. Local
+    files are read in place anyway."""
+    remote = {uri for uri in uris if is_s3(uri)}
+    if not remote:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="maga-source-") as tmp:
+        reset = _kept_copies.set(_KeptCopies(remote, Path(tmp)))
+        try:
+            yield
+        finally:
+            _kept_copies.reset(reset)
 
 
 @contextlib.contextmanager

@@ -107,8 +107,10 @@ def figures_of_files(data: pa.Table, rejected: pa.Table) -> ShardFigures:
         if "text" in table.column_names and "text_chars" not in table.column_names:
             # Measured in arrow: no text becomes a Python string.
             table = table.append_column("text_chars", pc.utf8_length(table.column("text")))
-        for row in table.select([c for c in FIGURE_COLUMNS if c in table.column_names]).to_pylist():
-            tally.add(row, rejected=is_rejected)
+        # Batch by batch: only one batch of rows becomes Python objects at a time.
+        for batch in table.select([c for c in FIGURE_COLUMNS if c in table.column_names]).to_batches(8192):
+            for row in batch.to_pylist():
+                tally.add(row, rejected=is_rejected)
     return tally.figures()
 
 

@@ -2,9 +2,10 @@
 descriptors (the input of one mapped Airflow task each).
 
 Two modes:
-- `flat`: one corpus expanded a budget of shards per run; a run takes the first
-  `budget` shards, in name order, that the registry does not hold as registered (or
-  quarantined: those wait for a person).
+- `flat`: one corpus expanded a budget of shards per night (`engine.budget`); a run
+  takes the first `budget` shards, in name order, that the registry does not hold as
+  registered (or quarantined: those wait for a person), at most `max_shards`; the rest of
+  the budget goes to further runs (`engine.continuation`).
 - `dated`: date-partitioned drops. The source contains `{ds}` (e.g.
   `s3://corpus/drops/{ds}/`) and a run's logical date fills it, so a backfill over
   dates re-plans exactly those partitions. A run takes its whole partition (the budget

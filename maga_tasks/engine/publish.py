@@ -17,6 +17,7 @@ A shard whose own tries fail `max_shard_failures` times is `failed` for good
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -37,14 +38,15 @@ from maga_tasks.quality import (
     validate_input,
     validate_output,
 )
+from maga_tasks.quality.datadocs import DATA_DOCS_SAMPLE_RATE
 from maga_tasks.recipe import Recipe
 from maga_tasks.registry import LeaseLost, Registry, RegistryConflict, RegistryError, ShardBusy, utc_now
 from maga_tasks.settings import RunSettings
 from maga_tasks.engine.lease import LeaseKeeper
-from maga_tasks.engine.shard import ShardResult, expand_shard, publish_staged
-from maga_tasks.data.schema import shard_checksum
+from maga_tasks.engine.shard import ShardResult, commit_checkpoint, expand_shard, publish_staged
+from maga_tasks.data.committed import staged_checksum
 from maga_tasks.data.source import SourceColumns
-from maga_tasks.data.storage import StorageError, storage_for
+from maga_tasks.data.storage import StorageError, read_once, storage_for
 
 if TYPE_CHECKING:
     from maga_tasks.method.judging import JudgeReport
@@ -124,16 +126,39 @@ def check_committed_shard(
     shard: str | None = None,
     registry: Registry | None = None,
     s3_endpoint_url: str | None = None,
+    data_docs_sample_rate: float = DATA_DOCS_SAMPLE_RATE,
+    result: ShardResult | None = None,
 ) -> QualityReport:
     """Run the output gate on a committed shard without changing its status (the
-    result is recorded when a registry is given). For `maga validate-shard`."""
+    result is recorded when a registry is given). For `maga validate-shard`; with the
+    expansion's `result`, the files must hold the documents it reported."""
     paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
     committed = load_committed(paths, s3_endpoint_url)
-    report = validate_output(committed, recipe, s3_endpoint_url=s3_endpoint_url)
+    report = validate_output(
+        committed, recipe, result=result, s3_endpoint_url=s3_endpoint_url, data_docs_sample_rate=data_docs_sample_rate
+    )
     if registry is not None:
         registry.ensure_recipe(recipe)
         _record(registry, report, recipe.recipe_id)
     return report
+
+
+def commit_and_validate(
+    source_uri: str, output_root: str, recipe: Recipe, *, shard: str | None = None,
+    columns: SourceColumns = DEFAULT_COLUMNS, s3_endpoint_url: str | None = None, **gate,
+) -> QualityReport:
+    """The file work of a shard after its LLM calls: commit its checkpoint, which must
+    hold every document of the source (`_work/{shard}/`, as `expand_shard` leaves it
+    before its commit), to `data/`, `rejected/` and `magacorpus/`, then run the output
+    gate on the committed files. Nothing is leased or registered. Its memory does not
+    grow with the shard: what `maga bench --scale` measures. `gate` goes to
+    `check_committed_shard` (`registry`, `data_docs_sample_rate`)."""
+    paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
+    out = storage_for(output_root, s3_endpoint_url)
+    result = commit_checkpoint(source_uri, paths, out, columns=columns, s3_endpoint_url=s3_endpoint_url)
+    return check_committed_shard(
+        source_uri, output_root, recipe, shard=paths.shard, s3_endpoint_url=s3_endpoint_url, result=result, **gate
+    )
 
 
 def register_committed_shard(
@@ -147,6 +172,7 @@ def register_committed_shard(
     lease: LeaseKeeper | None = None,
     expected_checksum: str | None = None,
     s3_endpoint_url: str | None = None,
+    data_docs_sample_rate: float = DATA_DOCS_SAMPLE_RATE,
 ) -> dict:
     """Output gate on committed files, then register (passed) or quarantine (failed).
 
@@ -166,7 +192,9 @@ def register_committed_shard(
             f"shard {paths.shard}: data/ and rejected/ hold checksum {committed.checksum},"
             f" not the commit's {expected_checksum}; refusing to register bytes the lease did not commit"
         )
-    report = validate_output(committed, recipe, result=result, s3_endpoint_url=s3_endpoint_url)
+    report = validate_output(
+        committed, recipe, result=result, s3_endpoint_url=s3_endpoint_url, data_docs_sample_rate=data_docs_sample_rate
+    )
     _record(registry, report, recipe.recipe_id)
     token = lease.token if lease is not None else None
     summary = _summary(
@@ -218,6 +246,18 @@ def register_committed_shard(
     return summary | {"newly_registered": newly}
 
 
+def _reading_source_once(function):
+    """`function(source_uri, ...)` with its S3 source downloaded once: the input gate,
+    the expansion and the judge each read it (`read_once`)."""
+
+    @functools.wraps(function)
+    def reading(*args, **kwargs):
+        with read_once(args[0] if args else kwargs["source_uri"]):
+            return function(*args, **kwargs)
+
+    return reading
+
+
 def _lease_within(
     registry: Registry, rid: str, shard: str, source_uri: str, owner: str, ttl_s: float, force: bool, wait_s: float
 ) -> int | None:
@@ -249,10 +289,9 @@ def _publish_staged_commit(out, paths: ShardPaths, row: dict) -> str | None:
     token = row.get("commit_token")
     if token is None:
         return None
-    staged = {published: uri for uri, published in paths.staged(token)}
-    if not all(out.exists(uri) for uri in staged.values()):
+    if not all(out.exists(uri) for uri, _ in paths.staged(token)):
         return row["checksum"]  # published already: staged files are deleted only after the copies
-    checksum = shard_checksum(out.read_bytes(staged[paths.data]), out.read_bytes(staged[paths.rejected]))
+    checksum = staged_checksum(out, paths, token)
     if checksum != row["checksum"]:
         raise RegistryConflict(
             f"shard {paths.shard}: the commit staged by lease {token} has checksum {checksum},"
@@ -263,6 +302,7 @@ def _publish_staged_commit(out, paths: ShardPaths, row: dict) -> str | None:
     return checksum
 
 
+@_reading_source_once
 def publish_shard(
     source_uri: str,
     output_root: str,
@@ -305,6 +345,7 @@ def publish_shard(
             progress=progress, check_input=check_input,
         )
     s3 = settings.s3_endpoint_url
+    docs_rate = settings.data_docs_sample_rate
     paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
     rid = recipe.recipe_id
     registry.ensure_recipe(recipe)
@@ -340,11 +381,13 @@ def publish_shard(
             lease.advance("committed")
             summary = register_committed_shard(
                 source_uri, output_root, recipe, registry, shard=paths.shard, lease=lease,
-                expected_checksum=recorded, s3_endpoint_url=s3,
+                expected_checksum=recorded, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate,
             )
             return judge_shard_after_publish(summary, output_root, recipe, settings, registry, judge_sample, columns)
         if check_input:
-            report = validate_input(source_uri, recipe, paths, columns=columns, s3_endpoint_url=s3)
+            report = validate_input(
+                source_uri, recipe, paths, columns=columns, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate
+            )
             _record(registry, report, rid)
             if not report.success:
                 lease.close()
@@ -359,13 +402,12 @@ def publish_shard(
         # The output is named after the shard; dated planning names it apart from the file.
         expand_kwargs = {"shard": paths.shard} if paths.shard != shard_name(source_uri) else {}
         result = expand_shard(
-            source_uri, output_root, recipe, settings, max_docs=max_docs, columns=columns,
-            progress=lease, fence=lease, **expand_kwargs,
+            source_uri, output_root, recipe, settings, columns=columns, progress=lease, fence=lease, **expand_kwargs,
         )
         lease.advance("committed", counters=result.to_dict())
         summary = register_committed_shard(
             source_uri, output_root, recipe, registry, shard=paths.shard, result=result, lease=lease,
-            expected_checksum=lease.committed_checksum, s3_endpoint_url=s3,
+            expected_checksum=lease.committed_checksum, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate,
         )
     except ShardInputError as error:
         lease.close()
@@ -415,6 +457,7 @@ def record_judge(registry: Registry, report: "JudgeReport") -> None:
     registry.record_quality(report.recipe_id, report.shard, "judge", report.success, statistics | counts, [], report.uri)
 
 
+@_reading_source_once
 def trial_shard(
     source_uri: str,
     output_root: str,
@@ -434,9 +477,12 @@ def trial_shard(
     s3 = settings.s3_endpoint_url
     paths = shard_paths(trial_root(output_root, max_docs), recipe.recipe_id, shard or shard_name(source_uri))
     trial = {"max_docs": max_docs}
+    docs_rate = settings.data_docs_sample_rate
     try:
         if check_input:
-            report = validate_input(source_uri, recipe, paths, columns=columns, s3_endpoint_url=s3)
+            report = validate_input(
+                source_uri, recipe, paths, columns=columns, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate
+            )
             if not report.success:
                 return _summary(
                     paths, source_uri, "trial", **trial, quality_success=False, docs_uri=report.docs_uri,
@@ -449,7 +495,9 @@ def trial_shard(
     except ShardInputError as error:
         reason = f"unusable source shard: {error}"
         return _summary(paths, source_uri, "trial", **trial, quality_success=False, failed_expectations=[], reason=reason)
-    report = validate_output(load_committed(paths, s3), recipe, result=result, s3_endpoint_url=s3)
+    report = validate_output(
+        load_committed(paths, s3), recipe, result=result, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate
+    )
     log.info(
         "trial of shard %s (first %d documents): %d accepted, %d rejected, gates %s; nothing registered, outputs under %s",
         paths.shard, max_docs, result.accepted, result.rejected, "passed" if report.success else "failed",
@@ -497,6 +545,7 @@ def _failed_for_good(row: dict) -> ShardFailedForGood:
 __all__ = [
     "DEFAULT_LEASE_TTL_S",
     "check_committed_shard",
+    "commit_and_validate",
     "default_owner",
     "judge_shard_after_publish",
     "record_judge",

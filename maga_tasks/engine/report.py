@@ -1,6 +1,7 @@
 """The report of one run: what became of its shards (failed ones named), what is left of
 its corpus or partition, the release manifest its corpus asset event carries, and
-whether a further run must continue a partition that one run could not map whole.
+whether a further run must continue what one run could not map whole (a partition, or
+the rest of a flat night's budget: `engine.continuation`).
 
 The DAG's summarize step logs it and emits it as the asset event's extra, so it stays
 small: counts, shard names, and per registered shard only its data URI and checksum.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+from maga_tasks.engine.continuation import budget_left, should_continue
 from maga_tasks.engine.planning import RunPlan
 from maga_tasks.registry import Registry
 
@@ -44,16 +46,6 @@ def failed_shards(planned: list[dict], summaries: list[dict], registry: Registry
     return failed
 
 
-def should_continue(planned: list[dict], after: RunPlan) -> bool:
-    """True when a further run must continue this run's dated partition: shards were
-    held back (more than one run may map) and this run finished some of its own, so a
-    chain of runs ends even when every try fails."""
-    if after.mode != "dated":
-        return False
-    names, pending = {d["shard"] for d in planned}, set(after.pending)
-    return bool(pending - names) and bool(names - pending)
-
-
 def run_report(
     summaries: list[dict],
     registry: Registry,
@@ -61,11 +53,13 @@ def run_report(
     *,
     planned: list[dict] | None = None,
     after: RunPlan | None = None,
+    budget: int | None = None,
 ) -> dict:
     """One run's outcome: shard statuses (a planned shard without a summary counts as
     failed, and is named), the release manifest, the recipe's totals and, given `after`
     (the plan as it stands after the run), how many shards are left and whether a
-    further run continues the partition. Logged; the corpus asset event's extra."""
+    further run continues the partition or, given the flat night's `budget`, the rest of
+    it (`budget_left`). Logged; the corpus asset event's extra."""
     failed = failed_shards(planned or [], summaries, registry, recipe_id)
     statuses = Counter(item.get("status", "unknown") for item in summaries)
     if failed:
@@ -86,6 +80,7 @@ def run_report(
             "; ".join(f"{f['shard']} ({f['status']} after {f['attempts']} tries: {f['error'][:120]})" for f in failed),
         )
     if after is not None:
+        left_of_budget = budget_left(budget, planned or []) if after.mode == "flat" else None
         report |= {
             "mode": after.mode,
             "ds": after.ds,
@@ -93,15 +88,20 @@ def run_report(
             "pending": len(after.pending),
             "failed_for_good": len(after.failed),
             "complete": after.left == 0,
-            "continue": should_continue(planned or [], after),
+            "budget": budget if after.mode == "flat" else None,
+            "budget_left": left_of_budget,
+            "continue": should_continue(planned or [], after, budget_left=left_of_budget),
         }
         log.info(
             "%s: %d shard(s) left (%d to publish, %d failed for good)%s",
             f"partition {after.ds}" if after.mode == "dated" else "corpus", after.left, len(after.pending),
-            len(after.failed), "; a further run continues the partition" if report["continue"] else "",
+            len(after.failed),
+            ("; a further run continues the partition" if after.mode == "dated"
+             else f"; a further run continues with {left_of_budget} shard(s) of the night's budget")
+            if report["continue"] else "",
         )
     log.info("corpus %s totals: %s", recipe_id, report["totals"])
     return report
 
 
-__all__ = ["MANIFEST_FIELDS", "failed_shards", "release_manifest", "run_report", "should_continue"]
+__all__ = ["MANIFEST_FIELDS", "failed_shards", "release_manifest", "run_report"]

@@ -19,14 +19,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from maga_tasks.data.checkpoint import Checkpoint
-from maga_tasks.engine.figures import FigureTally, ShardFigures, figures_of_files
+from maga_tasks.data.committed import files_checksum, local_files, read_measured
+from maga_tasks.engine.figures import FIGURE_COLUMNS, FigureTally, ShardFigures, figures_of_files
 from maga_tasks.method.cleaning import clean_rewrite
 from maga_tasks.errors import MagaError, ShardInputError
 from maga_tasks.data.layout import ShardPaths, shard_name, shard_paths, trial_root
 from maga_tasks.llm.client import LLMClient
 from maga_tasks.recipe import Recipe
 from maga_tasks.data.schema import (
-    ACCEPTED_SCHEMA, DUPLICATE_ID, MAGACORPUS_SCHEMA, REJECTED_SCHEMA, magacorpus_row, row_id, shard_checksum,
+    ACCEPTED_SCHEMA, DUPLICATE_ID, MAGACORPUS_SCHEMA, REJECTED_SCHEMA, magacorpus_row, row_id,
 )
 from maga_tasks.settings import RunSettings
 from maga_tasks.data.source import SourceColumns, SourceDocument, open_shard
@@ -451,6 +452,17 @@ def _commit(
     return ShardResult.of(paths, source_uri, tally.figures())
 
 
+def commit_checkpoint(
+    source_uri: str, paths: ShardPaths, out, *, columns: SourceColumns = SourceColumns(), s3_endpoint_url: str | None = None
+) -> ShardResult:
+    """Commit a shard whose checkpoint (`_work/{shard}/`) holds every document of its
+    source, without any LLM call: the commit step of `expand_shard` on its own (for
+    `engine.publish.commit_and_validate`)."""
+    with storage_for(source_uri, s3_endpoint_url).local_copy(source_uri) as local:
+        checkpoint = Checkpoint(out, paths.work, {})
+        return _commit(source_uri, paths, out, checkpoint, iter(open_shard(local, source_uri, columns)))
+
+
 def _publish_fenced(out, paths: ShardPaths, built: dict[str, Path], fence: CommitFence) -> None:
     """Stage the files under the lease's token, record the commit, then publish them.
 
@@ -464,7 +476,7 @@ def _publish_fenced(out, paths: ShardPaths, built: dict[str, Path], fence: Commi
         raise error
     for staged, published in paths.staged(fence.token):
         out.put_file(staged, built[published])
-    fence.record_commit(shard_checksum(built[paths.data].read_bytes(), built[paths.rejected].read_bytes()))
+    fence.record_commit(files_checksum(built[paths.data], built[paths.rejected]))
     publish_staged(out, paths, fence.token)
 
 
@@ -504,12 +516,8 @@ class _BatchedWriter:
 
 
 def committed_result(source_uri: str, paths: ShardPaths, out) -> ShardResult:
-    """The ShardResult of an already committed shard, read from its files."""
-    columns = ["source_id", "prompt_tokens", "completion_tokens", "pairs_prompt_tokens", "pairs_completion_tokens"]
-    tables = []
-    for uri, is_rejected in ((paths.data, False), (paths.rejected, True)):
-        with out.local_copy(uri) as local:
-            tables.append(
-                pq.read_table(local, columns=columns + ["source_chars", "text"] + (["reject_reason"] if is_rejected else []))
-            )
+    """The ShardResult of an already committed shard, read from its files batch by
+    batch (texts measured, never kept)."""
+    with local_files(out, paths.data, paths.rejected) as (data, rejected):
+        tables = [read_measured(data, FIGURE_COLUMNS), read_measured(rejected, FIGURE_COLUMNS)]
     return ShardResult.of(paths, source_uri, figures_of_files(*tables), already_committed=True)

@@ -224,6 +224,7 @@ class LLMClient:
         # the evidence that turns a failing request into its document's problem.
         self._last_success = float("-inf")
         self._answered_kinds: set[str] = set()
+        self._request_log = None
 
     async def __aenter__(self) -> "LLMClient":
         headers = {"Content-Type": "application/json"}
@@ -239,6 +240,8 @@ class LLMClient:
         )
         if self.settings.adaptive_concurrency:
             self._load_watch = asyncio.create_task(self._watch_load())
+        if self.settings.request_log:
+            self._request_log = open(self.settings.request_log, "a", encoding="utf-8")
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -251,6 +254,8 @@ class LLMClient:
                 await self._load_watch
         if self._session:
             await self._session.close()
+        if self._request_log is not None:
+            self._request_log.close()
 
     # -- readiness -------------------------------------------------------------------
 
@@ -509,6 +514,8 @@ class LLMClient:
                     self._record_success(endpoint, kind)
                     if endpoint.controller is not None:
                         endpoint.controller.observe(completion.latency_s, completion.completion_tokens)
+                    if self._request_log is not None:
+                        self._log_request(kind, body, completion)
                     completion.prompt_tokens += used[0]
                     completion.completion_tokens += used[1]
                     return completion
@@ -563,6 +570,11 @@ class LLMClient:
                     endpoint.in_flight -= 1
             # Back off outside the semaphore so a sleeping retry does not hold a slot.
             await asyncio.sleep(delay)
+
+    def _log_request(self, kind: str, body: dict, completion: Completion) -> None:
+        record = {"kind": kind, "body": body, "prompt_tokens": completion.prompt_tokens,
+                  "completion_tokens": completion.completion_tokens}
+        self._request_log.write(json.dumps(record) + "\n")
 
     async def _post(self, endpoint: Endpoint, payload: str, request_id: str, attempt: int, used: list[int]) -> Completion:
         headers = {"X-Request-Id": f"{request_id}/{attempt}"} if request_id else None

@@ -444,7 +444,7 @@ def _cli_start(args: argparse.Namespace) -> int:
         args.model, python=args.python, host=args.host, port=args.port,
         served_model_name=args.served_model_name, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, block_size=args.block_size or None, dtype=args.dtype,
-        enforce_eager=not args.compile, api_key=api_key,
+        enforce_eager=not args.compile, api_key=api_key, kv_cache_space_gib=args.kv_cache_space_gib,
         extra_args=args.extra_args, log_path=paths["log"],
     )
     # Recorded before the wait, so `stop` finds a server interrupted during startup.
@@ -527,6 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # On AVX2 CPUs without AVX-512, a real model runs about 4x faster in float32.
     start.add_argument("--dtype", default="bfloat16", help="bfloat16 (tiny model) or float32 (a real model on AVX2)")
     start.add_argument("--block-size", type=int, default=32, help="0: vLLM's default")
+    start.add_argument("--kv-cache-space-gib", type=int, default=1,
+                       help="VLLM_CPU_KVCACHE_SPACE: too small a cache preempts requests and evicts shared prefixes")
     start.add_argument("--compile", action="store_true",
                        help="let vLLM torch.compile the model (slower start; for benchmarks)")
     start.add_argument("--api-key-env", default="MAGA_API_KEY",

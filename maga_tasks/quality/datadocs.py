@@ -1,7 +1,10 @@
 """Running great_expectations for the gates: an ephemeral GX context, the suites
-validated over in-memory frames, their failures in a readable form, and the Data Docs
-site. Data Docs are rendered into a temporary folder and then copied under
-`{output_root}/{recipe_id}/quality/{shard}/{gate}/` (also on S3).
+validated over in-memory frames, their results in a compact, readable form, and Data
+Docs by exception. Every shard gets `quality/{shard}/{gate}.json` (each expectation:
+type, column, success, observed value, unexpected count); the full Data Docs site is
+rendered (into a temporary folder, then copied under `quality/{shard}/{gate}/`, also
+on S3) only for a shard that fails the gate and for a deterministic sample of passing
+ones (`data_docs_sample_rate`), so a corpus version is not 16 files per shard.
 
 great_expectations is imported only when a gate runs (`import_gx`): an Airflow DAG file
 that imports the quality package still parses in milliseconds.
@@ -9,11 +12,14 @@ that imports the quality package still parses in milliseconds.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +31,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 DOCS_SITE = "maga_quality"
+# Share of passing shards that still get a full Data Docs site (failed ones always do).
+DATA_DOCS_SAMPLE_RATE = 0.01
+_FAILURE_KEYS = ("suite", "check", "expectation", "column", "observed", "expected")
 # Data Docs pages load bootstrap etc. from CDNs; of GX's static folder they only use
 # the styles and the favicon, so the 4 MB of fonts and images are not copied.
 _DOCS_SUFFIXES = (".html", ".css", ".ico")
@@ -128,17 +137,66 @@ def _failure(suite: str, validation) -> dict:
     }
 
 
-def _run_suites(gate: str, shard: str, suites: list[tuple[str, pd.DataFrame, list]], site_dir: Path) -> tuple[dict, list[dict]]:
-    """Validate each (name, frame, expectations) and render Data Docs into `site_dir`."""
+def _json_safe(value: Any) -> Any:
+    """A GX result value as plain JSON (numpy scalars, NaN and odd types made plain)."""
+    value = _plain(value)
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _entry(suite: str, validation) -> dict:
+    """One expectation's outcome in the compact result: what it checked, whether it
+    held, the observed value or the unexpected count."""
+    result = validation.result or {}
+    entry = _failure(suite, validation) | {"success": bool(validation.success)}
+    for key in ("observed_value", "unexpected_count", "element_count", "unexpected_percent"):
+        if key in result:
+            entry[key] = _json_safe(result[key])
+    return entry
+
+
+def data_docs_sampled(shard: str, rate: float) -> bool:
+    """Whether a passing shard gets its full Data Docs: a deterministic sample of
+    `rate`, chosen by a hash of the shard name, so a retry makes the same choice."""
+    if rate <= 0:
+        return False
+    draw = int.from_bytes(hashlib.sha256(f"data-docs/{shard}".encode()).digest()[:8], "big") / 2**64
+    return draw < rate
+
+
+@dataclass
+class GateRun:
+    """What one gate found on one shard and where its results went."""
+
+    statistics: dict
+    failed: list[dict]  # the failed expectations, as in the registry
+    expectations: list[dict]  # every expectation's outcome (`_entry`)
+    result_uri: str  # the compact JSON result, written for every shard
+    data_docs_uri: str | None  # the Data Docs index, for failed and sampled shards only
+
+    @property
+    def docs_uri(self) -> str:
+        """What a reader should open: the Data Docs site when there is one, else the JSON."""
+        return self.data_docs_uri or self.result_uri
+
+
+def _run_suites(gate: str, shard: str, suites: list[tuple[str, pd.DataFrame, list]], context) -> tuple[dict, list[dict]]:
+    """Validate each (name, frame, expectations); the results stay in the context's
+    stores, from which Data Docs can be built afterwards."""
     gx, _ = import_gx()
-    from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.core.run_identifier import RunIdentifier
 
-    context = _ephemeral_context(gx, site_dir)
     source = context.data_sources.add_pandas(name=f"{gate}_frames")
     run_id = RunIdentifier(run_name=shard, run_time=datetime.now(UTC))
     counts: Counter = Counter()
-    failed: list[dict] = []
+    entries: list[dict] = []
     for name, frame, expectations in suites:
         suite_name = f"{gate}.{name}"
         batch = source.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe("whole")
@@ -148,18 +206,9 @@ def _run_suites(gate: str, shard: str, suites: list[tuple[str, pd.DataFrame, lis
         definition = context.validation_definitions.add(
             gx.ValidationDefinition(name=suite_name, data=batch, suite=suite)
         )
-        checkpoint = context.checkpoints.add(
-            gx.Checkpoint(
-                name=f"{suite_name}.checkpoint",
-                validation_definitions=[definition],
-                actions=[UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])],
-                result_format="SUMMARY",
-            )
-        )
-        outcome = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=run_id)
-        for run_result in outcome.run_results.values():
-            counts.update({k: v for k, v in run_result.statistics.items() if k != "success_percent"})
-            failed.extend(_failure(suite_name, r) for r in run_result.results if not r.success)
+        outcome = definition.run(batch_parameters={"dataframe": frame}, result_format="SUMMARY", run_id=run_id)
+        counts.update({k: v for k, v in outcome.statistics.items() if k != "success_percent"})
+        entries.extend(_entry(suite_name, r) for r in outcome.results)
     evaluated = counts.get("evaluated_expectations", 0)
     statistics = {
         "evaluated_expectations": evaluated,
@@ -168,12 +217,11 @@ def _run_suites(gate: str, shard: str, suites: list[tuple[str, pd.DataFrame, lis
         "success_percent": round(100.0 * counts.get("successful_expectations", 0) / evaluated, 2) if evaluated else None,
         "suites": [f"{gate}.{name}" for name, _, _ in suites],
     }
-    return statistics, failed
+    return statistics, entries
 
 
-def _publish_docs(site_dir: Path, target: str, s3_endpoint_url: str | None) -> str:
+def _publish_docs(site_dir: Path, target: str, storage) -> str:
     """Replace the Data Docs under `target` with the freshly rendered site."""
-    storage = storage_for(target, s3_endpoint_url)
     storage.delete_prefix(target)
     for path in sorted(site_dir.rglob("*")):
         if path.is_file() and path.suffix in _DOCS_SUFFIXES:
@@ -181,14 +229,52 @@ def _publish_docs(site_dir: Path, target: str, s3_endpoint_url: str | None) -> s
     return join(target, "index.html")
 
 
-def run_gate(gate: str, paths: ShardPaths, suites: list, s3_endpoint_url: str | None) -> tuple[dict, list, str]:
-    """Run the (name, frame, expectations) suites of `gate` on a shard and publish their
-    Data Docs under the shard's quality folder: (statistics, failures, docs index URI)."""
+def result_uri(paths: ShardPaths, gate: str) -> str:
+    """Where a gate's compact JSON result of a shard goes: `quality/{shard}/{gate}.json`."""
+    return join(paths.quality_docs, f"{gate}.json")
+
+
+def run_gate(
+    gate: str,
+    paths: ShardPaths,
+    suites: list,
+    s3_endpoint_url: str | None,
+    *,
+    data_docs_sample_rate: float = DATA_DOCS_SAMPLE_RATE,
+    facts: dict | None = None,
+) -> GateRun:
+    """Run the (name, frame, expectations) suites of `gate` on a shard. Every shard gets
+    a compact JSON result under its quality folder (with `facts`, e.g. figures, in its
+    statistics); the full Data Docs site is rendered only when the gate fails or the
+    shard is in the `data_docs_sample_rate` sample, else an earlier site is removed so
+    that what exists is this run's."""
+    gx, _ = import_gx()
+    storage = storage_for(paths.quality_docs, s3_endpoint_url)
+    docs_target = join(paths.quality_docs, gate)
     with tempfile.TemporaryDirectory(prefix=f"maga-gx-{gate}-") as tmp:
         site_dir = Path(tmp) / "site"
-        statistics, failed = _run_suites(gate, paths.shard, suites, site_dir)
-        docs_uri = _publish_docs(site_dir, join(paths.quality_docs, gate), s3_endpoint_url)
-    return statistics, failed, docs_uri
+        context = _ephemeral_context(gx, site_dir)
+        statistics, entries = _run_suites(gate, paths.shard, suites, context)
+        statistics |= facts or {}
+        failed = [{k: e[k] for k in _FAILURE_KEYS} for e in entries if not e["success"]]
+        data_docs_uri = None
+        if failed or data_docs_sampled(paths.shard, data_docs_sample_rate):
+            context.build_data_docs(site_names=[DOCS_SITE])
+            data_docs_uri = _publish_docs(site_dir, docs_target, storage)
+        else:
+            storage.delete_prefix(docs_target)
+    run = GateRun(statistics, failed, entries, result_uri(paths, gate), data_docs_uri)
+    body = {
+        "gate": gate,
+        "shard": paths.shard,
+        "recipe_id": paths.recipe_id,
+        "success": not failed,
+        "data_docs_uri": data_docs_uri,
+        "statistics": _json_safe(statistics),
+        "expectations": entries,
+    }
+    storage.put_bytes(run.result_uri, json.dumps(body, indent=1, ensure_ascii=False).encode("utf-8"))
+    return run
 
 
-__all__ = ["DOCS_SITE", "import_gx", "run_gate"]
+__all__ = ["DATA_DOCS_SAMPLE_RATE", "DOCS_SITE", "GateRun", "data_docs_sampled", "import_gx", "result_uri", "run_gate"]

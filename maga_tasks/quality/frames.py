@@ -1,36 +1,43 @@
 """What the gates measure, read from files: a shard's committed `data/` and `rejected/`
-files (frames for GX, their figures and checksum) and the ids and text lengths of a
-source shard.
+files (frames for GX, their figures, labels and checksum) and the ids and text lengths
+of a source shard.
 
-Texts are measured with pyarrow and only their lengths are handed to GX, which keeps
-memory near the size of the ids.
+Files are read batch by batch (`data.committed`), only the columns the expectations
+use; texts, genres and audiences are measured per batch and only their lengths are
+handed to GX, which keeps memory near the size of the ids, whatever the texts weigh.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from maga_tasks.data.committed import (
+    BATCH_ROWS,
+    MEASURED,
+    files_checksum,
+    local_files,
+    read_measured,
+)
 from maga_tasks.data.layout import ShardPaths
-from maga_tasks.data.schema import DUPLICATE_ID, LINEAGE_COLUMNS, shard_checksum
-from maga_tasks.data.source import SourceColumns, shard_format
+from maga_tasks.data.schema import DUPLICATE_ID, LINEAGE_COLUMNS
+from maga_tasks.data.source import SourceColumns, measure_source, shard_format
 from maga_tasks.data.storage import StorageError, storage_for
 from maga_tasks.engine.figures import ShardFigures, figures_of_files
 from maga_tasks.errors import MagaError, ShardInputError
+from maga_tasks.quality.labels import LabelTally
 
 if TYPE_CHECKING:
     import pandas as pd
 
 DEFAULT_COLUMNS = SourceColumns()
-# Output columns measured by GX. `text` is replaced by its length, `text_chars`.
-_ROW_COLUMNS = tuple(c for c in LINEAGE_COLUMNS if c != "text") + (
+# The lineage columns as GX sees them: a measured text by its length (`text_chars`).
+MEASURED_LINEAGE = tuple(MEASURED.get(c, c) for c in LINEAGE_COLUMNS)
+# Output columns measured by GX.
+_ROW_COLUMNS = MEASURED_LINEAGE + (
     "keyword_coverage",
     "source_chars",
     "prompt_tokens",
@@ -48,6 +55,7 @@ _REJECTED_COLUMNS = (
     "pairs_prompt_tokens",
     "pairs_completion_tokens",
 )
+_LABEL_COLUMNS = ("genre", "audience", "pair_index")
 
 
 class QualityError(MagaError):
@@ -59,13 +67,15 @@ class QualityError(MagaError):
 
 @dataclass
 class CommittedShard:
-    """The committed files of a shard, read once: frames for GX, their figures and checksum."""
+    """The committed files of a shard, read once: frames for GX, their figures, labels
+    and checksum. No text is kept: `text`, `genre` and `audience` are their lengths."""
 
     paths: ShardPaths
-    rows: pd.DataFrame  # accepted rows; `text` replaced by `text_chars`
+    rows: pd.DataFrame  # accepted rows; texts replaced by `text_chars` etc.
     rejected: pd.DataFrame
     checksum: str  # sha256 of the data file bytes followed by the rejected file bytes
     figures: ShardFigures  # measured on the files: what `ShardResult` reports
+    labels: dict  # genre/audience summary of the accepted rows (`LabelTally`)
 
     def documents(self) -> pd.DataFrame:
         """One row per source document: accepted, rejected and total rows, its length.
@@ -92,33 +102,35 @@ class CommittedShard:
         return frame.rename_axis("source_id").reset_index()
 
 
-def _read_parquet_bytes(data: bytes, uri: str, wanted: tuple[str, ...], keep_text: bool) -> pa.Table:
+def _read(path: Path, uri: str, wanted: tuple[str, ...], batch_rows: int, labels: LabelTally | None = None) -> pa.Table:
+    def count_labels(batch: pa.RecordBatch) -> None:
+        labels.add({c: batch.column(c).to_pylist() for c in _LABEL_COLUMNS if c in batch.schema.names})
+
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        return read_measured(path, wanted, batch_rows=batch_rows, on_batch=count_labels if labels else None)
     except (pa.ArrowException, OSError) as error:
         raise QualityError(f"cannot read committed file {uri}: {error}") from None
-    if keep_text and "text" in table.column_names:
-        lengths = pc.utf8_length(table.column("text"))
-        table = table.append_column("text_chars", lengths)
-    return table.select([c for c in wanted if c in table.column_names])
 
 
-def load_committed(paths: ShardPaths, s3_endpoint_url: str | None = None) -> CommittedShard:
-    """Read a shard's committed `data/` and `rejected/` files (each read once)."""
+def load_committed(
+    paths: ShardPaths, s3_endpoint_url: str | None = None, *, batch_rows: int = BATCH_ROWS
+) -> CommittedShard:
+    """Read a shard's committed `data/` and `rejected/` files (each read once, batch by
+    batch of `batch_rows`)."""
     storage = storage_for(paths.data, s3_endpoint_url)
     missing = [uri for uri in (paths.data, paths.rejected) if not storage.exists(uri)]
     if missing:
         raise QualityError(f"shard {paths.shard} is not committed: missing {', '.join(missing)}")
+    labels = LabelTally()
     try:
-        data_bytes = storage.read_bytes(paths.data)
-        rejected_bytes = storage.read_bytes(paths.rejected)
+        with local_files(storage, paths.data, paths.rejected) as (data_path, rejected_path):
+            checksum = files_checksum(data_path, rejected_path)
+            rows = _read(data_path, paths.data, _ROW_COLUMNS, batch_rows, labels)
+            rejected = _read(rejected_path, paths.rejected, _REJECTED_COLUMNS, batch_rows)
     except (StorageError, OSError) as error:
         raise QualityError(f"cannot read shard {paths.shard}: {error}") from None
-    rows = _read_parquet_bytes(data_bytes, paths.data, _ROW_COLUMNS + ("text_chars",), keep_text=True)
-    rejected = _read_parquet_bytes(rejected_bytes, paths.rejected, _REJECTED_COLUMNS, keep_text=False)
-    return CommittedShard(
-        paths, rows.to_pandas(), rejected.to_pandas(), shard_checksum(data_bytes, rejected_bytes), figures_of_files(rows, rejected)
-    )
+    figures = figures_of_files(rows, rejected)
+    return CommittedShard(paths, rows.to_pandas(), rejected.to_pandas(), checksum, figures, labels.summary())
 
 
 # -- source shards ---------------------------------------------------------------------
@@ -136,10 +148,7 @@ def read_source_frame(
     storage = storage_for(source_uri, s3_endpoint_url)
     try:
         with storage.local_copy(source_uri) as path:
-            if fmt == "parquet":
-                table = _source_parquet(path, columns)
-            else:
-                table = _source_jsonl(path, fmt, columns)
+            table = measure_source(path, fmt, columns, source_length_column(columns))
     except StorageError as error:
         raise ShardInputError(f"cannot read source shard {source_uri}: {error}") from None
     return table.to_pandas()
@@ -150,70 +159,9 @@ def source_length_column(columns: SourceColumns) -> str:
     return f"{columns.text}_chars"
 
 
-def _source_parquet(path: Path, columns: SourceColumns) -> pa.Table:
-    # Batch by batch, so only ids and lengths are kept: memory does not grow with the text.
-    try:
-        parquet = pq.ParquetFile(path)
-        present = [c for c in (columns.id, columns.text) if c in parquet.schema_arrow.names]
-        batches = [_id_and_length(batch, columns) for batch in parquet.iter_batches(batch_size=4096, columns=present)]
-    except (pa.ArrowException, OSError) as error:
-        raise ShardInputError(f"{path.name}: not a readable parquet file ({error})") from None
-    if not present:  # neither column: keep the row count so the report still says how many rows there were
-        return pa.table({"_row": pa.nulls(parquet.metadata.num_rows, pa.int8())})
-    if not batches:
-        return _id_and_length(parquet.schema_arrow.empty_table().select(present), columns)
-    return pa.concat_tables(batches)
-
-
-def _id_and_length(batch: pa.RecordBatch | pa.Table, columns: SourceColumns) -> pa.Table:
-    out = {}
-    if columns.id in batch.schema.names:
-        out[columns.id] = batch.column(columns.id)
-    if columns.text in batch.schema.names:
-        text = batch.column(columns.text)
-        if pa.types.is_binary(text.type) or pa.types.is_large_binary(text.type):
-            out[source_length_column(columns)] = pc.binary_length(text)
-        else:
-            out[source_length_column(columns)] = pc.utf8_length(text.cast(pa.large_string()))
-    return pa.table(out)
-
-
-def _source_jsonl(path: Path, fmt: str, columns: SourceColumns) -> pa.Table:
-    opener = gzip.open if fmt == "jsonl.gz" else open
-    ids: list = []
-    lengths: list = []
-    seen = {"id": False, "text": False}
-    try:
-        with opener(path, "rb") as handle:
-            for line in handle:
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    record = None
-                if not isinstance(record, dict):
-                    ids.append(None)
-                    lengths.append(None)
-                    continue
-                seen["id"] |= columns.id in record
-                seen["text"] |= columns.text in record
-                raw_id = record.get(columns.id)
-                text = record.get(columns.text)
-                ids.append(None if raw_id is None else str(raw_id))
-                lengths.append(len(text) if isinstance(text, str) else None)
-    except (OSError, EOFError) as error:
-        raise ShardInputError(f"{path.name}: cannot read ({error})") from None
-    out = {}
-    if seen["id"]:
-        out[columns.id] = pa.array(ids, pa.string())
-    if seen["text"]:
-        out[source_length_column(columns)] = pa.array(lengths, pa.int64())
-    return pa.table(out) if out else pa.table({"_row": pa.array([None] * len(ids), pa.int8())})
-
-
 __all__ = [
     "DEFAULT_COLUMNS",
+    "MEASURED_LINEAGE",
     "CommittedShard",
     "QualityError",
     "load_committed",

@@ -8,6 +8,9 @@ Two gates, thresholds from the recipe (`recipe.quality`, `recipe.cleaning`):
   finish reason, keyword coverage for most rows), `output.documents` (one row per source
   document: every pair accounted for, accepted rewrites per document) and
   `output.shard` (one row: the expansion ratio).
+
+Each gate writes a compact JSON result for every shard and a Data Docs site only for a
+failed or sampled shard (`datadocs.run_gate`); the report's `docs_uri` is what exists.
 """
 
 from __future__ import annotations
@@ -18,9 +21,8 @@ from typing import TYPE_CHECKING
 
 from maga_tasks.data.layout import ShardPaths
 from maga_tasks.data.source import SourceColumns
-from maga_tasks.quality.datadocs import import_gx, run_gate
+from maga_tasks.quality.datadocs import DATA_DOCS_SAMPLE_RATE, GateRun, import_gx, run_gate
 from maga_tasks.quality.frames import DEFAULT_COLUMNS, CommittedShard, QualityError, read_source_frame
-from maga_tasks.quality.labels import label_summary
 from maga_tasks.quality.suites import input_checks, output_document_checks, output_row_checks, output_shard_checks
 from maga_tasks.recipe import Recipe
 
@@ -42,8 +44,10 @@ class QualityReport:
     success: bool
     statistics: dict
     failed: list[dict] = field(default_factory=list)  # suite, check, expectation, column, observed
-    docs_uri: str | None = None
+    docs_uri: str | None = None  # what exists to read: the Data Docs index, else `result_uri`
     labels: dict = field(default_factory=dict)  # output gate: top genres/audiences
+    result_uri: str | None = None  # the compact JSON result (every shard)
+    data_docs_uri: str | None = None  # the Data Docs index (failed and sampled shards only)
 
     @property
     def failed_names(self) -> list[str]:
@@ -74,15 +78,16 @@ def validate_input(
     *,
     columns: SourceColumns = DEFAULT_COLUMNS,
     s3_endpoint_url: str | None = None,
+    data_docs_sample_rate: float = DATA_DOCS_SAMPLE_RATE,
 ) -> QualityReport:
     """Input gate over a source shard. Raises `ShardInputError` if it cannot be read."""
     frame = read_source_frame(source_uri, columns, s3_endpoint_url)
     _, gxe = import_gx()
-    statistics, failed, docs_uri = run_gate(
-        "input", paths, [("source", frame, input_checks(gxe, recipe, columns))], s3_endpoint_url
+    run = run_gate(
+        "input", paths, [("source", frame, input_checks(gxe, recipe, columns))], s3_endpoint_url,
+        data_docs_sample_rate=data_docs_sample_rate, facts={"documents": len(frame)},
     )
-    statistics["documents"] = len(frame)
-    report = QualityReport("input", paths.shard, not failed, statistics, failed, docs_uri)
+    report = _report("input", paths, run)
     _log_report(report)
     return report
 
@@ -93,6 +98,7 @@ def validate_output(
     *,
     result: ShardFigures | None = None,
     s3_endpoint_url: str | None = None,
+    data_docs_sample_rate: float = DATA_DOCS_SAMPLE_RATE,
 ) -> QualityReport:
     """Output gate over a committed shard (`load_committed`). With the `ShardResult` of
     the expansion (or other figures), the files must also hold the documents it reported."""
@@ -108,16 +114,20 @@ def validate_output(
         ("documents", committed.documents(), output_document_checks(gxe, recipe, result)),
         ("shard", shard_frame, output_shard_checks(gxe, recipe)),
     ]
-    statistics, failed, docs_uri = run_gate("output", paths, suites, s3_endpoint_url)
-    statistics["figures"] = figures.to_dict()
-    statistics["checksum"] = committed.checksum
+    facts = {"figures": figures.to_dict(), "checksum": committed.checksum}
     if result is not None:
-        statistics["result_expansion_ratio"] = result.expansion_ratio
-    report = QualityReport(
-        "output", paths.shard, not failed, statistics, failed, docs_uri, label_summary(committed.rows)
-    )
+        facts["result_expansion_ratio"] = result.expansion_ratio
+    run = run_gate("output", paths, suites, s3_endpoint_url, data_docs_sample_rate=data_docs_sample_rate, facts=facts)
+    report = _report("output", paths, run, committed.labels)
     _log_report(report)
     return report
+
+
+def _report(gate: str, paths: ShardPaths, run: GateRun, labels: dict | None = None) -> QualityReport:
+    return QualityReport(
+        gate, paths.shard, not run.failed, run.statistics, run.failed, run.docs_uri, labels or {},
+        result_uri=run.result_uri, data_docs_uri=run.data_docs_uri,
+    )
 
 
 def _log_report(report: QualityReport) -> None:

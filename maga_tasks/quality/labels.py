@@ -28,19 +28,48 @@ def short_label(description: str | None, words: int = 6) -> str:
     return " ".join(tokens[:words]) or "(none)"
 
 
+class LabelTally:
+    """Counts the genre and audience labels of accepted rows batch by batch, so a
+    shard's descriptions are never held whole."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.labels = {"genres": Counter(), "audiences": Counter()}
+        self.present = {"genres": False, "audiences": False}
+        self.pair_index: Counter = Counter()
+
+    def add(self, columns: dict[str, list]) -> None:
+        """One batch of rows, as lists by column name (`genre`, `audience`, `pair_index`)."""
+        count = len(next(iter(columns.values()))) if columns else 0
+        self.rows += count
+        for column, key in (("genre", "genres"), ("audience", "audiences")):
+            if column in columns:
+                self.present[key] = True
+                self.labels[key].update(short_label(v if isinstance(v, str) else None) for v in columns[column])
+        if "pair_index" in columns:
+            self.pair_index.update(columns["pair_index"])
+
+    def summary(self, top: int = 10) -> dict:
+        """Top genre and audience labels, for the registry."""
+        out: dict[str, Any] = {"rows": self.rows}
+        for key, labels in self.labels.items():
+            if not self.present[key] or not self.rows:
+                out[key], out[f"distinct_{key}"] = [], 0
+                continue
+            out[key] = [[label, count] for label, count in labels.most_common(top)]
+            out[f"distinct_{key}"] = len(labels)
+        if self.pair_index and self.rows:
+            out["pair_index"] = {str(k): int(v) for k, v in sorted(self.pair_index.items())}
+        return out
+
+
 def label_summary(rows: pd.DataFrame, top: int = 10) -> dict:
-    """Top genre and audience labels of a shard's accepted rows, for the registry."""
-    out: dict[str, Any] = {"rows": len(rows)}
-    for column, key in (("genre", "genres"), ("audience", "audiences")):
-        if column not in rows or not len(rows):
-            out[key], out[f"distinct_{key}"] = [], 0
-            continue
-        labels = Counter(short_label(value if isinstance(value, str) else None) for value in rows[column])
-        out[key] = [[label, count] for label, count in labels.most_common(top)]
-        out[f"distinct_{key}"] = len(labels)
-    if "pair_index" in rows and len(rows):
-        out["pair_index"] = {str(k): int(v) for k, v in sorted(rows["pair_index"].value_counts().items())}
-    return out
+    """Top genre and audience labels of a frame of accepted rows, for the registry."""
+    tally = LabelTally()
+    tally.add({c: rows[c].tolist() for c in ("genre", "audience", "pair_index") if c in rows})
+    if not tally.rows:
+        tally.rows = len(rows)
+    return tally.summary(top)
 
 
-__all__ = ["label_summary", "short_label"]
+__all__ = ["LabelTally", "label_summary", "short_label"]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from maga_tasks.data.committed import MEASURED
 from maga_tasks.data.schema import ACCEPTED_FINISH_REASONS, LINEAGE_COLUMNS
 from maga_tasks.data.source import SourceColumns
-from maga_tasks.quality.frames import DEFAULT_COLUMNS, source_length_column
+from maga_tasks.quality.frames import DEFAULT_COLUMNS, MEASURED_LINEAGE, source_length_column
 from maga_tasks.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -54,13 +55,13 @@ def output_row_checks(gxe, recipe: Recipe, shard: str) -> list:
     checks = [
         _expectation(gxe, "ExpectTableColumnsToMatchSet", "output_columns",
                      "the data file has every lineage column",
-                     column_set=[c if c != "text" else "text_chars" for c in LINEAGE_COLUMNS], exact_match=False),
+                     column_set=list(MEASURED_LINEAGE), exact_match=False),
     ]
     for column in LINEAGE_COLUMNS:
         checks.append(
             _expectation(gxe, "ExpectColumnValuesToNotBeNull", f"lineage_not_null_{column}",
                          f"every accepted row has a {column}",
-                         column="text_chars" if column == "text" else column)
+                         column=MEASURED.get(column, column))
         )
     coverage = recipe.cleaning.min_keyword_coverage
     checks += [

@@ -55,6 +55,17 @@ def airflow_task_of(owner: str | None) -> dict | None:
     return task
 
 
+def report_link(uri: str | None) -> dict | None:
+    """A quality result's link for the page: its kind ("data_docs" for a Data Docs
+    site, "json" for a compact result) and an href a browser can follow (`file://`
+    for a local path; an `s3://` URI stays as it is, for the S3 console or CLI)."""
+    if not uri:
+        return None
+    kind = "data_docs" if uri.endswith(".html") else "json" if uri.endswith(".json") else "other"
+    href = uri if "://" in uri else "file://" + quote(uri)
+    return {"kind": kind, "label": {"data_docs": "Data Docs", "json": "result JSON"}.get(kind, "report"), "href": href}
+
+
 def _last_owner(events: list[dict]) -> str | None:
     return events[-1]["owner"] if events else None
 
@@ -73,6 +84,8 @@ def _quality_summary(results: list[dict]) -> dict | None:
             "failed": result.get("failed"),
             "failed_expectations": result.get("failed_expectations") or [],
             "docs_uri": result.get("docs_uri"),
+            # What to open: the Data Docs site when the gate wrote one, else its JSON.
+            "report": report_link(result.get("docs_uri")),
             "created_at": result.get("created_at"),
             # The judge's headline figure: share of sampled rewrites scoring >= 3.
             "pass_share": (result.get("statistics") or {}).get("pass_share") if suite == "judge" else None,

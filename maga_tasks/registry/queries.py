@@ -252,6 +252,14 @@ def shards(
     return text(sql), params
 
 
+# Start of the registering try and its registration, most recently registered first.
+RECENT_REGISTERED_TIMES = text(
+    "SELECT started_at, registered_at FROM shards"
+    " WHERE recipe_id = :rid AND status = 'registered' AND started_at IS NOT NULL AND registered_at IS NOT NULL"
+    " ORDER BY registered_at DESC LIMIT :limit"
+)
+
+
 def status_counts(recipe_id: str | None) -> tuple[TextClause, dict]:
     """(status, shards) of every status in use."""
     where, params = _filters(recipe_id=recipe_id)

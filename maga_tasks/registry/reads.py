@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy.sql.elements import TextClause
 
@@ -116,6 +117,21 @@ class RegistryReads:
             retried=frozenset(shard for tries, _, shard in pending if tries),
             **left_out,
         )
+
+    def recent_shard_seconds(self, recipe_id: str, limit: int = 50) -> list[float]:
+        """Wall seconds of the `limit` most recently registered shards of a recipe, newest
+        first: from the start of the try that registered each (its lease) to its
+        registration, so expansion, gates and register together, as a shard task's slot
+        is held. A shard registered by hand (`maga register-shard`) counts from its last
+        lease: an outlier, which a median over them leaves out."""
+        with self.db.read() as conn:
+            rows = conn.execute(queries.RECENT_REGISTERED_TIMES, {"rid": recipe_id, "limit": int(limit)}).all()
+        seconds = []
+        for started_at, registered_at in rows:
+            elapsed = (datetime.fromisoformat(registered_at) - datetime.fromisoformat(started_at)).total_seconds()
+            if elapsed >= 0:  # registered before its last lease: not a try's wall time
+                seconds.append(elapsed)
+        return seconds
 
     def quality_results_of(self, recipe_id: str, shards: list[str]) -> dict[str, list[dict]]:
         """`quality_results` of many shards in one query: shard -> results, oldest first."""

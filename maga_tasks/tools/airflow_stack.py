@@ -1,7 +1,10 @@
-"""Processes of a local Airflow stack, shared by the Airflow tests' fixtures and the
-scale benchmark: free ports, PostgreSQL databases, managed child processes (each in a
-session of its own, stopped by its PID), and the environment that points an isolated
-AIRFLOW_HOME at a metadata database on PostgreSQL.
+"""A local Airflow stack for the scale benchmark: free ports, PostgreSQL databases,
+managed child processes (each in a session of its own, stopped by its PID), the
+environment that points an isolated AIRFLOW_HOME at a metadata database on PostgreSQL,
+and a scheduler + dag-processor + api-server + Celery worker on it.
+
+It follows `tests/airflow_fixtures.py` (written the same way, without pytest); the
+fixtures can import these pieces instead of keeping their own copies.
 """
 
 from __future__ import annotations
@@ -93,15 +96,20 @@ class ManagedProcess:
         except OSError:
             return ""
 
+    def terminate(self) -> None:
+        """SIGTERM the process group we created for it, without waiting."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)  # start_new_session: its own group
+            except ProcessLookupError:
+                pass
+
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM the process group we created for it, then SIGKILL what is left."""
         if self.popen.poll() is not None:
             return
-        pgid = self.popen.pid  # started with start_new_session: its own process group
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
+        pgid = self.popen.pid
+        self.terminate()
         try:
             self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -291,6 +299,9 @@ def new_airflow_env(pool_slots: int = 4) -> AirflowEnv:
 
 
 def remove_airflow_env(af: AirflowEnv) -> None:
+    for process in reversed(af.processes):  # all shut down at once, then each is waited for
+        if hasattr(process, "terminate"):
+            process.terminate()
     for process in reversed(af.processes):
         process.stop()
     drop_pg_database(af.database)

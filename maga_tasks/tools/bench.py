@@ -3,12 +3,13 @@
 Two suites, each figure the median of repeated runs with min and max:
 
 - engine: against one vLLM server, the standard serving benchmark (`vllm bench serve`)
-  replays exactly our request stream (the same prompts in the same order, the same
-  output lengths with EOS ignored, the same sampling: temperature, top_p, seeded) at a
-  fixed max concurrency; then our shard expansion runs over the same documents at that
-  concurrency. Printed: output tokens/s of each
-  and their ratio, requests/s, prefix-cache hit rate from /metrics deltas, client CPU
-  seconds per 1,000 requests, peak RSS.
+  replays exactly the request stream a first expansion recorded (`tools.replay`: every
+  pairs call and rewrite, the same prompt tokens in the order answered, the same output
+  lengths with EOS ignored, sampled like our rewrites) at a fixed max concurrency; then
+  our shard expansion runs over the same documents with that ceiling. Printed: output
+  tokens/s of each and their ratio, requests/s, prefix-cache hit rate from /metrics
+  deltas, client CPU seconds per 1,000 requests, peak RSS, and apart the cost of the
+  pairs calls' grammar (the replay cannot carry it).
 - client: against the test LLM server at zero latency, server and client pinned to
   different cores: requests/s the client sustains on one core, and peak RSS expanding a
   small and a ten times larger shard.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from maga_tasks.recipe import builtin_recipe_path, load_recipe
+from maga_tasks.tools.replay import engine_dataset, read_request_log, structured_output_cost
 from maga_tasks.tools.test_server_process import TestServerProcess
 
 log = logging.getLogger(__name__)
@@ -121,6 +125,7 @@ def _child(argv: list[str]) -> int:
     parser.add_argument("--served-model")
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--cpu", type=int, help="pin this process to one core")
+    parser.add_argument("--request-log", help="record every answered request here (the stream to replay)")
     args = parser.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
@@ -130,7 +135,7 @@ def _child(argv: list[str]) -> int:
     recipe = load_recipe(args.recipe, tokenizer=args.tokenizer)
     settings = RunSettings(
         endpoints=(args.endpoint,), max_concurrency=args.concurrency, served_model=args.served_model,
-        progress_interval_s=60, request_timeout_s=600,
+        progress_interval_s=60, request_timeout_s=600, request_log=args.request_log,
     )
     cpu_before, started = time.process_time(), time.perf_counter()
     result = expand_shard(args.shard, args.output_root, recipe, settings)
@@ -152,12 +157,12 @@ def _child(argv: list[str]) -> int:
 
 def measure_expansion(shard: Path, endpoint: str, concurrency: int, *, recipe: str | None = None,
                       tokenizer: str | None = None, served_model: str | None = None, cpu: int | None = None,
-                      output_root: Path | None = None) -> dict:
+                      output_root: Path | None = None, request_log: Path | None = None) -> dict:
     output_root = output_root or Path(tempfile.mkdtemp(prefix="maga-bench-out-"))
     command = [sys.executable, "-m", "maga_tasks.tools.bench", "_child", str(shard), str(output_root),
                "--endpoint", endpoint, "--concurrency", str(concurrency)]
     for flag, value in (("--recipe", recipe), ("--tokenizer", tokenizer), ("--served-model", served_model),
-                        ("--cpu", cpu)):
+                        ("--cpu", cpu), ("--request-log", request_log)):
         if value is not None:
             command += [flag, str(value)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
@@ -169,64 +174,28 @@ def measure_expansion(shard: Path, endpoint: str, concurrency: int, *, recipe: s
 # -- the engine's own limit: vllm bench serve replaying our requests -----------------
 
 
-def replay_dataset(shard: Path, measured: dict, recipe_path: str | None, out: Path) -> tuple[Path, int]:
-    """Our request stream as a `vllm bench serve` custom dataset, in our order.
-
-    Per document: the pairs request, then one rewrite request per pair, with the
-    output lengths our run produced. Prompts are the chat messages flattened to text
-    (the benchmark sends each as one user message).
-    """
-    from maga_tasks.method.prompts import pairs_messages, rewrite_messages
-
-    recipe = load_recipe(recipe_path)
-    texts = {r["id"]: r["text"] for r in pq.read_table(shard, columns=["id", "text"]).to_pylist()}
-    columns = ["source_id", "pair_index", "genre", "audience", "completion_tokens", "pairs_completion_tokens"]
-    rows = pq.read_table(measured["data_uri"], columns=columns).to_pylist()
-    rows += pq.read_table(measured["rejected_uri"], columns=columns).to_pylist()
-    by_doc: dict[str, list[dict]] = {}
-    for row in rows:
-        by_doc.setdefault(row["source_id"], []).append(row)
-
-    def flat(messages) -> str:
-        return "\n\n".join(m["content"] for m in messages)
-
-    count = 0
-    with open(out, "w", encoding="utf-8") as handle:
-        for source_id, doc_rows in by_doc.items():
-            doc_rows.sort(key=lambda r: r["pair_index"])
-            text = texts[source_id]
-            pairs_tokens = sum(r["pairs_completion_tokens"] for r in doc_rows)
-            requests = [(flat(pairs_messages(recipe, text)), pairs_tokens)]
-            requests += [
-                (flat(rewrite_messages(recipe, text, r["genre"], r["audience"])), r["completion_tokens"])
-                for r in doc_rows if r["genre"] is not None
-            ]
-            for prompt, tokens in requests:
-                if tokens > 0:
-                    handle.write(json.dumps({"prompt": prompt, "output_tokens": int(tokens)}) + "\n")
-                    count += 1
-    return out, count
-
-
 def vllm_bench_serve(url: str, model: str, tokenizer: str, dataset: Path, num_prompts: int, concurrency: int,
-                     vllm_python: Path, temperature: float, top_p: float) -> dict:
-    """The standard serving benchmark over our request stream, sampled like ours.
+                     vllm_python: Path, sampling) -> dict:
+    """The standard serving benchmark over our request stream, sampled like our rewrites.
 
-    Same temperature and top_p, and seeded requests (a fixed seed: vLLM then takes the
-    per-request generator path our seeded requests take). Not replayed: the pairs
-    calls' structured-output grammar.
+    Same temperature, top_p and frequency penalty, and seeded requests (a fixed seed:
+    vLLM then takes the per-request generator path our seeded requests take). Prompts
+    go to the completions API with the chat template already applied, so the server
+    sees the tokens our chat requests gave it. Not replayed: the pairs calls' grammar
+    (`replay.structured_output_cost` measures it).
     """
     result_dir = Path(tempfile.mkdtemp(prefix="maga-vllm-bench-"))
     command = [
         str(vllm_python), str(REPO / "scripts" / "vllm_bench_serve.py"),
-        "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", url,
+        "--backend", "openai", "--endpoint", "/v1/completions", "--base-url", url,
         "--model", model, "--tokenizer", tokenizer,
         "--dataset-name", "custom", "--dataset-path", str(dataset), "--custom-output-len", "-1",
         "--skip-chat-template",
         "--disable-shuffle", "--no-oversample", "--num-prompts", str(num_prompts),
-        "--max-concurrency", str(concurrency), "--ignore-eos", "--temperature", str(temperature),
-        "--top-p", str(top_p), "--extra-body", json.dumps({"seed": 0}),
+        "--max-concurrency", str(concurrency), "--ignore-eos", "--temperature", str(sampling.temperature),
+        "--top-p", str(sampling.top_p), "--extra-body", json.dumps({"seed": 0}),
         "--num-warmups", "0", "--disable-tqdm",
+        *(["--frequency-penalty", str(sampling.frequency_penalty)] if sampling.frequency_penalty else []),
         "--save-result", "--result-dir", str(result_dir), "--result-filename", "result.json",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -256,16 +225,16 @@ def engine_suite(args, figures: Figures) -> dict:
     sampling = load_recipe(recipe_path).rewrite.sampling
     work = Path(tempfile.mkdtemp(prefix="maga-bench-engine-"))
     shard = write_bench_shard(work / "engine" / "part-0000.parquet", args.engine_docs)
+    vllm_python = Path(args.vllm_python or default_vllm_python())
     try:
-        # A first run warms the server and gives the request stream to replay.
-        warm = measure_expansion(shard, url, args.concurrency, recipe=recipe_path, tokenizer=tokenizer,
-                                 served_model=served, output_root=work / "warm")
-        dataset, prompts = replay_dataset(shard, warm, recipe_path, work / "replay.jsonl")
+        # A first run warms the server and records the request stream to replay.
+        measure_expansion(shard, url, args.concurrency, recipe=recipe_path, tokenizer=tokenizer,
+                          served_model=served, output_root=work / "warm", request_log=work / "requests.jsonl")
+        records = read_request_log(work / "requests.jsonl")
+        dataset, prompts, prompt_tokens = engine_dataset(records, tokenizer, work / "replay.jsonl")
         for repeat in range(args.repeats):
             before = read_metrics(url)
-            engine = vllm_bench_serve(url, served, tokenizer, dataset, prompts, args.concurrency,
-                                      Path(args.vllm_python or default_vllm_python()), sampling.temperature,
-                                      sampling.top_p)
+            engine = vllm_bench_serve(url, served, tokenizer, dataset, prompts, args.concurrency, vllm_python, sampling)
             middle = read_metrics(url)
             ours = measure_expansion(shard, url, args.concurrency, recipe=recipe_path, tokenizer=tokenizer,
                                      served_model=served, output_root=work / f"run-{repeat}")
@@ -276,12 +245,19 @@ def engine_suite(args, figures: Figures) -> dict:
             figures.add("pipeline / engine throughput ratio", ours_tps / engine["output_throughput"], "x")
             figures.add("engine requests/s", engine["request_throughput"], "req/s")
             figures.add("pipeline requests/s", ours["requests"] / ours["seconds"], "req/s")
+            figures.add("replayed / recorded prompt tokens", engine["total_input_tokens"] / max(1, prompt_tokens), "x")
             figures.add("engine prefix-cache hit rate", prefix_cache_hit_rate(before, middle), "share")
             figures.add("pipeline prefix-cache hit rate", prefix_cache_hit_rate(middle, after), "share")
             figures.add("pipeline client CPU s per 1,000 requests", 1000 * ours["cpu_seconds"] / max(1, ours["requests"]), "s")
             figures.add("pipeline peak RSS", ours["peak_rss_mb"], "MiB")
             log.info("engine run %d: engine %.1f tok/s, pipeline %.1f tok/s", repeat + 1,
                      engine["output_throughput"], ours_tps)
+            cost = structured_output_cost(url, records, args.concurrency, os.environ.get("MAGA_API_KEY"))
+            if cost is not None:
+                figures.add("pairs calls with grammar: output tokens/s", cost["with_grammar_tps"], "tok/s")
+                figures.add("pairs calls without grammar: output tokens/s", cost["without_grammar_tps"], "tok/s")
+                figures.add("grammar cost: pairs time with / without", cost["with_grammar_s"] / cost["without_grammar_s"], "x")
+                figures.add("pairs calls' share of output tokens", cost["pairs_output_share"], "share")
     finally:
         if server is not None:
             server.stop()
@@ -327,6 +303,9 @@ def _fleet_child(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--request-timeout", type=float, default=5.0)
     parser.add_argument("--interval", type=float, default=0.5, help="adaptive_interval_s")
+    parser.add_argument("--recipe", help="recipe whose rewrite prompt and sampling the requests use")
+    parser.add_argument("--served-model")
+    parser.add_argument("--max-tokens", type=int, help="cap the rewrite's max_tokens (short requests)")
     args = parser.parse_args(argv)
     print(json.dumps(asyncio.run(_drive_fleet_client(args))))
     return 0
@@ -341,10 +320,14 @@ async def _drive_fleet_client(args) -> dict:
     from maga_tasks.method.prompts import rewrite_messages
     from maga_tasks.settings import RunSettings
 
-    recipe = load_recipe()
+    recipe = load_recipe(args.recipe)
+    sampling = recipe.rewrite.sampling
+    if args.max_tokens:
+        sampling = sampling.model_copy(update={"max_tokens": args.max_tokens})
     texts = [a["text"] for a in wikipedia_summaries()[:64]]
     settings = RunSettings(
-        endpoints=(args.endpoint,), max_concurrency=args.concurrency, adaptive_concurrency=not args.fixed,
+        endpoints=(args.endpoint,), served_model=args.served_model, api_key=os.environ.get("MAGA_API_KEY") or None,
+        max_concurrency=args.concurrency, adaptive_concurrency=not args.fixed,
         adaptive_interval_s=args.interval, request_timeout_s=args.request_timeout,
         max_attempts=1,  # every timeout is counted once, not hidden by a retry
     )
@@ -360,7 +343,7 @@ async def _drive_fleet_client(args) -> dict:
                 try:
                     completion = await client.chat(
                         rewrite_messages(recipe, texts[(worker + n) % len(texts)], "A short tutorial.", "Students."),
-                        recipe.rewrite.sampling, request_id=f"{args.name}w{worker}n{n}/rewrite/0",
+                        sampling, request_id=f"{args.name}w{worker}n{n}/rewrite/0",
                     )
                 except (RequestFailed, MagaError) as error:
                     errors[getattr(error, "reason", type(error).__name__)] += 1
@@ -394,13 +377,16 @@ async def _drive_fleet_client(args) -> dict:
 
 
 def run_fleet_clients(url: str, clients: int, *, fixed: bool, concurrency: int = 128, seconds: float = 10.0,
-                      request_timeout: float = 5.0, interval: float = 0.5, midway=None) -> list[dict]:
+                      request_timeout: float = 5.0, interval: float = 0.5, midway=None,
+                      extra: tuple[str, ...] = ()) -> list[dict]:
     """Start `clients` fleet clients (processes) on `url` at once, wait, return their
     reports. `midway`, when given, is called halfway through (e.g. to reset the
-    server's peaks, so the second half can be judged alone)."""
+    server's peaks, so the second half can be judged alone); `extra` are more
+    `_fleet_child` options (recipe, served model, max tokens)."""
     command = [sys.executable, "-m", "maga_tasks.tools.bench", "_fleet_child", "--endpoint", url,
                "--concurrency", str(concurrency), "--seconds", str(seconds),
-               "--request-timeout", str(request_timeout), "--interval", str(interval)] + (["--fixed"] if fixed else [])
+               "--request-timeout", str(request_timeout), "--interval", str(interval),
+               *extra] + (["--fixed"] if fixed else [])
     children = [subprocess.Popen(command + ["--name", f"c{i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, cwd=REPO) for i in range(clients)]
     if midway is not None:
@@ -423,17 +409,63 @@ def percentile(values: list[float], share: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
+class QueueSampler:
+    """The server's running and waiting requests, read from /metrics every `interval`
+    seconds on a thread: the queue over time, for either kind of server."""
+
+    def __init__(self, url: str, interval: float = 1.0):
+        self.url, self.interval, self.samples = url, interval, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from maga_tasks.llm.vllm_local import read_metrics
+
+        started = time.monotonic()
+        while not self._stop.wait(self.interval):
+            try:
+                metrics = read_metrics(self.url, timeout=5, api_key=os.environ.get("MAGA_API_KEY") or None)
+            except Exception:  # a busy server may miss a read; the series shows the gap
+                continue
+            self.samples.append((round(time.monotonic() - started, 1), int(metrics.get("vllm:num_requests_running", 0)),
+                                 int(metrics.get("vllm:num_requests_waiting", 0))))
+
+    def __enter__(self) -> "QueueSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def fleet_suite(args, figures: Figures) -> dict:
+    """Against `--endpoint` (a real vLLM server) when given, else a capacity-limited
+    test server started here."""
     work = Path(tempfile.mkdtemp(prefix="maga-bench-fleet-"))
-    throughput = {}
-    with TestServerProcess(max_running=args.fleet_max_running, latency_ms=args.fleet_latency_ms, log_dir=work) as server:
+    extra = []
+    for flag, value in (("--recipe", args.recipe), ("--served-model", args.served_model),
+                        ("--max-tokens", args.fleet_max_tokens)):
+        if value:
+            extra += [flag, str(value)]
+    throughput, queues = {}, {}
+    with contextlib.ExitStack() as stack:
+        if args.endpoint:
+            url, server = args.endpoint, None
+        else:
+            server = stack.enter_context(TestServerProcess(
+                max_running=args.fleet_max_running, latency_ms=args.fleet_latency_ms, log_dir=work))
+            url = server.url
         for repeat in range(args.repeats):
             for mode in ("fixed", "adaptive"):
-                server.reset()
-                reports = run_fleet_clients(server.url, args.fleet_clients, fixed=mode == "fixed",
-                                            concurrency=args.fleet_concurrency, seconds=args.fleet_seconds,
-                                            request_timeout=args.fleet_request_timeout)
-                stats = server.stats()
+                if server is not None:
+                    server.reset()
+                with QueueSampler(url, interval=0.5 if server else 2.0) as sampler:
+                    reports = run_fleet_clients(url, args.fleet_clients, fixed=mode == "fixed",
+                                                concurrency=args.fleet_concurrency, seconds=args.fleet_seconds,
+                                                request_timeout=args.fleet_request_timeout, extra=tuple(extra))
+                queues[f"{mode}-{repeat}"] = sampler.samples
+                waiting = [w for _, _, w in sampler.samples]
                 calls = [x for r in reports for x in r["call_latencies"]]
                 exchanges = [x for r in reports for x in r["exchange_latencies"]]
                 throughput[mode] = sum(r["completion_tokens"] / r["seconds"] for r in reports)
@@ -443,15 +475,19 @@ def fleet_suite(args, figures: Figures) -> dict:
                 figures.add(f"{mode}: p50 latency, whole call", percentile(calls, 0.5), "s")
                 figures.add(f"{mode}: p99 latency, whole call", percentile(calls, 0.99), "s")
                 figures.add(f"{mode}: timeouts (all clients)", sum(r["timeouts"] for r in reports), "requests")
-                figures.add(f"{mode}: max server waiting queue", stats["max_waiting"], "requests")
+                figures.add(f"{mode}: max server waiting queue", max(waiting, default=0), "requests")
+                figures.add(f"{mode}: median server waiting queue", percentile(waiting, 0.5), "requests")
                 done = [r["completed"] for r in reports]
                 figures.add(f"{mode}: client share spread (max/min completed)", max(done) / max(1, min(done)), "x")
                 log.info("fleet %s run %d: %.0f tok/s, %d timeouts, max waiting %d", mode, repeat + 1,
-                         throughput[mode], sum(r["timeouts"] for r in reports), stats["max_waiting"])
+                         throughput[mode], sum(r["timeouts"] for r in reports), max(waiting, default=0))
             figures.add("output tokens/s ratio adaptive / fixed", throughput["adaptive"] / max(throughput["fixed"], 1e-9), "x")
-    return {"clients": args.fleet_clients, "cap_per_client": args.fleet_concurrency,
-            "server_max_running": args.fleet_max_running, "server_latency_ms": args.fleet_latency_ms,
-            "seconds": args.fleet_seconds, "request_timeout_s": args.fleet_request_timeout}
+    setup = {"clients": args.fleet_clients, "cap_per_client": args.fleet_concurrency,
+             "seconds": args.fleet_seconds, "request_timeout_s": args.fleet_request_timeout,
+             "queue_over_time": {"columns": ["s", "running", "waiting"], **queues}}
+    if server is None:
+        return {**setup, "endpoint": url, "served_model": args.served_model, "max_tokens": args.fleet_max_tokens}
+    return {**setup, "server_max_running": args.fleet_max_running, "server_latency_ms": args.fleet_latency_ms}
 
 
 # -- command ---------------------------------------------------------------------------
@@ -486,6 +522,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fleet-latency-ms", type=float, default=100.0, help="fleet suite: server latency")
     parser.add_argument("--fleet-seconds", type=float, default=12.0, help="fleet suite: seconds per mode")
     parser.add_argument("--fleet-request-timeout", type=float, default=3.0, help="fleet suite: request timeout")
+    parser.add_argument("--fleet-max-tokens", type=int, help="fleet suite: cap each rewrite's max_tokens")
     add_scale_arguments(parser)
 
 
@@ -503,12 +540,13 @@ def run(args) -> dict:
     if args.short:
         args.repeats, args.engine_docs, args.client_docs = 1, min(args.engine_docs, 12), min(args.client_docs, 200)
         args.concurrency = min(args.concurrency, 8)
+        args.fleet_seconds = min(args.fleet_seconds, 6.0)
     report: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "short": args.short}
     tables = []
     for suite, runner, title in (
         ("engine", engine_suite, "Pipeline vs engine (vLLM)"),
         ("client", client_suite, "Client overhead (test LLM server, zero latency)"),
-        ("fleet", fleet_suite, "Shared fleet: fixed cap vs adaptive concurrency (capacity-limited test server)"),
+        ("fleet", fleet_suite, "Shared fleet: fixed cap vs adaptive concurrency"),
     ):
         if args.suite == suite or (args.suite == "all" and suite != "fleet"):
             figures = Figures()
@@ -516,6 +554,8 @@ def run(args) -> dict:
             report[suite] = {"setup": setup, "figures": figures.as_dict()}
             if "served_model" in setup:
                 title += f", {setup['served_model']}"
+            elif suite == "fleet":
+                title += f" (test server, {setup['server_max_running']} running at most)"
             tables.append(markdown_table(title, report[suite]["figures"]))
     return write_report(Path(args.out), "bench", report, tables)
 

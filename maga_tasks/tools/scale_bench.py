@@ -11,9 +11,9 @@ Sections, each a table of figures with units (no timing is asserted anywhere):
   worker as the baseline) and double registrations (must be 0).
 - dashboard: the dashboard's overview and `maga status` over a registry of many vs few
   registered shards (seeded with bulk SQL): page time of each and their ratio.
-- memory: the gate + commit path of one already-expanded shard (a synthetic checkpoint
-  with 5 KB rewrites), in a child process each, for many vs few documents: peak RSS
-  (ru_maxrss) and the ratio.
+- memory: commit + output gate of one already-expanded shard (a synthetic checkpoint
+  with 5 KB rewrites; `commit_and_validate`), in a child process each, for many vs few
+  documents: peak RSS (ru_maxrss) and the ratio.
 - airflow: one run of the DAG through a real scheduler + Celery worker over S shards,
   most of them already registered (`maga_tasks.tools.airflow_stack`).
 
@@ -444,19 +444,15 @@ def synthesize_expanded_shard(work: Path, recipe, documents: int) -> str:
     return str(source)
 
 
-def gate_and_commit(source_uri: str, output_root: str, recipe, endpoint: str, registry_url: str) -> dict:
-    """Commit, output gate and registration of an already-expanded shard.
-
-    Until the library has its own call for exactly this, it is `publish_shard`: with
-    every document in the checkpoint it sends no LLM request and goes lease -> input
-    gate -> commit -> output gate -> register. The one place to switch."""
-    from maga_tasks.engine.publish import publish_shard
-    from maga_tasks.settings import RunSettings
+def gate_and_commit(source_uri: str, output_root: str, recipe, registry_url: str):
+    """Commit and output gate of an already-expanded shard (`commit_and_validate`: its
+    checkpoint to `data/`, `rejected/`, `magacorpus/`, then the gate, its result recorded
+    in the registry); no lease, no LLM. The one call the memory section measures."""
+    from maga_tasks.engine.publish import commit_and_validate
 
     registry = open_registry(registry_url)
-    settings = RunSettings(endpoints=(endpoint,), progress_interval_s=600)
     try:
-        return publish_shard(source_uri, output_root, recipe, settings, registry, owner=f"scale-bench:{os.getpid()}")
+        return commit_and_validate(source_uri, output_root, recipe, registry=registry)
     finally:
         registry.close()
 
@@ -465,45 +461,41 @@ def _gate_child(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("source")
     parser.add_argument("output_root")
-    parser.add_argument("--endpoint", required=True)
     parser.add_argument("--registry", required=True)
     args = parser.parse_args(argv)
     from maga_tasks.recipe import load_recipe
 
     started = time.perf_counter()
-    summary = gate_and_commit(args.source, args.output_root, load_recipe(), args.endpoint, args.registry)
-    print(json.dumps({"seconds": time.perf_counter() - started, "status": summary.get("status"), "reason": summary.get("reason"),
-                      "requests": summary.get("requests"),
+    report = gate_and_commit(args.source, args.output_root, load_recipe(), args.registry)
+    print(json.dumps({"seconds": time.perf_counter() - started,
+                      "status": "passed" if report.success else "failed", "reason": None if report.success else report.reason(),
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
     return 0
 
 
 def memory_suite(sizes: dict, db: BenchDatabase, work: Path, figures: Figures) -> dict:
     from maga_tasks.recipe import load_recipe
-    from maga_tasks.tools.test_server_process import TestServerProcess
 
     recipe = load_recipe()
     runs = {}
-    with TestServerProcess(log_dir=work) as server:
-        for documents in sizes["docs"]:
-            folder = work / f"gate-{documents}"
-            source = synthesize_expanded_shard(folder, recipe, documents)
-            done = subprocess.run(
-                [sys.executable, "-m", "maga_tasks.tools.scale_bench", "_gate_child", source, str(folder / "out"),
-                 "--endpoint", server.url, "--registry", db.schema_url("gate")],
-                capture_output=True, text=True, cwd=REPO, timeout=3600, check=False,
-            )
-            if done.returncode != 0:
-                raise RuntimeError(f"gate+commit child failed: {done.stderr.strip()[-3000:]}")
-            runs[documents] = json.loads(done.stdout.strip().splitlines()[-1])
-            figures.add(f"gate+commit peak RSS, {documents:,} documents", runs[documents]["peak_rss_mb"], "MiB")
-            figures.add(f"gate+commit time, {documents:,} documents", runs[documents]["seconds"], "s")
+    for documents in sizes["docs"]:
+        folder = work / f"gate-{documents}"
+        source = synthesize_expanded_shard(folder, recipe, documents)
+        done = subprocess.run(
+            [sys.executable, "-m", "maga_tasks.tools.scale_bench", "_gate_child", source, str(folder / "out"),
+             "--registry", db.schema_url("gate")],
+            capture_output=True, text=True, cwd=REPO, timeout=3600, check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"gate+commit child failed: {done.stderr.strip()[-3000:]}")
+        runs[documents] = json.loads(done.stdout.strip().splitlines()[-1])
+        figures.add(f"gate+commit peak RSS, {documents:,} documents", runs[documents]["peak_rss_mb"], "MiB")
+        figures.add(f"gate+commit time, {documents:,} documents", runs[documents]["seconds"], "s")
     few, many = sizes["docs"]
     figures.add(f"gate+commit peak RSS ratio, {many:,} / {few:,} documents",
                 runs[many]["peak_rss_mb"] / runs[few]["peak_rss_mb"], "x (mark <= 1.3)")
     return {"documents": list(sizes["docs"]), "rewrite_chars": REWRITE_CHARS, "pairs_per_document": recipe.pairs_per_document,
-            "outcome": {str(d): r["status"] + (f" ({r['reason']})" if r.get("reason") else "") for d, r in runs.items()},
-            "llm_requests": {str(d): r["requests"] for d, r in runs.items()}}
+            "outcome": {str(d): r["status"] + (f" ({r['reason']})" if r.get("reason") else "") for d, r in runs.items()}}
 
 
 # -- one Airflow run through the scheduler and Celery ---------------------------------
