@@ -29,7 +29,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,13 @@ from pathlib import Path
 
 import pytest
 
+from maga_tasks.tools.airflow_stack import (  # shared with the scale benchmark
+    create_pg_database,
+    drop_pg_database,
+    free_port,
+    http_json,
+    pg_url,
+)
 from maga_tasks.tools.test_server_process import TestServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,12 +78,6 @@ WORKER_LLM_LATENCY_MS = 150
 STACK_HEARTBEAT_TIMEOUT_S = 15
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
     """Poll `predicate` until it returns a truthy value; fail the test on timeout."""
     deadline = time.monotonic() + timeout
@@ -90,52 +90,7 @@ def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "cond
         time.sleep(interval)
 
 
-def http_json(url: str, *, method: str = "GET", body: dict | None = None, token: str | None = None, timeout: float = 10):
-    """(status, parsed JSON or text) of one HTTP request; never raises on 4xx/5xx."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, raw = response.status, response.read()
-    except urllib.error.HTTPError as error:
-        status, raw = error.code, error.read()
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw.decode(errors="replace")
-
-
 # -- PostgreSQL databases -------------------------------------------------------------
-
-
-def _pg_admin(sql: str) -> None:
-    import psycopg
-
-    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True) as conn:
-        conn.execute(sql)
-
-
-def create_pg_database(prefix: str) -> str:
-    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
-    _pg_admin(f'CREATE DATABASE "{name}"')
-    return name
-
-
-def drop_pg_database(name: str) -> None:
-    import psycopg
-
-    try:
-        _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    except psycopg.Error as error:  # cleanup must not hide the test's own result
-        print(f"could not drop database {name}: {error}", file=sys.stderr)
-
-
-def pg_url(dbname: str, driver: str = "postgresql") -> str:
-    return f"{driver}://{PG_USER}@{PG_HOST}:{PG_PORT}/{dbname}"
 
 
 @pytest.fixture

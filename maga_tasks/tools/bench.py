@@ -494,6 +494,8 @@ def fleet_suite(args, figures: Figures) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from maga_tasks.tools.scale_bench import add_arguments as add_scale_arguments
+
     parser.add_argument("--short", action="store_true", help="small sizes and one repeat (CI)")
     parser.add_argument("--suite", choices=["all", "engine", "client", "quality", "fleet"], default="all",
                         help="quality: the real-model quality report; fleet: shared-server clients, fixed"
@@ -521,9 +523,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fleet-seconds", type=float, default=12.0, help="fleet suite: seconds per mode")
     parser.add_argument("--fleet-request-timeout", type=float, default=3.0, help="fleet suite: request timeout")
     parser.add_argument("--fleet-max-tokens", type=int, help="fleet suite: cap each rewrite's max_tokens")
+    add_scale_arguments(parser)
 
 
 def run(args) -> dict:
+    if args.scale:
+        from maga_tasks.tools.scale_bench import run_scale
+
+        return run_scale(args)
     if args.suite == "quality":
         from maga_tasks.tools.quality_report import markdown, run_quality
 
@@ -550,12 +557,16 @@ def run(args) -> dict:
             elif suite == "fleet":
                 title += f" (test server, {setup['server_max_running']} running at most)"
             tables.append(markdown_table(title, report[suite]["figures"]))
-    out = Path(args.out)
+    return write_report(Path(args.out), "bench", report, tables)
+
+
+def write_report(out: Path, name: str, report: dict, tables: list[str]) -> dict:
+    """`{name}.json` and `{name}.md` (the tables) under `out`; the tables on stderr too."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=2))
-    (out / "bench.md").write_text("\n\n".join(tables) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{name}.md").write_text("\n\n".join(tables) + "\n")
     sys.stderr.write("\n\n".join(tables) + "\n")
-    report["files"] = [str(out / "bench.json"), str(out / "bench.md")]
+    report["files"] = [str(out / f"{name}.json"), str(out / f"{name}.md")]
     return report
 
 
