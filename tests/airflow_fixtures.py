@@ -24,45 +24,41 @@ Every process started here is stopped by its own PID, never by name.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from maga_tasks.tools.airflow_stack import (  # shared with the scale benchmark
+# Shared with the scale benchmark; DAGS_FOLDER, POOL, REPO and http_json are re-exported
+# for the test modules.
+from maga_tasks.tools.airflow_stack import (  # noqa: F401
+    AIRFLOW,
+    DAG_ID,
+    DAGS_FOLDER,
+    POOL,
+    REDIS_HOST,
+    REDIS_PORT,
+    REPO,
+    AirflowEnv,
+    ManagedProcess,
     create_pg_database,
+    dag_serialized,
     drop_pg_database,
     free_port,
     http_json,
+    new_airflow_env,
     pg_url,
+    remove_airflow_env,
+    start_process,
+    wait_for,
 )
 from maga_tasks.tools.test_server_process import TestServerProcess
 
-REPO = Path(__file__).resolve().parent.parent
-DAGS_FOLDER = REPO / "dags"
-PLUGINS_FOLDER = REPO / "plugins"
 ARTIFACTS = REPO / "artifacts"
-DAG_ID = "maga_corpus_expansion"
-POOL = "maga_llm"
-PG_HOST = os.environ.get("MAGA_TEST_PGHOST", "127.0.0.1")
-PG_PORT = int(os.environ.get("MAGA_TEST_PGPORT", "5432"))
-PG_USER = os.environ.get("MAGA_TEST_PGUSER", "postgres")
-REDIS_HOST = os.environ.get("MAGA_TEST_REDIS_HOST", "127.0.0.1")
-REDIS_PORT = int(os.environ.get("MAGA_TEST_REDIS_PORT", "6379"))
-BIN = Path(sys.executable).parent
-AIRFLOW = str(BIN / "airflow")
-ADMIN_USER = "admin"
 # core.max_map_length of the scheduler stack (`airflow_stack`).
 STACK_MAX_MAP_LENGTH = 4
 # The stack's Celery workers: two "machines", two task slots each (4 in all, as the pool).
@@ -78,18 +74,6 @@ WORKER_LLM_LATENCY_MS = 150
 STACK_HEARTBEAT_TIMEOUT_S = 15
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
-    """Poll `predicate` until it returns a truthy value; fail the test on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
 # -- PostgreSQL databases -------------------------------------------------------------
 
 
@@ -101,92 +85,6 @@ def postgres_registry_url():
 
 
 # -- processes ------------------------------------------------------------------------
-
-
-@dataclass
-class ManagedProcess:
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-    log_offset: int = 0  # where its own output starts in the log (a restart appends)
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def kill_machine(self) -> list[int]:
-        """SIGKILL the process and everything it started, at once, as a machine lost.
-
-        Airflow's supervisor puts each task process in a process group of its own, so the
-        group we created is not enough: it is stopped first (no process in it forks a new
-        task), then every descendant and the group are killed. Returns the killed pids.
-        """
-        import psutil
-
-        pgid = self.popen.pid
-        try:
-            os.killpg(pgid, signal.SIGSTOP)
-            descendants = psutil.Process(pgid).children(recursive=True)
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            return []
-        for proc in descendants:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        os.killpg(pgid, signal.SIGKILL)
-        self.popen.wait(timeout=10)
-        psutil.wait_procs(descendants, timeout=10)
-        return [pgid, *(proc.pid for proc in descendants)]
-
-    def terminate(self) -> None:
-        """SIGTERM the process group we created for it, without waiting."""
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.popen.pid, signal.SIGTERM)  # start_new_session: its own group
-            except ProcessLookupError:
-                pass
-
-    def stop(self, timeout: float = 20) -> None:
-        """SIGTERM the process group we created for it, then SIGKILL what is left."""
-        if self.popen.poll() is not None:
-            return
-        pgid = self.popen.pid
-        self.terminate()
-        try:
-            self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def start_process(name: str, argv: list[str], env: dict, log_dir: Path) -> ManagedProcess:
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
-    offset = log_path.stat().st_size if log_path.exists() else 0
-    with open(log_path, "ab") as handle:  # the child keeps its own copy of the descriptor
-        popen = subprocess.Popen(
-            argv,
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=str(log_dir),
-        )
-    return ManagedProcess(name, popen, log_path, offset)
 
 
 # -- the test LLM server --------------------------------------------------------------
@@ -211,64 +109,6 @@ def af_llm_server_factory(tmp_path):
 
 
 # -- Airflow --------------------------------------------------------------------------
-
-
-@dataclass
-class AirflowEnv:
-    """An isolated Airflow installation: home, metadata DB, config as environment."""
-
-    home: Path
-    database: str
-    env: dict
-    api_port: int
-    password: str
-    registry_database: str
-    processes: list = field(default_factory=list)
-    workers: list[CeleryWorker] = field(default_factory=list)
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
-
-    @property
-    def registry_url(self) -> str:
-        """The registry the stack's tasks and dashboard use (connection `maga_registry`)."""
-        return pg_url(self.registry_database)
-
-    @property
-    def logs(self) -> Path:
-        return self.home / "logs"
-
-    def cli(self, *args: str, timeout: float = 300, check: bool = True, extra_env: dict | None = None):
-        env = dict(self.env, **(extra_env or {}))
-        result = subprocess.run(
-            [AIRFLOW, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=str(self.home), check=False
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"airflow {' '.join(args)} exited {result.returncode}\n"
-                f"--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-6000:]}"
-            )
-        return result
-
-    def query(self, sql: str, params: dict | None = None) -> list[tuple]:
-        """Read Airflow's metadata database directly (task states, tries, asset events)."""
-        import psycopg
-
-        with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=self.database) as conn:
-            return conn.execute(sql, params or {}).fetchall()
-
-    def token(self) -> str:
-        status, body = http_json(
-            f"{self.api_url}/auth/token",
-            method="POST",
-            body={"username": ADMIN_USER, "password": self.password},
-        )
-        assert status in (200, 201), (status, body)
-        return body["access_token"]
-
-    def task_logs(self, task_id: str) -> list[Path]:
-        return sorted(self.logs.glob(f"dag_id={DAG_ID}/**/task_id={task_id}/**/*.log"))
 
 
 @dataclass
@@ -299,86 +139,19 @@ class CeleryWorker:
         return f"{self.hostname} ready.".encode() in own_output
 
 
-def _airflow_environment(home: Path, database: str, api_port: int, passwords_file: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__"))}
-    db = pg_url(database, "postgresql+psycopg")
-    env.update(
-        {
-            "AIRFLOW_HOME": str(home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
-            "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS_FOLDER),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__CORE__PARALLELISM": "4",
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-            "AIRFLOW__CORE__LAZY_LOAD_PLUGINS": "False",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db,
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": db,
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-            "AIRFLOW__API__PORT": str(api_port),
-            "AIRFLOW__API__HOST": "127.0.0.1",
-            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{api_port}",
-            "AIRFLOW__API__WORKERS": "1",
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
-            "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
-            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
-            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-            "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "1",
-            "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
-            # A lost worker's tasks are failed and retried within seconds, not minutes.
-            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(STACK_HEARTBEAT_TIMEOUT_S),
-            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
-            "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "3",
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
-            "AIRFLOW__DAG_PROCESSOR__PRINT_STATS_INTERVAL": "600",
-            # The DAG's deployment knobs, shortened for tests.
-            "MAGA_RETRY_DELAY_SECONDS": "2",
-            "MAGA_LEASE_TTL_SECONDS": "10",  # a killed try's retry waits for its lease to run out
-            "MAGA_HEALTH_POKE_SECONDS": "2",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    for name in ("MAGA_ENDPOINTS", "MAGA_SOURCE", "MAGA_OUTPUT_ROOT", "MAGA_RECIPE", "MAGA_PLANNING_MODE"):
-        env.pop(name, None)
-    return env
-
-
 @pytest.fixture(scope="session")
 def airflow_env():
-    home = Path(tempfile.mkdtemp(prefix="maga-airflow-"))
-    database = create_pg_database("maga_airflow")
-    password = secrets.token_urlsafe(12)
-    passwords_file = home / "passwords.json"
-    passwords_file.write_text(json.dumps({ADMIN_USER: password}))
-    api_port = free_port()
-    registry_database = create_pg_database("maga_registry")
-    env = _airflow_environment(home, database, api_port, passwords_file)
-    env["AIRFLOW_CONN_MAGA_REGISTRY"] = pg_url(registry_database)
-    af = AirflowEnv(home, database, env, api_port, password, registry_database)
+    af = new_airflow_env(
+        pool_slots=4,
+        # A lost worker's tasks are failed and retried within seconds, not minutes.
+        AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT=str(STACK_HEARTBEAT_TIMEOUT_S),
+        AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL="2",
+        AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL="3",
+    )
     try:
-        af.cli("db", "migrate", timeout=300)
-        af.cli("pools", "set", POOL, "4", "vLLM request streams (tests)")
         yield af
     finally:
-        for process in reversed(af.processes):  # all shut down at once, then each is waited for
-            process.terminate()
-        for process in reversed(af.processes):
-            process.stop()
-        drop_pg_database(database)
-        drop_pg_database(registry_database)
-        if os.environ.get("MAGA_KEEP_AIRFLOW_HOME"):
-            print(f"kept AIRFLOW_HOME {home}", file=sys.stderr)
-        else:
-            shutil.rmtree(home, ignore_errors=True)
-
-
-def _dag_serialized(af: AirflowEnv) -> bool:
-    rows = af.query("SELECT count(*) FROM serialized_dag WHERE dag_id = %(d)s", {"d": DAG_ID})
-    return rows[0][0] > 0
+        remove_airflow_env(af)
 
 
 @pytest.fixture(scope="session")
@@ -443,7 +216,7 @@ def airflow_stack(airflow_env):
                     return False
         except OSError:
             return False
-        return _dag_serialized(af)
+        return dag_serialized(af)
 
     wait_for(ready, 180, 1.0, "api-server health and the DAG being parsed")
     wait_for(lambda: all(w.ready() for w in af.workers), 60, 0.5, "both Celery workers to be ready")

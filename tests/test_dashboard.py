@@ -34,10 +34,10 @@ def published(airflow_stack, tmp_path_factory):
     """Two shards published by the library into the stack's registry, new recipe."""
     from airflow_fixtures import start_llm_server
 
+    from maga_tasks.data.sample_corpus import write_sample_corpus
     from maga_tasks.engine.publish import publish_shard
     from maga_tasks.recipe import load_recipe, recipe_from_dict
     from maga_tasks.registry import Registry
-    from maga_tasks.data.sample_corpus import write_sample_corpus
     from maga_tasks.settings import RunSettings
 
     work = tmp_path_factory.mktemp("dashboard")

@@ -1,10 +1,10 @@
-"""A local Airflow stack for the scale benchmark: free ports, PostgreSQL databases,
-managed child processes (each in a session of its own, stopped by its PID), the
-environment that points an isolated AIRFLOW_HOME at a metadata database on PostgreSQL,
-and a scheduler + dag-processor + api-server + Celery worker on it.
+"""A local Airflow stack: free ports, PostgreSQL databases, managed child processes
+(each in a session of its own, stopped by its PID), the environment that points an
+isolated AIRFLOW_HOME at a metadata database on PostgreSQL, and a scheduler +
+dag-processor + api-server + Celery worker on it.
 
-It follows `tests/airflow_fixtures.py` (written the same way, without pytest); the
-fixtures can import these pieces instead of keeping their own copies.
+The scale benchmark runs it without pytest; `tests/airflow_fixtures.py` builds the test
+session's stack (two workers standing for two machines) from the same pieces.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class ManagedProcess:
     name: str
     popen: subprocess.Popen
     log_path: Path
+    log_offset: int = 0  # where its own output starts in the log (a restart appends)
 
     @property
     def pid(self) -> int:
@@ -95,6 +96,31 @@ class ManagedProcess:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
+
+    def kill_machine(self) -> list[int]:
+        """SIGKILL the process and everything it started, at once, as a machine lost.
+
+        Airflow's supervisor puts each task process in a process group of its own, so the
+        group we created is not enough: it is stopped first (no process in it forks a new
+        task), then every descendant and the group are killed. Returns the killed pids.
+        """
+        import psutil
+
+        pgid = self.popen.pid
+        try:
+            os.killpg(pgid, signal.SIGSTOP)
+            descendants = psutil.Process(pgid).children(recursive=True)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            return []
+        for proc in descendants:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        os.killpg(pgid, signal.SIGKILL)
+        self.popen.wait(timeout=10)
+        psutil.wait_procs(descendants, timeout=10)
+        return [pgid, *(proc.pid for proc in descendants)]
 
     def terminate(self) -> None:
         """SIGTERM the process group we created for it, without waiting."""
@@ -127,6 +153,7 @@ class ManagedProcess:
 def start_process(name: str, argv: list[str], env: dict, log_dir: Path) -> ManagedProcess:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
+    offset = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as handle:  # the child keeps its own copy of the descriptor
         popen = subprocess.Popen(
             argv,
@@ -137,7 +164,7 @@ def start_process(name: str, argv: list[str], env: dict, log_dir: Path) -> Manag
             start_new_session=True,
             cwd=str(log_dir),
         )
-    return ManagedProcess(name, popen, log_path)
+    return ManagedProcess(name, popen, log_path, offset)
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
@@ -186,6 +213,7 @@ class AirflowEnv:
     password: str
     registry_database: str
     processes: list = field(default_factory=list)
+    workers: list = field(default_factory=list)  # the test stack's Celery "machines"
 
     @property
     def api_url(self) -> str:
@@ -276,7 +304,7 @@ def airflow_environment(home: Path, database: str, api_port: int, passwords_file
     return env
 
 
-def new_airflow_env(pool_slots: int = 4) -> AirflowEnv:
+def new_airflow_env(pool_slots: int = 4, **settings: str) -> AirflowEnv:
     """A migrated AirflowEnv (metadata and registry databases created on PostgreSQL, the
     `maga_llm` pool set); `remove_airflow_env` stops its processes and drops it all."""
     home = Path(tempfile.mkdtemp(prefix="maga-airflow-"))
@@ -288,6 +316,7 @@ def new_airflow_env(pool_slots: int = 4) -> AirflowEnv:
     registry_database = create_pg_database("maga_registry")
     env = airflow_environment(home, database, api_port, passwords_file)
     env["AIRFLOW_CONN_MAGA_REGISTRY"] = pg_url(registry_database)
+    env.update(settings)
     af = AirflowEnv(home, database, env, api_port, password, registry_database)
     try:
         af.cli("db", "migrate", timeout=300)
@@ -300,8 +329,7 @@ def new_airflow_env(pool_slots: int = 4) -> AirflowEnv:
 
 def remove_airflow_env(af: AirflowEnv) -> None:
     for process in reversed(af.processes):  # all shut down at once, then each is waited for
-        if hasattr(process, "terminate"):
-            process.terminate()
+        process.terminate()
     for process in reversed(af.processes):
         process.stop()
     drop_pg_database(af.database)
