@@ -439,6 +439,20 @@ class QueueSampler:
         self._thread.join()
 
 
+def wait_until_idle(url: str, timeout: float = 300.0) -> None:
+    """Until the server runs and queues nothing: requests a previous mode abandoned
+    (timed out on the client) must not weigh on the next one."""
+    from maga_tasks.llm.vllm_local import read_metrics
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = read_metrics(url, api_key=os.environ.get("MAGA_API_KEY") or None)
+        if metrics.get("vllm:num_requests_running", 0) + metrics.get("vllm:num_requests_waiting", 0) == 0:
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"{url} still busy after {timeout:.0f} s")
+
+
 def fleet_suite(args, figures: Figures) -> dict:
     """Against `--endpoint` (a real vLLM server) when given, else a capacity-limited
     test server started here."""
@@ -458,6 +472,7 @@ def fleet_suite(args, figures: Figures) -> dict:
             url = server.url
         for repeat in range(args.repeats):
             for mode in ("fixed", "adaptive"):
+                wait_until_idle(url)
                 if server is not None:
                     server.reset()
                 with QueueSampler(url, interval=0.5 if server else 2.0) as sampler:
