@@ -36,8 +36,22 @@ def test_slow_start_doubles_until_the_ceiling_while_the_server_has_room():
     seen = []
     for second in range(5):
         fill(controller)
+        controller.observe(latency_s=0.5, completion_tokens=10)
         seen.append(controller.update(FREE, float(second)))
     assert seen == [20, 40, 80, 100, 100]
+
+
+def test_slow_start_waits_for_an_answer_and_doubles_once_per_request_latency():
+    """The gauges show a doubling only once the engine has taken its requests in: no
+    doubling before anything was answered, then one per request latency (2.5 s here)."""
+    controller = WindowController(AimdParams(ceiling=1000, initial=10))
+    seen = []
+    for second in range(8):
+        fill(controller)
+        if second >= 2:
+            controller.observe(latency_s=2.5, completion_tokens=25)
+        seen.append(controller.update(FREE, float(second)))
+    assert seen == [10, 10, 20, 20, 20, 40, 40, 40]
 
 
 def test_growth_is_additive_after_the_first_congestion():

@@ -14,9 +14,12 @@ from what the server says about its load, read from its `/metrics` every few sec
 
 The window only grows while the client fills it (peak in flight reached the window):
 a shard winding down must not earn a window it never tried. Until the first congestion
-the window doubles per sample (slow start), then it grows by `increase` per sample.
-After a shrink, the next one waits one request latency: the requests already sent
-still sit in the server's queue and must not be punished for twice.
+the window doubles (slow start), at most once per request latency and only once a
+request has been answered: the gauges show a doubling only when the engine has taken
+its requests in, which on a busy server is seconds later (a doubling per sample piled
+three windows into a CPU server's queue before its gauges moved). After that it grows
+by `increase` per sample. After a shrink, the next one waits one request latency: the
+requests already sent still sit in the server's queue and must not be punished for twice.
 
 Several clients on one server see the same gauges and react alike, so AIMD brings their
 windows to equal shares without any talk between them.
@@ -106,6 +109,7 @@ class WindowController:
     _best: float | None = None
     _typical_latency_s: float = 0.0
     _last_shrink: float = float("-inf")
+    _last_doubling: float = float("-inf")
 
     def __post_init__(self):
         p = self.params
@@ -145,7 +149,7 @@ class WindowController:
         if decision == "congested":
             self._shrink(now)
         elif decision == "free" and limited:
-            self._grow()
+            self._grow(now)
         return self.window
 
     def _judge_load(self, load: ServerLoad, previous: ServerLoad | None) -> str:
@@ -183,6 +187,11 @@ class WindowController:
         self._last_shrink = now
         self.window = max(self.params.floor, int(self.window * self.params.decrease))
 
-    def _grow(self) -> None:
-        grown = self.window * 2 if self.slow_start else self.window + self.params.step
-        self.window = min(self.params.ceiling, grown)
+    def _grow(self, now: float) -> None:
+        if not self.slow_start:
+            self.window = min(self.params.ceiling, self.window + self.params.step)
+            return
+        if not self._typical_latency_s or now - self._last_doubling < self._typical_latency_s:
+            return  # nothing answered yet, or the last doubling has not reached the gauges
+        self._last_doubling = now
+        self.window = min(self.params.ceiling, self.window * 2)
