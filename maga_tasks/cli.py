@@ -199,12 +199,12 @@ def cmd_judge_shard(args) -> dict:
 
 
 def cmd_status(args) -> dict:
-    from maga_tasks.registry import format_totals
+    from maga_tasks.registry.reads import format_status
 
-    totals = _registry(args).totals(args.recipe_id)
+    status = _registry(args).status(args.recipe_id, limit=args.limit)
     if not args.json:
-        sys.stderr.write(format_totals(totals) + "\n")
-    return totals
+        sys.stderr.write(format_status(status) + "\n")
+    return status
 
 
 def cmd_plan(args) -> dict:
@@ -326,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--registry", required=True)
     status.add_argument("--recipe-id")
     status.add_argument("--json", action="store_true", help="only the JSON (otherwise a table on stderr too)")
+    status.add_argument("--limit", type=int, default=20,
+                        help="quarantined or failed shards listed, newest first (totals always cover every shard)")
     status.set_defaults(func=cmd_status)
 
     from maga_tasks.settings import RunSettings

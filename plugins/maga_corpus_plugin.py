@@ -93,7 +93,7 @@ def corpus_totals(recipe_id: str | None = Query(None, description="one corpus ve
 @dashboard_app.get("/api/overview")
 def corpus_overview(
     recipe_id: str | None = Query(None, description="one corpus version; all when omitted"),
-    shard_limit: int = Query(200, ge=1, le=2000, description="shards listed per recipe, newest first"),
+    shard_limit: int = Query(50, ge=1, le=2000, description="shards listed per recipe, newest first, plus as many quarantined or failed ones"),
 ) -> dict:
     """Totals per recipe, rejection reasons, genre/audience distribution, shard table."""
     from maga_tasks.registry.dashboard import corpus_overview as overview

@@ -351,3 +351,37 @@ def test_totals_cover_registered_shards_and_count_every_status(registry):
     assert [row["shard"] for row in registry.shards(status="quarantined")] == ["c"]
     with pytest.raises(ValueError):
         registry.shards(status="done")
+
+
+def test_status_lists_a_bounded_page_and_totals_cover_every_shard(registry, registry_url, capsys):
+    from maga_tasks.cli import main as maga
+    from maga_tasks.registry.dashboard import corpus_overview
+    from maga_tasks.registry.reads import format_status
+
+    registry.ensure_recipe(RECIPE)
+    registry.record_planned(RID, [(f"/src/p{i:02d}.parquet", f"p{i:02d}") for i in range(30)])
+    for i in range(8):
+        assert registry.mark_failed(RID, f"p{i:02d}", f"down {i}", max_failures=0) == "failed"
+    for i in range(8, 12):
+        registry.quarantine(RID, f"p{i:02d}", "bad", [])
+    for i in range(12, 15):
+        registry.register(RID, f"p{i:02d}", result_for(f"p{i:02d}"), "x")
+
+    status = registry.status(RID, limit=5)
+    assert status["shards"] == 30 and status["registered_shards"] == 3 and status["documents"] == 30
+    assert status["by_status"]["failed"] == 8 and status["by_status"]["quarantined"] == 4
+    assert len(status["attention"]) == 5 and status["attention_not_shown"] == 7
+    assert {row["status"] for row in status["attention"]} <= {"failed", "quarantined"}
+    stamps = [row["updated_at"] for row in status["attention"]]
+    assert stamps == sorted(stamps, reverse=True)
+    assert "7 more not shown" in format_status(status)
+
+    # The CLI: totals for all shards, the listing bounded by --limit.
+    assert maga(["status", "--registry", registry_url, "--recipe-id", RID, "--limit", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "30 shards" in err and "9 more not shown" in err and err.count("  failed  ") + err.count("  quarantined  ") == 3
+
+    # The dashboard page: the newest `shard_limit`, plus as many waiting ones, the rest counted.
+    page = corpus_overview(registry, recipe_id=RID, shard_limit=4)["recipes"][0]
+    assert 4 < len(page["shards"]) <= 8 and page["shards_not_shown"] == 30 - len(page["shards"])
+    assert sum(row["status"] in ("failed", "quarantined") for row in page["shards"]) >= 4

@@ -94,10 +94,20 @@ def _quality_summary(results: list[dict]) -> dict | None:
     }
 
 
-def shard_rows(registry: Registry, recipe_id: str, *, limit: int = 200) -> list[dict]:
-    """The most recently updated shards of a recipe, newest first, with quality and task
-    (three queries, however many shards)."""
-    shards = registry.shards(recipe_id, newest_first=True, limit=limit)
+# The page's default: the 50 most recently updated shards of a recipe, plus up to as many
+# of its quarantined and failed ones (they wait for a person, however old). Ask for more
+# with `shard_limit` (the API's `?shard_limit=`); `shards_not_shown` says how many are left.
+DEFAULT_SHARD_LIMIT = 50
+
+
+def shard_rows(registry: Registry, recipe_id: str, *, limit: int = DEFAULT_SHARD_LIMIT) -> list[dict]:
+    """The `limit` most recently updated shards of a recipe and up to `limit` quarantined
+    or failed ones, newest first, with quality and task (four queries, however many
+    shards: each a LIMIT read by index)."""
+    newest = registry.shards(recipe_id, newest_first=True, limit=limit)
+    shown = {shard["shard"] for shard in newest}
+    waiting = [s for s in registry.attention_shards(recipe_id, limit=limit) if s["shard"] not in shown]
+    shards = sorted(newest + waiting, key=lambda s: (s["updated_at"] or ""), reverse=True) if waiting else newest
     names = [shard["shard"] for shard in shards]
     quality = registry.quality_results_of(recipe_id, names)
     owners = registry.owner_events_of(recipe_id, names)
@@ -110,8 +120,11 @@ def shard_rows(registry: Registry, recipe_id: str, *, limit: int = 200) -> list[
     return rows
 
 
-def corpus_overview(registry: Registry, *, recipe_id: str | None = None, shard_limit: int = 200) -> dict:
-    """Everything the dashboard page shows, for one recipe or for all of them."""
+def corpus_overview(
+    registry: Registry, *, recipe_id: str | None = None, shard_limit: int = DEFAULT_SHARD_LIMIT
+) -> dict:
+    """Everything the dashboard page shows, for one recipe or for all of them: totals over
+    every shard (summed by the database), a bounded page of shards per recipe."""
     recipes = registry.recipes()
     known = {recipe["recipe_id"] for recipe in recipes}
     # Shards may be planned before their recipe row exists; show those versions too.
@@ -120,11 +133,19 @@ def corpus_overview(registry: Registry, *, recipe_id: str | None = None, shard_l
     versions = []
     for recipe in selected:
         rid = recipe["recipe_id"]
+        totals = registry.totals(rid)
+        shards = shard_rows(registry, rid, limit=shard_limit)
         versions.append(
             {
                 "recipe": {k: recipe.get(k) for k in ("recipe_id", "name", "prompt_version", "model", "pairs_per_document", "created_at")},
-                "totals": registry.totals(rid),
-                "shards": shard_rows(registry, rid, limit=shard_limit),
+                "totals": totals,
+                "shards": shards,
+                "shards_not_shown": max(0, totals["shards"] - len(shards)),
             }
         )
-    return {"totals": registry.totals(recipe_id), "recipes": versions}
+    if len(versions) == 1 and (recipe_id is not None or len(recipes) == 1):
+        # One version is the whole scope: its totals are the page's, not summed again.
+        overall = {**versions[0]["totals"], "recipe_id": recipe_id}
+    else:
+        overall = registry.totals(recipe_id)
+    return {"totals": overall, "recipes": versions}

@@ -33,6 +33,9 @@ class PlanTriage:
     failed: list[str]  # failed for good: out of the plan until requeued
 
 
+_ATTENTION_FIELDS = ("recipe_id", "shard", "status", "attempts", "last_error", "updated_at")
+
+
 class RegistryReads:
     """What the registry holds, as plain dicts (JSON columns decoded)."""
 
@@ -133,6 +136,24 @@ class RegistryReads:
                 seconds.append(elapsed)
         return seconds
 
+    def attention_shards(self, recipe_id: str | None = None, *, limit: int = 50) -> list[dict]:
+        """The `limit` most recently updated quarantined or failed shards, newest first."""
+        with self.db.read() as conn:
+            rows = conn.execute(*queries.attention_shards(recipe_id=recipe_id, limit=limit)).all()
+        return [row_dict(row) for row in rows]
+
+    def status(self, recipe_id: str | None = None, *, limit: int = 20) -> dict:
+        """What `maga status` shows: `totals` over every shard, and the `limit` newest
+        quarantined or failed shards (`attention`), with how many more there are."""
+        totals = self.totals(recipe_id)
+        waiting = self.attention_shards(recipe_id, limit=limit)
+        waiting_total = sum(totals["by_status"][status] for status in queries.ATTENTION_STATUSES)
+        return {
+            **totals,
+            "attention": [{key: shard.get(key) for key in _ATTENTION_FIELDS} for shard in waiting],
+            "attention_not_shown": max(0, waiting_total - len(waiting)),
+        }
+
     def quality_results_of(self, recipe_id: str, shards: list[str]) -> dict[str, list[dict]]:
         """`quality_results` of many shards in one query: shard -> results, oldest first."""
         return self._of_shards(queries.QUALITY_RESULTS_OF, recipe_id, shards)
@@ -208,4 +229,19 @@ def format_totals(totals: dict) -> str:
     for key in ("genres", "audiences"):
         if totals[key]:
             lines.append(f"top {key}: " + "; ".join(f"{label} ({count})" for label, count in totals[key][:5]))
+    return "\n".join(lines)
+
+
+def format_status(status: dict) -> str:
+    """The `maga status` text: `format_totals`, then the bounded listing of quarantined
+    and failed shards, saying how many are not shown."""
+    lines = [format_totals(status)]
+    if not status["attention"]:
+        return "\n".join(lines + ["no quarantined or failed shards"])
+    lines.append("quarantined or failed shards (newest first):")
+    for shard in status["attention"]:
+        error = (shard["last_error"] or "").splitlines()[0][:100] if shard["last_error"] else ""
+        lines.append(f"  {shard['recipe_id']}/{shard['shard']}  {shard['status']}  tries={shard['attempts']}  {error}")
+    if status["attention_not_shown"]:
+        lines.append(f"  ... {status['attention_not_shown']:,} more not shown (--limit)")
     return "\n".join(lines)

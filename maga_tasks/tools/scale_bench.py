@@ -373,8 +373,8 @@ def _timed(call, repeats: int) -> list[float]:
 
 
 def dashboard_suite(sizes: dict, db: BenchDatabase, figures: Figures, repeats: int) -> dict:
-    from maga_tasks.registry import format_totals
     from maga_tasks.registry.dashboard import corpus_overview
+    from maga_tasks.registry.reads import format_status
 
     pages = {}
     for count in sizes["shards"]:
@@ -382,7 +382,7 @@ def dashboard_suite(sizes: dict, db: BenchDatabase, figures: Figures, repeats: i
         seed_registered(registry, "bench-recipe", _flat_shards(count))
         # What the plugin's /maga/api/overview answers, and what `maga status` prints.
         page = _timed(lambda r=registry: json.dumps(corpus_overview(r), default=str), repeats)
-        status = _timed(lambda r=registry: format_totals(r.totals(None)), repeats)
+        status = _timed(lambda r=registry: format_status(r.status(None)), repeats)
         registry.close()
         pages[count] = (statistics.median(page), statistics.median(status))
         for seconds in page:
