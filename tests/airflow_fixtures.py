@@ -26,8 +26,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +44,6 @@ from maga_tasks.tools.airflow_stack import (  # noqa: F401
     AirflowEnv,
     ManagedProcess,
     create_pg_database,
-    dag_serialized,
     drop_pg_database,
     free_port,
     http_json,
@@ -55,6 +52,7 @@ from maga_tasks.tools.airflow_stack import (  # noqa: F401
     remove_airflow_env,
     start_process,
     wait_for,
+    wait_stack_ready,
 )
 from maga_tasks.tools.test_server_process import TestServerProcess
 
@@ -206,19 +204,7 @@ def airflow_stack(airflow_env):
         start_celery_worker(af, worker, log_dir)
         af.workers.append(worker)
 
-    def ready():
-        for process in af.processes:
-            if not process.alive():
-                raise AssertionError(f"{process.name} exited:\n{process.log_tail()}")
-        try:
-            with urllib.request.urlopen(f"{af.api_url}/api/v2/monitor/health", timeout=3) as response:
-                if response.status != 200:
-                    return False
-        except OSError:
-            return False
-        return dag_serialized(af)
-
-    wait_for(ready, 180, 1.0, "api-server health and the DAG being parsed")
+    wait_stack_ready(af)
     wait_for(lambda: all(w.ready() for w in af.workers), 60, 0.5, "both Celery workers to be ready")
     af.cli("dags", "unpause", DAG_ID)
     yield af
