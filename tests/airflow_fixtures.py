@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +37,6 @@ from maga_tasks.tools.airflow_stack import (  # noqa: F401
     DAG_ID,
     DAGS_FOLDER,
     POOL,
-    REDIS_HOST,
-    REDIS_PORT,
     REPO,
     AirflowEnv,
     ManagedProcess,
@@ -51,6 +48,7 @@ from maga_tasks.tools.airflow_stack import (  # noqa: F401
     pg_url,
     remove_airflow_env,
     start_process,
+    use_celery,
     wait_for,
     wait_stack_ready,
 )
@@ -176,14 +174,7 @@ def airflow_stack(airflow_env):
     # queue of this session's own keeps two test sessions on one Redis apart; every task
     # goes to it (`default_queue`) and both workers consume it, so shards spread over both
     # and a retry lands on whichever worker is alive.
-    queue = f"maga-tests-{secrets.token_hex(4)}"
-    af.env.update(
-        AIRFLOW__CORE__EXECUTOR="CeleryExecutor",
-        AIRFLOW__CELERY__BROKER_URL=f"redis://{REDIS_HOST}:{REDIS_PORT}/0",
-        AIRFLOW__CELERY__RESULT_BACKEND="db+" + pg_url(af.database, "postgresql+psycopg"),
-        AIRFLOW__CELERY__WORKER_CONCURRENCY=str(WORKER_CONCURRENCY),
-        AIRFLOW__OPERATORS__DEFAULT_QUEUE=queue,
-    )
+    queue = use_celery(af, concurrency=WORKER_CONCURRENCY)
     for name, argv in (
         ("api-server", [AIRFLOW, "api-server", "--port", str(af.api_port), "--host", "127.0.0.1"]),
         ("dag-processor", [AIRFLOW, "dag-processor"]),
