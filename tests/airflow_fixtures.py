@@ -126,8 +126,9 @@ class CeleryWorker:
         return [line for line in self.log_text().splitlines() if "Executing workload in Celery" in line]
 
     def consumed_queues(self) -> set[str]:
-        """The queues its Celery banner lists (`.> NAME exchange=...` under `[queues]`)."""
-        return set(re.findall(r"^\s+\.> (\S+) exchange=", self.log_text(), re.MULTILINE))
+        """The queues its Celery banner lists (`.> NAME exchange=...` under `[queues]`; Celery
+        pads a name to 16 characters, so a short one is followed by several spaces)."""
+        return set(re.findall(r"^\s+\.> (\S+)\s+exchange=", self.log_text(), re.MULTILINE))
 
     def ready(self) -> bool:
         """Its current process is connected and consuming (Celery's `ready.` line)."""

@@ -353,6 +353,61 @@ def test_totals_cover_registered_shards_and_count_every_status(registry):
         registry.shards(status="done")
 
 
+def test_the_totals_migration_sums_shards_registered_before_it_as_register_does(registry):
+    """Running totals are kept by `register`; migrations 0006-0007 fill them for the
+    shards registered before they existed. Drop them and apply them again: the same totals."""
+    from sqlalchemy import text
+
+    registry.ensure_recipe(RECIPE)
+    registry.register(RID, "a", result_for("a", rejects_by_reason={"truncated": 2, "invalid_pairs": 1}), "x",
+                      label_summary={"genres": [["tutorial", 30], ["report", 12]], "audiences": [["students", 40]]})
+    registry.register(RID, "b", result_for("b", rejects_by_reason={}), "y", label_summary=None)
+    registry.register(RID, "c", result_for("c", seconds=3.5), "z",
+                      label_summary={"genres": [["report", 5]], "audiences": [], "rows": 5})
+    registry.register("r-other", "a", result_for("a"), "w", label_summary={"genres": [["report", 7]], "audiences": []})
+    registry.quarantine(RID, "q", "bad", [], result=result_for("q", rejects_by_reason={"truncated": 99}))
+    kept = (registry.totals(RID), registry.totals("r-other"), registry.totals())
+    assert kept[0]["rejects_by_reason"] == {"truncated": 5, "low_keyword_coverage": 5, "invalid_pairs": 1}
+    assert kept[0]["genres"] == [("tutorial", 30), ("report", 17)] and kept[0]["registered_shards"] == 3
+    assert kept[2]["genres"][1] == ("report", 24) and kept[2]["registered_shards"] == 4
+
+    with registry.engine.begin() as conn:
+        for statement in ("DROP TABLE registered_tallies", "DROP TABLE registered_totals",
+                          "DELETE FROM schema_version WHERE version >= 6"):
+            conn.execute(text(statement))
+    assert registry.upgrade() == [v for v, _, _ in registry.migrations() if v >= 6]
+    assert (registry.totals(RID), registry.totals("r-other"), registry.totals()) == kept
+
+
+def test_a_migration_is_one_portable_file_or_one_per_dialect(tmp_path):
+    from maga_tasks.registry import Registry
+
+    folder = tmp_path / "sql"
+    folder.mkdir()
+    (folder / "0001_core.sql").write_text(
+        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name TEXT, checksum TEXT, applied_at TEXT);\n"
+        "CREATE TABLE core (id INTEGER);"
+    )
+    (folder / "0002_fill.sqlite.sql").write_text("CREATE TABLE fill_sqlite (id INTEGER);")
+    (folder / "0002_fill.postgresql.sql").write_text("CREATE TABLE fill_postgresql (id INTEGER);")
+    registry = Registry(str(tmp_path / "r.db"), migrations_dir=folder)
+    assert [(v, name) for v, name, _ in registry.migrations()] == [(1, "core"), (2, "fill")]
+    assert registry.upgrade() == [1, 2]
+    with registry.engine.connect() as conn:
+        from sqlalchemy import inspect
+
+        assert {"core", "fill_sqlite"} <= set(inspect(conn).get_table_names())
+        assert "fill_postgresql" not in inspect(conn).get_table_names()
+    (folder / "0002_fill.sql").write_text("SELECT 1;")
+    with pytest.raises(RegistryError, match="given twice"):
+        registry.migrations()
+    (folder / "0002_fill.sql").unlink()
+    (folder / "0002_fill.sqlite.sql").unlink()
+    with pytest.raises(RegistryError, match="no file for sqlite"):
+        registry.migrations()
+    registry.close()
+
+
 def test_status_lists_a_bounded_page_and_totals_cover_every_shard(registry, registry_url, capsys):
     from maga_tasks.cli import main as maga
     from maga_tasks.registry.dashboard import corpus_overview

@@ -11,6 +11,10 @@ before it runs (Python 3.11, which this project supports, cannot turn that off),
 would release the write lock between the version check and the DDL; instead SQLite's
 own tokenizer (`sqlite3.complete_statement`) says where each statement ends, and the
 statements run one by one inside the transaction.
+
+A migration that cannot be written portably (unnesting JSON, say) comes as one file per
+dialect, `NNNN_name.sqlite.sql` and `NNNN_name.postgresql.sql`: each database applies
+its own under the one version.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from maga_tasks.registry.errors import RegistryError
 
 log = logging.getLogger(__name__)
 
-_MIGRATION_NAME = re.compile(r"^(\d{4})_([A-Za-z0-9_]+)\.sql$")
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([A-Za-z0-9_]+)(?:\.(sqlite|postgresql))?\.sql$")
 # The file is SQL as written: no parameters, so the driver neither binds nor reads `%`.
 _AS_WRITTEN = {"no_parameters": True}
 
@@ -72,18 +76,27 @@ class Migrations:
         self.directory = Path(directory) if directory else default_migrations_dir()
 
     def files(self) -> list[tuple[int, str, str]]:
-        """(version, name, sql) of every migration file, in version order."""
+        """(version, name, sql) of every migration this database applies, in version
+        order: the portable file of a version, or the one for this database's dialect."""
         if not self.directory.is_dir():
             raise RegistryError(f"migrations folder not found: {self.directory} (set MAGA_SQL_DIR)")
-        found = []
+        by_version: dict[int, dict[str, Path]] = {}
         for path in sorted(self.directory.glob("*.sql")):
             match = _MIGRATION_NAME.match(path.name)
             if not match:
-                raise RegistryError(f"migration file name must be NNNN_name.sql: {path.name}")
-            found.append((int(match.group(1)), match.group(2), path.read_text(encoding="utf-8")))
-        versions = [version for version, _, _ in found]
-        if len(set(versions)) != len(versions):
-            raise RegistryError(f"duplicate migration versions in {self.directory}")
+                raise RegistryError(f"migration file name must be NNNN_name[.sqlite|.postgresql].sql: {path.name}")
+            files = by_version.setdefault(int(match.group(1)), {})
+            dialect = match.group(3) or "portable"
+            # A version is one portable file, or one file per dialect.
+            if files and (dialect == "portable" or "portable" in files or dialect in files):
+                raise RegistryError(f"migration {match.group(1)} is given twice in {self.directory}")
+            files[dialect] = path
+        found = []
+        for version, files in sorted(by_version.items()):
+            path = files.get("portable") or files.get(self.db.dialect)
+            if path is None:
+                raise RegistryError(f"migration {version:04d} has no file for {self.db.dialect}")
+            found.append((version, _MIGRATION_NAME.match(path.name).group(2), path.read_text(encoding="utf-8")))
         return found
 
     def _applied(self, conn: Connection) -> dict[int, str]:

@@ -69,7 +69,15 @@ RECIPES = text(
     "   AND s.status = 'registered') AS registered"
     " FROM recipes r ORDER BY r.created_at, r.recipe_id"
 )
-RECIPE_IDS = text("SELECT DISTINCT recipe_id FROM shards ORDER BY recipe_id")
+# Each recipe with shards, one primary-key lookup per recipe (a loose index scan), not
+# a DISTINCT over every shard.
+RECIPE_IDS = text(
+    "WITH RECURSIVE ids (recipe_id) AS ("
+    " SELECT MIN(recipe_id) FROM shards"
+    " UNION ALL SELECT (SELECT MIN(s.recipe_id) FROM shards s WHERE s.recipe_id > ids.recipe_id)"
+    " FROM ids WHERE ids.recipe_id IS NOT NULL)"
+    " SELECT recipe_id FROM ids WHERE recipe_id IS NOT NULL ORDER BY recipe_id"
+)
 
 # -- one shard ---------------------------------------------------------------------------
 
@@ -244,7 +252,8 @@ def shards(
 ) -> tuple[TextClause, dict]:
     """Shards by name, or most recently updated first; at most `limit` of them."""
     where, params = _filters(recipe_id=recipe_id, status=status)
-    order = "updated_at DESC, recipe_id, shard" if newest_first else "recipe_id, shard"
+    # Ties broken newest-name first, in the order of index `shards_recipe_updated_shard`.
+    order = "updated_at DESC, recipe_id DESC, shard DESC" if newest_first else "recipe_id, shard"
     sql = f"SELECT * FROM shards{where} ORDER BY {order}"
     if limit is not None:
         sql += " LIMIT :limit"
@@ -259,11 +268,11 @@ ATTENTION_STATUSES = ("quarantined", "failed")
 
 def attention_shards(*, recipe_id: str | None, limit: int) -> tuple[TextClause, dict]:
     """The `limit` most recently updated quarantined or failed shards (index
-    `shards_recipe_status_updated`)."""
+    `shards_recipe_status_updated_shard`)."""
     where, params = _filters(recipe_id=recipe_id)
     where += (" AND " if where else " WHERE ") + f"status IN {_sql_list(ATTENTION_STATUSES)}"
     params["limit"] = int(limit)
-    return text(f"SELECT * FROM shards{where} ORDER BY updated_at DESC, recipe_id, shard LIMIT :limit"), params
+    return text(f"SELECT * FROM shards{where} ORDER BY updated_at DESC, recipe_id DESC, shard DESC LIMIT :limit"), params
 
 
 # Start of the registering try and its registration, most recently registered first.
@@ -280,16 +289,43 @@ def status_counts(recipe_id: str | None) -> tuple[TextClause, dict]:
     return text(f"SELECT status, COUNT(*) FROM shards{where} GROUP BY status"), params
 
 
+# -- running totals of registered shards (migrations 0006-0007) ---------------------------
+
+_TOTALS = ("shards", *COUNTERS, "seconds")
+# A shard's figures, as it was just registered, added to its recipe's running totals.
+ADD_TO_TOTALS = text(
+    f"INSERT INTO registered_totals (recipe_id, {', '.join(_TOTALS)})"
+    f" SELECT recipe_id, 1, {', '.join(COUNTERS)}, COALESCE(seconds, 0) FROM shards"
+    " WHERE recipe_id = :rid AND shard = :shard"
+    " ON CONFLICT (recipe_id) DO UPDATE SET "
+    + ", ".join(f"{name} = registered_totals.{name} + excluded.{name}" for name in _TOTALS)
+)
+ADD_TO_TALLY = text(
+    "INSERT INTO registered_tallies (recipe_id, kind, label, total) VALUES (:rid, :kind, :label, :total)"
+    " ON CONFLICT (recipe_id, kind, label) DO UPDATE SET total = registered_tallies.total + excluded.total"
+)
+SHARD_TALLIES = text("SELECT rejects_by_reason, label_summary FROM shards WHERE recipe_id = :rid AND shard = :shard")
+
+
 def registered_sums(recipe_id: str | None) -> tuple[TextClause, dict]:
-    """One row: `shards`, the sum of each of `COUNTERS` and `seconds` over registered shards."""
-    where, params = _filters(recipe_id=recipe_id, status="registered")
-    sums = ", ".join(f"COALESCE(SUM({name}), 0) AS {name}" for name in COUNTERS)
-    return text(f"SELECT COUNT(*) AS shards, {sums}, COALESCE(SUM(seconds), 0) AS seconds FROM shards{where}"), params
+    """One row: `shards`, the sum of each of `COUNTERS` and `seconds` over registered
+    shards, from the running totals (a row per recipe)."""
+    where, params = _filters(recipe_id=recipe_id)
+    sums = ", ".join(f"COALESCE(SUM({name}), 0) AS {name}" for name in _TOTALS)
+    return text(f"SELECT {sums} FROM registered_totals{where}"), params
 
 
-def registered_details(recipe_id: str | None) -> tuple[TextClause, dict]:
-    """(rejects_by_reason, label_summary) JSON of every registered shard. Summed in Python:
-    unnesting the JSON in SQL (json_each / jsonb_each_text) measured slower on PostgreSQL
-    (365 ms vs about 250 ms at 20,000 shards); a rollup kept at register time is the fix."""
-    where, params = _filters(recipe_id=recipe_id, status="registered")
-    return text(f"SELECT rejects_by_reason, label_summary FROM shards{where}"), params
+def top_tallies(recipe_id: str | None, kind: str, limit: int | None) -> tuple[TextClause, dict]:
+    """(label, total) of one kind of tally, largest first; at most `limit` (None: all).
+    For one recipe, read in index order (`registered_tallies_top`)."""
+    where, params = _filters(recipe_id=recipe_id)
+    where += (" AND " if where else " WHERE ") + "kind = :kind"
+    params["kind"] = kind
+    if recipe_id is not None:
+        sql = f"SELECT label, total FROM registered_tallies{where} ORDER BY total DESC, label"
+    else:
+        sql = f"SELECT label, SUM(total) AS total FROM registered_tallies{where} GROUP BY label ORDER BY total DESC, label"
+    if limit is not None:
+        sql += " LIMIT :limit"
+        params["limit"] = int(limit)
+    return text(sql), params

@@ -7,7 +7,6 @@ the write lock that every write transaction holds from its start.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,7 +14,7 @@ from datetime import datetime
 from sqlalchemy.sql.elements import TextClause
 
 from maga_tasks.registry import queries
-from maga_tasks.registry.db import Database, from_json, row_dict
+from maga_tasks.registry.db import Database, row_dict
 from maga_tasks.registry.errors import RegistryError
 from maga_tasks.registry.queries import COUNTERS, STATUSES
 
@@ -172,19 +171,15 @@ class RegistryReads:
 
     def totals(self, recipe_id: str | None = None, *, top: int = 20) -> dict:
         """Figures for reports and the dashboard. Shards are counted in every status;
-        documents, rows, tokens and distributions cover registered (published) shards."""
+        documents, rows, tokens and distributions cover registered (published) shards,
+        read from their running totals: a few rows, however many shards there are."""
         with self.db.read() as conn:
             by_status = dict(conn.execute(*queries.status_counts(recipe_id)).all())
             sums = conn.execute(*queries.registered_sums(recipe_id)).one()
-            details = conn.execute(*queries.registered_details(recipe_id)).all()
-        reasons: Counter = Counter()
-        genres: Counter = Counter()
-        audiences: Counter = Counter()
-        for rejects_json, labels_json in details:
-            reasons.update(from_json(rejects_json) or {})
-            labels = from_json(labels_json) or {}
-            genres.update({label: count for label, count in labels.get("genres", [])})
-            audiences.update({label: count for label, count in labels.get("audiences", [])})
+            tallies = {
+                kind: [(label, int(total)) for label, total in conn.execute(*queries.top_tallies(recipe_id, kind, limit))]
+                for kind, limit in (("reason", None), ("genre", top), ("audience", top))
+            }
         figures = {name: int(getattr(sums, name)) for name in COUNTERS}
         return {
             "recipe_id": recipe_id,
@@ -199,9 +194,9 @@ class RegistryReads:
             "accepted_per_document": round(figures["accepted"] / figures["documents"], 4)
             if figures["documents"]
             else 0.0,
-            "rejects_by_reason": dict(reasons.most_common()),
-            "genres": genres.most_common(top),
-            "audiences": audiences.most_common(top),
+            "rejects_by_reason": dict(tallies["reason"]),
+            "genres": tallies["genre"],
+            "audiences": tallies["audience"],
         }
 
 

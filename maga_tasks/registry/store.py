@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Connection
 
 from maga_tasks.registry import queries
-from maga_tasks.registry.db import Database, iso, to_json, utc_now
+from maga_tasks.registry.db import Database, from_json, iso, to_json, utc_now
 from maga_tasks.registry.errors import LeaseLost, RegistryConflict, RegistryError, ShardBusy
 from maga_tasks.registry.queries import COUNTERS, WORKING_STATUSES
 from maga_tasks.registry.reads import RegistryReads
@@ -78,6 +78,23 @@ def _event(conn: Connection, recipe_id: str, shard: str, name: str, owner: str |
             "at": iso(utc_now()),
         },
     )
+
+
+def _add_to_totals(conn: Connection, recipe_id: str, shard: str) -> None:
+    """Add a shard just registered to its recipe's running totals and tallies (in the
+    registering transaction, so they are exact: registered is a final status)."""
+    params = {"rid": recipe_id, "shard": shard}
+    conn.execute(queries.ADD_TO_TOTALS, params)
+    reasons_json, labels_json = conn.execute(queries.SHARD_TALLIES, params).one()
+    labels = from_json(labels_json) or {}
+    tallies = [("reason", reason, count) for reason, count in (from_json(reasons_json) or {}).items()]
+    for kind, key in (("genre", "genres"), ("audience", "audiences")):
+        tallies += [(kind, label, count) for label, count in labels.get(key) or []]
+    if tallies:
+        conn.execute(
+            queries.ADD_TO_TALLY,
+            [{"rid": recipe_id, "kind": kind, "label": label, "total": int(count)} for kind, label, count in tallies],
+        )
 
 
 def _refused(conn: Connection, recipe_id: str, shard: str, token: int | None, action: str):
@@ -292,6 +309,7 @@ class ShardStore:
             _insert_planned(conn, recipe_id, shard, result.source_uri, now)
             changed = conn.execute(queries.register(fenced=token is not None), params).rowcount
             if changed:
+                _add_to_totals(conn, recipe_id, shard)
                 _event(conn, recipe_id, shard, "register", None, checksum=checksum, token=token)
                 return True
             registered = _refused(conn, recipe_id, shard, token, "register").checksum

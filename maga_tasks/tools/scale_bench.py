@@ -331,13 +331,17 @@ def registry_suite(sizes: dict, db: BenchDatabase, figures: Figures) -> dict:
 
 _GENRES = ("A step-by-step tutorial.", "An analytical report.", "A friendly dialogue.", "A short story.", "A Q&A sheet.")
 _AUDIENCES = ("High-school students.", "Retired engineers.", "Busy parents.", "University students.", "Children.")
+_REASONS = {"low_keyword_coverage": 3000, "invalid_pairs": 1500, "truncated": 500}
 
 
 def seed_registered(registry, recipe_id: str, shards: list[tuple[str, str]]) -> None:
     """Make `(source_uri, shard)` pairs registered shards with figures, labels and a
     quality result each: one executemany for the rows (the registry's `record_planned`),
-    then one UPDATE and one INSERT ... SELECT, not a transaction per shard (PostgreSQL)."""
+    then one UPDATE, one INSERT ... SELECT and the running totals `register` would add,
+    not a transaction per shard (PostgreSQL)."""
     from sqlalchemy import text
+
+    from maga_tasks.registry import queries
 
     registry.record_planned(recipe_id, shards)
     labels = json.dumps({"genres": [[g, 8] for g in _GENRES], "audiences": [[a, 8] for a in _AUDIENCES]})
@@ -349,8 +353,18 @@ def seed_registered(registry, recipe_id: str, shards: list[tuple[str, str]]) -> 
             " output_chars = 225000000, expansion_ratio = 7.5, rejects_by_reason = :reasons, label_summary = :labels,"
             " checksum = 'sha-' || shard, data_uri = 's3://out/data/' || shard || '.parquet',"
             " registered_at = updated_at, finished_at = updated_at WHERE recipe_id = :rid AND shard = ANY(:names)"
-        ), {"rid": recipe_id, "labels": labels, "names": names,
-            "reasons": json.dumps({"low_keyword_coverage": 3000, "invalid_pairs": 1500, "truncated": 500})})
+        ), {"rid": recipe_id, "labels": labels, "names": names, "reasons": json.dumps(_REASONS)})
+        # What `register` adds to the running totals, here for all of them at once.
+        conn.execute(queries.ADD_TO_TOTALS, [{"rid": recipe_id, "shard": name} for name in names])
+        tallies = [("reason", reason, count) for reason, count in _REASONS.items()]
+        tallies += [("genre", g, 8) for g in _GENRES] + [("audience", a, 8) for a in _AUDIENCES]
+        conn.execute(queries.ADD_TO_TALLY, [
+            {"rid": recipe_id, "kind": kind, "label": label, "total": count * len(names)} for kind, label, count in tallies
+        ])
+    # What autovacuum does after a bulk change: without it every count reads the heap rows
+    # the UPDATE above just rewrote, which a registry in service has long since settled.
+    with registry.db.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE shards, quality_results"))
         conn.execute(text(
             "INSERT INTO quality_results (result_id, recipe_id, shard, suite, success, evaluated, failed, statistics,"
             " failed_expectations, docs_uri, created_at)"
