@@ -26,7 +26,7 @@ class RunSettings(BaseModel):
     # Seconds between reads of each endpoint's /metrics (each read moves the window once).
     adaptive_interval_s: float = Field(2.0, gt=0)
     # Each endpoint's window at the start; it doubles per read while the server has room.
-    adaptive_initial_window: int = Field(32, ge=1, le=4096)
+    adaptive_initial_window: int = Field(8, ge=1, le=4096)
     request_timeout_s: float = Field(300.0, gt=0)
     connect_timeout_s: float = Field(10.0, gt=0)
     # One budget per request for every failure kind: timeouts, connection errors, 5xx,

@@ -70,7 +70,7 @@ class AimdParams:
 
     floor: int = 1
     ceiling: int = 64
-    initial: int = 32
+    initial: int = 8  # small: several clients starting at once must not fill a server queue before its gauges move
     increase: int = 0  # per sample after slow start; 0: ceiling / 64, at least 1
     decrease: float = 0.5
     queue_min: float = 2.0
