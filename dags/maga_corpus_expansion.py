@@ -437,7 +437,7 @@ def maga_corpus_expansion():
         recipe = load_recipe(params["recipe"])
         registry = Registry(_registry_url(params["output_root"]))
         extra = run_report(
-            [results[i] for i in range(len(results))],
+            results[:],  # every shard's result in one request (a slice), not one per shard
             registry,
             recipe.recipe_id,
             planned=planned,

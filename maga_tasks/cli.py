@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from pydantic import ValidationError
@@ -208,6 +209,7 @@ def cmd_status(args) -> dict:
 
 
 def cmd_plan(args) -> dict:
+    from maga_tasks.engine.budget import DEFAULT_RUN_HOURS, night_budget
     from maga_tasks.engine.planning import plan_run
     from maga_tasks.recipe import load_recipe
 
@@ -215,13 +217,23 @@ def cmd_plan(args) -> dict:
     registry = _registry(args)
     if registry.schema_version() == 0:
         raise ValueError(f"registry {args.registry} has no schema yet: run `maga db upgrade` first")
+    budget, night = args.budget, None
+    if budget is not None and args.planning_mode == "flat":
+        # What the DAG's plan_shards does with `shards_per_run`: 0 derives it from the fleet.
+        night = night_budget(
+            budget, registry, recipe.recipe_id, slots=args.pool_slots,
+            run_hours=DEFAULT_RUN_HOURS if args.run_hours is None else args.run_hours, shard_hours=args.shard_hours,
+        )
+        budget = night.shards
     plan = plan_run(
-        args.source, recipe.recipe_id, registry, mode=args.planning_mode, ds=args.ds, budget=args.budget,
+        args.source, recipe.recipe_id, registry, mode=args.planning_mode, ds=args.ds, budget=budget,
         max_shards=args.max_shards, max_failures=args.max_shard_failures, s3_endpoint_url=args.s3_endpoint_url,
         record=False,
     )
-    summary = plan.summary()
+    summary = plan.summary() | ({"budget": night.summary()} if night else {})
     if not args.json:
+        if night:
+            sys.stderr.write(f"flat corpus: {night.describe()}\n")
         scope = f"partition {plan.ds}" if plan.mode == "dated" else "flat corpus"
         skipped = summary["skipped"]
         sys.stderr.write(
@@ -338,7 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--recipe", help="recipe YAML (default: the built-in recipe)")
     plan.add_argument("--planning-mode", choices=["flat", "dated"], default="flat")
     plan.add_argument("--ds", help="dated mode: the partition date, YYYY-MM-DD")
-    plan.add_argument("--budget", type=int, help="flat mode: shards per run (default: all)")
+    plan.add_argument("--budget", type=int,
+                      help="flat mode: shards per run, 0 from the fleet (the DAG's shards_per_run; default: all)")
+    plan.add_argument("--pool-slots", type=int, default=int(os.environ.get("MAGA_POOL_SLOTS", "8")),
+                      help="--budget 0: slots of the maga_llm pool (default MAGA_POOL_SLOTS or 8)")
+    plan.add_argument("--run-hours", type=float, help="--budget 0: hours a night's runs may take (default 8)")
+    plan.add_argument("--shard-hours", type=float,
+                      help="--budget 0: hours per shard (default: the median of the recipe's recent shards)")
     plan.add_argument("--max-shards", type=int,
                       help="most shards one run maps (the DAG uses Airflow's core.max_map_length; default: no limit)")
     plan.add_argument("--max-shard-failures", type=int, default=RunSettings.model_fields["max_shard_failures"].default,

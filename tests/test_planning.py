@@ -342,6 +342,16 @@ def test_maga_plan_prints_what_a_run_would_do_and_writes_nothing(tmp_path, regis
     assert _registry_state(registry, RID) == before  # nothing leased, planned or recorded
     assert registry.shard(RID, "part-0004") is None
 
+    # --budget 0: derived from the fleet as the DAG does (one registered shard is too
+    # little history: 1 h a shard), so 2 slots x 1 h publish both pending shards.
+    assert maga(["plan", source, "--registry", registry_url, "--budget", "0", "--pool-slots", "2",
+                 "--run-hours", "1"]) == 0
+    captured = capsys.readouterr()
+    derived = json.loads(captured.out.strip().splitlines()[-1])
+    assert derived["budget"]["derived"] and derived["budget"]["shards"] == 2
+    assert [d["shard"] for d in derived["publish"]] == ["part-0004", "part-0003"]
+    assert "budget 2 shard(s) = 2 slot(s) x 1 h / 1.000 h per shard (no history yet: fallback)" in captured.err
+
     # Dated: the whole partition, whatever the budget; the text summary goes to stderr.
     write_sample_corpus(tmp_path / "drops", 3, 1, partitions=["2026-11-01"])
     args = ["plan", str(tmp_path / "drops" / "{ds}"), "--registry", registry_url, "--planning-mode", "dated",

@@ -584,7 +584,7 @@ def airflow_suite(sizes: dict, work: Path, figures: Figures) -> dict:
     from maga_tasks.tools.test_server_process import TestServerProcess
 
     shards, new = sizes["airflow_shards"], min(sizes["airflow_new"], sizes["airflow_shards"])
-    slots = 4
+    slots = sizes["airflow_slots"]
     recipe_id = load_recipe().recipe_id
     source = work / "airflow-source"
     write_tiny_sources(source, shards)
@@ -598,8 +598,9 @@ def airflow_suite(sizes: dict, work: Path, figures: Figures) -> dict:
             MAGA_OUTPUT_ROOT=str(work / "airflow-out"),
             # No scheduled run when the DAG is unpaused: only the bench's own run.
             AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="False",
-            # One run maps every shard: core.max_map_length raised past the default 1,024
-            # when the run is larger (the DAG's own continuation is another helper's work).
+            # One run maps every shard, the heaviest case for the scheduler and the API
+            # server: core.max_map_length raised past the default 1,024 when the run is
+            # larger (otherwise the DAG would publish the rest in continuation runs).
             AIRFLOW__CORE__MAX_MAP_LENGTH=str(max(1024, shards)),
             AIRFLOW__CORE__PARALLELISM=str(slots),
             PYTHONPATH=str(REPO),
@@ -687,6 +688,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="comma-separated sections of --scale to run")
     group.add_argument("--airflow-shards", type=int, help="--scale: shards of the Airflow run (full 2,000; short 20)")
     group.add_argument("--airflow-new", type=int, help="--scale: of those, shards not registered yet")
+    group.add_argument("--airflow-slots", type=int, default=4,
+                       help="--scale: pool slots, Celery concurrency and parallelism of the Airflow run")
 
 
 SECTIONS = {
@@ -704,6 +707,7 @@ def run_scale(args) -> dict:
         sizes["airflow_shards"] = args.airflow_shards
     if args.airflow_new is not None:
         sizes["airflow_new"] = args.airflow_new
+    sizes["airflow_slots"] = args.airflow_slots
     sections = [s.strip() for s in args.scale_sections.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
