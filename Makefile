@@ -37,7 +37,7 @@ tiny-model: install
 # A missing vLLM venv, browser or linter fails the tests here, never skips them: this is
 # the same run as CI's.
 test: install vllm-venv system-packages smollm2-model
-	CI=$${CI:-1} MAGA_REQUIRE_VLLM=1 MAGA_REQUIRE_BROWSER=1 $(PY) -m pytest -q -ra
+	CI=$${CI:-1} MAGA_REQUIRE_VLLM=1 MAGA_REQUIRE_BROWSER=1 $(PY) -m pytest -q -ra --durations=25
 
 # Everything but the slow end-to-end parts (vLLM engine, Airflow scheduler, browser).
 test-fast: install
