@@ -11,19 +11,12 @@ WHERE s.status = 'registered'
 GROUP BY s.recipe_id, r.key;
 
 INSERT INTO registered_tallies (recipe_id, kind, label, total)
-SELECT s.recipe_id, 'genre', g.value ->> 0, SUM((g.value ->> 1)::bigint)
-FROM shards s, json_array_elements(
-    CASE WHEN json_typeof(s.label_summary::json -> 'genres') = 'array' THEN s.label_summary::json -> 'genres'
+SELECT s.recipe_id, k.kind, l.value ->> 0, SUM((l.value ->> 1)::bigint)
+FROM shards s
+CROSS JOIN (SELECT 'genre' AS kind, 'genres' AS field UNION ALL SELECT 'audience', 'audiences') k
+CROSS JOIN LATERAL json_array_elements(
+    CASE WHEN json_typeof(s.label_summary::json -> k.field) = 'array' THEN s.label_summary::json -> k.field
     ELSE '[]' END
-) g
+) l
 WHERE s.status = 'registered'
-GROUP BY s.recipe_id, g.value ->> 0;
-
-INSERT INTO registered_tallies (recipe_id, kind, label, total)
-SELECT s.recipe_id, 'audience', a.value ->> 0, SUM((a.value ->> 1)::bigint)
-FROM shards s, json_array_elements(
-    CASE WHEN json_typeof(s.label_summary::json -> 'audiences') = 'array' THEN s.label_summary::json -> 'audiences'
-    ELSE '[]' END
-) a
-WHERE s.status = 'registered'
-GROUP BY s.recipe_id, a.value ->> 0;
+GROUP BY s.recipe_id, k.kind, l.value ->> 0;
