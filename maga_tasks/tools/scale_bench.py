@@ -361,16 +361,16 @@ def seed_registered(registry, recipe_id: str, shards: list[tuple[str, str]]) -> 
         conn.execute(queries.ADD_TO_TALLY, [
             {"rid": recipe_id, "kind": kind, "label": label, "total": count * len(names)} for kind, label, count in tallies
         ])
-    # What autovacuum does after a bulk change: without it every count reads the heap rows
-    # the UPDATE above just rewrote, which a registry in service has long since settled.
-    with registry.db.engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE shards, quality_results"))
         conn.execute(text(
             "INSERT INTO quality_results (result_id, recipe_id, shard, suite, success, evaluated, failed, statistics,"
             " failed_expectations, docs_uri, created_at)"
             " SELECT md5(recipe_id || shard), recipe_id, shard, 'output', 1, 12, 0, '{}', '[]', NULL, updated_at"
             " FROM shards WHERE recipe_id = :rid AND shard = ANY(:names) ON CONFLICT DO NOTHING"
         ), {"rid": recipe_id, "names": names})
+    # What autovacuum does after a bulk change: without it every count reads the heap rows
+    # the statements above just wrote, which a registry in service has long since settled.
+    with registry.db.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE shards, quality_results"))
 
 
 def _flat_shards(count: int) -> list[tuple[str, str]]:
