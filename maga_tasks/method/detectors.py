@@ -17,29 +17,62 @@ import re
 from collections import Counter
 from functools import lru_cache
 
+from maga_tasks.method.text import lowered, vocabulary, word_line, words
+
 Finding = tuple[str, str] | None
+
+# Patterns written in lower case are searched in the lower-cased text, compiled without
+# IGNORECASE: Python's re runs them 2-3 times faster so. And a cheap first look (one
+# scan for all the phrase patterns, one for the line labels, a test for brackets) skips
+# the scans that cannot match: cleaning is most of the client's CPU at zero latency
+# (`maga bench --suite client`).
+
+
+def _excerpt(text: str, low: str, match: re.Match) -> str:
+    # The original casing where lower-casing kept every position (nearly always).
+    source = text if len(low) == len(text) else low
+    return source[match.start() : match.end()].strip()[:60]
+
 
 # -- echo of the prompt or the chat template -------------------------------------------
 
-# Lines our prompts put around the document or the task (maga_tasks/recipes/*.yaml).
-_TASK_LINE = re.compile(r"^\s*(?:#+\s*)?(?:TASK|Task)\s*(?::|\"|-)", re.MULTILINE)
-_PAIR_LABEL = re.compile(r"^\s*[*_#>-]*\s*(?:genre|audience)\s*[*_]*\s*:", re.IGNORECASE | re.MULTILINE)
+# Lines our prompts put around the document or the task (maga_tasks/recipes/*.yaml); each
+# a pattern of its own, and all of them in one line-start scan that tells which may match.
+_TASK = r"(?:#+\s*)?(?:TASK|Task)\s*(?::|\"|-)"  # case matters: searched in the text itself
+_PAIR = r"[*_#>-]*\s*(?:genre|audience)\s*[*_]*\s*:"
+_DOCUMENT = r"(?:source\s+)?document\s*:"
+_LANGUAGE = r"language\s*:"
+_ROLE_LINE = r"(?:system|user|assistant)\s*$"
+_TASK_LINE = re.compile(rf"^\s*{_TASK}", re.MULTILINE)
+_PAIR_LABEL = re.compile(rf"^\s*{_PAIR}", re.MULTILINE)
+_DOCUMENT_BLOCK = re.compile(rf"^\s*{_DOCUMENT}", re.MULTILINE)
+_LANGUAGE_LINE = re.compile(rf"^\s*{_LANGUAGE}", re.MULTILINE)
+_LABEL_LINES = re.compile(  # in the lower-cased text, so "TASK|Task" becomes "task" there
+    rf"^\s*(?:{_TASK.replace('(?:TASK|Task)', 'task')}|{_PAIR}|{_DOCUMENT}|{_LANGUAGE}|{_ROLE_LINE})", re.MULTILINE
+)
+# These two need a bracket ("<", ">" or "[") or a role name alone on a line.
 _DELIMITER = re.compile(r"^\s*(?:<<<|>>>)|(?:<<<|>>>)\s*$", re.MULTILINE)
 _ROLE_TOKEN = re.compile(
     r"<\|(?:im_start|im_end|endoftext|system|user|assistant|eot_id|start_header_id|end_header_id)\|>"
-    r"|\[/?INST\]|<</?SYS>>|^\s*(?:system|user|assistant)\s*$",
-    re.IGNORECASE | re.MULTILINE,
+    rf"|\[/?inst\]|<</?sys>>|^\s*{_ROLE_LINE}",
+    re.MULTILINE,
 )
-_DOCUMENT_BLOCK = re.compile(r"^\s*(?:source\s+)?document\s*:", re.IGNORECASE | re.MULTILINE)
 _INSTRUCTION_ECHO = re.compile(
     r"\b(?:rewrite the (?:document|text) (?:above|below)|for this genre and audience|for this reader\b|"
     r"the (?:document|text|article) above|propose \d+ genre/audience pairs|information points? of the document|"
     r"output only the (?:final|rewritten) text|no preamble, notes or remarks|with no (?:preamble|notes)|"
     r"(?:reworked|rewritten|reformulated) for a new (?:kind of text|reader)|can be reformatted as follows|"
-    r"(?:a|the) rewritten version of the (?:document|text))",
-    re.IGNORECASE,
+    r"(?:a|the) rewritten version of the (?:document|text))"
 )
-_LANGUAGE_LINE = re.compile(r"^\s*language\s*:", re.IGNORECASE | re.MULTILINE)
+# (pattern, what it finds, searched in the lower-cased text), in the order they are reported
+_MARKUP = (
+    (_ROLE_TOKEN, "a chat role token", True),
+    (_TASK_LINE, "a task line", False),
+    (_DELIMITER, "a <<< / >>> delimiter", False),
+    (_PAIR_LABEL, "a Genre:/Audience: label", True),
+    (_DOCUMENT_BLOCK, "a Document: label", True),
+    (_LANGUAGE_LINE, "a Language: line", True),
+)
 # Ten words in a row of the pair's own description: the prompt, not a rewrite of the source.
 _ECHO_RUN = 10
 
@@ -47,54 +80,56 @@ _ECHO_RUN = 10
 def prompt_echo(text: str, genre: str = "", audience: str = "") -> Finding:
     """Task lines, delimiters, role tokens, the pair's labels, the instructions, or ten
     words in a row of the genre or audience description (naming them briefly is fine)."""
-    for pattern, what in (
-        (_ROLE_TOKEN, "a chat role token"),
-        (_TASK_LINE, "a task line"),
-        (_DELIMITER, "a <<< / >>> delimiter"),
-        (_PAIR_LABEL, "a Genre:/Audience: label"),
-        (_DOCUMENT_BLOCK, "a Document: label"),
-        (_LANGUAGE_LINE, "a Language: line"),
-        (_INSTRUCTION_ECHO, "the instructions"),
-    ):
-        match = pattern.search(text)
+    low = lowered(text)
+    if "<" in text or ">" in text or "[" in text or _LABEL_LINES.search(low):
+        for pattern, what, in_lowered in _MARKUP:
+            match = pattern.search(low if in_lowered else text)
+            if match:
+                return "prompt_echo", f"{what}: {_excerpt(text, low, match)!r}"
+    if _has_phrase(text):
+        match = _INSTRUCTION_ECHO.search(low)
         if match:
-            return "prompt_echo", f"{what}: {match.group(0).strip()[:60]!r}"
-    words = _word_runs(text, _ECHO_RUN)
+            return "prompt_echo", f"the instructions: {_excerpt(text, low, match)!r}"
     for label, value in (("genre", genre), ("audience", audience)):
-        if value and words & _word_runs(value, _ECHO_RUN):
+        if value and _shares_run(text, value, _ECHO_RUN):
             return "prompt_echo", f"the {label} description copied into the text"
     return None
 
 
-def _word_runs(text: str, size: int) -> set[tuple[str, ...]]:
-    words = [w.lower() for w in _TOKEN.findall(text)]
-    return {tuple(words[i : i + size]) for i in range(len(words) - size + 1)}
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().split())
+def _shares_run(text: str, value: str, size: int) -> bool:
+    """Whether `size` words in a row of the value occur in the text, in that order."""
+    value_words = words(value)
+    known = vocabulary(text)
+    streak = 0
+    line = None
+    for end, word in enumerate(value_words, 1):
+        streak = streak + 1 if word in known else 0
+        if streak >= size:  # every word of this run is in the text: are they in a row?
+            line = line or word_line(text)
+            if f" {' '.join(value_words[end - size : end])} " in line:
+                return True
+    return False
 
 
 # -- repetition loops ----------------------------------------------------------------
 
 _SENTENCE = re.compile(r"[^.!?\n]+[.!?]?")
-_TOKEN = re.compile(r"\w+", re.UNICODE)
 
 
 def repetition(text: str, *, max_repeated_share: float = 0.6, max_same_sentence: int = 3) -> Finding:
     """A text that loops: one sentence or line many times, or most of its 4-word runs
     repeated (a degenerate sampler repeats itself long before max_tokens)."""
-    sentences = [_normalise(s) for s in _SENTENCE.findall(text) if len(s.split()) >= 4]
+    split = (s.split() for s in _SENTENCE.findall(lowered(text)))
+    sentences = [" ".join(parts) for parts in split if len(parts) >= 4]
     if sentences:
         sentence, count = Counter(sentences).most_common(1)[0]
         if count >= max_same_sentence:
             return "repetition", f"a sentence repeated {count} times: {sentence[:60]!r}"
-    words = [w.lower() for w in _TOKEN.findall(text)]
-    runs = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
-    if len(runs) >= 20:
-        counts = Counter(runs)
+    w = words(text)
+    if len(w) >= 23:  # 20 runs of 4 words
+        counts = Counter(zip(w, w[1:], w[2:], w[3:]))
         repeated = sum(c for c in counts.values() if c > 1)
-        share = repeated / len(runs)
+        share = repeated / (len(w) - 3)
         if share > max_repeated_share:
             return "repetition", f"{share:.2f} of 4-word runs repeated > {max_repeated_share}"
     return None
@@ -108,14 +143,16 @@ _REFUSAL = re.compile(
     r"i don't have (?:access|the ability|personal)|please provide (?:the|more|a)|"
     r"could you (?:please )?(?:provide|clarify|share)|i'd be happy to help|i'm ready to help|"
     r"would you like me to|what (?:genre|audience|format|text|kind of)\b[^.?!]*\bwould you like|"
-    r"is there (?:a|an|any)\b[^.?!]*\bmissing\?|please provide feedback)",
-    re.IGNORECASE,
+    r"is there (?:a|an|any)\b[^.?!]*\bmissing\?|please provide feedback)"
 )
 
 
 def refusal(text: str) -> Finding:
-    match = _REFUSAL.search(text)
-    return ("refusal", f"{match.group(0)!r}") if match else None
+    if not _has_phrase(text):
+        return None
+    low = lowered(text)
+    match = _REFUSAL.search(low)
+    return ("refusal", f"{_excerpt(text, low, match)!r}") if match else None
 
 
 # -- talk about the task instead of the text ------------------------------------------
@@ -126,23 +163,53 @@ def refusal(text: str) -> Finding:
 # it was given ("the original text", "my previous response") or announcing its answer
 # ("Here's an edited version", "here is a radio script read aloud by a presenter:").
 _TASK_TALK = (
-    re.compile(r"\b(?:rewrit\w*|rewrote|rephras\w*|reword\w*|paraphras\w*)\b", re.IGNORECASE),
+    re.compile(r"\b(?:rewrit\w*|rewrote|rephras\w*|reword\w*|paraphras\w*)\b"),
     re.compile(r"\b(?:the|this|your|my) (?:original |given |provided |source |above |following )?"
-               r"(?:text|passage|document|response)\b", re.IGNORECASE),
+               r"(?:text|passage|document|response)\b"),
     re.compile(r"\bhere(?:'s|\u2019s| is| are) (?:a|an|the|my|some)\b[^.:\n]{0,60}?"
-               r"\b(?:version|rewording|edit|revision|script|text)\b", re.IGNORECASE),
+               r"\b(?:version|rewording|edit|revision|script|text)\b"),
 )
 
 
+def _any_of(patterns: list[re.Pattern]) -> re.Pattern:
+    """One scan that matches wherever any of the patterns (each starting at a word
+    boundary) does: a text it finds nothing in needs none of their own scans."""
+    assert all(p.pattern.startswith(r"\b") for p in patterns)
+    return re.compile(r"\b(?:" + "|".join(f"(?:{p.pattern[2:]})" for p in patterns) + ")")
+
+
+_PHRASES = _any_of([_INSTRUCTION_ECHO, _REFUSAL, *_TASK_TALK])
+
+
+@lru_cache(maxsize=64)
+def _has_phrase(text: str) -> bool:
+    """Whether any phrase of the echo, refusal or task-talk patterns may be in the text."""
+    return _PHRASES.search(lowered(text)) is not None
+
+
 def task_talk(text: str, source: str) -> Finding:
+    if not _has_phrase(text):
+        return None
+    low = lowered(text)
     for pattern in _TASK_TALK:
-        match = pattern.search(text)
-        if match and not pattern.search(source):
-            return "task_talk", f"talks about the task, not the topic: {match.group(0)!r}"
+        match = pattern.search(low)
+        if match and not pattern.search(lowered(source)):
+            return "task_talk", f"talks about the task, not the topic: {_excerpt(text, low, match)!r}"
     return None
 
 
 # -- another language than the source's ------------------------------------------------
+
+# Language ID is the costliest check by far (py3langid walks every byte in Python), so
+# it runs only where a cheap look is unsure, and on a bounded sample of a long text.
+_LANGID_SAMPLE_CHARS = 2048
+# Function words differ between languages and make up a large part of any text: a
+# rewrite most of whose words occur in its source is written in the source's language.
+# Real SmolLM2 rewrites in another language share under 0.05 of their words with the
+# source; its good rewrites share 0.44-0.97 (tests/fixtures/smollm2_outputs.jsonl).
+SAME_LANGUAGE_WORD_SHARE = 0.5
+_NON_LATIN_LETTER = re.compile(r"[^\W\d_A-Za-z\u00c0-\u024f]")
+_NON_LETTERS = re.compile(r"[\W\d_]+")
 
 
 @lru_cache(maxsize=1)
@@ -154,25 +221,57 @@ def _identifier():
 
 
 def language_of(text: str) -> tuple[str, float]:
-    """(ISO 639-1 code, probability) of the text's language."""
+    """(ISO 639-1 code, probability) of the text's language (a long text by its first
+    and last 1 KB)."""
+    if len(text) > _LANGID_SAMPLE_CHARS:
+        half = _LANGID_SAMPLE_CHARS // 2
+        text = f"{text[:half]} {text[-half:]}"
     code, probability = _identifier().classify(text)
     return code, float(probability)
 
 
+@lru_cache(maxsize=256)
+def _source_language(source: str) -> str:
+    # Five rewrites are judged against one source.
+    return language_of(source)[0]
+
+
+def shared_word_share(text: str, source: str) -> float:
+    """Share of the text's words (case-folded) that occur anywhere in the source."""
+    text_words = words(text)
+    if not text_words:
+        return 0.0
+    source_words = vocabulary(source)
+    return sum(map(source_words.__contains__, text_words)) / len(text_words)
+
+
+@lru_cache(maxsize=256)
 def _non_latin_share(text: str) -> float:
-    letters = [c for c in text if c.isalpha()]
-    return sum(not ("a" <= c.lower() <= "z" or "\u00c0" <= c <= "\u024f") for c in letters) / max(1, len(letters))
+    """Share of the letters outside Latin script. The regexes scan in C; `\\w` also
+    takes numerals such as "½", which `isalpha` then sets apart."""
+    if text.isascii():
+        return 0.0
+    candidates = _NON_LATIN_LETTER.findall(text)
+    if not candidates:
+        return 0.0
+    outside = sum(c.isalpha() and not "a" <= c.lower() <= "z" for c in candidates)
+    numerals = len(candidates) - sum(c.isalpha() for c in candidates)
+    letters = len(text) - sum(map(len, _NON_LETTERS.findall(text))) - numerals
+    return outside / max(1, letters)
 
 
 def other_language(text: str, source: str, *, min_confidence: float = 0.8) -> Finding:
     """The rewrite is in another script than its source, or confidently in another
-    language (the identifier is unsure on loops, so the script decides first)."""
+    language (the identifier is unsure on loops, so the script decides first). Language
+    ID runs only when under half of the rewrite's words occur in the source."""
     if len(text) < 40 or len(source) < 40:
         return None  # too little text to tell
     share = _non_latin_share(text)
     if share > 0.2 and _non_latin_share(source) < 0.05:
         return "other_language", f"{share:.0%} of letters outside the Latin script of the source"
-    want, _ = language_of(source)
+    if shared_word_share(text, source) >= SAME_LANGUAGE_WORD_SHARE:
+        return None
+    want = _source_language(source)
     got, confidence = language_of(text)
     if got != want and confidence >= min_confidence:
         return "other_language", f"{got} ({confidence:.2f}), source is {want}"

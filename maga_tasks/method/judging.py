@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from maga_tasks.errors import ShardInputError
 from maga_tasks.data.layout import shard_name, shard_paths
-from maga_tasks.llm.client import LLMClient
+from maga_tasks.llm.client import LLMClient, run_client
 from maga_tasks.recipe import Recipe
 from maga_tasks.settings import RunSettings
 from maga_tasks.data.source import SourceColumns, open_shard
@@ -104,7 +104,7 @@ def judge_committed_shard(
     rows = _sample_rows(paths.data, sample, s3)
     sources = _source_texts(source_uri, {row["source_id"] for row in rows}, recipe, columns, s3)
     report = JudgeReport(paths.shard, recipe.recipe_id, len(rows), min_pass_share=recipe.quality.min_judge_pass_share)
-    verdicts = asyncio.run(_judge_rows(rows, sources, recipe, settings, paths.shard, report))
+    verdicts = run_client(_judge_rows(rows, sources, recipe, settings, paths.shard, report))
     samples = [
         {**{k: row[k] for k in _SAMPLE_COLUMNS if k != "text"}, **asdict(verdict)}
         for row, verdict in zip(rows, verdicts)
