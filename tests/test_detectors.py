@@ -195,3 +195,11 @@ def test_another_language_is_caught_though_language_id_runs_only_where_few_words
     assert len(pairs) > 2000
     assert sum(caught) >= 0.95 * len(pairs)
     assert missed <= 0.002 * len(pairs)
+
+
+@pytest.mark.parametrize("pattern, starts", [
+    (r"(?:ab|c)d", {"a", "c"}), (r"[xy]z", {"x", "y"}), (r"(a|b)", {"a", "b"}),
+    (r"a?b", None), (r"\w+", None), (r"(?:x|)y", None),
+])
+def test_the_phrase_scan_looks_ahead_only_for_characters_it_can_read_off_the_pattern(pattern, starts):
+    assert detectors._first_chars(detectors.re_parser.parse(pattern).data) == starts

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import orjson
+
 from maga_tasks.data.storage import LocalStorage, Storage, join
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,7 @@ class Checkpoint:
                     if not line.endswith(b"\n"):
                         break  # torn by a kill mid-write
                     try:
-                        doc_index = json.loads(line)["i"]
+                        doc_index = _decode_line(line)["i"]
                     except (ValueError, KeyError, TypeError):
                         continue
                     found.setdefault(doc_index, DocLocation(segment, start))
@@ -98,12 +100,12 @@ class Checkpoint:
     def read(location: DocLocation) -> list[dict]:
         with open(location.segment, "rb") as handle:
             handle.seek(location.offset)
-            return json.loads(handle.readline())["rows"]
+            return _decode_line(handle.readline())["rows"]
 
     # -- writing ---------------------------------------------------------------------
 
     def append(self, doc_index: int, rows: list[dict]) -> None:
-        line = (json.dumps({"i": doc_index, "rows": rows}, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+        line = _encode_line({"i": doc_index, "rows": rows})
         if self._local:
             if self._handle is None:
                 path = Path(join(self.work_uri, f"part-{self.run_id}.jsonl"))
@@ -155,3 +157,22 @@ class Checkpoint:
     def clear(self) -> None:
         self.close()
         self.storage.delete_prefix(self.work_uri)
+
+
+# A line per finished document: orjson, several times faster than json at thousands of
+# documents a minute; json where orjson refuses (lone surrogates, which a jsonl source can
+# carry as \ud800 escapes), written and read back as they were.
+
+
+def _encode_line(record: dict) -> bytes:
+    try:
+        return orjson.dumps(record) + b"\n"
+    except orjson.JSONEncodeError:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+
+
+def _decode_line(line: bytes):
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return json.loads(line)  # json decodes its own surrogatepass lines

@@ -8,6 +8,8 @@ prefix caching then encodes the instructions once and each document once.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from maga_tasks.recipe import Recipe
 
 DOCUMENT_OPEN = "SOURCE DOCUMENT\n<<<\n"
@@ -17,7 +19,13 @@ Messages = list[dict[str, str]]
 
 
 def system_prompt(recipe: Recipe) -> str:
-    return recipe.prompts["system"].format(n_pairs=recipe.pairs_per_document)
+    return _formatted_system(recipe.prompts["system"], recipe.pairs_per_document)
+
+
+@lru_cache(maxsize=16)
+def _formatted_system(template: str, n_pairs: int) -> str:
+    # The same long message for every request of a run: formatted once.
+    return template.format(n_pairs=n_pairs)
 
 
 def document_block(recipe: Recipe, document: str) -> str:

@@ -11,7 +11,10 @@ import json
 import random
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from urllib.parse import quote
+
+import orjson
 
 from maga_tasks.errors import FleetRefused
 from maga_tasks.llm.client import Completion, LLMClient, RequestFailed, refuses_structured_outputs
@@ -34,7 +37,12 @@ def derive_seed(doc_key: str, stage: str, pair_index: int, attempt: int) -> int:
 
 
 def request_id(doc_key: str, stage: str, pair_index: int) -> str:
-    return f"{quote(doc_key, safe='')}/{stage}/{pair_index}"
+    return f"{_quoted(doc_key)}/{stage}/{pair_index}"
+
+
+@lru_cache(maxsize=1024)
+def _quoted(doc_key: str) -> str:
+    return quote(doc_key, safe="")  # the same key for the six or more requests of a document
 
 
 @dataclass(frozen=True)
@@ -85,9 +93,12 @@ def parse_json_object(text: str) -> dict | None:
     """The JSON object in an answer, tolerating code fences and chatter around it."""
     for candidate in (text.strip(), *(_JSON_OBJECT.findall(text) or ())):
         try:
-            value = json.loads(candidate)
-        except ValueError:
-            continue
+            value = orjson.loads(candidate)  # fast; json below takes what it refuses (NaN, huge ints)
+        except orjson.JSONDecodeError:
+            try:
+                value = json.loads(candidate)
+            except ValueError:
+                continue
         if isinstance(value, dict):
             return value
     return None
