@@ -10,6 +10,8 @@ genre/audience pairs that are or are not descriptions.
 from __future__ import annotations
 
 import json
+import re._constants as re_constants  # the parser's tree: where a pattern's match can start
+import re._parser as re_parser
 from pathlib import Path
 
 import pytest
@@ -197,9 +199,33 @@ def test_another_language_is_caught_though_language_id_runs_only_where_few_words
     assert missed <= 0.002 * len(pairs)
 
 
+def _first_chars(items: list) -> set[str] | None:
+    """The characters a parsed pattern's match can start with; None where it cannot tell
+    (anything but literals, sets of literals, groups and alternatives)."""
+    if not items:
+        return None  # an empty alternative matches anywhere
+    op, arg = items[0]
+    if op is re_constants.LITERAL:
+        return {chr(arg)}
+    if op is re_constants.IN and all(kind is re_constants.LITERAL for kind, _ in arg):
+        return {chr(code) for _, code in arg}
+    if op is re_constants.SUBPATTERN:
+        return _first_chars(arg[3].data)
+    if op is re_constants.BRANCH:
+        found = [_first_chars(branch.data) for branch in arg[1]]
+        return None if None in found else set().union(*found)
+    return None
+
+
 @pytest.mark.parametrize("pattern, starts", [
     (r"(?:ab|c)d", {"a", "c"}), (r"[xy]z", {"x", "y"}), (r"(a|b)", {"a", "b"}),
     (r"a?b", None), (r"\w+", None), (r"(?:x|)y", None),
 ])
-def test_the_phrase_scan_looks_ahead_only_for_characters_it_can_read_off_the_pattern(pattern, starts):
-    assert detectors._first_chars(detectors.re_parser.parse(pattern).data) == starts
+def test_the_start_letters_are_read_off_a_pattern_only_where_it_can_tell(pattern, starts):
+    assert _first_chars(re_parser.parse(pattern).data) == starts
+
+
+def test_the_phrase_scan_looks_ahead_for_exactly_the_letters_the_phrases_start_with():
+    starts = [_first_chars(re_parser.parse(p.pattern[2:]).data) for p in detectors._PHRASE_PATTERNS]
+    assert None not in starts
+    assert set(detectors.PHRASE_STARTS) == set().union(*starts)
