@@ -165,46 +165,47 @@ def test_dags_test_publishes_a_whole_partition_and_names_the_shard_that_failed(
     from maga_tasks.data.sample_corpus import write_sample_corpus
     from maga_tasks.registry import Registry
 
-    ds = "2025-02-01"
+    ds, good, budget = "2025-02-01", 10, 4  # a partition more than twice the flat budget
     drops = tmp_path / "drops"
-    write_sample_corpus(drops, shards=20, docs_per_shard=1, partitions=[ds])
+    write_sample_corpus(drops, shards=good, docs_per_shard=1, partitions=[ds])
     # One more file: a document over the context budget, and the tokenizer needed to cut
     # it cannot be loaded. Every try of that shard fails.
-    write_source_shard(drops / ds / "part-0020.parquet", [{"id": "huge", "text": "River deltas form. " * 400}])
+    poisoned_shard = f"{ds}_part-{good:04d}"
+    write_source_shard(drops / ds / f"part-{good:04d}.parquet", [{"id": "huge", "text": "River deltas form. " * 400}])
     broken = tmp_path / "broken-tokenizer"
     broken.mkdir()
     (broken / "tokenizer.json").write_text("not a tokenizer")
     recipe_path, recipe_id = write_recipe(tmp_path, "partition-test", tokenizer=str(broken))
     output_root = str(tmp_path / "expanded")
     llm = af_llm_server_factory()
-    conf = run_conf(str(drops / "{ds}"), output_root, llm.url, recipe_path, planning_mode="dated", shards_per_run=8)
+    conf = run_conf(str(drops / "{ds}"), output_root, llm.url, recipe_path, planning_mode="dated", shards_per_run=budget)
     run_env = {"AIRFLOW_CONN_MAGA_REGISTRY": postgres_registry_url, "AIRFLOW__CORE__MAX_MAP_LENGTH": "1024"}
 
     done = airflow_env.cli("dags", "test", DAG_ID, ds, "-c", json.dumps(conf), extra_env=run_env, timeout=600, check=False)
     output = done.stdout + done.stderr
     assert "state=failed" in output, output[-5000:]  # a shard failed: so does the run (the watcher)
 
-    # The budget of 8 is for flat corpora: the whole partition was published in this run.
+    # The budget is for flat corpora: the whole partition was published in this run.
     shards = registered(postgres_registry_url, recipe_id)
-    assert sorted(shards) == [f"{ds}_part-{i:04d}" for i in range(20)]
+    assert sorted(shards) == [f"{ds}_part-{i:04d}" for i in range(good)]
     assert_output_clean(output_root, recipe_id, shards)
-    poisoned = Registry(postgres_registry_url).shard(recipe_id, f"{ds}_part-0020")
+    poisoned = Registry(postgres_registry_url).shard(recipe_id, poisoned_shard)
     assert poisoned["status"] == "failed" and poisoned["attempts"] == 3, poisoned  # max_shard_failures
     assert "cannot load tokenizer" in poisoned["last_error"]
 
     (run_id, *_), = [r for r in dag_runs(airflow_env) if str(r[1]).startswith(ds)]
     states = {(ti[0], ti[2] or ti[1]): (ti[3], ti[4]) for ti in task_instances(airflow_env, run_id)}
-    assert states[("publish_shard", f"{ds}_part-0020")] == ("failed", 3)  # no retry after the third failure
-    assert sum(state == ("success", 1) for (task, _), state in states.items() if task == "publish_shard") == 20
+    assert states[("publish_shard", poisoned_shard)] == ("failed", 3)  # no retry after the third failure
+    assert sum(state == ("success", 1) for (task, _), state in states.items() if task == "publish_shard") == good
     assert states[("summarize", -1)][0] == "success" and states[("continue_run", -1)][0] == "skipped"
     assert states[("fail_if_shards_failed", -1)] == ("failed", 1)
 
     report = task_xcom(airflow_env, run_id, "summarize")
-    assert report["failed"] == 1 and [f["shard"] for f in report["failed_shards"]] == [f"{ds}_part-0020"]
+    assert report["failed"] == 1 and [f["shard"] for f in report["failed_shards"]] == [poisoned_shard]
     assert report["failed_shards"][0]["status"] == "failed"
     assert (report["left"], report["pending"], report["failed_for_good"]) == (1, 0, 1)
     assert not report["complete"] and not report["continue"]
-    # The asset event releases the 20 others: shard, data URI and checksum of each.
+    # The asset event releases the others: shard, data URI and checksum of each.
     (extra,), = airflow_env.query(
         "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE a.uri = %(u)s",
         {"u": f"maga://corpus/{recipe_id}"},

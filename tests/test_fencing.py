@@ -210,7 +210,7 @@ def _assert_one_clean_publication(registry: Registry, out: str, source: str, doc
 @pytest.mark.integration
 @pytest.mark.parametrize("resume", ["while_the_new_owner_expands", "after_the_new_owner_registered"])
 def test_a_worker_paused_past_its_lease_is_fenced_out(tmp_path, registry, llm_server_factory, resume):
-    documents, ttl_s = 12, 1.2
+    documents, ttl_s = 8, 1.2
     server = llm_server_factory(latency_ms=800)  # a document (pairs, then its rewrites) takes > 1.6 s > the lease
     source = str(write_sample_corpus(tmp_path / "source", 1, documents)[0])
     out = str(tmp_path / "out")
@@ -416,7 +416,9 @@ def test_an_outage_longer_than_the_lease_stops_the_worker_and_a_retry_resumes(
         if first.is_alive():
             first.kill()
     outcome = json.loads((tmp_path / "first.json").read_text())
-    assert outcome["error"] == "LeaseLost" and "expired while renewals kept failing" in outcome["message"], outcome
+    # Mostly the renewal thread sees it first; a try still waiting for the server when the
+    # lease runs out is the same outage seen by the shard's loop.
+    assert outcome["error"] == "LeaseLost" and "expired while" in outcome["message"], outcome
     assert stopped_after < ttl_s + 10
     kept = _checkpointed(out)
     assert 2 <= kept < documents  # the checkpoint stays for the retry

@@ -94,7 +94,7 @@ def assert_every_pair_exactly_once(accepted: list[dict], rejected: list[dict], d
 def test_server_killed_mid_shard_then_restarted_rerun_completes_without_duplicates(
     tiny_model_dir, vllm_python, vllm_api_key, tmp_path
 ):
-    documents, kill_after = 36, 6
+    documents, kill_after = 24, 6
     source = write_wiki_shard(tmp_path / "source" / "killed.parquet", documents, first_article=6000)
     output_root = str(tmp_path / "expanded")
     recipe = load_recipe(TINY_RECIPE, tokenizer=str(tiny_model_dir))
