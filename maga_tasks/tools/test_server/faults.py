@@ -28,6 +28,23 @@ reason "length"), ``boilerplate`` (rewrite wrapped in assistant chatter), ``empt
 source) and ``eos`` (rewrite: the honest answer, with finish reason "eos" instead of
 "stop", as servers other than vLLM say a natural end).
 
+``deep_json`` is a content fault too: the answer (pairs or judge; default pairs) is JSON
+nested 50,000 levels deep.
+
+Hostile faults are what a broken server or a proxy that rewrites bodies sends instead of
+a chat completion. They are aimed like transient faults (the request key without the
+attempt) but fire on every attempt by default (TIMES ``inf``), so a hit request never
+gets a good answer unless TIMES says so. The answer's envelope breaks its schema:
+``usage_huge`` (``usage.prompt_tokens`` 1e30), ``usage_negative`` (a negative
+``prompt_tokens``), ``usage_string`` (``completion_tokens`` as a string),
+``finish_list`` (``finish_reason`` a list), ``content_number`` and ``content_object``
+(``message.content`` a number or an object); or its size does: ``huge_answer`` (a 20 MiB
+body with its Content-Length), ``endless_answer`` (a chunked body that never ends until
+the client leaves); or it is an error page that must not be shown as it is:
+``echo_auth`` (401 whose body echoes the request's headers, Authorization included),
+``nul_5xx`` (500 with NUL and escape bytes in its body), ``huge_error`` (503 with a
+20 MiB page).
+
 ``die_after:N`` makes the process exit (``os._exit``) once N chat completion requests
 have been answered (any status), like a worker that dies under load.
 
@@ -51,12 +68,15 @@ from maga_tasks.tools.test_server.answers import (
 )
 
 TRANSIENT_KINDS = ("http500", "http429", "timeout", "disconnect", "crash")
-CONTENT_KINDS = ("bad_json", "wrong_count", "truncate", "boilerplate", "empty", "off_topic", "eos")
+CONTENT_KINDS = ("bad_json", "wrong_count", "truncate", "boilerplate", "empty", "off_topic", "eos", "deep_json")
+ENVELOPE_KINDS = ("usage_huge", "usage_negative", "usage_string", "finish_list", "content_number", "content_object")
+HOSTILE_KINDS = (*ENVELOPE_KINDS, "huge_answer", "endless_answer", "echo_auth", "nul_5xx", "huge_error")
 # Stages each kind may apply to, and the default when the spec names none. Content
 # faults default to the stage whose output they spoil in the method's description.
 ALLOWED_STAGES = {
-    **{kind: frozenset(STAGES) for kind in TRANSIENT_KINDS},
+    **{kind: frozenset(STAGES) for kind in (*TRANSIENT_KINDS, *HOSTILE_KINDS)},
     "bad_json": frozenset({"pairs", "judge"}),
+    "deep_json": frozenset({"pairs", "judge"}),
     "wrong_count": frozenset({"pairs"}),
     "truncate": frozenset(STAGES),
     "boilerplate": frozenset({"rewrite"}),
@@ -65,8 +85,9 @@ ALLOWED_STAGES = {
     "eos": frozenset(STAGES),
 }
 DEFAULT_STAGES = {
-    **{kind: frozenset(STAGES) for kind in TRANSIENT_KINDS},
+    **{kind: frozenset(STAGES) for kind in (*TRANSIENT_KINDS, *HOSTILE_KINDS)},
     "bad_json": frozenset({"pairs"}),
+    "deep_json": frozenset({"pairs"}),
     "wrong_count": frozenset({"pairs"}),
     "truncate": frozenset({"rewrite"}),
     "boilerplate": frozenset({"rewrite"}),
@@ -74,8 +95,10 @@ DEFAULT_STAGES = {
     "off_topic": frozenset({"rewrite"}),
     "eos": frozenset({"rewrite"}),
 }
-KINDS = (*TRANSIENT_KINDS, *CONTENT_KINDS, "die_after")
+KINDS = (*TRANSIENT_KINDS, *CONTENT_KINDS, *HOSTILE_KINDS, "die_after")
 DEFAULT_HANG_S = 30.0
+DEEP_JSON_LEVELS = 50_000
+HUGE_BODY_BYTES = 20 * 1024**2
 
 
 # ---------------------------------------------------------------------------------------
@@ -97,6 +120,10 @@ class Fault:
     @property
     def transient(self) -> bool:
         return self.kind in TRANSIENT_KINDS
+
+    @property
+    def hostile(self) -> bool:
+        return self.kind in HOSTILE_KINDS
 
     def aims_at(self, key: str) -> bool:
         """Whether this fault is aimed at the request with this selection key."""
@@ -169,7 +196,7 @@ def parse_fault(spec: str) -> Fault:
         return _parse_die_after(parts, spec)
     values: dict[str, object] = {
         "rate": 1.0,
-        "times": 1 if kind in TRANSIENT_KINDS else math.inf,
+        "times": 1 if kind in TRANSIENT_KINDS else math.inf,  # content and hostile: every time
         "hang_s": DEFAULT_HANG_S,
         "stages": DEFAULT_STAGES[kind],
     }
@@ -266,7 +293,42 @@ def spoil(
         return _off_topic(profile), False
     if kind == "eos":  # the content stays; the server reports the end differently
         return answer, False
+    if kind == "deep_json":
+        return '{"pairs": ' + "[" * DEEP_JSON_LEVELS + "]" * DEEP_JSON_LEVELS + "}", False
     raise AssertionError(kind)
+
+
+# ---------------------------------------------------------------------------------------
+# Hostile faults: an answer that breaks the chat-completions schema
+
+
+def spoil_envelope(kind: str, completion: dict) -> dict:
+    """A chat completion body with one field of the wrong type or out of bounds."""
+    choice, usage = completion["choices"][0], completion["usage"]
+    if kind == "usage_huge":
+        usage["prompt_tokens"] = 1e30
+    elif kind == "usage_negative":
+        usage["prompt_tokens"] = -19_997_666
+    elif kind == "usage_string":
+        usage["completion_tokens"] = str(usage["completion_tokens"])
+    elif kind == "finish_list":
+        choice["finish_reason"] = [choice["finish_reason"]]
+    elif kind == "content_number":
+        choice["message"]["content"] = 42
+    elif kind == "content_object":
+        choice["message"]["content"] = {"text": choice["message"]["content"]}
+    else:
+        raise AssertionError(kind)
+    return completion
+
+
+def huge_completion(completion: dict) -> bytes:
+    """The completion with its content padded to a body of HUGE_BODY_BYTES."""
+    choice = completion["choices"][0]
+    choice["message"]["content"] = ""
+    envelope = len(json.dumps(completion))
+    choice["message"]["content"] = "a" * max(0, HUGE_BODY_BYTES - envelope)
+    return json.dumps(completion).encode()
 
 
 def _prose_instead_of_json(answer: str, stage: str) -> str:

@@ -49,10 +49,14 @@ from maga_tasks.tools.test_server.answers import (
 )
 from maga_tasks.tools.test_server.faults import (
     CONTENT_KINDS,
+    ENVELOPE_KINDS,
+    HUGE_BODY_BYTES,
     Fault,
     fault_fires,
+    huge_completion,
     parse_fault,
     spoil,
+    spoil_envelope,
 )
 
 MAX_MODEL_LEN = 8192
@@ -244,6 +248,46 @@ async def _fire_transient(fault: Fault, request: web.Request) -> web.StreamRespo
     return None
 
 
+def _hostile_fault(state: ServerState, req: ChatRequest) -> Fault | None:
+    """The first hostile fault aimed at this request, if any."""
+    for index, fault in enumerate(state.faults):
+        if fault.hostile and state.fires(index, fault, req.stage, req.base_key, req.base_key):
+            return fault
+    return None
+
+
+async def _fire_hostile(fault: Fault, state: ServerState, req: ChatRequest, request: web.Request) -> web.StreamResponse:
+    """The answer a broken server or a body-rewriting proxy sends instead of a completion."""
+    if fault.kind in ENVELOPE_KINDS:
+        return web.json_response(spoil_envelope(fault.kind, _completion(state, req)))
+    if fault.kind == "huge_answer":
+        return web.Response(body=huge_completion(_completion(state, req)), content_type="application/json")
+    if fault.kind == "endless_answer":
+        return await _endless_answer(request)
+    if fault.kind == "echo_auth":
+        echoed = "".join(f"{name}: {value}\n" for name, value in request.headers.items())
+        return web.Response(status=401, text=f"401 Unauthorized. Your request headers were:\n{echoed}")
+    if fault.kind == "nul_5xx":
+        return web.Response(status=500, body=b"upstream \x00\x00 failed \x1b[31mred\x1b[0m \x00", content_type="text/plain")
+    if fault.kind == "huge_error":
+        page = b"<html><body>" + b"Service Unavailable " * (HUGE_BODY_BYTES // 20) + b"</body></html>"
+        return web.Response(status=503, body=page, content_type="text/html")
+    raise AssertionError(fault.kind)
+
+
+async def _endless_answer(request: web.Request) -> web.StreamResponse:
+    # A completion that starts well and never ends: chunks until the client leaves.
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    await response.write(b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "')
+    chunk = b"endless " * 131072  # 1 MiB
+    with contextlib.suppress(ConnectionError, RuntimeError):  # the client closed it: done
+        while True:
+            await response.write(chunk)
+    return response
+
+
 def _drop_connection(request: web.Request) -> web.StreamResponse:
     # Abort the socket so the client sees the connection end with no response at all.
     if request.transport is not None:
@@ -270,7 +314,9 @@ def _completion(state: ServerState, req: ChatRequest) -> dict:
         salt = _digest(req.full_key, req.seed)
         content, cut = spoil(fault.kind, content, answer_stage, profile, salt)
     completion_tokens = count_tokens(content)
-    if req.max_tokens is not None and completion_tokens > req.max_tokens:
+    # deep_json is what a proxy sends, not a model: no max_tokens cut would leave it deep.
+    capped = fault is None or fault.kind != "deep_json"
+    if capped and req.max_tokens is not None and completion_tokens > req.max_tokens:
         # What a real server does at the limit: stop mid-text and say so.
         content, completion_tokens, cut = (
             cut_to_tokens(content, req.max_tokens),
@@ -337,6 +383,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         failure = await _transient_fault(state, req, request)
         if failure is not None:
             return await _answer(request, state, failure)
+        hostile = _hostile_fault(state, req)
+        if hostile is not None:
+            return await _answer(request, state, await _fire_hostile(hostile, state, req, request))
         return await _answer(request, state, web.json_response(_completion(state, req)))
     except asyncio.CancelledError:
         state.stats["cancelled_running"] += 1
