@@ -55,6 +55,12 @@ class RunSettings(BaseModel):
     # Share of passing shards whose gates also write a full Data Docs site (chosen by a
     # hash of the shard name); failed shards always get one, every shard a JSON result.
     data_docs_sample_rate: float = Field(0.01, ge=0, le=1)
+    # Bound on one LLM answer's body (`llm.answer`): answer_envelope_bytes + the request's
+    # max_tokens x answer_bytes_per_token. A token is a few characters and JSON escapes one
+    # as at most 12 bytes (a surrogate pair), so 32 leaves room for any honest answer;
+    # a body past the bound is not read further and is a failed attempt.
+    answer_bytes_per_token: int = Field(32, ge=4, le=1024)
+    answer_envelope_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024**2)
 
     @field_validator("endpoints")
     @classmethod

@@ -14,6 +14,11 @@
   key: the model is served, its context length fits the recipe and, when the recipe names
   a `model_revision`, the weights it reports (`root`) are that revision where it can tell
   (`serves_revision`).
+- Answers are half-trusted: each is read with a size bound and parsed against the
+  chat-completions schema (`llm.answer`); one that breaks it is a failed attempt
+  (`retryable_bad_response` with the reason), so no unchecked value reaches a row. Error
+  bodies are read to a bound and pass `redaction.clean_text`; endpoint URLs in messages
+  and logs pass `redact_url`.
 - Who owns a failure is decided by the fleet, not by one answer:
   - 401/403/404 (key, model) take the endpoint out for good; when every endpoint refuses,
     `FleetRefused` fails the shard before any document is rejected.
@@ -55,8 +60,17 @@ import uvloop
 
 from maga_tasks.errors import EndpointsUnavailable, FleetRefused
 from maga_tasks.llm.adaptive import AimdParams, ServerLoad, WindowController
+from maga_tasks.llm.answer import (
+    ERROR_DETAIL_CHARS,
+    MalformedAnswer,
+    answer_limit,
+    parse_answer,
+    read_bounded,
+    read_error_body,
+)
 from maga_tasks.llm.vllm_local import parse_prometheus_text
 from maga_tasks.recipe import Sampling
+from maga_tasks.redaction import clean_text, redact_url, register_secret
 from maga_tasks.settings import RunSettings
 
 log = logging.getLogger(__name__)
@@ -65,6 +79,8 @@ RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 # The endpoint's configuration, not the request: wrong key, forbidden, unknown model.
 REFUSAL_STATUS = {401: "refused the API key", 403: "forbids the requests", 404: "does not serve the model"}
 _STRUCTURED_OUTPUT_WORDS = ("response_format", "json_schema", "guided", "structured")
+# /v1/models and /metrics answers: a model card list or a page of gauges, never megabytes.
+SIDE_ROUTE_BYTES = 1024**2
 
 
 @dataclass
@@ -176,6 +192,7 @@ class WindowGate:
 @dataclass
 class Endpoint:
     url: str
+    label: str = ""  # the URL fit for messages and logs: user-info masked
     in_flight: int = 0
     consecutive_failures: int = 0
     healthy: bool = True
@@ -237,7 +254,7 @@ class LLMClient:
         self.model = settings.served_model or model
         # Checked against what each endpoint reports it loaded (`serves_revision`).
         self.model_revision = model_revision
-        self.endpoints = [Endpoint(url) for url in settings.endpoints]
+        self.endpoints = [Endpoint(url, redact_url(url)) for url in settings.endpoints]
         if settings.adaptive_concurrency:
             params = AimdParams(ceiling=settings.max_concurrency, initial=settings.adaptive_initial_window)
             for endpoint in self.endpoints:
@@ -259,6 +276,7 @@ class LLMClient:
         key = self.settings.resolved_api_key
         if key:
             headers["Authorization"] = f"Bearer {key}"
+            register_secret(key)  # a server or proxy may echo it in any form: masked wherever it appears
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
         timeout = aiohttp.ClientTimeout(
             total=self.settings.request_timeout_s, sock_connect=self.settings.connect_timeout_s
@@ -303,23 +321,26 @@ class LLMClient:
             async with self._session.get(
                 f"{endpoint.url}/v1/models", timeout=aiohttp.ClientTimeout(total=10)
             ) as response:
-                status, raw = response.status, await response.read()
+                status = response.status
+                raw = await read_bounded(response, SIDE_ROUTE_BYTES) if status == 200 else b""
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return  # unreachable now: /health decides, the check runs again next time
         endpoint.models_checked = True
         if status in (401, 403):
             endpoint.refused = f"{REFUSAL_STATUS[status]} (http {status} on /v1/models)"
             return
-        if status != 200:
-            return  # a server without /v1/models cannot tell; the first request will
+        if status != 200 or raw is None:
+            return  # a server without /v1/models (or with a card past any bound) cannot tell; the first request will
         try:
-            models = {item["id"]: item for item in json.loads(raw)["data"]}
+            # orjson: a card nested past 1024 levels is refused, never a RecursionError.
+            models = {item["id"]: item for item in orjson.loads(raw)["data"] if isinstance(item, dict)}
         except (ValueError, KeyError, TypeError):
             return
         served = models.get(self.model)
         if served is None:
+            served_names = clean_text(", ".join(sorted(map(str, models))) or "nothing", 300)
             endpoint.refused = (
-                f"does not serve model {self.model!r} (it serves {', '.join(sorted(models)) or 'nothing'};"
+                f"does not serve model {self.model!r} (it serves {served_names};"
                 " set served_model / MAGA_SERVED_MODEL or the recipe's model)"
             )
             return
@@ -335,16 +356,16 @@ class LLMClient:
             same = serves_revision(root, self.model_revision)
             if same is False:
                 endpoint.refused = (
-                    f"serves {self.model!r} from {root!r}, not the recipe's model_revision {self.model_revision!r}"
+                    f"serves {self.model!r} from {clean_text(repr(root), 300)}, not the recipe's model_revision {self.model_revision!r}"
                 )
             elif same is None:
                 log.warning(
                     "endpoint %s serves %r from %r, which names no revision: model_revision %r not checked",
-                    endpoint.url, self.model, root, self.model_revision,
+                    endpoint.label, self.model, clean_text(repr(root), 300), self.model_revision,
                 )
 
     def _refusal_error(self) -> FleetRefused:
-        causes = "; ".join(f"{e.url} {e.refused}" for e in self.endpoints if e.refused)
+        causes = "; ".join(f"{e.label} {e.refused}" for e in self.endpoints if e.refused)
         return FleetRefused(f"every LLM endpoint refuses this run: {causes}")
 
     async def wait_ready(self, timeout_s: float, *, min_context_tokens: int | None = None) -> list[str]:
@@ -363,14 +384,14 @@ class LLMClient:
             if ready:
                 for endpoint in self.endpoints:
                     if endpoint.refused:
-                        log.error("endpoint %s left the rotation: it %s", endpoint.url, endpoint.refused)
+                        log.error("endpoint %s left the rotation: it %s", endpoint.label, endpoint.refused)
                 return ready
             if any(e.refused for e in self.endpoints) and all(e.refused or not ok for e, ok in zip(self.endpoints, results)):
                 raise self._refusal_error()
             if time.monotonic() >= deadline:
                 raise EndpointsUnavailable(
                     f"no LLM endpoint answered /health within {timeout_s:.0f}s: "
-                    + ", ".join(e.url for e in self.endpoints)
+                    + ", ".join(e.label for e in self.endpoints)
                 )
             await asyncio.sleep(min(1.0, self.settings.endpoint_probe_interval_s))
 
@@ -440,7 +461,7 @@ class LLMClient:
             return self._refusal_error()
         return EndpointsUnavailable(
             f"all LLM endpoints down for {self.settings.all_down_timeout_s:.0f}s: "
-            + ", ".join(e.url for e in self.endpoints)
+            + ", ".join(e.label for e in self.endpoints)
         )
 
     def _record_success(self, endpoint: Endpoint, kind: str) -> None:
@@ -466,7 +487,7 @@ class LLMClient:
 
     def _take_out(self, endpoint: Endpoint, why: str) -> None:
         endpoint.healthy = False
-        log.warning("endpoint %s left the rotation %s", endpoint.url, why)
+        log.warning("endpoint %s left the rotation %s", endpoint.label, why)
         if endpoint.prober is None or endpoint.prober.done():
             endpoint.prober = asyncio.create_task(self._probe_until_back(endpoint))
 
@@ -478,7 +499,7 @@ class LLMClient:
         endpoint.healthy = True
         endpoint.consecutive_failures = 0
         endpoint.died_holding = None
-        log.warning("endpoint %s is back in the rotation", endpoint.url)
+        log.warning("endpoint %s is back in the rotation", endpoint.label)
         self._recovered.set()
 
     # -- requests --------------------------------------------------------------------
@@ -496,7 +517,7 @@ class LLMClient:
         if cause == "timeout":
             return EndpointsUnavailable(
                 f"requests time out after {self.settings.request_timeout_s:g} s on every endpoint: raise"
-                f" request_timeout_s or lower concurrency ({', '.join(e.url for e in self.endpoints)})"
+                f" request_timeout_s or lower concurrency ({', '.join(e.label for e in self.endpoints)})"
             )
         if cause.startswith("http_4"):
             return FleetRefused(f"every LLM endpoint answers {cause} to {kind} requests: {detail[:200]}")
@@ -529,6 +550,7 @@ class LLMClient:
         if response_format:
             body["response_format"] = response_format
         payload = orjson.dumps(body)  # several times faster than json at thousands of requests/s
+        limit = answer_limit(sampling.max_tokens, self.settings.answer_bytes_per_token, self.settings.answer_envelope_bytes)
         attempts = rate_limited = 0
         used = [0, 0]  # tokens of failed attempts that still cost the server
         tried: set[str] = set()
@@ -539,7 +561,7 @@ class LLMClient:
             async with self._slot(affinity or request_id, tried) as endpoint:
                 endpoint.in_flight += 1
                 try:
-                    completion = await self._post(endpoint, payload, request_id, attempts + rate_limited + 1, used)
+                    completion = await self._post(endpoint, payload, request_id, attempts + rate_limited + 1, used, limit)
                     self._record_success(endpoint, kind)
                     if endpoint.controller is not None:
                         endpoint.controller.observe(completion.latency_s, completion.completion_tokens)
@@ -557,7 +579,7 @@ class LLMClient:
                     status = int(cause[5:]) if cause.startswith("http_") else 0
                     if status in REFUSAL_STATUS:
                         endpoint.refused = f"{REFUSAL_STATUS[status]} (http {status}: {error.detail[:120]})"
-                        log.error("endpoint %s left the rotation: it %s", endpoint.url, endpoint.refused)
+                        log.error("endpoint %s left the rotation: it %s", endpoint.label, endpoint.refused)
                         if all(e.refused for e in self.endpoints):
                             raise self._refusal_error() from None
                         continue
@@ -587,12 +609,12 @@ class LLMClient:
                         if endpoint.died_holding == 1 or deaths >= 2:
                             raise RequestFailed(
                                 "endpoint_died",
-                                f"{endpoint.url} died while holding this request"
+                                f"{endpoint.label} died while holding this request"
                                 + (" alone" if endpoint.died_holding == 1 else f" ({deaths} deaths)"),
                                 *used,
                             ) from None
                     if attempts >= self.settings.max_attempts:
-                        raise self._budget_spent(kind, "disconnected", endpoint.url, first_failure, used) from None
+                        raise self._budget_spent(kind, "disconnected", endpoint.label, first_failure, used) from None
                     self.stats.retries += 1
                     delay = self._backoff(attempts, None)
                 finally:
@@ -605,7 +627,9 @@ class LLMClient:
                   "completion_tokens": completion.completion_tokens}
         self._request_log.write(json.dumps(record) + "\n")
 
-    async def _post(self, endpoint: Endpoint, payload: bytes, request_id: str, attempt: int, used: list[int]) -> Completion:
+    async def _post(
+        self, endpoint: Endpoint, payload: bytes, request_id: str, attempt: int, used: list[int], limit: int
+    ) -> Completion:
         headers = {"X-Request-Id": f"{request_id}/{attempt}"} if request_id else None
         self.stats.requests += 1
         started = time.monotonic()
@@ -613,45 +637,48 @@ class LLMClient:
             async with self._session.post(
                 f"{endpoint.url}/v1/chat/completions", data=payload, headers=headers
             ) as response:
-                raw = await response.read()
                 status = response.status
+                if status != 200:
+                    raw = await read_error_body(response)
+                else:
+                    raw = await read_bounded(response, limit)
                 retry_after = _retry_after(response.headers.get("Retry-After"))
         except asyncio.TimeoutError:
             raise RequestFailed("retryable_timeout", f"no answer within {self.settings.request_timeout_s}s") from None
         except aiohttp.ClientConnectorError:
-            raise RequestFailed("retryable_connection_error", f"cannot connect to {endpoint.url}") from None
+            raise RequestFailed("retryable_connection_error", f"cannot connect to {endpoint.label}") from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError, ConnectionError) as error:
             raise _Disconnected(type(error).__name__) from error
         except aiohttp.ClientError as error:
             raise RequestFailed("retryable_client_error", type(error).__name__) from None
         if status != 200:
-            detail = raw[:300].decode("utf-8", "replace")
+            # An error page may echo our Authorization header or carry NUL bytes; its
+            # detail goes into one-line errors, logs and rows: one line, redacted, bounded.
+            detail = " ".join(clean_text(raw.decode("utf-8", "replace"), ERROR_DETAIL_CHARS).split())
             if status in RETRYABLE_STATUS:
                 failure = RequestFailed(f"retryable_http_{status}", detail)
                 failure.retry_after = retry_after
                 raise failure
             raise RequestFailed(f"http_{status}", detail)
+        if raw is None:
+            raise RequestFailed(
+                "retryable_bad_response",
+                f"answer over {limit} bytes (answer_envelope_bytes + max_tokens x answer_bytes_per_token)",
+            )
         try:
-            answer = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise RequestFailed("retryable_bad_response", raw[:200].decode("utf-8", "replace")) from None
-        usage = answer.get("usage") if isinstance(answer, dict) else None
-        usage = usage if isinstance(usage, dict) else {}
-        prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        completion_tokens = int(usage.get("completion_tokens") or 0)
-        self.stats.prompt_tokens += prompt_tokens
-        self.stats.completion_tokens += completion_tokens
-        try:
-            choice = answer["choices"][0]
-            text = choice["message"].get("content") or ""
-            finish_reason = choice.get("finish_reason") or "unknown"
-        except (KeyError, IndexError, TypeError, AttributeError):
-            # The server did the work: its tokens count even though the body is unusable.
-            used[0] += prompt_tokens
-            used[1] += completion_tokens
-            raise RequestFailed("retryable_bad_response", raw[:200].decode("utf-8", "replace")) from None
+            answer = parse_answer(raw)
+        except MalformedAnswer as error:
+            # The server did the work when its usage was valid: those tokens count.
+            used[0] += error.prompt_tokens
+            used[1] += error.completion_tokens
+            self.stats.prompt_tokens += error.prompt_tokens
+            self.stats.completion_tokens += error.completion_tokens
+            raise RequestFailed("retryable_bad_response", error.reason) from None
+        self.stats.prompt_tokens += answer.prompt_tokens
+        self.stats.completion_tokens += answer.completion_tokens
         return Completion(
-            text, finish_reason, prompt_tokens, completion_tokens, attempt, endpoint.url, time.monotonic() - started
+            answer.text, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens, attempt,
+            endpoint.label, time.monotonic() - started,
         )
 
     # -- adaptive concurrency ----------------------------------------------------------
@@ -673,15 +700,16 @@ class LLMClient:
             async with self._session.get(
                 f"{endpoint.url}/metrics", timeout=aiohttp.ClientTimeout(total=min(5.0, 2 * self.settings.adaptive_interval_s))
             ) as response:
-                if response.status == 200:
-                    load = ServerLoad.from_metrics(parse_prometheus_text((await response.read()).decode("utf-8", "replace")))
+                text = await read_bounded(response, SIDE_ROUTE_BYTES) if response.status == 200 else None
+                if text is not None:
+                    load = ServerLoad.from_metrics(parse_prometheus_text(text.decode("utf-8", "replace")))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             pass  # no metrics this time: the controller goes by latency
         before = endpoint.controller.window
         window = endpoint.controller.update(load, time.monotonic())
         endpoint.gate.set_limit(window)
         if window != before:
-            log.debug("endpoint %s: window %d -> %d (%s, %s)", endpoint.url, before, window,
+            log.debug("endpoint %s: window %d -> %d (%s, %s)", endpoint.label, before, window,
                       endpoint.controller.signal, load)
 
     def load_report(self) -> list[dict]:
@@ -693,7 +721,7 @@ class LLMClient:
                 continue
             load = endpoint.controller.last_load
             report.append({
-                "endpoint": endpoint.url,
+                "endpoint": endpoint.label,
                 "window": endpoint.controller.window,
                 "in_flight": endpoint.gate.admitted,
                 "queued_here": endpoint.gate.waiting,
