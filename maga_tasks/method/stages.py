@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from urllib.parse import quote
@@ -86,22 +85,41 @@ def _refuses_required_grammar(error: RequestFailed) -> FleetRefused:
     )
 
 
-_JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
+# The longest model answer parsed as JSON (pairs, a catalogue choice, a verdict): far
+# above any honest one (a few pairs of a few hundred characters), far below what could
+# cost memory or time. A longer answer is refused before any parsing.
+MAX_JSON_ANSWER_CHARS = 256 * 1024
 
 
-def parse_json_object(text: str) -> dict | None:
-    """The JSON object in an answer, tolerating code fences and chatter around it."""
-    for candidate in (text.strip(), *(_JSON_OBJECT.findall(text) or ())):
+def read_json_object(text: str) -> tuple[dict | None, str]:
+    """(the JSON object in an answer, "") tolerating code fences and chatter around it,
+    or (None, why there is none). Bounded: no answer is parsed past MAX_JSON_ANSWER_CHARS
+    or nested deeper than orjson's 1024 levels, and nothing raises."""
+    if len(text) > MAX_JSON_ANSWER_CHARS:
+        return None, f"answer of {len(text)} characters, over the {MAX_JSON_ANSWER_CHARS} a JSON answer may have"
+    # The object among chatter: from the first "{" to the last "}" (string search, linear).
+    start, end = text.find("{"), text.rfind("}")
+    candidates = (text.strip(), text[start:end + 1]) if 0 <= start < end else (text.strip(),)
+    for candidate in candidates:
         try:
             value = orjson.loads(candidate)  # fast; json below takes what it refuses (NaN, huge ints)
-        except orjson.JSONDecodeError:
+        except orjson.JSONDecodeError as error:
+            if "depth" in str(error):
+                return None, "answer nested deeper than 1024 levels"
             try:
                 value = json.loads(candidate)
+            except RecursionError:  # the C decoder stops cleanly at the interpreter's limit
+                return None, "answer nested too deeply"
             except ValueError:
                 continue
         if isinstance(value, dict):
-            return value
-    return None
+            return value, ""
+    return None, "no JSON object in the answer"
+
+
+def parse_json_object(text: str) -> dict | None:
+    """The JSON object in an answer (see `read_json_object`), or None."""
+    return read_json_object(text)[0]
 
 
 def validate_pairs(answer: dict | None, recipe: Recipe) -> tuple[list[Pair] | None, str, str]:
@@ -181,7 +199,8 @@ async def generate_pairs(
         if completion.finish_reason == "length":
             reason, detail = "pairs_truncated", "answer hit max_tokens"
             continue
-        pairs, reason, detail = validate_pairs(parse_json_object(completion.text), recipe)
+        answer, problem = read_json_object(completion.text)
+        pairs, reason, detail = validate_pairs(answer, recipe) if answer is not None else (None, "pairs_invalid_json", problem)
         if pairs:
             result.pairs = pairs
             return result
@@ -302,6 +321,7 @@ async def judge(
         answer = parse_json_object(completion.text) or {}
         score = answer.get("score")
         if isinstance(score, int) and 1 <= score <= 5:
-            return JudgeResult(score, str(answer.get("analysis", ""))[:800])
+            analysis = answer.get("analysis")
+            return JudgeResult(score, analysis[:800] if isinstance(analysis, str) else "")
         return JudgeResult(None, "", "judge_invalid_answer")
     return JudgeResult(None, "", "judge_structured_outputs_refused")
