@@ -183,15 +183,16 @@ def test_a_fleet_that_answers_malformed_fails_the_shard_with_one_line(
 def test_a_401_echoing_the_key_on_one_endpoint_is_routed_around_and_logged_masked(
     tmp_path, llm_server_factory, shard, caplog
 ):
-    source, victim = shard
-    echoing = llm_server_factory(aimed("echo_auth", f"{source.stem}:{victim}"), extra=server_args())
-    honest = llm_server_factory(extra=server_args())
+    source, _ = shard
+    echoing, honest = llm_server_factory("echo_auth", extra=server_args()), llm_server_factory(extra=server_args())
     with caplog.at_level(logging.INFO):
         result = expand_shard(str(source), str(tmp_path / "out"), RECIPE, settings(echoing.url, honest.url))
     assert result.accepted == DOCUMENTS * PAIRS, result.rejects_by_reason
+    # Rendezvous hashing sends about half the documents to the echoing endpoint first.
+    assert echoing.stats()["faults_fired"].get("echo_auth", 0) >= 1
     refusals = [r.getMessage() for r in caplog.records if "left the rotation" in r.getMessage()]
-    if echoing.stats()["faults_fired"]["echo_auth"]:  # rendezvous hashing sent the victim there
-        assert refusals and all("Authorization: ***" in line for line in refusals), refusals
+    assert refusals and all("refused the API key (http 401" in line and "Authorization: ***" in line
+                            for line in refusals), refusals
     assert_key_nowhere(tmp_path / "out", caplog.text)
 
 
