@@ -37,7 +37,11 @@ Configuration: the registry database comes from the Airflow connection `maga_reg
 (e.g. `AIRFLOW_CONN_MAGA_REGISTRY=postgresql://user:pass@host:5432/maga`; without it a
 SQLite file `{output_root}/_registry.sqlite`), S3 from the connection `maga_s3` (type
 `aws`: login/password = access key/secret, extra `endpoint_url`, `region_name`), the
-vLLM API key from `MAGA_API_KEY` or the password of the connection `maga_llm`. Create
+vLLM endpoints from `MAGA_ENDPOINTS` and the connection `maga_llm` (its host; extra
+`endpoints`, a list), the vLLM API key from `MAGA_API_KEY` or the password of that
+connection, recipes by name from the Variable `maga_recipes_dir` (else `MAGA_RECIPES_DIR`)
+or the built-in ones. A run's conf chooses among these, never beyond: an endpoint not
+configured, a recipe path or a bad shard name fails the run before any request. Create
 the pool once: `airflow pools set maga_llm 8 "vLLM request streams"` and give its size
 to the budget as `pool_slots` (default `MAGA_POOL_SLOTS`, 8): Airflow 3 tasks cannot read
 pools (the Task SDK and its execution API have no pool call; tasks have no metadata DB
@@ -80,11 +84,6 @@ HEALTH_POKE_SECONDS = float(os.environ.get("MAGA_HEALTH_POKE_SECONDS", "60"))
 LEASE_TTL_SECONDS = float(os.environ.get("MAGA_LEASE_TTL_SECONDS", "300"))
 
 
-def _default_endpoints() -> list[str]:
-    raw = os.environ.get("MAGA_ENDPOINTS", "http://127.0.0.1:8000")
-    return [url.strip() for url in raw.split(",") if url.strip()]
-
-
 PARAMS = {
     "source": Param(
         os.environ.get("MAGA_SOURCE", "/data/maga/source"),
@@ -100,9 +99,11 @@ PARAMS = {
         description="Where corpus versions are written: {output_root}/{recipe_id}/",
     ),
     "recipe": Param(
-        os.environ.get("MAGA_RECIPE") or None,
+        None,
         type=["null", "string"],
-        description="Recipe YAML path; empty for the built-in default recipe",
+        description="Recipe name (not a path): {name}.yaml in the operator's recipes folder "
+        "(Variable maga_recipes_dir, else MAGA_RECIPES_DIR), else a built-in one (default, tiny, "
+        "smollm2-135m); empty: the operator's MAGA_RECIPE, else the built-in default",
     ),
     "planning_mode": Param(
         os.environ.get("MAGA_PLANNING_MODE", "flat"),
@@ -162,11 +163,12 @@ PARAMS = {
         description="Rewrites of each newly registered shard scored by the LLM judge (0: no judge)",
     ),
     "endpoints": Param(
-        _default_endpoints(),
+        [],
         type="array",
         items={"type": "string", "pattern": "^https?://"},
-        minItems=1,
-        description="vLLM base URLs (default from MAGA_ENDPOINTS, comma-separated)",
+        description="vLLM base URLs this run uses, among those the operator configured (MAGA_ENDPOINTS, "
+        "connection maga_llm); empty: all of them. Any other URL refuses the run: the API key goes "
+        "to configured hosts only",
     ),
     "served_model": Param(
         os.environ.get("MAGA_SERVED_MODEL") or None,
@@ -239,6 +241,41 @@ def _s3_endpoint_url() -> str | None:
     return extra.get("endpoint_url") or os.environ.get("MAGA_S3_ENDPOINT_URL") or None
 
 
+def _recipes_dir() -> str | None:
+    """The operator's recipes folder, read when a task runs: the Variable
+    `maga_recipes_dir` (or AIRFLOW_VAR_MAGA_RECIPES_DIR), else MAGA_RECIPES_DIR."""
+    from airflow.sdk import Variable
+
+    return Variable.get("maga_recipes_dir", default=None) or os.environ.get("MAGA_RECIPES_DIR") or None
+
+
+def _operator_endpoints() -> tuple[str, ...]:
+    """The endpoints the operator configured: MAGA_ENDPOINTS and the `maga_llm` connection."""
+    from maga_tasks.run_conf import configured_endpoints, connection_endpoints, split_endpoints
+
+    conn = _optional_connection(LLM_CONN_ID)
+    from_connection = (
+        connection_endpoints(conn.conn_type, conn.host, conn.port, conn.schema, conn.extra_dejson) if conn else []
+    )
+    return configured_endpoints(split_endpoints(os.environ.get("MAGA_ENDPOINTS")), from_connection)
+
+
+def _conf(params: dict):
+    """(params, recipe) of this run with what its conf asks checked against what the
+    operator configured (endpoints, recipe name, roots, shard names). A refusal fails
+    the task at once, with one line and no retry, before any request."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from maga_tasks.recipe import RecipeError
+    from maga_tasks.run_conf import ConfRefused, checked_params, conf_recipe
+
+    try:
+        checked = checked_params(params, _operator_endpoints())
+        return checked, conf_recipe(checked["recipe"], _recipes_dir(), os.environ.get("MAGA_RECIPE"))
+    except (ConfRefused, RecipeError) as error:
+        raise AirflowFailException(str(error)) from None
+
+
 def _api_key() -> str | None:
     key = os.environ.get("MAGA_API_KEY")
     if not key:
@@ -252,6 +289,7 @@ def _api_key() -> str | None:
 
 
 def _run_settings(params: dict, **overrides):
+    """Settings for the client from params `_conf` checked (endpoints already chosen)."""
     from maga_tasks.settings import RunSettings
 
     return RunSettings(
@@ -323,9 +361,8 @@ def maga_corpus_expansion():
 
         from maga_tasks.errors import EndpointsUnavailable, FleetRefused
         from maga_tasks.llm.client import LLMClient
-        from maga_tasks.recipe import load_recipe
 
-        recipe = load_recipe(params["recipe"])
+        params, recipe = _conf(params)
 
         async def healthy() -> list[str]:
             async with LLMClient(_run_settings(params), model=recipe.model, model_revision=recipe.model_revision) as client:
@@ -350,10 +387,9 @@ def maga_corpus_expansion():
 
         from maga_tasks.engine.budget import night_budget
         from maga_tasks.engine.requeue import requeue_shards
-        from maga_tasks.recipe import load_recipe
         from maga_tasks.registry import Registry
 
-        recipe = load_recipe(params["recipe"])
+        params, recipe = _conf(params)
         registry = Registry(_registry_url(params["output_root"]))
         registry.upgrade()
         registry.ensure_recipe(recipe)
@@ -393,11 +429,10 @@ def maga_corpus_expansion():
 
         from maga_tasks.engine.publish import publish_shard as publish
         from maga_tasks.errors import ShardFailedForGood
-        from maga_tasks.recipe import load_recipe
         from maga_tasks.registry import Registry
 
         _show_library_logs()
-        recipe = load_recipe(params["recipe"])
+        params, recipe = _conf(params)
         if recipe.recipe_id != shard["recipe_id"]:
             raise ValueError(
                 f"recipe changed since planning ({shard['recipe_id']} -> {recipe.recipe_id}); rerun the DAG"
@@ -431,10 +466,9 @@ def maga_corpus_expansion():
     def summarize(results, planned: list[dict], budget: dict, params: dict, ds: str | None = None):
         """Log the run report and emit the corpus asset event carrying it."""
         from maga_tasks.engine.report import run_report
-        from maga_tasks.recipe import load_recipe
         from maga_tasks.registry import Registry
 
-        recipe = load_recipe(params["recipe"])
+        params, recipe = _conf(params)
         registry = Registry(_registry_url(params["output_root"]))
         extra = run_report(
             results[:],  # every shard's result in one request (a slice), not one per shard

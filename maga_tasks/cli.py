@@ -2,8 +2,8 @@
 
 Progress goes to stderr; a command's result is JSON on the last line of stdout. Errors
 end with a one-line message and a non-zero exit code, never a traceback:
-2 for bad input (recipe, shard, arguments), 3 when the LLM endpoints or the storage are
-unreachable (a passing fault: retry),
+2 for bad input (recipe, shard, arguments, a storage root, a missing registry file),
+3 when the LLM endpoints, the storage or the registry are unreachable (a passing fault: retry),
 1 for anything else the pipeline refused.
 """
 
@@ -20,7 +20,8 @@ from pydantic import ValidationError
 from maga_tasks.errors import EndpointsUnavailable, MagaError
 from maga_tasks.data.layout import LayoutError
 from maga_tasks.recipe import RecipeError
-from maga_tasks.data.storage import ObjectNotFound, StorageError
+from maga_tasks.data.storage import BadStorageURI, ObjectNotFound, StorageError
+from maga_tasks.registry.errors import RegistryUnavailable
 
 EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
@@ -113,10 +114,12 @@ def cmd_recipe(args) -> dict:
     return {"recipe_id": recipe.recipe_id, "name": recipe.name, "model": recipe.model, "prompt_version": recipe.prompt_version}
 
 
-def _registry(args):
+def _registry(args, *, create: bool = True):
+    """The registry; `create=False` for commands that read (or change) an existing one:
+    a mistyped SQLite path is one line, and no empty database is left behind."""
     from maga_tasks.registry import Registry
 
-    return Registry(args.registry)
+    return Registry(args.registry, create=create)
 
 
 def cmd_db_upgrade(args) -> dict:
@@ -137,7 +140,7 @@ def cmd_validate_shard(args) -> dict:
     from maga_tasks.quality import validate_input
 
     recipe, source, root = _shard_args(args)
-    registry = _registry(args) if args.registry else None
+    registry = _registry(args, create=False) if args.registry else None
     # Someone asked for this shard: its Data Docs are rendered whatever the sample.
     if args.input:
         paths = shard_paths(root, recipe.recipe_id, args.shard or shard_name(source))
@@ -202,7 +205,7 @@ def cmd_judge_shard(args) -> dict:
 def cmd_status(args) -> dict:
     from maga_tasks.registry.reads import format_status
 
-    status = _registry(args).status(args.recipe_id, limit=args.limit)
+    status = _registry(args, create=False).status(args.recipe_id, limit=args.limit)
     if not args.json:
         sys.stderr.write(format_status(status) + "\n")
     return status
@@ -214,7 +217,7 @@ def cmd_plan(args) -> dict:
     from maga_tasks.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    registry = _registry(args)
+    registry = _registry(args, create=False)
     if registry.schema_version() == 0:
         raise ValueError(f"registry {args.registry} has no schema yet: run `maga db upgrade` first")
     budget, night = args.budget, None
@@ -249,7 +252,7 @@ def cmd_plan(args) -> dict:
 def cmd_requeue(args) -> dict:
     from maga_tasks.engine.requeue import requeue_shards
 
-    registry = _registry(args)
+    registry = _registry(args, create=False)
     shards = requeue_shards(registry, args.output_root, args.recipe_id, args.shards, args.s3_endpoint_url)
     return {"recipe_id": args.recipe_id, "requeued": sum(s["requeued"] for s in shards), "shards": shards}
 
@@ -388,6 +391,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Arguments that name storage roots or shard files, and those that name paths below them.
+_ROOT_ARGUMENTS = ("output_root", "source")
+_IDENTIFIER_ARGUMENTS = {"recipe_id": "recipe id", "shard": "shard name", "shards": "shard name"}
+
+
+def check_arguments(args) -> None:
+    """Roots in the form the backends use (`file:///abs` is /abs; another scheme is
+    refused) and identifiers checked against the one pattern, before any command runs."""
+    from maga_tasks.data.storage import storage_root
+    from maga_tasks.identifiers import check_identifier
+
+    for name in _ROOT_ARGUMENTS:
+        if getattr(args, name, None) is not None:
+            setattr(args, name, storage_root(getattr(args, name)))
+    for name, what in _IDENTIFIER_ARGUMENTS.items():
+        value = getattr(args, name, None)
+        for item in value if isinstance(value, list) else [value] if value is not None else []:
+            check_identifier(item, what)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -396,13 +419,11 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        check_arguments(args)
         summary = args.func(args)
-    except (EndpointsUnavailable, StorageError) as error:
-        if isinstance(error, ObjectNotFound):
-            print(f"maga: error: {error}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+    except (EndpointsUnavailable, StorageError, RegistryUnavailable) as error:
         print(f"maga: error: {error}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return EXIT_BAD_INPUT if isinstance(error, (ObjectNotFound, BadStorageURI)) else EXIT_UNAVAILABLE
     except ValidationError as error:
         fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         print(f"maga: error: invalid settings: {fields}", file=sys.stderr)

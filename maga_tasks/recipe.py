@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import string
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -16,6 +18,16 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from maga_tasks.identifiers import shown
+from maga_tasks.redaction import strip_control
+
+# Bounds of a recipe file: an operator's recipe is a few kB, nested a few levels.
+MAX_RECIPE_BYTES = 1_000_000
+MAX_RECIPE_DEPTH = 32
+MAX_RECIPE_ALIASES = 100
+# Validation problems an error lists (a file that is not a recipe may have thousands).
+_SHOWN_PROBLEMS = 5
 
 
 class RecipeError(ValueError):
@@ -150,6 +162,8 @@ class Recipe(_Strict):
         missing = {"system", "pairs", "rewrite", "judge"} - set(self.prompts)
         if missing:
             raise ValueError(f"prompts is missing {sorted(missing)}")
+        for name, template in self.prompts.items():
+            _check_placeholders(name, template)
         if "document" in self.prompts and self.prompts["document"].count("{document}") != 1:
             raise ValueError("prompts.document must hold {document} exactly once")
         catalogue = self.pairs.catalogue
@@ -179,6 +193,32 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
+# The fields each prompt template is formatted with (method/prompts.py); `document` is
+# filled by replacement, not format(), and holds {document} exactly once.
+PLACEHOLDERS = {
+    "system": {"n_pairs"},
+    "pairs": {"n_pairs"},
+    "rewrite": {"genre", "audience"},
+    "judge": {"rewrite"},
+}
+
+
+def _check_placeholders(prompt: str, template: str) -> None:
+    """Refuse a template that format() would fail on later, in every shard: an unknown
+    `{name}`, a positional `{}`, attribute or index access, unbalanced braces."""
+    allowed = PLACEHOLDERS.get(prompt)
+    if allowed is None:
+        return
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError:
+        raise ValueError(f"prompts.{prompt}: unbalanced braces (write {{{{ and }}}} for literal ones)") from None
+    for field in fields:
+        if field not in allowed:
+            known = ", ".join(f"{{{name}}}" for name in sorted(allowed))
+            raise ValueError(f"prompts.{prompt}: unknown placeholder {shown('{' + field + '}')} (known: {known})")
+
+
 # Fields that do not shape the rows, so changing them keeps the corpus version: the
 # tokenizer's location (a local copy of the served model's tokenizer cuts the same) and
 # the publish gate's thresholds (`quality`: a shard is re-checked, not re-expanded).
@@ -196,10 +236,14 @@ def _without_unset(value):
 
 
 def _describe(error: ValidationError) -> str:
+    """The first few problems, each `field: what is wrong` (never the value given)."""
+    items = error.errors()
     parts = []
-    for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "(recipe)"
-        parts.append(f"{field}: {item['msg']}")
+    for item in items[:_SHOWN_PROBLEMS]:
+        field = ".".join(strip_control(str(p))[:60] for p in item["loc"]) or "(recipe)"
+        parts.append(f"{field}: {strip_control(item['msg'])[:300]}")
+    if len(items) > _SHOWN_PROBLEMS:
+        parts.append(f"and {len(items) - _SHOWN_PROBLEMS} more")
     return "; ".join(parts)
 
 
@@ -212,9 +256,13 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}: {_describe(error)}") from None
 
 
+def builtin_recipes_dir() -> Path:
+    return Path(str(resources.files("maga_tasks") / "recipes"))
+
+
 def builtin_recipe_path(name: str) -> Path:
     """A recipe shipped in `maga_tasks/recipes/` (`default`, `tiny`, ...)."""
-    return Path(str(resources.files("maga_tasks") / "recipes" / f"{name}.yaml"))
+    return builtin_recipes_dir() / f"{name}.yaml"
 
 
 def default_recipe_path() -> Path:
@@ -225,14 +273,61 @@ def load_recipe(path: str | Path | None = None, **overrides) -> Recipe:
     """Load a recipe YAML (the built-in default when `path` is None).
 
     `overrides` replace top-level fields, e.g. `model=...` for a served model name.
+    Errors name the file and the kind of problem (with line and column), never a line
+    of it: a file that is not a recipe may hold anything.
     """
     source = Path(path) if path else default_recipe_path()
-    try:
-        data = yaml.safe_load(source.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(f"recipe file not found: {source}") from None
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{source}: not valid YAML ({error})") from None
+    data = parse_recipe_yaml(_read_recipe_text(source), str(source))
     if isinstance(data, dict):
         data.update({k: v for k, v in overrides.items() if v is not None})
     return recipe_from_dict(data, str(source))
+
+
+def _read_recipe_text(source: Path) -> str:
+    try:
+        if not source.is_file():
+            raise RecipeError(f"recipe file not found: {source}" if not source.exists() else f"recipe {source}: not a file")
+        size = source.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe {source}: {size:,} bytes, more than the {MAX_RECIPE_BYTES:,} a recipe may have")
+        with open(source, "rb") as handle:
+            raw = handle.read(MAX_RECIPE_BYTES + 1)
+    except OSError as error:
+        raise RecipeError(f"recipe {source}: cannot be read ({error.strerror or type(error).__name__})") from None
+    if len(raw) > MAX_RECIPE_BYTES:  # it grew since stat
+        raise RecipeError(f"recipe {source}: more than the {MAX_RECIPE_BYTES:,} bytes a recipe may have")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {source}: not UTF-8 text") from None
+
+
+def parse_recipe_yaml(text: str, source: str = "recipe"):
+    """The YAML document of a recipe, its nesting and aliases bounded first: the event
+    scan below keeps no stack of its own, while safe_load's composer recurses once per
+    level (50,000 levels are a RecursionError) and aliases multiply what it builds."""
+    try:
+        depth = aliases = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_RECIPE_DEPTH:
+                    raise RecipeError(
+                        f"recipe {source}: nested deeper than {MAX_RECIPE_DEPTH} levels{_where(event.start_mark)}"
+                    )
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+            elif isinstance(event, yaml.AliasEvent):
+                aliases += 1
+                if aliases > MAX_RECIPE_ALIASES:
+                    raise RecipeError(f"recipe {source}: more than {MAX_RECIPE_ALIASES} YAML aliases")
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        kind = re.sub(r"(?<!^)(?=[A-Z])", " ", type(error).__name__).lower()
+        raise RecipeError(f"recipe {source}: not valid YAML ({kind}{_where(error.problem_mark or error.context_mark)})") from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe {source}: not valid YAML ({type(error).__name__})") from None
+
+
+def _where(mark) -> str:
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -65,13 +65,30 @@ class RunSettings(BaseModel):
     @field_validator("endpoints")
     @classmethod
     def _urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        cleaned = []
-        for url in value:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"endpoint must be an http(s) URL: {url!r}")
-            cleaned.append(url.rstrip("/").removesuffix("/v1"))
-        return tuple(dict.fromkeys(cleaned))
+        return tuple(dict.fromkeys(normalize_endpoint(url) for url in value))
 
     @property
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get("MAGA_API_KEY") or None
+
+
+def normalize_endpoint(url: str) -> str:
+    """An endpoint's base URL as the client uses it and as endpoints are compared: scheme
+    and host in lower case, no trailing '/' or '/v1'. Anything but an http(s) URL with a
+    host is a ValueError naming it (user-info masked)."""
+    from urllib.parse import urlsplit
+
+    from maga_tasks.redaction import redact_url, strip_control
+
+    text = str(url).strip()
+    try:
+        parts = urlsplit(text)
+        parts.port  # a port that is not a number raises here
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"endpoint must be an http(s) URL with a host: {strip_control(redact_url(text))[:200]!r}")
+    path = parts.path.rstrip("/").removesuffix("/v1").rstrip("/")
+    userinfo, at, host = parts.netloc.rpartition("@")
+    base = f"{parts.scheme.lower()}://{userinfo}{at}{host.lower()}{path}"
+    return base + (f"?{parts.query}" if parts.query else "")

@@ -117,10 +117,13 @@ echo "metadata DB migrated, pool maga_llm ready"
 # -- 5. the nightly DAG, once -----------------------------------------------------------
 "$PY" scripts/demo.py snapshot --registry "$REGISTRY" --recipe-id "$RECIPE_ID" --endpoint "$ENDPOINT" \
   --out "$DEMO/logs/before.json"
+# The operator's side: the endpoint and the recipes folder (a run's conf only names a
+# recipe in it and may choose among the configured endpoints; it cannot add one).
+export MAGA_ENDPOINTS="$ENDPOINT" MAGA_RECIPES_DIR="$(dirname "$RECIPE")"
 CONF="$("$PY" -c 'import json, sys; print(json.dumps({
-    "source": sys.argv[1], "output_root": sys.argv[2], "recipe": sys.argv[3], "endpoints": [sys.argv[4]],
-    "planning_mode": "flat", "shards_per_run": int(sys.argv[5]), "max_concurrency": 32, "progress_interval_s": 5}))' \
-  "$SOURCE" "$OUTPUT_ROOT" "$RECIPE" "$ENDPOINT" "$SHARDS")"
+    "source": sys.argv[1], "output_root": sys.argv[2], "recipe": sys.argv[3],
+    "planning_mode": "flat", "shards_per_run": int(sys.argv[4]), "max_concurrency": 32, "progress_interval_s": 5}))' \
+  "$SOURCE" "$OUTPUT_ROOT" "$(basename "$RECIPE" .yaml)" "$SHARDS")"
 DAG_LOG="$DEMO/logs/dags-test-$(date -u +%Y%m%dT%H%M%SZ).log"
 step "airflow dags test maga_corpus_expansion (full log: $DAG_LOG)"
 echo "conf: $CONF"

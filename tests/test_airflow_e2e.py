@@ -61,10 +61,12 @@ def write_recipe(tmp_path: Path, name: str, **fields) -> tuple[str, str]:
 
 
 def run_conf(source: str, output_root: str, llm_url: str, recipe_path: str, **extra) -> dict:
+    """A run's conf: it names its recipe (in the operator's recipes folder) and chooses its
+    endpoint among the configured ones (`operator_env`, `stack_operator`)."""
     conf = {
         "source": source,
         "output_root": output_root,
-        "recipe": recipe_path,
+        "recipe": Path(recipe_path).stem,
         "endpoints": [llm_url],
         "planning_mode": "flat",
         "shards_per_run": 10,
@@ -73,6 +75,30 @@ def run_conf(source: str, output_root: str, llm_url: str, recipe_path: str, **ex
     }
     conf.update(extra)
     return conf
+
+
+def operator_env(recipe_path: str, *llm_urls: str) -> dict:
+    """What the operator configures for an `airflow dags test` run: the recipes folder
+    and the endpoints a conf may choose from."""
+    return {"MAGA_RECIPES_DIR": str(Path(recipe_path).parent), "MAGA_ENDPOINTS": ",".join(llm_urls)}
+
+
+@pytest.fixture
+def stack_operator(airflow_stack):
+    """The same for the running stack, whose workers' environment is fixed: the Variable
+    `maga_recipes_dir` and the endpoints of the connection `maga_llm`, removed afterwards."""
+    af = airflow_stack
+
+    def configure(recipe_path: str, *llm_urls: str) -> None:
+        af.cli("variables", "set", "maga_recipes_dir", str(Path(recipe_path).parent))
+        af.cli("connections", "delete", "maga_llm", check=False)
+        if llm_urls:
+            af.cli("connections", "add", "maga_llm", "--conn-type", "generic",
+                   "--conn-extra", json.dumps({"endpoints": list(llm_urls)}))
+
+    yield configure
+    af.cli("connections", "delete", "maga_llm", check=False)
+    af.cli("variables", "delete", "maga_recipes_dir", check=False)
 
 
 def task_xcom(af, run_id: str, task_id: str):
@@ -112,7 +138,7 @@ def test_dags_test_publishes_every_shard_then_reruns_as_noop(airflow_env, af_llm
     recipe_path, recipe_id = write_recipe(tmp_path, "dags-test")
     llm = af_llm_server_factory(latency_ms=40)
     conf = run_conf(str(source), output_root, llm.url, recipe_path)
-    registry_env = {"AIRFLOW_CONN_MAGA_REGISTRY": postgres_registry_url}
+    registry_env = {"AIRFLOW_CONN_MAGA_REGISTRY": postgres_registry_url, **operator_env(recipe_path, llm.url)}
     corpus_events_sql = "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE a.uri = %(u)s"
 
     # A trial run first: gated outputs apart from the corpus, nothing registered, no asset event.
@@ -179,7 +205,8 @@ def test_dags_test_publishes_a_whole_partition_and_names_the_shard_that_failed(
     output_root = str(tmp_path / "expanded")
     llm = af_llm_server_factory()
     conf = run_conf(str(drops / "{ds}"), output_root, llm.url, recipe_path, planning_mode="dated", shards_per_run=budget)
-    run_env = {"AIRFLOW_CONN_MAGA_REGISTRY": postgres_registry_url, "AIRFLOW__CORE__MAX_MAP_LENGTH": "1024"}
+    run_env = {"AIRFLOW_CONN_MAGA_REGISTRY": postgres_registry_url, "AIRFLOW__CORE__MAX_MAP_LENGTH": "1024",
+               **operator_env(recipe_path, llm.url)}
 
     done = airflow_env.cli("dags", "test", DAG_ID, ds, "-c", json.dumps(conf), extra_env=run_env, timeout=600, check=False)
     output = done.stdout + done.stderr
@@ -252,7 +279,7 @@ def _wait_backfill(af, backfill_id: int, timeout: float = 420) -> list[tuple]:
     return wait_for(done, timeout, 2.0, f"backfill {backfill_id}")
 
 
-def test_backfill_processes_exactly_the_requested_partitions(airflow_stack, af_llm_server_factory, tmp_path):
+def test_backfill_processes_exactly_the_requested_partitions(airflow_stack, af_llm_server_factory, tmp_path, stack_operator):
     from maga_tasks.data.sample_corpus import write_sample_corpus
 
     af = airflow_stack
@@ -263,6 +290,7 @@ def test_backfill_processes_exactly_the_requested_partitions(airflow_stack, af_l
     recipe_path, recipe_id = write_recipe(tmp_path, "backfill-test")
     llm = af_llm_server_factory(latency_ms=20)
     conf = run_conf(str(source / "{ds}"), output_root, llm.url, recipe_path, planning_mode="dated")
+    stack_operator(recipe_path, llm.url)
 
     backfill_id = _backfill(af, "2025-03-02", "2025-03-04T03:00:00", conf)
     runs = _wait_backfill(af, backfill_id)
@@ -313,7 +341,7 @@ def _task_process_talking_to(port: int, ancestors: set[int]):
     return None
 
 
-def test_killed_shard_task_is_retried_and_resumes_from_checkpoint(airflow_stack, af_llm_server_factory, tmp_path):
+def test_killed_shard_task_is_retried_and_resumes_from_checkpoint(airflow_stack, af_llm_server_factory, tmp_path, stack_operator):
     from maga_tasks.data.sample_corpus import write_sample_corpus
 
     af = airflow_stack
@@ -324,6 +352,7 @@ def test_killed_shard_task_is_retried_and_resumes_from_checkpoint(airflow_stack,
     llm = af_llm_server_factory(latency_ms=150)
     concurrency = 4
     conf = run_conf(str(source), output_root, llm.url, recipe_path, max_concurrency=concurrency)
+    stack_operator(recipe_path, llm.url)
 
     backfill_id = _backfill(af, "2025-04-01", "2025-04-01T03:00:00", conf)
     stack_pids = {p.popen.pid for p in af.processes}
@@ -370,7 +399,7 @@ def test_killed_shard_task_is_retried_and_resumes_from_checkpoint(airflow_stack,
 # -- real scheduler: a partition continued in further runs ---------------------------------
 
 
-def test_a_partition_past_max_map_length_continues_in_runs_the_dag_triggers(airflow_stack, af_llm_server_factory, tmp_path):
+def test_a_partition_past_max_map_length_continues_in_runs_the_dag_triggers(airflow_stack, af_llm_server_factory, tmp_path, stack_operator):
     from maga_tasks.data.sample_corpus import write_sample_corpus
 
     af = airflow_stack
@@ -382,6 +411,7 @@ def test_a_partition_past_max_map_length_continues_in_runs_the_dag_triggers(airf
     recipe_path, recipe_id = write_recipe(tmp_path, "continue-test")
     llm = af_llm_server_factory()
     conf = run_conf(str(drops / "{ds}"), output_root, llm.url, recipe_path, planning_mode="dated", shards_per_run=1)
+    stack_operator(recipe_path, llm.url)
     known = {r[0] for r in dag_runs(af)}
     af.cli("dags", "trigger", DAG_ID, "-r", "partition-continue-test", "-l", f"{ds}T02:00:00+00:00", "-c", json.dumps(conf))
 
@@ -439,7 +469,7 @@ def _ran_on(worker, run_id: str, map_index: int, try_number: int) -> bool:
     return any(all(part in line for part in wanted) for line in worker.workloads())
 
 
-def test_a_worker_lost_mid_shard_moves_its_shard_to_the_other_worker(airflow_stack, tmp_path):
+def test_a_worker_lost_mid_shard_moves_its_shard_to_the_other_worker(airflow_stack, tmp_path, stack_operator):
     from urllib.parse import quote
 
     from maga_tasks.data.sample_corpus import write_sample_corpus
@@ -455,6 +485,7 @@ def test_a_worker_lost_mid_shard_moves_its_shard_to_the_other_worker(airflow_sta
     recipe_path, recipe_id = write_recipe(tmp_path, "two-workers-test")
     conf = run_conf(str(source), str(output_root), "", recipe_path, max_concurrency=2)
     del conf["endpoints"]  # each worker uses its own (MAGA_ENDPOINTS in its environment)
+    stack_operator(recipe_path)
     run_id = "two-workers-test"
     af.cli("dags", "trigger", DAG_ID, "-r", run_id, "-l", "2025-07-01T02:00:00+00:00", "-c", json.dumps(conf))
     work = output_root / recipe_id / "_work"
@@ -546,7 +577,7 @@ def test_a_worker_lost_mid_shard_moves_its_shard_to_the_other_worker(airflow_sta
     print(f"two workers: {victim.name} killed with {len(moved)} shard(s) mid-way "
           f"({', '.join(f'{s}: {len(c)}/{docs} checkpointed' for s, c in moved.items())}); moved to {survivor.name}")
 def test_a_flat_budget_past_max_map_length_is_published_in_continuations_and_no_more(
-    airflow_stack, af_llm_server_factory, tmp_path
+    airflow_stack, af_llm_server_factory, tmp_path, stack_operator
 ):
     from maga_tasks.data.sample_corpus import write_sample_corpus
 
@@ -558,6 +589,7 @@ def test_a_flat_budget_past_max_map_length_is_published_in_continuations_and_no_
     recipe_path, recipe_id = write_recipe(tmp_path, "flat-continue-test")
     llm = af_llm_server_factory()
     conf = run_conf(str(source), output_root, llm.url, recipe_path, shards_per_run=budget)
+    stack_operator(recipe_path, llm.url)
     known = {r[0] for r in dag_runs(af)}
     af.cli("dags", "trigger", DAG_ID, "-r", "flat-continue-test", "-c", json.dumps(conf))
 

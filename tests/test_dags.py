@@ -164,7 +164,6 @@ def test_params_reject_bad_values(nightly):
         ("pool_slots", 0),
         ("run_hours", 0),
         ("shard_hours", 0),
-        ("endpoints", []),
         ("endpoints", ["ftp://worker"]),
         ("max_docs_per_shard", 0),
         ("judge_sample_per_shard", -1),
@@ -178,12 +177,15 @@ def test_params_reject_bad_values(nightly):
     assert nightly.params.get_param("planning_mode").resolve("dated") == "dated"
 
 
-def test_endpoints_default_comes_from_environment(monkeypatch):
+def test_endpoints_and_recipe_are_not_taken_at_parse_time(monkeypatch):
+    """The operator's endpoints and recipe are read when a task runs (run_conf checks a
+    conf against them, tests/hostile/test_run_conf.py): the params only carry a choice."""
     monkeypatch.setenv("MAGA_ENDPOINTS", "http://w1:8000, http://w2:8000/v1")
+    monkeypatch.setenv("MAGA_RECIPE", "tiny")
     spec = importlib.util.spec_from_file_location("maga_dag_env_probe", DAG_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.PARAMS["endpoints"].value == ["http://w1:8000", "http://w2:8000/v1"]
+    assert module.PARAMS["endpoints"].value == [] and module.PARAMS["recipe"].value is None
 
 
 _PARSE_PROBE = textwrap.dedent(
@@ -278,7 +280,7 @@ def test_run_settings_follow_the_params(nightly, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setenv("MAGA_API_KEY", "k")  # no connection lookup outside a task
-    params = {k: nightly.params[k] for k in nightly.params}
+    params = {k: nightly.params[k] for k in nightly.params} | {"endpoints": ["http://w1:8000"]}  # as _conf chose them
     settings = module._run_settings(params)
     assert settings.adaptive_concurrency and settings.max_concurrency == 128
     assert settings.data_docs_sample_rate == 0.01

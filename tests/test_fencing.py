@@ -9,6 +9,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import secrets
 import signal
 import sqlite3
@@ -384,8 +385,10 @@ def test_the_heartbeat_survives_a_registry_outage(tmp_path, llm_server_factory, 
     log = Path(f"{outcome}.log").read_text()
     assert "is lost" not in log
     if backend == "postgresql":
-        # The renewals met real database errors, retried them and got through.
-        assert "lease renewal failed (OperationalError" in log and "lease renewed after" in log
+        # The renewals met real database errors, retried them and got through (a cut
+        # met at connect time is the registry's RegistryUnavailable).
+        assert re.search(r"lease renewal failed \((OperationalError|RegistryUnavailable)", log), log[-3000:]
+        assert "lease renewed after" in log
     reader.close()
 
 

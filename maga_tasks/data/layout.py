@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from maga_tasks.data.storage import join
+from maga_tasks.identifiers import is_identifier, shown
 
 _SOURCE_SUFFIXES = (".jsonl.gz", ".jsonl", ".parquet")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
@@ -32,9 +33,9 @@ def shard_name(source_uri: str) -> str:
     return name[:200]
 
 
-def check_shard_name(name: str) -> str:
-    if not name or _UNSAFE.search(name) or name.startswith(".") or ".." in name:
-        raise LayoutError(f"unsafe shard name: {name!r}")
+def check_shard_name(name: str, what: str = "shard name") -> str:
+    if not is_identifier(name):
+        raise LayoutError(f"unsafe {what}: {shown(name)}")
     return name
 
 
@@ -90,4 +91,4 @@ def trial_root(output_root: str, max_docs: int) -> str:
 
 
 def shard_paths(output_root: str, recipe_id: str, shard: str) -> ShardPaths:
-    return ShardPaths(output_root.rstrip("/"), recipe_id, check_shard_name(shard))
+    return ShardPaths(output_root.rstrip("/"), check_shard_name(recipe_id, "recipe id"), check_shard_name(shard))

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 
 class StorageError(RuntimeError):
@@ -25,6 +25,10 @@ class StorageError(RuntimeError):
 
 class ObjectNotFound(StorageError):
     """The object does not exist: bad input, not a passing fault."""
+
+
+class BadStorageURI(StorageError):
+    """A root or URI that names no place this pipeline writes or reads: bad input."""
 
 
 class Storage(Protocol):
@@ -244,14 +248,43 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def storage_root(uri: str) -> str:
+    """A source or output root as given (CLI, DAG param) in the form the backends use:
+    `s3://bucket/prefix` as it is, `file:///abs/path` as `/abs/path`, a plain path as it
+    is. A `file://` URL naming a host, and any other scheme, are refused (BadStorageURI):
+    read as a relative path they would write under `./file:` or `./ftp:`."""
+    uri = str(uri).strip()
+    if is_s3(uri):
+        if not urlparse(uri).netloc:
+            raise BadStorageURI(f"an s3:// root needs a bucket: {_shown_uri(uri)}")
+        return uri
+    if uri.startswith("file:"):
+        parsed = urlparse(uri)
+        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/") or parsed.query or parsed.fragment:
+            raise BadStorageURI(f"a file:// root must be file:///absolute/path: {_shown_uri(uri)}")
+        return unquote(parsed.path)
+    if "://" in uri:
+        raise BadStorageURI(f"unsupported storage URI scheme (want a local path, file:/// or s3://): {_shown_uri(uri)}")
+    if not uri:
+        raise BadStorageURI("a storage root is empty")
+    return uri
+
+
+def _shown_uri(uri: str) -> str:
+    from maga_tasks.redaction import redact_url, strip_control
+
+    return strip_control(redact_url(uri))[:300]
+
+
 def storage_for(uri: str, s3_endpoint_url: str | None = None) -> Storage:
-    """The backend for a URI: `s3://bucket/key` or a local path.
+    """The backend for a URI: `s3://bucket/key` or a local path (`storage_root` turns the
+    roots users give into one of the two).
 
     The S3 endpoint comes from the argument, else `MAGA_S3_ENDPOINT_URL`, else boto3's
     own configuration (`AWS_ENDPOINT_URL`, profiles); credentials always from boto3's.
     """
     if is_s3(uri):
         return S3Storage(endpoint_url=s3_endpoint_url or os.environ.get("MAGA_S3_ENDPOINT_URL"))
-    if "://" in uri and not uri.startswith("file://"):
-        raise StorageError(f"unsupported storage URI scheme: {uri}")
+    if "://" in uri or uri.startswith("file:"):
+        raise BadStorageURI(f"not a local path or s3:// URI: {_shown_uri(uri)}")
     return LocalStorage()

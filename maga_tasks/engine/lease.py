@@ -37,12 +37,12 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from maga_tasks.registry import LeaseLost, Registry
+from maga_tasks.registry import LeaseLost, Registry, RegistryUnavailable
 
 log = logging.getLogger(__name__)
 
 # Failures worth another try: the database or the way to it, not the statement.
-TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
+TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout, RegistryUnavailable)
 
 
 class LeaseKeeper:
@@ -232,7 +232,7 @@ class LeaseKeeper:
     def _current_holder(self) -> str:
         try:
             row = self.registry.shard(self.recipe_id, self.shard) or {}
-        except SQLAlchemyError:
+        except (SQLAlchemyError, RegistryUnavailable):
             return "the registry cannot say who holds it now"
         return f"now {row.get('status')}, token {row.get('lease_token')}, owner {row.get('lease_owner')}"
 

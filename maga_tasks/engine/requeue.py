@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from maga_tasks.data.layout import shard_paths
 from maga_tasks.data.storage import join, storage_for
+from maga_tasks.identifiers import check_identifier
 from maga_tasks.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,13 @@ def _move_aside(storage, source_uris: list[str], version_root: str, aside: str) 
 def requeue_shards(
     registry: Registry, output_root: str, recipe_id: str, shards: list[str], s3_endpoint_url: str | None = None
 ) -> list[dict]:
-    """Requeue each shard that is quarantined or failed; one summary dict per shard."""
+    """Requeue each shard that is quarantined or failed; one summary dict per shard.
+
+    The recipe id and every shard name are checked first (IdentifierError): they name the
+    folders whose files move, so `../..` must never reach a path."""
+    check_identifier(recipe_id, "recipe id")
+    for shard in shards:
+        check_identifier(shard, "shard name")
     storage = storage_for(output_root, s3_endpoint_url)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     summaries = []

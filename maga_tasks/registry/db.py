@@ -11,14 +11,18 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 
-from maga_tasks.registry.errors import RegistryError
+from maga_tasks.redaction import clean_text, redact_url
+from maga_tasks.registry.errors import RegistryError, RegistryNotFound, RegistryUnavailable
 
 # How long a SQLite registry waits for another process's write lock.
 SQLITE_BUSY_TIMEOUT_S = 60.0
@@ -34,19 +38,27 @@ JSON_COLUMNS = (
 )
 
 
-def database_url(url: str) -> str:
+def database_url(url: str, *, create: bool = True) -> str:
     """A SQLAlchemy URL from what users type: a file path, `sqlite:///...` or
-    `postgresql://...` (driven by psycopg 3)."""
+    `postgresql://...` (driven by psycopg 3). With `create=False` a SQLite file must
+    exist already (a read-only command on a mistyped path creates nothing)."""
     url = str(url).strip()
     if not url:
         raise RegistryError("registry URL is empty")
     if url.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
-    if url.startswith(("postgresql+psycopg://", "sqlite://")):
+    if url.startswith("postgresql+psycopg://"):
+        return url
+    if url.startswith("sqlite://"):
+        file = make_url(url).database
+        if not create and file and file != ":memory:" and not Path(file).is_file():
+            raise RegistryNotFound(f"registry file not found: {file} (`maga db upgrade --registry` creates one)")
         return url
     if "://" in url:
-        raise RegistryError(f"unsupported registry URL (want a SQLite path or postgresql://): {url}")
+        raise RegistryError(f"unsupported registry URL (want a SQLite path or postgresql://): {redact_url(url)}")
     path = Path(url).expanduser().resolve()
+    if not create and not path.is_file():
+        raise RegistryNotFound(f"registry file not found: {path} (`maga db upgrade --registry` creates one)")
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
@@ -142,8 +154,8 @@ def _sqlite_engine(url: str, echo: bool) -> Engine:
 class Database:
     """One registry database: its URL, backend and engine, and transactions on it."""
 
-    def __init__(self, url: str, *, echo: bool = False):
-        self.url = database_url(url)
+    def __init__(self, url: str, *, echo: bool = False, create: bool = True):
+        self.url = database_url(url, create=create)
         self.dialect = make_url(self.url).get_backend_name()
         if self.dialect not in ("sqlite", "postgresql"):
             raise RegistryError(f"unsupported registry backend: {self.dialect}")
@@ -158,12 +170,24 @@ class Database:
         """The URL with its password hidden, for logs and reprs."""
         return make_url(self.url).render_as_string(hide_password=True)
 
-    def write(self):
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
         """A write transaction (committed on success, rolled back on error)."""
-        return self.engine.begin()
+        with self.connect() as conn, conn.begin():
+            yield conn
 
     def read(self) -> Connection:
-        return self.engine.connect().execution_options(read_only=True)
+        return self.connect().execution_options(read_only=True)
+
+    def connect(self) -> Connection:
+        """A connection; a database that cannot be reached is RegistryUnavailable, one
+        line naming it (password hidden) and the driver's first line of why."""
+        try:
+            return self.engine.connect()
+        except (OperationalError, InterfaceError) as error:
+            lines = [line.strip() for line in str(error.orig or error).splitlines() if line.strip()]
+            why = clean_text(lines[0] if lines else type(error.orig or error).__name__, 300)
+            raise RegistryUnavailable(f"registry {redact_url(self.shown_url())} is unreachable: {why}") from None
 
     def close(self) -> None:
         self.engine.dispose()

@@ -10,6 +10,15 @@ class RegistryError(MagaError):
     """The registry cannot do what was asked (bad URL, unknown shard, schema too new)."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry database cannot be reached (down, closed port, refused login). A
+    passing fault: the lease keeper retries it; a command ends with one line."""
+
+
+class RegistryNotFound(RegistryError):
+    """A SQLite registry file that does not exist, for a command that must not create it."""
+
+
 class RegistryConflict(RegistryError):
     """A registered shard was offered different content (another checksum)."""
 

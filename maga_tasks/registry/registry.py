@@ -19,8 +19,10 @@ from maga_tasks.registry.store import ShardStore
 class Registry(ShardStore, RegistryReads):
     """The shard registry behind a SQLite file or a PostgreSQL database."""
 
-    def __init__(self, url: str, *, migrations_dir: str | Path | None = None, echo: bool = False):
-        db = Database(url, echo=echo)
+    def __init__(self, url: str, *, migrations_dir: str | Path | None = None, echo: bool = False,
+                 create: bool = True):
+        """`create=False`: a SQLite file must exist (commands that only read create none)."""
+        db = Database(url, echo=echo, create=create)
         ShardStore.__init__(self, db)
         RegistryReads.__init__(self, db)
         self.schema = Migrations(db, migrations_dir)
