@@ -40,8 +40,11 @@ SQLite file `{output_root}/_registry.sqlite`), S3 from the connection `maga_s3` 
 vLLM endpoints from `MAGA_ENDPOINTS` and the connection `maga_llm` (its host; extra
 `endpoints`, a list), the vLLM API key from `MAGA_API_KEY` or the password of that
 connection, recipes by name from the Variable `maga_recipes_dir` (else `MAGA_RECIPES_DIR`)
-or the built-in ones. A run's conf chooses among these, never beyond: an endpoint not
-configured, a recipe path or a bad shard name fails the run before any request. Create
+or the built-in ones, and the folders or s3:// prefixes a conf's `source` and
+`output_root` may lie in from `MAGA_DATA_ROOTS` (besides `MAGA_SOURCE` and
+`MAGA_OUTPUT_ROOT`). A run's conf chooses among these, never beyond: an endpoint not
+configured, a recipe path, a root outside the data roots or a bad shard name fails the
+run before any request. Create
 the pool once: `airflow pools set maga_llm 8 "vLLM request streams"` and give its size
 to the budget as `pool_slots` (default `MAGA_POOL_SLOTS`, 8): Airflow 3 tasks cannot read
 pools (the Task SDK and its execution API have no pool call; tasks have no metadata DB
@@ -82,18 +85,21 @@ SHARD_TIMEOUT = timedelta(minutes=float(os.environ.get("MAGA_SHARD_TIMEOUT_MINUT
 HEALTH_POKE_SECONDS = float(os.environ.get("MAGA_HEALTH_POKE_SECONDS", "60"))
 # A shard's lease; a retry waits up to this long for a killed try's lease to run out.
 LEASE_TTL_SECONDS = float(os.environ.get("MAGA_LEASE_TTL_SECONDS", "300"))
+# Where a deployment that sets no MAGA_SOURCE / MAGA_OUTPUT_ROOT keeps its corpus.
+DEFAULT_SOURCE = "/data/maga/source"
+DEFAULT_OUTPUT_ROOT = "/data/maga/expanded"
 
 
 PARAMS = {
     "source": Param(
-        os.environ.get("MAGA_SOURCE", "/data/maga/source"),
+        os.environ.get("MAGA_SOURCE", DEFAULT_SOURCE),
         type="string",
         minLength=1,
         description="Source corpus: a directory or s3:// prefix of parquet/jsonl shards; "
         "in dated mode a template with {ds}, e.g. s3://corpus/drops/{ds}/",
     ),
     "output_root": Param(
-        os.environ.get("MAGA_OUTPUT_ROOT", "/data/maga/expanded"),
+        os.environ.get("MAGA_OUTPUT_ROOT", DEFAULT_OUTPUT_ROOT),
         type="string",
         minLength=1,
         description="Where corpus versions are written: {output_root}/{recipe_id}/",
@@ -267,10 +273,11 @@ def _conf(params: dict):
     from airflow.sdk.exceptions import AirflowFailException
 
     from maga_tasks.recipe import RecipeError
-    from maga_tasks.run_conf import ConfRefused, checked_params, conf_recipe
+    from maga_tasks.run_conf import ConfRefused, checked_params, conf_recipe, operator_data_roots
 
     try:
-        checked = checked_params(params, _operator_endpoints())
+        roots = operator_data_roots(os.environ, DEFAULT_SOURCE, DEFAULT_OUTPUT_ROOT)
+        checked = checked_params(params, _operator_endpoints(), roots)
         return checked, conf_recipe(checked["recipe"], _recipes_dir(), os.environ.get("MAGA_RECIPE"))
     except (ConfRefused, RecipeError) as error:
         raise AirflowFailException(str(error)) from None

@@ -2,15 +2,18 @@
 
 Who triggers a run with conf is half-trusted: the conf may choose among the endpoints
 the operator configured (`MAGA_ENDPOINTS`, the `maga_llm` connection) or narrow them to
-a subset, never add a host the API key would be sent to; and it names a recipe, looked
+a subset, never add a host the API key would be sent to; it names a recipe, looked
 up in the operator's recipes folder or among the built-in ones, never a path on the
-worker. Whatever the conf asks outside that is refused here, before any request, with
+worker; and its source and output root lie inside the data roots the operator allows
+(`MAGA_DATA_ROOTS`, plus the operator's own `MAGA_SOURCE` and `MAGA_OUTPUT_ROOT`), so a
+conf can neither read a worker's files into the corpus nor write over them. Whatever the conf asks outside that is refused here, before any request, with
 one line (`ConfRefused`). The operator's own settings (environment, connections,
 Variables, the CLI's arguments) are trusted and never pass through here.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -118,18 +121,51 @@ def conf_recipe(name: str | None, recipes_dir: str | Path | None, operator_defau
     return load_recipe(conf_recipe_path(name, recipes_dir, operator_default))
 
 
-def checked_params(params: Mapping, configured: Iterable[str]) -> dict:
+def inside_roots(root: str, allowed: Iterable[str]) -> bool:
+    """Whether `root` (a storage root as `storage_root` gives it, possibly a `{ds}`
+    template) lies inside one of `allowed`. A `..` part is never inside; local paths
+    are compared resolved, so a symlink cannot lead out."""
+    if ".." in root.replace("\\", "/").split("/"):
+        return False
+    fixed = root.split("{", 1)[0]  # a dated template: its fixed part decides
+    for base in allowed:
+        if root.startswith("s3://") or base.startswith("s3://"):
+            base = base.rstrip("/")
+            if fixed == base or fixed.startswith(base + "/"):
+                return True
+        elif Path(os.path.realpath(fixed)).is_relative_to(os.path.realpath(base)):
+            return True
+    return False
+
+
+def operator_data_roots(environ: Mapping[str, str], default_source: str, default_output_root: str) -> list[str]:
+    """The roots a conf's source and output root may lie in: `MAGA_DATA_ROOTS`
+    (comma-separated folders or s3:// prefixes) and the operator's own source and output
+    root (`MAGA_SOURCE`, `MAGA_OUTPUT_ROOT`, else the DAG's defaults)."""
+    named = [*split_endpoints(environ.get("MAGA_DATA_ROOTS")), environ.get("MAGA_SOURCE") or default_source,
+             environ.get("MAGA_OUTPUT_ROOT") or default_output_root]
+    return [storage_root(root).split("{", 1)[0] for root in named]
+
+
+def checked_params(params: Mapping, configured: Iterable[str], data_roots: Iterable[str] | None = None) -> dict:
     """A run's params with what its conf may ask checked: `endpoints` becomes the chosen
     subset of `configured`, `source` and `output_root` the roots the backends use (a
-    `file:///abs` root is /abs; another scheme is refused), each shard to `requeue` a
-    valid shard name. The first refusal is a ConfRefused, raised before any request."""
+    `file:///abs` root is /abs; another scheme is refused), inside `data_roots` when
+    given, each shard to `requeue` a valid shard name. The first refusal is a
+    ConfRefused, raised before any request."""
     checked = dict(params)
     checked["endpoints"] = list(choose_endpoints(params.get("endpoints"), configured))
+    allowed = None if data_roots is None else list(data_roots)
     for key in ("source", "output_root"):
         try:
             checked[key] = storage_root(params[key])
         except BadStorageURI as error:
             raise ConfRefused(f"run conf: {key}: {error}") from None
+        if allowed is not None and not inside_roots(checked[key], allowed):
+            raise ConfRefused(
+                f"run conf: {key} {_shown_url(checked[key])} is outside the data roots the operator allows"
+                " (MAGA_DATA_ROOTS, MAGA_SOURCE, MAGA_OUTPUT_ROOT): refused before any request"
+            )
     for shard in params.get("requeue") or ():
         if not is_identifier(shard):
             raise ConfRefused(f"run conf: requeue: {shown(shard)} is not a shard name: refused")

@@ -119,7 +119,7 @@ echo "metadata DB migrated, pool maga_llm ready"
   --out "$DEMO/logs/before.json"
 # The operator's side: the endpoint and the recipes folder (a run's conf only names a
 # recipe in it and may choose among the configured endpoints; it cannot add one).
-export MAGA_ENDPOINTS="$ENDPOINT" MAGA_RECIPES_DIR="$(dirname "$RECIPE")"
+export MAGA_ENDPOINTS="$ENDPOINT" MAGA_RECIPES_DIR="$(dirname "$RECIPE")" MAGA_DATA_ROOTS="$DEMO"
 CONF="$("$PY" -c 'import json, sys; print(json.dumps({
     "source": sys.argv[1], "output_root": sys.argv[2], "recipe": sys.argv[3],
     "planning_mode": "flat", "shards_per_run": int(sys.argv[4]), "max_concurrency": 32, "progress_interval_s": 5}))' \

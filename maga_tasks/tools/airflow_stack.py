@@ -296,6 +296,8 @@ def airflow_environment(home: Path, database: str, api_port: int, passwords_file
             "MAGA_RETRY_DELAY_SECONDS": "2",
             "MAGA_LEASE_TTL_SECONDS": "10",  # a killed try's retry waits for its lease to run out
             "MAGA_HEALTH_POKE_SECONDS": "2",
+            # Tests and benches name sources and outputs in temporary folders by conf.
+            "MAGA_DATA_ROOTS": tempfile.gettempdir(),
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -28,6 +28,7 @@ from maga_tasks.recipe import MAX_RECIPE_BYTES, RecipeError, builtin_recipe_path
 from maga_tasks.run_conf import (
     ConfRefused,
     checked_params,
+    operator_data_roots,
     choose_endpoints,
     conf_recipe,
     conf_recipe_path,
@@ -207,6 +208,33 @@ def test_a_file_url_root_is_its_absolute_path(tmp_path):
     checked = checked_params(base, ["http://vllm-0:8000"])
     assert checked["source"] == f"{tmp_path}/src/{{ds}}/" and checked["output_root"] == f"{tmp_path}/out"
     assert checked["endpoints"] == ["http://vllm-0:8000"]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        pytest.param({"source": "/etc"}, id="source-outside"),
+        pytest.param({"output_root": "{tmp}/data/../../elsewhere"}, id="output-climbs-out"),
+        pytest.param({"source": "{tmp}/data/link-out/{{ds}}"}, id="symlink-leads-out"),
+        pytest.param({"output_root": "s3://other-bucket/x"}, id="foreign-bucket"),
+        pytest.param({"output_root": "s3://corpus/expanded-evil"}, id="s3-prefix-sibling"),
+    ],
+)
+def test_a_conf_root_outside_the_operators_data_roots_is_refused(tmp_path, params):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "link-out").symlink_to("/etc")
+    roots = [str(tmp_path / "data"), "s3://corpus/expanded"]
+    base = {"source": str(tmp_path / "data" / "src"), "output_root": "s3://corpus/expanded/v1", "endpoints": []}
+    asked = {key: value.format(tmp=tmp_path) for key, value in params.items()}
+    assert checked_params(base, ["http://vllm-0:8000"], roots)["source"] == base["source"]
+    with pytest.raises(ConfRefused, match="outside the data roots"):
+        checked_params({**base, **asked}, ["http://vllm-0:8000"], roots)
+
+
+def test_the_operators_data_roots_come_from_its_environment(tmp_path):
+    roots = operator_data_roots({"MAGA_DATA_ROOTS": "s3://a/b, /srv/x", "MAGA_SOURCE": "file:///data/src/{ds}"},
+                                "/data/maga/source", "/data/maga/expanded")
+    assert roots == ["s3://a/b", "/srv/x", "/data/src/", "/data/maga/expanded"]
 
 
 # -- through the DAG's own tasks --------------------------------------------------------
