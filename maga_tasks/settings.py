@@ -55,6 +55,10 @@ class RunSettings(BaseModel):
     # Share of passing shards whose gates also write a full Data Docs site (chosen by a
     # hash of the shard name); failed shards always get one, every shard a JSON result.
     data_docs_sample_rate: float = Field(0.01, ge=0, le=1)
+    # The longest jsonl source line read (bytes); a longer one is one rejected row
+    # (`line_too_long`), skipped without being held. None: 4 bytes per character of the
+    # recipe's `max_source_chars` plus 1 MiB (8 MiB with the default 2,000,000).
+    max_line_bytes: int | None = Field(None, ge=1024)
 
     @field_validator("endpoints")
     @classmethod
