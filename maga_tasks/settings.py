@@ -61,6 +61,10 @@ class RunSettings(BaseModel):
     # a body past the bound is not read further and is a failed attempt.
     answer_bytes_per_token: int = Field(32, ge=4, le=1024)
     answer_envelope_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024**2)
+    # The longest jsonl source line read (bytes); a longer one is one rejected row
+    # (`line_too_long`), skipped without being held. None: 4 bytes per character of the
+    # recipe's `max_source_chars` plus 1 MiB (8 MiB with the default 2,000,000).
+    max_line_bytes: int | None = Field(None, ge=1024)
 
     @field_validator("endpoints")
     @classmethod

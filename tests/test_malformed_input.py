@@ -68,8 +68,10 @@ def test_truncated_file_and_missing_file(tmp_path, llm_server):
 
 def test_bad_rows_are_rejected_with_reasons(tmp_path, llm_server, sample_articles, tiny_tokenizer_dir):
     good = [a["text"] for a in sample_articles[:3]]
-    huge = (" ".join(a["text"] for a in sample_articles[:200]) + " ") * 50
-    assert len(huge.encode()) > 5_000_000
+    # Long enough to be cut to the context budget, within max_source_chars (a longer one is
+    # a rejected row: tests/hostile/test_source_files.py).
+    huge = (" ".join(a["text"] for a in sample_articles[:200]) + " ") * 12
+    assert 1_000_000 < len(huge) <= RECIPE.quality.max_source_chars
     texts = pa.array(
         [good[0].encode(), None, b"   ", b"caf\xe9 \xff invalid bytes", good[1].encode(), good[2].encode(), huge.encode()],
         type=pa.binary(),

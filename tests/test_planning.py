@@ -92,11 +92,14 @@ def test_planning_parameters_are_checked(tmp_path, registry):
         plan_shards(str(tmp_path / "drops"), RID, registry, mode="flat", ds=None, budget=-1)
 
 
-def test_two_files_with_one_shard_name_are_refused(tmp_path):
+def test_two_files_with_one_shard_name_are_skipped_and_the_rest_planned(tmp_path, caplog):
     write_sample_corpus(tmp_path / "mixed", 1, 1, fmt="parquet")
     write_sample_corpus(tmp_path / "mixed", 1, 1, fmt="jsonl")
-    with pytest.raises(PlanningError, match="part-0000"):
-        source_shards(str(tmp_path / "mixed"))
+    write_sample_corpus(tmp_path / "other", 2, 1, fmt="parquet")
+    (tmp_path / "other" / "part-0001.parquet").rename(tmp_path / "mixed" / "part-0001.parquet")
+    assert source_shards(str(tmp_path / "mixed")) == [(str(tmp_path / "mixed" / "part-0001.parquet"), "part-0001")]
+    skipped = [r.getMessage() for r in caplog.records if "give the shard name part-0000" in r.getMessage()]
+    assert len(skipped) == 2
 
 
 def test_dated_shard_names():

@@ -373,6 +373,7 @@ def test_the_totals_migration_sums_shards_registered_before_it_as_register_does(
 
     with registry.engine.begin() as conn:
         for statement in ("DROP TABLE registered_tallies", "DROP TABLE registered_totals",
+                          "ALTER TABLE shards DROP COLUMN source_identity",  # 0009 runs again too
                           "DELETE FROM schema_version WHERE version >= 6"):
             conn.execute(text(statement))
     assert registry.upgrade() == [v for v, _, _ in registry.migrations() if v >= 6]

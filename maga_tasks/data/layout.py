@@ -10,6 +10,9 @@ from maga_tasks.identifiers import is_identifier, shown
 
 _SOURCE_SUFFIXES = (".jsonl.gz", ".jsonl", ".parquet")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
+# Control characters (terminal escape sequences start with one): a name holding them is
+# refused, not made safe, since what it shows and what it is differ.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class LayoutError(ValueError):
@@ -20,9 +23,12 @@ def shard_name(source_uri: str) -> str:
     """A safe shard name from a source file: its base name without the format suffix.
 
     Only letters, digits, '.', '_', '=' and '-' survive; anything else becomes '_', so a
-    name can never climb out of its directory.
+    name can never climb out of its directory. A name with control characters, or with
+    nothing left, raises `LayoutError`.
     """
     base = source_uri.rstrip("/").rsplit("/", 1)[-1]
+    if _CONTROL.search(base):
+        raise LayoutError(f"a file name with control characters makes no shard name: {source_uri!r}")
     for suffix in _SOURCE_SUFFIXES:
         if base.endswith(suffix):
             base = base[: -len(suffix)]

@@ -16,6 +16,9 @@ Two modes:
 
 In both modes never-tried shards come before retried ones, and a shard that failed
 `max_failures` tries is failed for good: it leaves the plan until it is requeued.
+File names are untrusted: a file whose name makes no shard name (`%.parquet`, control
+characters), and every file of a group whose names make one shard name, is reported
+(one warning each, the name shown escaped) and left out; the rest is planned.
 A missing partition plans nothing (the drop has not landed, or never will for that
 date); a missing flat corpus is an error.
 """
@@ -26,12 +29,12 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from maga_tasks.errors import MagaError
-from maga_tasks.data.layout import check_shard_name, shard_name
+from maga_tasks.data.layout import LayoutError, check_shard_name, shard_name
 from maga_tasks.registry import Registry
-from maga_tasks.data.source import list_source_shards
+from maga_tasks.data.source import list_source_shards, shown
 from maga_tasks.data.storage import is_s3, storage_for
 
 log = logging.getLogger(__name__)
@@ -64,13 +67,21 @@ def _partition_exists(uri: str, s3_endpoint_url: str | None) -> bool:
     return Path(uri).exists()
 
 
-def _unique(candidates: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    seen: dict[str, str] = {}
-    for uri, shard in candidates:
-        if shard in seen:
-            raise PlanningError(f"two source files give the shard name {shard!r}: {seen[shard]} and {uri}")
-        seen[shard] = uri
-    return sorted(candidates, key=lambda pair: (pair[1], pair[0]))
+def _named(uris: list[str], name: Callable[[str], str]) -> list[tuple[str, str]]:
+    """`(uri, shard)` of every file whose name makes a shard name, in shard name order;
+    the others, and every file of a group whose names make one shard name, are reported
+    and left out (which of them is the shard is not ours to guess)."""
+    by_shard: dict[str, list[str]] = {}
+    for uri in uris:
+        try:
+            by_shard.setdefault(name(uri), []).append(uri)
+        except LayoutError:
+            log.warning("source file %s: its name makes no shard name; skipped", shown(uri))
+    for shard, group in by_shard.items():
+        if len(group) > 1:
+            for uri in group:
+                log.warning("source file %s: %d files give the shard name %s; skipped", shown(uri), len(group), shard)
+    return sorted(((group[0], shard) for shard, group in by_shard.items() if len(group) == 1), key=lambda p: p[1])
 
 
 def source_shards(
@@ -85,13 +96,13 @@ def source_shards(
     if mode == "flat":
         if DS_PLACEHOLDER in source:
             raise PlanningError(f"the source contains '{DS_PLACEHOLDER}': use mode='dated' ({source})")
-        return _unique([(uri, shard_name(uri)) for uri in list_source_shards(source, s3_endpoint_url)])
+        return _named(list_source_shards(source, s3_endpoint_url), shard_name)
     if mode == "dated":
         partition = partition_uri(source, ds or "")
         if not _partition_exists(partition, s3_endpoint_url):
             log.warning("partition %s does not exist; nothing to plan for %s", partition, ds)
             return []
-        return _unique([(uri, dated_shard_name(ds, uri)) for uri in list_source_shards(partition, s3_endpoint_url)])
+        return _named(list_source_shards(partition, s3_endpoint_url), lambda uri: dated_shard_name(ds, uri))
     raise PlanningError(f"mode must be 'flat' or 'dated', not {mode!r}")
 
 

@@ -43,7 +43,7 @@ from maga_tasks.recipe import Recipe
 from maga_tasks.registry import LeaseLost, Registry, RegistryConflict, RegistryError, ShardBusy, utc_now
 from maga_tasks.settings import RunSettings
 from maga_tasks.engine.lease import LeaseKeeper
-from maga_tasks.engine.shard import ShardResult, commit_checkpoint, expand_shard, publish_staged
+from maga_tasks.engine.shard import ShardResult, commit_checkpoint, expand_shard, publish_staged, source_limits
 from maga_tasks.data.committed import staged_checksum
 from maga_tasks.data.source import SourceColumns
 from maga_tasks.data.storage import StorageError, read_once, storage_for
@@ -64,7 +64,9 @@ def default_owner() -> str:
 
 
 # The figures a summary carries, named as on `ShardResult` and in the registry's rows.
-_SUMMARY_FIGURES = ("documents", "accepted", "rejected", "prompt_tokens", "completion_tokens", "expansion_ratio")
+_SUMMARY_FIGURES = (
+    "documents", "accepted", "rejected", "prompt_tokens", "completion_tokens", "expansion_ratio", "source_identity",
+)
 
 
 def _summary_figures(result: ShardResult) -> dict:
@@ -155,7 +157,9 @@ def commit_and_validate(
     `check_committed_shard` (`registry`, `data_docs_sample_rate`)."""
     paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
     out = storage_for(output_root, s3_endpoint_url)
-    result = commit_checkpoint(source_uri, paths, out, columns=columns, s3_endpoint_url=s3_endpoint_url)
+    result = commit_checkpoint(
+        source_uri, paths, out, columns=columns, s3_endpoint_url=s3_endpoint_url, limits=source_limits(recipe)
+    )
     return check_committed_shard(
         source_uri, output_root, recipe, shard=paths.shard, s3_endpoint_url=s3_endpoint_url, result=result, **gate
     )

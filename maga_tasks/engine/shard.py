@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from maga_tasks.data.checkpoint import Checkpoint
+from maga_tasks.data.checkpoint import Checkpoint, manifest
 from maga_tasks.data.committed import files_checksum, local_files, read_measured
 from maga_tasks.engine.figures import FIGURE_COLUMNS, FigureTally, ShardFigures, figures_of_files
 from maga_tasks.method.cleaning import clean_rewrite
@@ -30,7 +30,7 @@ from maga_tasks.data.schema import (
     ACCEPTED_SCHEMA, DUPLICATE_ID, MAGACORPUS_SCHEMA, REJECTED_SCHEMA, magacorpus_row, row_id,
 )
 from maga_tasks.settings import RunSettings
-from maga_tasks.data.source import SourceColumns, SourceDocument, open_shard
+from maga_tasks.data.source import SourceColumns, SourceDocument, SourceLimits, open_shard
 from maga_tasks.method.stages import StructuredOutputSupport, Usage, generate_pairs, rewrite
 from maga_tasks.data.storage import ObjectNotFound, storage_for
 from maga_tasks.method.truncation import DocumentCutter
@@ -90,6 +90,8 @@ class ShardResult(ShardFigures, _ShardFiles):
     seconds: float = 0.0
     resumed_documents: int = 0
     already_committed: bool = False
+    # The version of the source the rows were made from (`ShardReader.identity`).
+    source_identity: str | None = None
 
     @classmethod
     def of(cls, paths: ShardPaths, source_uri: str, figures: ShardFigures, **run) -> ShardResult:
@@ -105,6 +107,15 @@ class ShardResult(ShardFigures, _ShardFiles):
 
 
 log = logging.getLogger(__name__)
+
+# The key of the source identity in the parquet metadata of a committed shard's files.
+SOURCE_IDENTITY_KEY = b"maga.source_identity"
+
+
+def source_limits(recipe: Recipe, settings: RunSettings | None = None) -> SourceLimits:
+    """The bounds on one source row for a run: the recipe's `max_source_chars`, the
+    settings' `max_line_bytes` (None: derived from it)."""
+    return SourceLimits(recipe.quality.max_source_chars, settings.max_line_bytes if settings else None)
 
 
 def expand_shard(
@@ -123,7 +134,8 @@ def expand_shard(
 
     Idempotent: a committed shard is returned from its files without any LLM request; an
     interrupted one resumes from its checkpoint and never requests a finished document
-    again. Raises `ShardInputError` for an unusable shard (nothing is committed) and
+    again, unless the source is another version than the checkpoint's (another
+    content hash): then the shard starts afresh (`data.checkpoint`). Raises `ShardInputError` for an unusable shard (nothing is committed) and
     `EndpointsUnavailable` when every worker stays down (the checkpoint is kept).
     `shard` overrides the output name (default: from the file name), e.g. to keep
     daily drops that reuse file names apart. With `max_docs` it is a trial over the
@@ -149,13 +161,11 @@ def expand_shard(
             local_source = stack.enter_context(source.local_copy(source_uri))
         except ObjectNotFound as error:
             raise ShardInputError(str(error)) from None
-        reader = open_shard(local_source, source_uri, columns)
+        reader = stack.enter_context(open_shard(local_source, source_uri, columns, source_limits(recipe, settings)))
+        identity = reader.identity()
         total = reader.count() if max_docs is None else min(reader.count(), max_docs)
         checkpoint = Checkpoint(
-            out,
-            paths.work,
-            {"recipe_id": recipe.recipe_id, "source_uri": source_uri, "source_bytes": local_source.stat().st_size},
-            settings.s3_checkpoint_every,
+            out, paths.work, manifest(recipe.recipe_id, source_uri, identity), settings.s3_checkpoint_every
         )
         checkpoint.prepare()
         with checkpoint.local_segments() as segments:
@@ -165,7 +175,7 @@ def expand_shard(
             run_client(run.execute(itertools.islice(iter(reader), total)))
         finally:
             checkpoint.close()
-        result = _commit(source_uri, paths, out, checkpoint, itertools.islice(iter(reader), total), fence)
+        result = _commit(source_uri, paths, out, checkpoint, itertools.islice(iter(reader), total), identity, fence)
     result.requests = run.client_stats.get("requests", 0)
     result.resumed_documents = len(done & set(range(total)))
     result.seconds = round(time.monotonic() - started, 3)
@@ -277,7 +287,7 @@ class _ShardRun:
     async def _document(self, client: LLMClient, doc: SourceDocument, structured) -> list[dict]:
         rows = _RowMaker(self, doc)
         if doc.problem:
-            return rows.all_rejected(doc.problem, "rejected before any model call", Usage())
+            return rows.all_rejected(doc.problem, doc.detail or "rejected before any model call", Usage())
         if len(doc.text) > 100_000:  # tokenizing a huge document must not stall the other requests
             text, cut_tokens = await asyncio.to_thread(self.cutter.cut, doc.text)
         else:
@@ -413,23 +423,26 @@ _COMMIT_BATCH_ROWS = 500
 
 
 def _commit(
-    source_uri: str, paths: ShardPaths, out, checkpoint: Checkpoint, documents, fence: CommitFence | None = None
+    source_uri: str, paths: ShardPaths, out, checkpoint: Checkpoint, documents, source_identity: str,
+    fence: CommitFence | None = None,
 ) -> ShardResult:
     """Write rejected/, magacorpus/ and data/ from the checkpoint in source order.
 
     Each file is written atomically; data/ goes last since its presence marks the shard
     committed. `documents` streams the source again, in the same order, for raw_text.
+    The files' parquet metadata name the source version (`SOURCE_IDENTITY_KEY`).
     With a fence the files are published by `_publish_fenced`.
     """
+    identity = {SOURCE_IDENTITY_KEY: source_identity.encode()}
     tally = FigureTally()
     with checkpoint.local_segments() as segments, tempfile.TemporaryDirectory(prefix="maga-commit-") as tmp:
         locations = Checkpoint.index(segments)
         data_path, rejected_path = Path(tmp) / "data.parquet", Path(tmp) / "rejected.parquet"
         export_path = Path(tmp) / "magacorpus.parquet"
         with (
-            _BatchedWriter(data_path, ACCEPTED_SCHEMA) as accepted,
-            _BatchedWriter(rejected_path, REJECTED_SCHEMA) as rejected,
-            _BatchedWriter(export_path, MAGACORPUS_SCHEMA) as export,
+            _BatchedWriter(data_path, ACCEPTED_SCHEMA.with_metadata(identity)) as accepted,
+            _BatchedWriter(rejected_path, REJECTED_SCHEMA.with_metadata(identity)) as rejected,
+            _BatchedWriter(export_path, MAGACORPUS_SCHEMA.with_metadata(identity)) as export,
         ):
             for doc in documents:
                 if doc.index not in locations:
@@ -449,18 +462,25 @@ def _commit(
         else:
             for uri, local in built.items():
                 out.put_file(uri, local)
-    return ShardResult.of(paths, source_uri, tally.figures())
+    return ShardResult.of(paths, source_uri, tally.figures(), source_identity=source_identity)
 
 
 def commit_checkpoint(
-    source_uri: str, paths: ShardPaths, out, *, columns: SourceColumns = SourceColumns(), s3_endpoint_url: str | None = None
+    source_uri: str, paths: ShardPaths, out, *, columns: SourceColumns = SourceColumns(),
+    s3_endpoint_url: str | None = None, limits: SourceLimits = SourceLimits(),
 ) -> ShardResult:
     """Commit a shard whose checkpoint (`_work/{shard}/`) holds every document of its
     source, without any LLM call: the commit step of `expand_shard` on its own (for
-    `engine.publish.commit_and_validate`)."""
-    with storage_for(source_uri, s3_endpoint_url).local_copy(source_uri) as local:
+    `engine.publish.commit_and_validate`). `CheckpointMismatch` when the checkpoint was
+    made from another version of the source."""
+    with (
+        storage_for(source_uri, s3_endpoint_url).local_copy(source_uri) as local,
+        open_shard(local, source_uri, columns, limits) as reader,
+    ):
+        identity = reader.identity()
         checkpoint = Checkpoint(out, paths.work, {})
-        return _commit(source_uri, paths, out, checkpoint, iter(open_shard(local, source_uri, columns)))
+        checkpoint.check_source(identity)
+        return _commit(source_uri, paths, out, checkpoint, iter(reader), identity)
 
 
 def _publish_fenced(out, paths: ShardPaths, built: dict[str, Path], fence: CommitFence) -> None:
@@ -520,4 +540,8 @@ def committed_result(source_uri: str, paths: ShardPaths, out) -> ShardResult:
     batch (texts measured, never kept)."""
     with local_files(out, paths.data, paths.rejected) as (data, rejected):
         tables = [read_measured(data, FIGURE_COLUMNS), read_measured(rejected, FIGURE_COLUMNS)]
-    return ShardResult.of(paths, source_uri, figures_of_files(*tables), already_committed=True)
+        identity = (pq.read_schema(data).metadata or {}).get(SOURCE_IDENTITY_KEY)
+    return ShardResult.of(
+        paths, source_uri, figures_of_files(*tables), already_committed=True,
+        source_identity=identity.decode() if identity else None,
+    )

@@ -98,7 +98,7 @@ _RESULT_ASSIGNMENTS = (
     " accepted = :accepted, rejected = :rejected, requests = :requests,"
     " prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens,"
     " source_chars = :source_chars, output_chars = :output_chars,"
-    " expansion_ratio = :ratio, rejects_by_reason = :reasons"
+    " expansion_ratio = :ratio, rejects_by_reason = :reasons, source_identity = :source_identity"
 )
 
 SHARD = text("SELECT * FROM shards" + _ONE_SHARD)

@@ -57,6 +57,7 @@ def _result_params(result: ShardResult) -> dict:
         "output_chars": int(result.output_chars),
         "ratio": float(result.expansion_ratio),
         "reasons": to_json(dict(sorted(result.rejects_by_reason.items()))),
+        "source_identity": result.source_identity,
     }
 
 

@@ -419,8 +419,9 @@ def synthesize_expanded_shard(work: Path, recipe, documents: int) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from maga_tasks.data.checkpoint import Checkpoint
+    from maga_tasks.data.checkpoint import Checkpoint, manifest
     from maga_tasks.data.layout import shard_paths
+    from maga_tasks.data.source import open_shard
     from maga_tasks.data.schema import row_id
     from maga_tasks.data.storage import storage_for
 
@@ -432,8 +433,9 @@ def synthesize_expanded_shard(work: Path, recipe, documents: int) -> str:
     pq.write_table(pa.table({"id": [f"doc-{d:06d}" for d in range(documents)], "text": texts}), source)
     output_root = str(work / "out")
     paths = shard_paths(output_root, recipe.recipe_id, "part-000000")
-    checkpoint = Checkpoint(storage_for(output_root), paths.work,
-                            {"recipe_id": recipe.recipe_id, "source_uri": str(source), "source_bytes": source.stat().st_size})
+    with open_shard(source, str(source)) as reader:
+        identity = reader.identity()
+    checkpoint = Checkpoint(storage_for(output_root), paths.work, manifest(recipe.recipe_id, str(source), identity))
     checkpoint.prepare()
     sentence = "River deltas form where a slowing current drops its sediment; they shift and feed wetlands. "
     rewrite = (sentence * (REWRITE_CHARS // len(sentence) + 1))[:REWRITE_CHARS]
