@@ -18,7 +18,10 @@ Transient faults are aimed by the request key without the attempt number, so a r
 of a hit request is hit again until the fault has fired TIMES times: ``http500``,
 ``http429`` (with ``Retry-After: 0``), ``timeout`` (sleep ``hang`` seconds, then
 answer), ``disconnect`` (close the connection without a response) and ``crash`` (the
-process exits on receipt, like a worker that a request kills).
+process exits on receipt, like a worker that a request kills). Two of them are hostile
+bodies, as a proxy in front of a fleet may send: ``http401_echo`` (401 whose body echoes
+the request's Authorization header, key and all) and ``http500_nul`` (500 whose plain
+text body holds NUL bytes and a terminal escape sequence).
 
 Content faults are aimed by the full key with attempt and seed, so a retry with a new
 seed may escape: ``bad_json`` (pairs: prose instead of JSON), ``wrong_count`` (pairs:
@@ -50,7 +53,7 @@ from maga_tasks.tools.test_server.answers import (
     cut_to_tokens,
 )
 
-TRANSIENT_KINDS = ("http500", "http429", "timeout", "disconnect", "crash")
+TRANSIENT_KINDS = ("http500", "http429", "timeout", "disconnect", "crash", "http401_echo", "http500_nul")
 CONTENT_KINDS = ("bad_json", "wrong_count", "truncate", "boilerplate", "empty", "off_topic", "eos")
 # Stages each kind may apply to, and the default when the spec names none. Content
 # faults default to the stage whose output they spoil in the method's description.

@@ -233,6 +233,11 @@ async def _transient_fault(
 async def _fire_transient(fault: Fault, request: web.Request) -> web.StreamResponse | None:
     if fault.kind == "http500":
         return _error(500, "injected internal server error", "InternalServerError")
+    if fault.kind == "http401_echo":
+        echoed = request.headers.get("Authorization", "")
+        return web.Response(status=401, text=f"proxy: credentials refused (Authorization: {echoed}) for {request.path}")
+    if fault.kind == "http500_nul":
+        return web.Response(status=500, body=b"upstream failed\x00\x00 at \x1b[2J\x1b[31mstage\x00 7", content_type="text/plain")
     if fault.kind == "http429":
         return _error(429, "injected rate limit", "RateLimitError", headers={"Retry-After": "0"})
     if fault.kind == "disconnect":
