@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from maga_tasks.errors import EndpointsUnavailable, MagaError
 from maga_tasks.data.layout import LayoutError
 from maga_tasks.recipe import RecipeError
+from maga_tasks.redaction import install_log_redaction, strip_control
 from maga_tasks.data.storage import ObjectNotFound, StorageError
 
 EXIT_BAD_INPUT = 2
@@ -236,13 +237,13 @@ def cmd_plan(args) -> dict:
             sys.stderr.write(f"flat corpus: {night.describe()}\n")
         scope = f"partition {plan.ds}" if plan.mode == "dated" else "flat corpus"
         skipped = summary["skipped"]
-        sys.stderr.write(
+        sys.stderr.write(strip_control(
             f"{scope} of {plan.candidates} shard(s), recipe {plan.recipe_id}: a run would publish"
             f" {len(plan.shards)} ({plan.retried} retried), skip {skipped['registered']} registered,"
             f" {skipped['quarantined']} quarantined and {skipped['failed']} failed for good;"
             f" {len(plan.held_back)} held back; {plan.left} left\n"
             + "".join(f"  {d['shard']}  {d['source_uri']}\n" for d in plan.shards)
-        )
+        ))
     return summary
 
 
@@ -395,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    install_log_redaction()  # secrets masked and escape sequences shown in every log line
     try:
         summary = args.func(args)
     except (EndpointsUnavailable, StorageError) as error:
