@@ -49,3 +49,15 @@ def require_browser() -> None:
         if os.environ.get("MAGA_REQUIRE_BROWSER") == "1":
             pytest.fail(message)
         pytest.skip(message)
+
+
+def open_dashboard(driver, api_url: str, token: str, timeout: float = 60) -> None:
+    """Log in the way the UI does (Airflow's JWT in the `_token` cookie), then load the
+    corpus dashboard until its data is shown."""
+    from maga_tasks.tools.airflow_stack import wait_for
+
+    driver.get(f"{api_url}/api/v2/version")
+    driver.add_cookie({"name": "_token", "value": token, "path": "/"})
+    driver.get(f"{api_url}/maga/")
+    wait_for(lambda: driver.execute_script("return document.body.dataset.loaded === 'true'"), timeout, 0.5,
+             "the dashboard page")

@@ -16,7 +16,7 @@ import pytest
 
 pytest.register_assert_rewrite("airflow_fixtures")
 from airflow_fixtures import ARTIFACTS, REPO, http_json, wait_for
-from browser import chrome, require_browser
+from browser import chrome, open_dashboard, require_browser
 
 # Session fixtures (isolated Airflow, the scheduler stack) shared by every Airflow test.
 pytest_plugins = ["airflow_fixtures"]
@@ -117,12 +117,7 @@ def test_page_shows_the_totals_in_chromium(airflow_stack, published, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     driver = chrome(tmp_path / "chromium-profile")
     try:
-        # Log in the way the UI does: Airflow's JWT in the `_token` cookie.
-        driver.get(f"{airflow_stack.api_url}/api/v2/version")
-        driver.add_cookie({"name": "_token", "value": airflow_stack.token(), "path": "/"})
-
-        driver.get(f"{airflow_stack.api_url}/maga/")
-        wait_for(lambda: driver.execute_script("return document.body.dataset.loaded === 'true'"), 30, 0.5, "the dashboard page")
+        open_dashboard(driver, airflow_stack.api_url, airflow_stack.token(), timeout=30)
         section = driver.find_element(By.CSS_SELECTOR, f'section[data-recipe="{recipe_id}"]')
         documents = section.find_element(By.ID, f"documents-{recipe_id}").text
         assert f"{expected['documents']:,}" in documents

@@ -334,17 +334,14 @@ def test_the_overview_api_serves_no_secret_and_no_foreign_link(dashboard):
 @pytest.mark.browser
 def test_the_page_and_the_data_docs_run_no_markup_from_data(dashboard, tmp_path):
     from airflow_fixtures import wait_for
-    from browser import chrome, require_browser
+    from browser import chrome, open_dashboard, require_browser
     from selenium.webdriver.common.by import By
 
     require_browser()
     af, quarantined = dashboard
     driver = chrome(tmp_path / "chromium-profile")
     try:
-        driver.get(f"{af.api_url}/api/v2/version")
-        driver.add_cookie({"name": "_token", "value": af.token(), "path": "/"})
-        driver.get(f"{af.api_url}/maga/")
-        wait_for(lambda: driver.execute_script("return document.body.dataset.loaded === 'true'"), 60, 0.5, "the page")
+        open_dashboard(driver, af.api_url, af.token())
         assert driver.execute_script("return window.__pwned") is None
         assert not driver.find_elements(By.CSS_SELECTOR, "img, svg, [onerror], [onload], [onfocus]")
         # The hostile names are shown as text, under their own escaped id.
