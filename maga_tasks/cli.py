@@ -21,6 +21,7 @@ from maga_tasks.errors import EndpointsUnavailable, MagaError
 from maga_tasks.data.layout import LayoutError
 from maga_tasks.recipe import RecipeError
 from maga_tasks.data.storage import BadStorageURI, ObjectNotFound, StorageError
+from maga_tasks.redaction import install_log_redaction, strip_control
 from maga_tasks.registry.errors import RegistryUnavailable
 
 EXIT_BAD_INPUT = 2
@@ -239,13 +240,13 @@ def cmd_plan(args) -> dict:
             sys.stderr.write(f"flat corpus: {night.describe()}\n")
         scope = f"partition {plan.ds}" if plan.mode == "dated" else "flat corpus"
         skipped = summary["skipped"]
-        sys.stderr.write(
+        sys.stderr.write(strip_control(
             f"{scope} of {plan.candidates} shard(s), recipe {plan.recipe_id}: a run would publish"
             f" {len(plan.shards)} ({plan.retried} retried), skip {skipped['registered']} registered,"
             f" {skipped['quarantined']} quarantined and {skipped['failed']} failed for good;"
             f" {len(plan.held_back)} held back; {plan.left} left\n"
             + "".join(f"  {d['shard']}  {d['source_uri']}\n" for d in plan.shards)
-        )
+        ))
     return summary
 
 
@@ -418,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    install_log_redaction()  # secrets masked and escape sequences shown in every log line
     try:
         check_arguments(args)
         summary = args.func(args)

@@ -5,9 +5,18 @@ become rejected rows with a reason. The exceptions here are shard- or server-lev
 shard (or task) fails and the scheduler's retries take over.
 """
 
+from maga_tasks.redaction import redact, strip_control
+
 
 class MagaError(RuntimeError):
-    """Base of the errors that end a command with a one-line message."""
+    """Base of the errors that end a command with a one-line message.
+
+    The message is redacted and its control characters shown when the error is made:
+    it quotes endpoints and server bodies, and goes to stderr, task logs, the registry
+    and Airflow's record of the failure, none of which may hold a secret."""
+
+    def __init__(self, *args: object):
+        super().__init__(*(strip_control(redact(arg)) if isinstance(arg, str) else arg for arg in args))
 
 
 class ShardInputError(MagaError):

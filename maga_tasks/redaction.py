@@ -93,11 +93,13 @@ def redact_url(url: str) -> str:
 
 
 class RedactingFilter(logging.Filter):
-    """Masks secrets in every record a handler emits (message, arguments and traceback)."""
+    """Masks secrets in every record a handler emits (message, arguments and traceback),
+    and shows control characters of the message rather than passing them to a terminal
+    (a file name may carry escape sequences)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        cleaned = redact(message)
+        cleaned = strip_control(redact(message))
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:

@@ -6,8 +6,11 @@ Nothing here changes what is written, so nothing here takes part in the recipe_i
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from maga_tasks.redaction import install_log_redaction, redact_url, register_secret
 
 
 class RunSettings(BaseModel):
@@ -70,6 +73,18 @@ class RunSettings(BaseModel):
     @classmethod
     def _urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(dict.fromkeys(normalize_endpoint(url) for url in value))
+
+    @model_validator(mode="after")
+    def _register_secrets(self) -> RunSettings:
+        # The key may come from an Airflow connection, not the environment, and an
+        # endpoint may carry a password: both are masked wherever they appear from now
+        # on, and this process's log handlers redact (the DAG's tasks and the CLI both
+        # build their settings before any request).
+        register_secret(self.api_key)
+        for url in self.endpoints:
+            register_secret(urlsplit(url).password)
+        install_log_redaction()
+        return self
 
     @property
     def resolved_api_key(self) -> str | None:

@@ -9,6 +9,10 @@
 
 The registry database is found like the DAG finds it: `MAGA_REGISTRY_URL`, else the
 Airflow connection `maga_registry`, else `{MAGA_OUTPUT_ROOT}/_registry.sqlite`.
+
+Every answer is redacted and free of control characters (`dashboard.served`); report
+links are served only into their shard's quality folder, as local/S3 files, or under
+`MAGA_DASHBOARD_REPORT_ROOT` when the deployment sets it (then http(s) too).
 """
 
 from __future__ import annotations
@@ -87,7 +91,9 @@ def dashboard_page() -> str:
 @dashboard_app.get("/api/totals")
 def corpus_totals(recipe_id: str | None = Query(None, description="one corpus version; all when omitted")) -> dict:
     """The registry's totals (shards by status, documents, tokens, expansion ratio)."""
-    return open_registry().totals(recipe_id)
+    from maga_tasks.registry.dashboard import served
+
+    return served(open_registry().totals(recipe_id))
 
 
 @dashboard_app.get("/api/overview")
@@ -98,7 +104,10 @@ def corpus_overview(
     """Totals per recipe, rejection reasons, genre/audience distribution, shard table."""
     from maga_tasks.registry.dashboard import corpus_overview as overview
 
-    return overview(open_registry(), recipe_id=recipe_id, shard_limit=shard_limit)
+    return overview(
+        open_registry(), recipe_id=recipe_id, shard_limit=shard_limit,
+        corpus_root=os.environ.get("MAGA_DASHBOARD_REPORT_ROOT") or None,
+    )
 
 
 class MagaCorpusPlugin(AirflowPlugin):

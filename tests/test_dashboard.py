@@ -9,25 +9,19 @@ its own) must show the totals in headless Chromium. The screenshots are kept und
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 import urllib.parse
-from pathlib import Path
 
 import pytest
 
 pytest.register_assert_rewrite("airflow_fixtures")
 from airflow_fixtures import ARTIFACTS, REPO, http_json, wait_for
+from browser import chrome, open_dashboard, require_browser
 
 # Session fixtures (isolated Airflow, the scheduler stack) shared by every Airflow test.
 pytest_plugins = ["airflow_fixtures"]
 
 pytestmark = [pytest.mark.airflow, pytest.mark.integration, pytest.mark.timeout(600)]
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-CHROMEDRIVER = shutil.which("chromedriver")
-
 
 @pytest.fixture(scope="module")
 def published(airflow_stack, tmp_path_factory):
@@ -113,61 +107,17 @@ def test_plugin_is_registered_with_the_ui(airflow_stack):
     assert plugin["external_views"][0]["url_route"] == "maga-corpus"
 
 
-def _chrome(user_data_dir: Path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--window-size=1500,1200",
-        f"--user-data-dir={user_data_dir}",
-    ):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-
-
-def _require_browser() -> None:
-    """Skip without a browser, unless MAGA_REQUIRE_BROWSER=1 (CI) makes that a failure."""
-    missing = []
-    if not (CHROMIUM and CHROMEDRIVER):
-        missing.append("chromium + chromedriver (apt-get install chromium chromium-driver)")
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("selenium (pip install selenium)")
-    if missing:
-        message = "the dashboard screenshot needs " + " and ".join(missing)
-        if os.environ.get("MAGA_REQUIRE_BROWSER") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 @pytest.mark.browser
 def test_page_shows_the_totals_in_chromium(airflow_stack, published, tmp_path):
-    _require_browser()
+    require_browser()
     from selenium.webdriver.common.by import By
 
     recipe_id, registry = published
     expected = registry.totals(recipe_id)
     ARTIFACTS.mkdir(exist_ok=True)
-    driver = _chrome(tmp_path / "chromium-profile")
+    driver = chrome(tmp_path / "chromium-profile")
     try:
-        # Log in the way the UI does: Airflow's JWT in the `_token` cookie.
-        driver.get(f"{airflow_stack.api_url}/api/v2/version")
-        driver.add_cookie({"name": "_token", "value": airflow_stack.token(), "path": "/"})
-
-        driver.get(f"{airflow_stack.api_url}/maga/")
-        wait_for(lambda: driver.execute_script("return document.body.dataset.loaded === 'true'"), 30, 0.5, "the dashboard page")
+        open_dashboard(driver, airflow_stack.api_url, airflow_stack.token(), timeout=30)
         section = driver.find_element(By.CSS_SELECTOR, f'section[data-recipe="{recipe_id}"]')
         documents = section.find_element(By.ID, f"documents-{recipe_id}").text
         assert f"{expected['documents']:,}" in documents

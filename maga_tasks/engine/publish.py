@@ -40,6 +40,7 @@ from maga_tasks.quality import (
 )
 from maga_tasks.quality.datadocs import DATA_DOCS_SAMPLE_RATE
 from maga_tasks.recipe import Recipe
+from maga_tasks.redaction import clean_text
 from maga_tasks.registry import LeaseLost, Registry, RegistryConflict, RegistryError, ShardBusy, utc_now
 from maga_tasks.settings import RunSettings
 from maga_tasks.engine.lease import LeaseKeeper
@@ -74,6 +75,12 @@ def _summary_figures(result: ShardResult) -> dict:
 
 
 def _summary(paths: ShardPaths, source_uri: str, status: str, **extra) -> dict:
+    """A shard's outcome for the XCom; its free texts (a reason, failed expectations
+    quoting source values) redacted, without control characters and bounded."""
+    if extra.get("reason") is not None:
+        extra["reason"] = clean_text(extra["reason"])
+    if extra.get("failed_expectations"):
+        extra["failed_expectations"] = [clean_text(name) for name in extra["failed_expectations"]]
     out = {
         "shard": paths.shard,
         "source_uri": source_uri,
@@ -230,7 +237,7 @@ def register_committed_shard(
             docs_uri=report.docs_uri,
             token=token,
         )
-        return summary | {"status": "quarantined", "reason": report.reason()}
+        return summary | {"status": "quarantined", "reason": clean_text(report.reason())}
     newly = registry.register(
         recipe.recipe_id,
         paths.shard,
@@ -447,7 +454,7 @@ def judge_shard_after_publish(
         )
     except (ShardInputError, EndpointsUnavailable, StorageError) as error:
         log.warning("shard %s: the judge could not run: %s", summary["shard"], error)
-        return summary | {"judge_error": str(error)}
+        return summary | {"judge_error": clean_text(error)}
     record_judge(registry, report)
     return summary | {"judge_pass_share": report.statistics()["pass_share"], "judge_scored": report.scored,
                       "judge_uri": report.uri}

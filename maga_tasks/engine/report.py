@@ -14,6 +14,7 @@ from collections import Counter
 
 from maga_tasks.engine.continuation import budget_left, should_continue
 from maga_tasks.engine.planning import RunPlan
+from maga_tasks.redaction import clean_text
 from maga_tasks.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ def failed_shards(planned: list[dict], summaries: list[dict], registry: Registry
             "shard": descriptor["shard"],
             "status": row.get("status"),
             "attempts": row.get("attempts"),
-            "error": (row.get("last_error") or "")[:_ERROR_CHARS],
+            # Cleaned again: a row written before errors were cleaned on the way in.
+            "error": clean_text(row.get("last_error") or "", _ERROR_CHARS),
         })
     return failed
 

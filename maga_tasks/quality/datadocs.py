@@ -8,6 +8,12 @@ ones (`data_docs_sample_rate`), so a corpus version is not 16 files per shard.
 
 great_expectations is imported only when a gate runs (`import_gx`): an Airflow DAG file
 that imports the quality package still parses in milliseconds.
+
+Values from the data are untrusted: GX renders parts of a result (the table of
+unexpected values) as raw HTML, so a source id such as `<img src=x onerror=...>` would be
+live markup in Data Docs. Before a site is rendered, every text in the stored results is
+made inert (`_inert`: markup characters shown as look-alikes); the JSON result keeps the
+values as they are.
 """
 
 from __future__ import annotations
@@ -70,6 +76,35 @@ def _ephemeral_context(gx, site_dir: Path):
         },
     )
     return gx.get_context(mode="ephemeral", project_config=config)
+
+
+# The characters that make markup or close an attribute, and the full-width look-alikes
+# Data Docs show in their place: readable, and never parsed as HTML whether or not GX
+# escapes the field it renders.
+_INERT = str.maketrans({"<": "\uff1c", ">": "\uff1e", "&": "\uff06", '"': "\uff02", "'": "\uff07", "`": "\uff40"})
+
+
+def _inert(value: Any) -> Any:
+    """`value` (a GX result, nested) with every text's markup characters made inert."""
+    if isinstance(value, str):
+        return value.translate(_INERT)
+    if isinstance(value, dict):
+        return {_inert(key): _inert(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_inert(item) for item in value]
+    return value
+
+
+def _make_results_inert(context) -> None:
+    """Rewrite the validation results the context holds, from which Data Docs are built,
+    with their data values inert (`_inert`)."""
+    store = context.validation_results_store
+    for key in store.list_keys():
+        suite_result = store.get(key)
+        for result in suite_result.results:
+            result.result = _inert(result.result or {})
+            result.exception_info = _inert(result.exception_info or {})
+        store.set(key, suite_result)
 
 
 def _plain(value: Any) -> Any:
@@ -194,7 +229,7 @@ def _run_suites(gate: str, shard: str, suites: list[tuple[str, pd.DataFrame, lis
     from great_expectations.core.run_identifier import RunIdentifier
 
     source = context.data_sources.add_pandas(name=f"{gate}_frames")
-    run_id = RunIdentifier(run_name=shard, run_time=datetime.now(UTC))
+    run_id = RunIdentifier(run_name=_inert(shard), run_time=datetime.now(UTC))
     counts: Counter = Counter()
     entries: list[dict] = []
     for name, frame, expectations in suites:
@@ -259,6 +294,7 @@ def run_gate(
         failed = [{k: e[k] for k in _FAILURE_KEYS} for e in entries if not e["success"]]
         data_docs_uri = None
         if failed or data_docs_sampled(paths.shard, data_docs_sample_rate):
+            _make_results_inert(context)
             context.build_data_docs(site_names=[DOCS_SITE])
             data_docs_uri = _publish_docs(site_dir, docs_target, storage)
         else:

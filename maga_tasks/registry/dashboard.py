@@ -4,13 +4,20 @@
 status, documents, tokens in and out, expansion ratio, rejection reasons, the
 genre/audience distribution) and a page of shards with their quality gate results and
 the Airflow task that last worked on each. It reads through the `Registry` API only.
+
+What it serves passes `served`: every text redacted and without control characters
+(rows written before errors were cleaned on the way in are cleaned on the way out), and a
+report link only when it is a Data Docs or result file of its own shard in the corpus
+(`report_link`). The page escapes every value it shows; this is the server's half.
 """
 
 from __future__ import annotations
 
 import re
-from urllib.parse import quote
+from typing import Any
+from urllib.parse import quote, urlsplit
 
+from maga_tasks.redaction import clean_text
 from maga_tasks.registry import Registry
 
 # The DAG leases shards as "airflow:{dag_id}/{task_id}/{map_index}/{run_id}/try-{try_number}"
@@ -55,22 +62,58 @@ def airflow_task_of(owner: str | None) -> dict | None:
     return task
 
 
-def report_link(uri: str | None) -> dict | None:
+# What a gate writes under its shard's quality folder (`quality.datadocs`): the compact
+# result `{gate}.json` and the Data Docs index `{gate}/index.html`.
+_REPORT_FILE = re.compile(r"^[a-z]+(?P<kind>\.json|/index\.html)$")
+# The pipeline writes reports to local paths and S3; http(s) links only under a corpus
+# root the deployment names (`MAGA_OUTPUT_ROOT`), so no link leads to a foreign host.
+_CORPUS_SCHEMES = ("s3", "file")
+_LINK_SCHEMES = ("http", "https", "s3", "file")
+# Longest text served in one field; stored errors are already cut shorter.
+MAX_SERVED_TEXT = 4000
+
+
+def served(value: Any) -> Any:
+    """`value` fit to serve: every text in it redacted and without control characters."""
+    if isinstance(value, str):
+        return clean_text(value, MAX_SERVED_TEXT)
+    if isinstance(value, dict):
+        return {served(key): served(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [served(item) for item in value]
+    return value
+
+
+def report_link(uri: str | None, recipe_id: str, shard: str, corpus_root: str | None = None) -> dict | None:
     """A quality result's link for the page: its kind ("data_docs" for a Data Docs
     site, "json" for a compact result) and an href a browser can follow (`file://`
-    for a local path; an `s3://` URI stays as it is, for the S3 console or CLI)."""
+    for a local path; an `s3://` URI stays as it is, for the S3 console or CLI).
+
+    None unless `uri` is a gate's report in this shard's quality folder
+    (`{root}/{recipe_id}/quality/{shard}/...`), a local path or an s3/file URL, or any
+    http(s)/s3/file URL under `corpus_root` when the deployment names one: a
+    `javascript:` link, a foreign host's or another shard's file is not served."""
     if not uri:
         return None
-    kind = "data_docs" if uri.endswith(".html") else "json" if uri.endswith(".json") else "other"
+    root, folder, report = uri.rpartition(f"/{recipe_id}/quality/{shard}/")
     href = uri if "://" in uri else "file://" + quote(uri)
-    return {"kind": kind, "label": {"data_docs": "Data Docs", "json": "result JSON"}.get(kind, "report"), "href": href}
+    scheme = urlsplit(href).scheme
+    match = _REPORT_FILE.match(report)
+    if not folder or match is None or "/../" in f"{root}/":
+        return None
+    if corpus_root is None and scheme not in _CORPUS_SCHEMES:
+        return None
+    if corpus_root is not None and (scheme not in _LINK_SCHEMES or root.rstrip("/") != corpus_root.rstrip("/")):
+        return None
+    kind = "data_docs" if match["kind"].endswith(".html") else "json"
+    return {"kind": kind, "label": {"data_docs": "Data Docs", "json": "result JSON"}[kind], "href": href}
 
 
 def _last_owner(events: list[dict]) -> str | None:
     return events[-1]["owner"] if events else None
 
 
-def _quality_summary(results: list[dict]) -> dict | None:
+def _quality_summary(results: list[dict], corpus_root: str | None) -> dict | None:
     """The latest result of each suite (input, output) of a shard."""
     latest: dict[str, dict] = {}
     for result in results:  # oldest first
@@ -85,7 +128,7 @@ def _quality_summary(results: list[dict]) -> dict | None:
             "failed_expectations": result.get("failed_expectations") or [],
             "docs_uri": result.get("docs_uri"),
             # What to open: the Data Docs site when the gate wrote one, else its JSON.
-            "report": report_link(result.get("docs_uri")),
+            "report": report_link(result.get("docs_uri"), result["recipe_id"], result["shard"], corpus_root),
             "created_at": result.get("created_at"),
             # The judge's headline figure: share of sampled rewrites scoring >= 3.
             "pass_share": (result.get("statistics") or {}).get("pass_share") if suite == "judge" else None,
@@ -100,7 +143,9 @@ def _quality_summary(results: list[dict]) -> dict | None:
 DEFAULT_SHARD_LIMIT = 50
 
 
-def shard_rows(registry: Registry, recipe_id: str, *, limit: int = DEFAULT_SHARD_LIMIT) -> list[dict]:
+def shard_rows(
+    registry: Registry, recipe_id: str, *, limit: int = DEFAULT_SHARD_LIMIT, corpus_root: str | None = None
+) -> list[dict]:
     """The `limit` most recently updated shards of a recipe and up to `limit` quarantined
     or failed ones, newest first, with quality and task (four queries, however many
     shards: each a LIMIT read by index)."""
@@ -114,17 +159,19 @@ def shard_rows(registry: Registry, recipe_id: str, *, limit: int = DEFAULT_SHARD
     rows = []
     for shard in shards:
         row = {name: shard.get(name) for name in _SHARD_FIELDS}
-        row["quality"] = _quality_summary(quality[shard["shard"]])
+        row["quality"] = _quality_summary(quality[shard["shard"]], corpus_root)
         row["airflow_task"] = airflow_task_of(shard.get("lease_owner") or _last_owner(owners[shard["shard"]]))
         rows.append(row)
     return rows
 
 
 def corpus_overview(
-    registry: Registry, *, recipe_id: str | None = None, shard_limit: int = DEFAULT_SHARD_LIMIT
+    registry: Registry, *, recipe_id: str | None = None, shard_limit: int = DEFAULT_SHARD_LIMIT,
+    corpus_root: str | None = None,
 ) -> dict:
     """Everything the dashboard page shows, for one recipe or for all of them: totals over
-    every shard (summed by the database), a bounded page of shards per recipe."""
+    every shard (summed by the database), a bounded page of shards per recipe; `served`,
+    with report links only into `corpus_root` when given (`report_link`)."""
     recipes = registry.recipes()
     known = {recipe["recipe_id"] for recipe in recipes}
     # Shards may be planned before their recipe row exists; show those versions too.
@@ -134,7 +181,7 @@ def corpus_overview(
     for recipe in selected:
         rid = recipe["recipe_id"]
         totals = registry.totals(rid)
-        shards = shard_rows(registry, rid, limit=shard_limit)
+        shards = shard_rows(registry, rid, limit=shard_limit, corpus_root=corpus_root)
         versions.append(
             {
                 "recipe": {k: recipe.get(k) for k in ("recipe_id", "name", "prompt_version", "model", "pairs_per_document", "created_at")},
@@ -148,4 +195,4 @@ def corpus_overview(
         overall = {**versions[0]["totals"], "recipe_id": recipe_id}
     else:
         overall = registry.totals(recipe_id)
-    return {"totals": overall, "recipes": versions}
+    return served({"totals": overall, "recipes": versions})

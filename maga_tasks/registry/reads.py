@@ -13,6 +13,7 @@ from datetime import datetime
 
 from sqlalchemy.sql.elements import TextClause
 
+from maga_tasks.redaction import clean_text, strip_control
 from maga_tasks.registry import queries
 from maga_tasks.registry.db import Database, row_dict
 from maga_tasks.registry.errors import RegistryError
@@ -149,7 +150,12 @@ class RegistryReads:
         waiting_total = sum(totals["by_status"][status] for status in queries.ATTENTION_STATUSES)
         return {
             **totals,
-            "attention": [{key: shard.get(key) for key in _ATTENTION_FIELDS} for shard in waiting],
+            # A row written before errors were cleaned on the way in is cleaned on the way out.
+            "attention": [
+                {key: clean_text(shard[key]) if key == "last_error" and shard[key] else shard.get(key)
+                 for key in _ATTENTION_FIELDS}
+                for shard in waiting
+            ],
             "attention_not_shown": max(0, waiting_total - len(waiting)),
         }
 
@@ -224,7 +230,8 @@ def format_totals(totals: dict) -> str:
     for key in ("genres", "audiences"):
         if totals[key]:
             lines.append(f"top {key}: " + "; ".join(f"{label} ({count})" for label, count in totals[key][:5]))
-    return "\n".join(lines)
+    # Reasons and labels come from model output and shard names from files: shown, not obeyed.
+    return strip_control("\n".join(lines))
 
 
 def format_status(status: dict) -> str:
@@ -235,8 +242,9 @@ def format_status(status: dict) -> str:
         return "\n".join(lines + ["no quarantined or failed shards"])
     lines.append("quarantined or failed shards (newest first):")
     for shard in status["attention"]:
-        error = (shard["last_error"] or "").splitlines()[0][:100] if shard["last_error"] else ""
-        lines.append(f"  {shard['recipe_id']}/{shard['shard']}  {shard['status']}  tries={shard['attempts']}  {error}")
+        error = clean_text((shard["last_error"] or "").splitlines()[0], 100) if shard["last_error"] else ""
+        name = strip_control(f"{shard['recipe_id']}/{shard['shard']}")
+        lines.append(f"  {name}  {shard['status']}  tries={shard['attempts']}  {error}")
     if status["attention_not_shown"]:
         lines.append(f"  ... {status['attention_not_shown']:,} more not shown (--limit)")
     return "\n".join(lines)

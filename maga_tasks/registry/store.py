@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Connection
 
+from maga_tasks.redaction import clean_text
 from maga_tasks.registry import queries
 from maga_tasks.registry.db import Database, from_json, iso, to_json, utc_now
 from maga_tasks.registry.errors import LeaseLost, RegistryConflict, RegistryError, ShardBusy
@@ -39,6 +40,23 @@ if TYPE_CHECKING:
     from maga_tasks.recipe import Recipe
 
 log = logging.getLogger(__name__)
+
+# Free text the registry keeps (an error, a quarantine reason, an event's detail, the
+# observed values of failed expectations) is redacted, stripped of NUL and control
+# characters (PostgreSQL refuses NUL in text; a terminal obeys escape sequences) and cut
+# to this many characters: a server's error body is untrusted and unbounded.
+MAX_STORED_TEXT = 2000
+
+
+def _stored(value: Any) -> Any:
+    """`value` as the registry keeps free text (`clean_text`), inside lists and dicts too."""
+    if isinstance(value, str):
+        return clean_text(value, MAX_STORED_TEXT)
+    if isinstance(value, dict):
+        return {key: _stored(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_stored(item) for item in value]
+    return value
 
 
 def _result_params(result: ShardResult) -> dict:
@@ -75,7 +93,7 @@ def _event(conn: Connection, recipe_id: str, shard: str, name: str, owner: str |
             "shard": shard,
             "event": name,
             "owner": owner,
-            "detail": to_json(detail) if detail else None,
+            "detail": to_json(_stored(detail)) if detail else None,
             "at": iso(utc_now()),
         },
     )
@@ -258,7 +276,7 @@ class ShardStore:
         if status is not None:
             params["status"] = status
         if counters is not None:
-            params["progress"] = to_json(counters)
+            params["progress"] = to_json(_stored(counters))  # names endpoints, which may carry a password
             for name in COUNTERS:
                 value = counters.get(name)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -353,8 +371,8 @@ class ShardStore:
         params: dict[str, Any] = {
             "rid": recipe_id,
             "shard": shard,
-            "reason": reason,
-            "failed": to_json(failed_expectations or []),
+            "reason": _stored(reason),
+            "failed": to_json(_stored(failed_expectations or [])),
             "checksum": checksum,
             "docs_uri": docs_uri,
             "token": token,
@@ -371,7 +389,7 @@ class ShardStore:
                 _refused(conn, recipe_id, shard, token, "quarantine")
                 raise RegistryConflict(f"cannot quarantine shard {shard!r} of {recipe_id}: it is registered")
             _event(conn, recipe_id, shard, "quarantine", None, reason=reason, token=token)
-        log.warning("registry: quarantined %s/%s: %s", recipe_id, shard, reason)
+        log.warning("registry: quarantined %s/%s: %s", recipe_id, shard, params["reason"])
 
     def mark_failed(
         self, recipe_id: str, shard: str, error: str, *, owner: str | None = None, max_failures: int | None = 1,
@@ -385,14 +403,15 @@ class ShardStore:
         else `planned` (None for `max_failures`: a failure that is not the shard's own);
         None when nothing was marked (a registered shard is left alone)."""
         now = iso(utc_now())
-        params = {"rid": recipe_id, "shard": shard, "error": error[:4000], "owner": owner, "now": now,
+        error = _stored(error)
+        params = {"rid": recipe_id, "shard": shard, "error": error, "owner": owner, "now": now,
                   "max_failures": max_failures, "token": token}
         with self.db.write() as conn:
             changed = conn.execute(queries.mark_failed(by_owner=bool(owner), by_token=token is not None), params).rowcount
             if not changed:
                 return None
             status = conn.execute(queries.SHARD_STATUS, params).scalar_one()
-            _event(conn, recipe_id, shard, "fail", owner, error=error[:1000], final=status == "failed")
+            _event(conn, recipe_id, shard, "fail", owner, error=error, final=status == "failed")
         return status
 
     def requeue(self, recipe_id: str, shard: str, *, moved_to: str | None = None) -> bool:
@@ -429,7 +448,7 @@ class ShardStore:
                     "evaluated": int(statistics.get("evaluated_expectations", 0) or 0),
                     "failed": int(statistics.get("unsuccessful_expectations", len(failed_expectations or [])) or 0),
                     "statistics": to_json(statistics),
-                    "failed_expectations": to_json(failed_expectations or []),
+                    "failed_expectations": to_json(_stored(failed_expectations or [])),
                     "docs_uri": docs_uri,
                     "at": iso(utc_now()),
                 },
