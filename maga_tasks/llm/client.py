@@ -277,6 +277,14 @@ class LLMClient:
         if key:
             headers["Authorization"] = f"Bearer {key}"
             register_secret(key)  # a server or proxy may echo it in any form: masked wherever it appears
+            # aiohttp cannot send both a bearer key and a URL's user-info: every request
+            # would fail as if the document were at fault. A configuration fault, said once.
+            with_userinfo = [e.label for e in self.endpoints if "@" in e.url.split("://", 1)[-1].split("/", 1)[0]]
+            if with_userinfo:
+                raise FleetRefused(
+                    f"endpoints {', '.join(with_userinfo)} carry user:password@ and an API key is configured too:"
+                    " use one of them"
+                )
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
         timeout = aiohttp.ClientTimeout(
             total=self.settings.request_timeout_s, sock_connect=self.settings.connect_timeout_s

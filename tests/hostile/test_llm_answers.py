@@ -196,6 +196,20 @@ def test_a_401_echoing_the_key_on_one_endpoint_is_routed_around_and_logged_maske
     assert_key_nowhere(tmp_path / "out", caplog.text)
 
 
+def test_an_endpoint_with_user_info_beside_an_api_key_is_refused_before_any_request(tmp_path, llm_server_factory, shard):
+    """aiohttp cannot send both: without this check every request failed as if its
+    document were at fault, and the shard ended failed for good."""
+    source, _ = shard
+    server = llm_server_factory(extra=server_args())
+    url = server.url.replace("http://", "http://proxy-user:proxy-pass-99@")
+    with pytest.raises(FleetRefused) as raised:
+        expand_shard(str(source), str(tmp_path / "out"), RECIPE, settings(url))
+    message = str(raised.value)
+    assert "user:password@ and an API key" in message and "proxy-pass-99" not in message, message
+    assert server.stats()["requests_total"] == 0
+    assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
 def test_the_cli_says_one_line_when_the_fleet_answers_usage_1e30(tmp_path, llm_server_factory, shard):
     source, _ = shard
     server = llm_server_factory("usage_huge", extra=server_args())
