@@ -21,7 +21,7 @@ from maga_tasks.errors import EndpointsUnavailable, MagaError
 from maga_tasks.data.layout import LayoutError
 from maga_tasks.recipe import RecipeError
 from maga_tasks.data.storage import BadStorageURI, ObjectNotFound, StorageError
-from maga_tasks.redaction import install_log_redaction, strip_control
+from maga_tasks.redaction import clean_text, install_log_redaction, strip_control
 from maga_tasks.registry.errors import RegistryUnavailable
 
 EXIT_BAD_INPUT = 2
@@ -412,6 +412,12 @@ def check_arguments(args) -> None:
             check_identifier(item, what)
 
 
+def _say_error(error: BaseException | str) -> None:
+    """One line on stderr, through the redaction (an error may quote a URL, a body, a name)."""
+    text = str(error) or type(error).__name__
+    print(f"maga: error: {clean_text(text.splitlines()[0], 1000)}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -424,14 +430,14 @@ def main(argv: list[str] | None = None) -> int:
         check_arguments(args)
         summary = args.func(args)
     except (EndpointsUnavailable, StorageError, RegistryUnavailable) as error:
-        print(f"maga: error: {error}", file=sys.stderr)
+        _say_error(error)
         return EXIT_BAD_INPUT if isinstance(error, (ObjectNotFound, BadStorageURI)) else EXIT_UNAVAILABLE
     except ValidationError as error:
         fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        print(f"maga: error: invalid settings: {fields}", file=sys.stderr)
+        _say_error(f"invalid settings: {fields}")
         return EXIT_BAD_INPUT
     except (MagaError, RecipeError, LayoutError, ValueError) as error:
-        print(f"maga: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
+        _say_error(error)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("maga: interrupted", file=sys.stderr)

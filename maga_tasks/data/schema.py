@@ -5,6 +5,17 @@ from __future__ import annotations
 import hashlib
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+
+# Parquet metadata key of the committed files: the source version they were made from.
+SOURCE_IDENTITY_KEY = b"maga.source_identity"
+
+
+def source_identity_of(path) -> str | None:
+    """The source identity a committed parquet file records (None for files written
+    before identities were recorded)."""
+    identity = (pq.read_schema(path).metadata or {}).get(SOURCE_IDENTITY_KEY)
+    return identity.decode() if identity else None
 
 ACCEPTED_SCHEMA = pa.schema(
     [

@@ -118,7 +118,9 @@ def _failure_name(item: dict | str) -> str:
 
 def result_from_committed(committed: CommittedShard, source_uri: str) -> ShardResult:
     """The ShardResult of committed files (when no expansion ran in this process)."""
-    return ShardResult.of(committed.paths, source_uri, committed.figures, already_committed=True)
+    return ShardResult.of(
+        committed.paths, source_uri, committed.figures, already_committed=True, source_identity=committed.source_identity
+    )
 
 
 def _record(registry: Registry, report: QualityReport, recipe_id: str) -> None:

@@ -27,7 +27,8 @@ from maga_tasks.data.layout import ShardPaths, shard_name, shard_paths, trial_ro
 from maga_tasks.llm.client import LLMClient, run_client
 from maga_tasks.recipe import Recipe
 from maga_tasks.data.schema import (
-    ACCEPTED_SCHEMA, DUPLICATE_ID, MAGACORPUS_SCHEMA, REJECTED_SCHEMA, magacorpus_row, row_id,
+    ACCEPTED_SCHEMA, DUPLICATE_ID, MAGACORPUS_SCHEMA, REJECTED_SCHEMA, SOURCE_IDENTITY_KEY, magacorpus_row, row_id,
+    source_identity_of,
 )
 from maga_tasks.settings import RunSettings
 from maga_tasks.data.source import SourceColumns, SourceDocument, SourceLimits, open_shard
@@ -109,7 +110,6 @@ class ShardResult(ShardFigures, _ShardFiles):
 log = logging.getLogger(__name__)
 
 # The key of the source identity in the parquet metadata of a committed shard's files.
-SOURCE_IDENTITY_KEY = b"maga.source_identity"
 
 
 def source_limits(recipe: Recipe, settings: RunSettings | None = None) -> SourceLimits:
@@ -540,8 +540,7 @@ def committed_result(source_uri: str, paths: ShardPaths, out) -> ShardResult:
     batch (texts measured, never kept)."""
     with local_files(out, paths.data, paths.rejected) as (data, rejected):
         tables = [read_measured(data, FIGURE_COLUMNS), read_measured(rejected, FIGURE_COLUMNS)]
-        identity = (pq.read_schema(data).metadata or {}).get(SOURCE_IDENTITY_KEY)
+        identity = source_identity_of(data)
     return ShardResult.of(
-        paths, source_uri, figures_of_files(*tables), already_committed=True,
-        source_identity=identity.decode() if identity else None,
+        paths, source_uri, figures_of_files(*tables), already_committed=True, source_identity=identity
     )

@@ -23,7 +23,7 @@ from maga_tasks.data.committed import (
     read_measured,
 )
 from maga_tasks.data.layout import ShardPaths
-from maga_tasks.data.schema import DUPLICATE_ID, LINEAGE_COLUMNS
+from maga_tasks.data.schema import DUPLICATE_ID, LINEAGE_COLUMNS, source_identity_of
 from maga_tasks.data.source import SourceColumns, measure_source, shard_format
 from maga_tasks.data.storage import StorageError, storage_for
 from maga_tasks.engine.figures import ShardFigures, figures_of_files
@@ -76,6 +76,7 @@ class CommittedShard:
     checksum: str  # sha256 of the data file bytes followed by the rejected file bytes
     figures: ShardFigures  # measured on the files: what `ShardResult` reports
     labels: dict  # genre/audience summary of the accepted rows (`LabelTally`)
+    source_identity: str | None = None  # the source version the files were made from
 
     def documents(self) -> pd.DataFrame:
         """One row per source document: accepted, rejected and total rows, its length.
@@ -127,10 +128,13 @@ def load_committed(
             checksum = files_checksum(data_path, rejected_path)
             rows = _read(data_path, paths.data, _ROW_COLUMNS, batch_rows, labels)
             rejected = _read(rejected_path, paths.rejected, _REJECTED_COLUMNS, batch_rows)
+            identity = source_identity_of(data_path)
     except (StorageError, OSError) as error:
         raise QualityError(f"cannot read shard {paths.shard}: {error}") from None
     figures = figures_of_files(rows, rejected)
-    return CommittedShard(paths, rows.to_pandas(), rejected.to_pandas(), checksum, figures, labels.summary())
+    return CommittedShard(
+        paths, rows.to_pandas(), rejected.to_pandas(), checksum, figures, labels.summary(), identity
+    )
 
 
 # -- source shards ---------------------------------------------------------------------

@@ -295,6 +295,23 @@ def test_a_replaced_source_starts_the_shard_afresh(where, mtime, tmp_path, reque
     assert data.schema.metadata[b"maga.source_identity"] == new_identity.encode()
 
 
+def test_a_shard_registered_after_a_crash_between_commit_and_register_keeps_its_source_identity(
+    tmp_path, registry, llm_server_factory, sample_articles
+):
+    """`maga register-shard` heals a shard whose try died after its commit: the identity
+    comes from the committed files, not from the lost try's result."""
+    from maga_tasks.engine.publish import register_committed_shard
+
+    source = tmp_path / "part-0000.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in good_rows(sample_articles)))
+    out = str(tmp_path / "out")
+    committed = expand_shard(str(source), out, RECIPE, settings(llm_server_factory().url))
+    summary = register_committed_shard(str(source), out, RECIPE, registry)
+    identity = "sha256:" + hashlib.sha256(source.read_bytes()).hexdigest()
+    assert committed.source_identity == summary["source_identity"] == identity
+    assert registry.shard(RECIPE.recipe_id, "part-0000")["source_identity"] == identity
+
+
 # -- memory: a decompression bomb is read in bounded pieces --------------------------------
 
 _PEAK_RSS = """
