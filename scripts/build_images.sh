@@ -52,7 +52,8 @@ content_hash() {
     } | sha256sum | cut -c1-16
 }
 
-common_args=(--network host --layers)
+# docker format: OCI images drop HEALTHCHECK.
+common_args=(--network host --layers --format docker)
 [[ -s "$CA_BUNDLE" ]] && common_args+=(--secret "id=ca_bundle,src=$CA_BUNDLE")
 # The host's index settings, when it has any, so builds resolve what the host resolves.
 for name in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST; do
