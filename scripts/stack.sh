@@ -41,7 +41,9 @@ write_env() {
         (umask 077 && "$PY" - >"$STATE/secrets.env" <<'PY'
 import secrets
 from cryptography.fernet import Fernet
-for name in ("AIRFLOW_JWT_SECRET", "AIRFLOW_ADMIN_PASSWORD", "POSTGRES_PASSWORD", "MAGA_DB_PASSWORD", "MAGA_API_KEY"):
+# The S3 pair too: compose checks the variables of every profile, also the ones not run.
+for name in ("AIRFLOW_JWT_SECRET", "AIRFLOW_ADMIN_PASSWORD", "POSTGRES_PASSWORD", "MAGA_DB_PASSWORD", "MAGA_API_KEY",
+             "MAGA_S3_ACCESS_KEY", "MAGA_S3_SECRET_KEY"):
     print(f"{name}={secrets.token_urlsafe(24)}")
 print(f"AIRFLOW_FERNET_KEY={Fernet.generate_key().decode()}")
 PY
@@ -95,23 +97,34 @@ start_service() {
     die "podman system service did not open $SOCKET (log: $STATE/podman-service.log)"
 }
 
-# Runs each container's healthcheck at its interval (first at 5 s), as systemd would.
+# A Go duration as podman prints it (30s, 1m0s, 1h0m0s; bare numbers are nanoseconds),
+# in whole seconds.
+seconds_of() {
+    local d="$1" total=0
+    [[ "$d" =~ ^[0-9]+$ ]] && { echo $((d / 1000000000)); return; }
+    [[ "$d" =~ ([0-9]+)h ]] && total=$((total + BASH_REMATCH[1] * 3600))
+    [[ "$d" =~ ([0-9]+)m([0-9]|$) ]] && total=$((total + BASH_REMATCH[1] * 60))
+    [[ "$d" =~ ([0-9]+)(\.[0-9]+)?s$ ]] && total=$((total + BASH_REMATCH[1]))
+    echo $((total > 0 ? total : 30))
+}
+
+# Runs each container's healthcheck at its interval (the first 5 s after it is seen), as
+# systemd's timers would.
 healthchecks() {
     declare -A next_at=()
+    local now id interval
     while true; do
-        local now id interval
         now=$(date +%s)
         while read -r id interval; do
-            [[ -n "$id" && "$interval" != "<no value>" ]] || continue
-            if (( now >= ${next_at[$id]:-now+5} )); then
-                podman healthcheck run "$id" >/dev/null 2>&1 || true
-                next_at[$id]=$(( $(date +%s) + ${interval:-30000000000} / 1000000000 ))
-            elif [[ -z "${next_at[$id]:-}" ]]; then
+            [[ -n "$id" && -n "$interval" && "$interval" != none ]] || continue
+            if [[ -z "${next_at[$id]:-}" ]]; then
                 next_at[$id]=$((now + 5))
+            elif (( now >= next_at[$id] )); then
+                podman healthcheck run "$id" >/dev/null 2>&1 || true
+                next_at[$id]=$(( $(date +%s) + $(seconds_of "$interval") ))
             fi
-        done < <(podman ps --filter "label=com.docker.compose.project=$PROJECT" \
-                    --format '{{.ID}}' | xargs -r podman inspect \
-                    --format '{{.ID}} {{if .Config.Healthcheck}}{{.Config.Healthcheck.Interval}}{{else}}<no value>{{end}}' 2>/dev/null)
+        done < <(podman ps -q --filter "label=com.docker.compose.project=$PROJECT" | xargs -r podman inspect \
+                    --format '{{.ID}} {{if .Config.Healthcheck}}{{.Config.Healthcheck.Interval}}{{else}}none{{end}}' 2>/dev/null)
         sleep 2
     done
 }

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -171,16 +172,21 @@ def test_nightly_dag_runs_in_the_stack_and_a_lost_worker_moves_its_shard(stack):
     # The dashboard answers behind the login only.
     status, _ = http_json(f"{stack.api_url}/maga/api/totals?recipe_id={recipe_id}")
     assert status in (401, 403), status
-    # The DAG, parsed by the dag-processor container, unpaused and triggered through the
-    # REST API; the endpoints come from the workers' environment, not from the run's conf.
+    # The DAG, parsed by the dag-processor container, triggered through the REST API and
+    # unpaused. The run takes the logical date of the schedule's latest tick, so unpausing
+    # does not add the scheduled run of that tick beside it. The endpoints come from the
+    # workers' environment, not from the run's conf.
     wait_for(lambda: stack.api(f"/dags/{DAG_ID}")[0] == 200, 300, 3, "the DAG to be parsed")
-    status, body = stack.api(f"/dags/{DAG_ID}", method="PATCH", body={"is_paused": False})
-    assert status == 200, body
+    now = datetime.now(UTC)
+    tick = now.replace(hour=2, minute=0, second=0, microsecond=0)
+    tick -= timedelta(days=1) if tick > now else timedelta(0)
     run_id = "stack-test"
     # max_concurrency 2: documents finish one after another, so a shard is half done a while.
     status, body = stack.api(f"/dags/{DAG_ID}/dagRuns", method="POST",
-                             body={"dag_run_id": run_id, "logical_date": None, "conf": {"max_concurrency": 2}})
+                             body={"dag_run_id": run_id, "logical_date": tick.isoformat(), "conf": {"max_concurrency": 2}})
     assert status in (200, 201), body
+    status, body = stack.api(f"/dags/{DAG_ID}", method="PATCH", body={"is_paused": False})
+    assert status == 200, body
     started = time.monotonic()
 
     def a_worker_mid_shard():
@@ -207,6 +213,8 @@ def test_nightly_dag_runs_in_the_stack_and_a_lost_worker_moves_its_shard(stack):
     seconds = time.monotonic() - started
     tis = {ti["map_index"]: ti for ti in stack.task_instances(run_id) if ti["task_id"] == "publish_shard"}
     assert run["state"] == "success", tis
+    status, runs = stack.api(f"/dags/{DAG_ID}/dagRuns")
+    assert [r["dag_run_id"] for r in runs["dag_runs"]] == [run_id], runs  # no scheduled run beside it
     retried = tis[shards.index(moved)]
     assert retried["try_number"] >= 2 and retried["hostname"] == survivor, retried
 
