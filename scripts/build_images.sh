@@ -12,9 +12,11 @@
 #              it with PyPI (or the site's index: PIP_INDEX_URL / PIP_EXTRA_INDEX_URL);
 #   auto       (default) official when the Docker Hub registry resolves, else airgapped.
 # The CA bundle (MAGA_CA_BUNDLE, default the system bundle) goes into builds as the
-# secret `ca_bundle` (TLS-intercepting proxies, private mirrors); a local wheel folder
-# (MAGA_WHEELS_DIR, default /opt/wheels when present) is mounted read-only and searched
-# for the torch CPU wheel. Builds use the host network.
+# secret `ca_bundle` (TLS-intercepting proxies, private mirrors). pip inside the builds
+# uses the host's index settings (PIP_INDEX_URL / PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS,
+# else pip's configuration); local indexes and wheel folders (and MAGA_WHEELS_DIR, default
+# /opt/wheels, which holds the torch CPU wheel) are mounted read-only. Builds use the host
+# network.
 #
 # Writes the image names for docker/docker-compose.yml to $MAGA_IMAGES_ENV (default
 # var/stack/images.env) and prints one line per image: name, built or reused, seconds, size.
@@ -55,10 +57,40 @@ content_hash() {
 # docker format: OCI images drop HEALTHCHECK.
 common_args=(--network host --layers --format docker)
 [[ -s "$CA_BUNDLE" ]] && common_args+=(--secret "id=ca_bundle,src=$CA_BUNDLE")
-# The host's index settings, when it has any, so builds resolve what the host resolves.
-for name in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST; do
-    [[ -n "${!name:-}" ]] && common_args+=(--build-arg "$name=${!name}")
-done
+# The host's pip settings (environment first, then pip's configuration files), so builds
+# resolve where the host resolves: its index, its extra indexes and wheel folders. Local
+# ones (file:// URLs, directories) are mounted read-only at the same path.
+HOST_PIP="${MAGA_HOST_PIP:-$(command -v pip3 || echo "$REPO/.venv/bin/pip")}"
+host_pip() {  # NAME (index-url, extra-index-url, find-links): its value, or nothing
+    local variable="PIP_$(tr 'a-z-' 'A-Z_' <<<"$1")"
+    if [[ -n "${!variable:-}" ]]; then echo "${!variable}"; return; fi
+    [[ -x "$HOST_PIP" ]] && "$HOST_PIP" config get "global.$1" 2>/dev/null || true
+}
+mounts=()
+declare -A mounted=()
+local_sources() {  # KIND (index|links) SOURCES VAR: VAR= the sources that exist; mounts the local ones
+    local kept=() item path
+    for item in $2; do
+        path="${item#file://}"
+        if [[ "$item" == file://* || "$item" == /* ]]; then
+            [[ -e "$path" ]] || continue
+            # An index's pages link to files beside its simple/ folder: mount its parent.
+            [[ "$1" == index ]] && path="$(dirname "$path")"
+            [[ -n "${mounted[$path]:-}" ]] && { [[ " ${kept[*]} " == *" $item "* ]] || kept+=("$item"); continue; }
+            mounted[$path]=1
+            mounts+=(--volume "$path:$path:ro")
+        fi
+        [[ " ${kept[*]} " == *" $item "* ]] || kept+=("$item")
+    done
+    printf -v "$3" '%s' "${kept[*]}"
+}
+index_url="$(host_pip index-url)"
+local_sources index "$(host_pip extra-index-url)" extra_indexes
+local_sources links "$(host_pip find-links) $WHEELS" find_links
+[[ -n "$index_url" ]] && common_args+=(--build-arg "PIP_INDEX_URL=$index_url")
+common_args+=(--build-arg "PIP_FIND_LINKS=$find_links" "${mounts[@]}")
+pip_args=(--build-arg "PIP_EXTRA_INDEX_URL=$extra_indexes")
+[[ -n "${PIP_TRUSTED_HOST:-}" ]] && common_args+=(--build-arg "PIP_TRUSTED_HOST=$PIP_TRUSTED_HOST")
 
 # build NAME TAG CONTEXT DOCKERFILE [podman build args...]: builds localhost/NAME:TAG
 # unless it exists; prints its line.
@@ -94,7 +126,7 @@ if [[ "$BASES" == airgapped ]]; then
     python_tag="$(content_hash "$debian" docker/airgapped/Dockerfile.python)"
     build maga-python "$python_tag" "$AIRGAPPED" "$AIRGAPPED/Dockerfile.python" "${debian_args[@]}"
     python_base="localhost/maga-python:$python_tag"
-    airflow_base_tag="$(content_hash "$python_base" docker/airgapped/Dockerfile.airflow docker/airgapped/entrypoint.sh)"
+    airflow_base_tag="$(content_hash "$python_base ${common_args[*]} ${pip_args[*]}" docker/airgapped/Dockerfile.airflow docker/airgapped/entrypoint.sh)"
     airflow_base="localhost/maga-airflow-base:$airflow_base_tag"
     postgres_tag="$(content_hash "$debian" docker/airgapped/Dockerfile.postgres docker/airgapped/postgres-entrypoint.sh)"
     redis_tag="$(content_hash "$debian" docker/airgapped/Dockerfile.redis)"
@@ -109,13 +141,14 @@ else
     vllm_base_args=()
 fi
 
-# The torch CPU wheel from a local folder instead of download.pytorch.org, when there is one.
+# The torch CPU wheel from a local wheel folder when there is one; else from the PyTorch index.
 vllm_args=("${vllm_base_args[@]}")
-if compgen -G "$WHEELS/torch-*.whl" >/dev/null; then
-    vllm_args+=(--volume "$WHEELS:/opt/wheels:ro" --build-arg PIP_FIND_LINKS=/opt/wheels
-                --build-arg PIP_EXTRA_INDEX_URL=)
+if compgen -G "${WHEELS}/torch-*.whl" >/dev/null; then
+    vllm_args+=("${pip_args[@]}")
+else
+    vllm_args+=(--build-arg "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu $extra_indexes")
 fi
-vllm_tag="$(content_hash "$python_base ${vllm_args[*]}" docker/Dockerfile.vllm-cpu)"
+vllm_tag="$(content_hash "$python_base ${vllm_args[*]} ${common_args[*]}" docker/Dockerfile.vllm-cpu)"
 airflow_context=(pyproject.toml README.md maga_tasks sql dags plugins
                  docker/Dockerfile.airflow docker/Dockerfile.airflow.dockerignore)
 
@@ -123,11 +156,12 @@ airflow_context=(pyproject.toml README.md maga_tasks sql dags plugins
 (
     if [[ "$BASES" == airgapped ]]; then
         build maga-airflow-base "$airflow_base_tag" "$AIRGAPPED" "$AIRGAPPED/Dockerfile.airflow" \
-            --build-arg "PYTHON_IMAGE=$python_base"
+            --build-arg "PYTHON_IMAGE=$python_base" "${pip_args[@]}"
     fi
-    airflow_tag="$(content_hash "$airflow_base" "${airflow_context[@]}")"
+    airflow_tag="$(content_hash "$airflow_base ${common_args[*]} ${pip_args[*]}" "${airflow_context[@]}")"
     build maga-airflow "$airflow_tag" "$REPO" "$DOCKER/Dockerfile.airflow" \
-        --ignorefile "$DOCKER/Dockerfile.airflow.dockerignore" --build-arg "AIRFLOW_BASE_IMAGE=$airflow_base"
+        --ignorefile "$DOCKER/Dockerfile.airflow.dockerignore" --build-arg "AIRFLOW_BASE_IMAGE=$airflow_base" \
+        "${pip_args[@]}"
     echo "localhost/maga-airflow:$airflow_tag" >"$WORK/airflow.image"
 ) & airflow_job=$!
 build maga-vllm-cpu "$vllm_tag" "$DOCKER" "$DOCKER/Dockerfile.vllm-cpu" "${vllm_args[@]}"
