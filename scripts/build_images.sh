@@ -102,6 +102,10 @@ build() {
         log "building $image"
         podman build "${common_args[@]}" "$@" -f "$dockerfile" -t "$image" "$context" \
             >"$WORK/$name.log" 2>&1 || { tail -n 40 "$WORK/$name.log" >&2; die "$name: build failed (log: $WORK/$name.log)"; }
+        # Older builds of the image go (each tag holds up to gigabytes); one a container
+        # still uses stays (podman refuses), and so do the layers the new build shares.
+        podman images --format '{{.Repository}}:{{.Tag}}' "localhost/$name" | grep -vxF "$image" \
+            | xargs -r podman rmi >/dev/null 2>&1 || true
     fi
     printf '%-22s %-7s %4ds %s\n' "$image" "$how" $((SECONDS - started)) \
         "$(podman image inspect --format '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}')"

@@ -120,7 +120,8 @@ healthchecks() {
             if [[ -z "${next_at[$id]:-}" ]]; then
                 next_at[$id]=$((now + 5))
             elif (( now >= next_at[$id] )); then
-                podman healthcheck run "$id" >/dev/null 2>&1 || true
+                # </dev/null: podman would read the rest of the container list from stdin.
+                podman healthcheck run "$id" </dev/null >/dev/null 2>&1 || true
                 next_at[$id]=$(( $(date +%s) + $(seconds_of "$interval") ))
             fi
         done < <(podman ps -q --filter "label=com.docker.compose.project=$PROJECT" | xargs -r podman inspect \
