@@ -409,7 +409,8 @@ def check_arguments(args) -> None:
     for name, what in _IDENTIFIER_ARGUMENTS.items():
         value = getattr(args, name, None)
         for item in value if isinstance(value, list) else [value] if value is not None else []:
-            check_identifier(item, what)
+            if isinstance(item, str):  # `sample-corpus --shards` is a count, not names
+                check_identifier(item, what)
 
 
 def _say_error(error: BaseException | str) -> None:
