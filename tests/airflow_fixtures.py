@@ -121,15 +121,6 @@ class CeleryWorker:
     def log_text(self) -> str:
         return self.process.log_path.read_text(errors="replace") if self.process else ""
 
-    def workloads(self) -> list[str]:
-        """The `Executing workload` lines of its log: one per task try it started."""
-        return [line for line in self.log_text().splitlines() if "Executing workload in Celery" in line]
-
-    def consumed_queues(self) -> set[str]:
-        """The queues its Celery banner lists (`.> NAME exchange=...` under `[queues]`; Celery
-        pads a name to 16 characters, so a short one is followed by several spaces)."""
-        return set(re.findall(r"^\s+\.> (\S+)\s+exchange=", self.log_text(), re.MULTILINE))
-
     def ready(self) -> bool:
         """Its current process is connected and consuming (Celery's `ready.` line)."""
         own_output = self.process.log_path.read_bytes()[self.process.log_offset :]
@@ -203,7 +194,7 @@ def airflow_stack(airflow_env):
 
 
 def start_celery_worker(af: AirflowEnv, worker: CeleryWorker, log_dir: Path | None = None) -> ManagedProcess:
-    """Start (or start again, after `kill_machine`) one worker of the stack."""
+    """Start one worker of the stack."""
     argv = [
         AIRFLOW, "celery", "worker", "--celery-hostname", worker.hostname,
         "--queues", ",".join(worker.queues), "--concurrency", str(WORKER_CONCURRENCY),

@@ -11,9 +11,6 @@
 - A shard task SIGKILLed mid-run is retried by Airflow and resumes from its checkpoint.
 - A partition larger than the scheduler's max_map_length continues in runs the DAG
   triggers itself until every shard is registered.
-- Two Celery workers (two "machines", each with its own vLLM endpoint) share a run's
-  shards; one is killed mid-shard with all its processes, and its shard moves to the
-  other, which resumes from the checkpoint: every shard is registered exactly once.
 - A flat budget larger than max_map_length is published through continuation runs: every
   shard of the budget, and no more.
 """
@@ -39,7 +36,6 @@ from airflow_fixtures import (
     dag_runs,
     failure_report,
     read_task_log_text,
-    start_celery_worker,
     task_instances,
     wait_for,
 )
@@ -441,141 +437,6 @@ def test_a_partition_past_max_map_length_continues_in_runs_the_dag_triggers(airf
     assert all(r["continue"] for r in reports if r["left"])
 
 
-# -- real scheduler: two Celery workers, one lost mid-shard ---------------------------------
-
-
-def _shard_of(doc_key: str) -> str:
-    """The shard of a test server `by_doc` key (`{shard}:{source id}`, URL-quoted)."""
-    from urllib.parse import unquote
-
-    return unquote(doc_key).split(":", 1)[0]
-
-
-def _checkpointed(work: Path) -> set[int]:
-    """Indexes of the documents in a shard's checkpoint (a torn last line is skipped)."""
-    done = set()
-    for segment in work.glob("part-*.jsonl"):
-        for line in segment.read_bytes().splitlines():
-            try:
-                done.add(json.loads(line)["i"])
-            except ValueError:
-                continue
-    return done
-
-
-def _ran_on(worker, run_id: str, map_index: int, try_number: int) -> bool:
-    """Whether `worker`'s log shows it started that try of a publish_shard task."""
-    wanted = ("task_id='publish_shard'", f"run_id='{run_id}'", f"try_number={try_number},", f"map_index={map_index},")
-    return any(all(part in line for part in wanted) for line in worker.workloads())
-
-
-def test_a_worker_lost_mid_shard_moves_its_shard_to_the_other_worker(airflow_stack, tmp_path, stack_operator):
-    from urllib.parse import quote
-
-    from maga_tasks.data.sample_corpus import write_sample_corpus
-    from maga_tasks.data.schema import shard_checksum
-    from maga_tasks.registry import Registry
-
-    af = airflow_stack
-    docs = 16
-    source = tmp_path / "corpus"
-    write_sample_corpus(source, shards=4, docs_per_shard=docs, offset=900)
-    source_ids = {path.stem: pq.read_table(path).column("id").to_pylist() for path in source.glob("*.parquet")}
-    output_root = tmp_path / "expanded"
-    recipe_path, recipe_id = write_recipe(tmp_path, "two-workers-test")
-    conf = run_conf(str(source), str(output_root), "", recipe_path, max_concurrency=2)
-    del conf["endpoints"]  # each worker uses its own (MAGA_ENDPOINTS in its environment)
-    stack_operator(recipe_path)
-    run_id = "two-workers-test"
-    af.cli("dags", "trigger", DAG_ID, "-r", run_id, "-l", "2025-07-01T02:00:00+00:00", "-c", json.dumps(conf))
-    work = output_root / recipe_id / "_work"
-    victim = None
-
-    def shards_served(worker) -> set[str]:
-        return {_shard_of(key) for key in worker.llm.stats()["by_doc"]}
-
-    def a_worker_mid_shard():
-        """(worker, its shards in progress) once both workers run shards and one of its
-        shards has documents in the checkpoint and more to do."""
-        served = [shards_served(w) for w in af.workers]
-        if not all(served):
-            return None
-        done = registered(af.registry_url, recipe_id)
-        for worker, shards in zip(af.workers, served):
-            progress = {s: len(_checkpointed(work / s)) for s in shards if s not in done}
-            if any(3 <= n <= docs - 6 for n in progress.values()):
-                return worker, progress
-        return None
-
-    try:
-        victim, _ = wait_for(a_worker_mid_shard, 240, 0.2, "both workers to run shards, one mid-shard")
-        killed = victim.process.kill_machine()
-        (survivor,) = [w for w in af.workers if w is not victim]
-        # What the lost machine left behind: its unfinished shards and their checkpoints.
-        done_at_kill = registered(af.registry_url, recipe_id)
-        moved = {s: _checkpointed(work / s) for s in shards_served(victim) if s not in done_at_kill}
-        survivor_ran = shards_served(survivor)
-        assert moved and len(killed) > 1, (moved, killed)  # the worker and its task processes
-
-        def retries_running_on_survivor():
-            tis = {ti[2]: ti for ti in task_instances(af, run_id) if ti[0] == "publish_shard"}
-            return all(tis[s][4] >= 2 and tis[s][3] in ("running", "success") for s in moved) and all(
-                _ran_on(survivor, run_id, tis[s][1], tis[s][4]) for s in moved
-            )
-
-        # Airflow finds the lost tries by their missing heartbeat and retries them on the
-        # survivor; then the machine comes back (the tests after this one have two workers).
-        wait_for(retries_running_on_survivor, 180, 1.0, "the lost shards' retries on the surviving worker")
-        start_celery_worker(af, victim)
-        run = wait_for(
-            lambda: next((r for r in dag_runs(af) if r[0] == run_id and r[2] in ("success", "failed")), None),
-            300, 2.0, "the run to finish",
-        )
-        assert run[2] == "success", failure_report(af, [run])
-    finally:
-        if victim is not None and not victim.process.alive():
-            start_celery_worker(af, victim)
-    wait_for(victim.ready, 60, 0.5, f"{victim.name} to be back")
-
-    # Shards ran on both workers: each worker's own endpoint saw them (and its log). Each
-    # consumes the shared queue the tasks went to and one of its own.
-    assert [w.consumed_queues() for w in af.workers] == [set(w.queues) for w in af.workers]
-    assert len({w.queues[0] for w in af.workers}) == 1 and len({w.queues[1] for w in af.workers}) == 2
-    assert survivor_ran - set(moved) and shards_served(victim), (survivor_ran, moved)
-    for worker in af.workers:
-        assert any(_ran_on(worker, run_id, ti[1], 1) for ti in task_instances(af, run_id) if ti[0] == "publish_shard")
-
-    tis = {ti[2]: ti for ti in task_instances(af, run_id) if ti[0] == "publish_shard"}
-    assert sorted(tis) == sorted(source_ids) and all(ti[3] == "success" for ti in tis.values()), tis
-    final_stats = {w.name: w.llm.stats()["by_doc"] for w in af.workers}
-    registry = Registry(af.registry_url)
-    for shard, checkpointed in moved.items():
-        # Airflow found the lost try by its missing heartbeat and retried it...
-        assert tis[shard][4] >= 2, tis[shard]
-        events = registry.events(recipe_id, shard)
-        takeovers = [e for e in events if e["event"] == "takeover"]
-        assert takeovers and takeovers[-1]["owner"].endswith(f"try-{tis[shard][4]}"), events
-        # ...on the survivor, which asked its endpoint only for the documents not in the
-        # checkpoint: the finished ones were not requested again.
-        keys = {i: quote(f"{shard}:{doc_id}", safe="") for i, doc_id in enumerate(source_ids[shard])}
-        asked_survivor = {i for i, key in keys.items() if final_stats[survivor.name].get(key)}
-        assert asked_survivor == set(keys) - checkpointed, (shard, sorted(checkpointed), sorted(asked_survivor))
-
-    # Every shard registered exactly once, with its checksum and one data file.
-    rows = {row["shard"]: row for row in registry.shards(recipe_id)}
-    assert sorted(rows) == sorted(source_ids) and all(r["status"] == "registered" for r in rows.values()), rows
-    data_files = sorted(p.name for p in (output_root / recipe_id / "data").iterdir())
-    assert data_files == [f"{shard}.parquet" for shard in sorted(source_ids)], data_files
-    for shard, row in rows.items():
-        registers = [e for e in registry.events(recipe_id, shard) if e["event"] == "register"]
-        assert len(registers) == 1, (shard, registers)
-        data = (output_root / recipe_id / "data" / f"{shard}.parquet").read_bytes()
-        rejected = (output_root / recipe_id / "rejected" / f"{shard}.parquet").read_bytes()
-        assert row["checksum"] == shard_checksum(data, rejected), shard
-        assert row["documents"] == docs and pq.read_metadata(output_root / recipe_id / "data" / f"{shard}.parquet").num_rows == docs * 5
-    assert_output_clean(str(output_root), recipe_id, rows)
-    print(f"two workers: {victim.name} killed with {len(moved)} shard(s) mid-way "
-          f"({', '.join(f'{s}: {len(c)}/{docs} checkpointed' for s, c in moved.items())}); moved to {survivor.name}")
 def test_a_flat_budget_past_max_map_length_is_published_in_continuations_and_no_more(
     airflow_stack, af_llm_server_factory, tmp_path, stack_operator
 ):

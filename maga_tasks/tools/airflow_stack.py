@@ -97,31 +97,6 @@ class ManagedProcess:
         except OSError:
             return ""
 
-    def kill_machine(self) -> list[int]:
-        """SIGKILL the process and everything it started, at once, as a machine lost.
-
-        Airflow's supervisor puts each task process in a process group of its own, so the
-        group we created is not enough: it is stopped first (no process in it forks a new
-        task), then every descendant and the group are killed. Returns the killed pids.
-        """
-        import psutil
-
-        pgid = self.popen.pid
-        try:
-            os.killpg(pgid, signal.SIGSTOP)
-            descendants = psutil.Process(pgid).children(recursive=True)
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            return []
-        for proc in descendants:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        os.killpg(pgid, signal.SIGKILL)
-        self.popen.wait(timeout=10)
-        psutil.wait_procs(descendants, timeout=10)
-        return [pgid, *(proc.pid for proc in descendants)]
-
     def terminate(self) -> None:
         """SIGTERM the process group we created for it, without waiting."""
         if self.popen.poll() is None:
