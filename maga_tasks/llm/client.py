@@ -20,8 +20,9 @@
   bodies are read to a bound and pass `redaction.clean_text`; endpoint URLs in messages
   and logs pass `redact_url`.
 - Who owns a failure is decided by the fleet, not by one answer:
-  - 401/403/404 (key, model) take the endpoint out for good; when every endpoint refuses,
-    `FleetRefused` fails the shard before any document is rejected.
+  - 401/403/404 (key, model) and any redirect (never followed: a request carries the key
+    and the corpus to the configured URL only) take the endpoint out for good; when every
+    endpoint refuses, `FleetRefused` fails the shard before any document is rejected.
   - Every other failure (timeout, connection error, 5xx, bad body, and a 4xx of a request
     kind the fleet has not yet answered) spends the request's one budget of attempts
     (`max_attempts`; 429 has `max_attempts_429`), with backoff and full jitter. When the
@@ -315,10 +316,15 @@ class LLMClient:
     # -- readiness -------------------------------------------------------------------
 
     async def probe(self, endpoint: Endpoint) -> bool:
+        """Whether /health answers 200. A redirect is not followed: the endpoint is
+        refused (it answers, so readiness can say why at once)."""
         try:
             async with self._session.get(
-                f"{endpoint.url}/health", timeout=aiohttp.ClientTimeout(total=5)
+                f"{endpoint.url}/health", timeout=aiohttp.ClientTimeout(total=5), allow_redirects=False
             ) as response:
+                if _is_redirect(response.status):
+                    endpoint.refused = _redirect_refusal(response)
+                    return True
                 return response.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
@@ -327,7 +333,7 @@ class LLMClient:
         """Does the endpoint serve our model, to our key, with room for the recipe?"""
         try:
             async with self._session.get(
-                f"{endpoint.url}/v1/models", timeout=aiohttp.ClientTimeout(total=10)
+                f"{endpoint.url}/v1/models", timeout=aiohttp.ClientTimeout(total=10), allow_redirects=False
             ) as response:
                 status = response.status
                 raw = await read_bounded(response, SIDE_ROUTE_BYTES) if status == 200 else b""
@@ -585,8 +591,11 @@ class LLMClient:
                     if cause == "timeout" and endpoint.controller is not None:
                         endpoint.controller.observe_timeout()
                     status = int(cause[5:]) if cause.startswith("http_") else 0
-                    if status in REFUSAL_STATUS:
-                        endpoint.refused = f"{REFUSAL_STATUS[status]} (http {status}: {error.detail[:120]})"
+                    if status in REFUSAL_STATUS or _is_redirect(status):
+                        endpoint.refused = (
+                            error.detail if _is_redirect(status)
+                            else f"{REFUSAL_STATUS[status]} (http {status}: {error.detail[:120]})"
+                        )
                         log.error("endpoint %s left the rotation: it %s", endpoint.label, endpoint.refused)
                         if all(e.refused for e in self.endpoints):
                             raise self._refusal_error() from None
@@ -643,9 +652,11 @@ class LLMClient:
         started = time.monotonic()
         try:
             async with self._session.post(
-                f"{endpoint.url}/v1/chat/completions", data=payload, headers=headers
+                f"{endpoint.url}/v1/chat/completions", data=payload, headers=headers, allow_redirects=False
             ) as response:
                 status = response.status
+                if _is_redirect(status):
+                    raise RequestFailed(f"http_{status}", _redirect_refusal(response))
                 if status != 200:
                     raw = await read_error_body(response)
                 else:
@@ -706,7 +717,8 @@ class LLMClient:
         load = None
         try:
             async with self._session.get(
-                f"{endpoint.url}/metrics", timeout=aiohttp.ClientTimeout(total=min(5.0, 2 * self.settings.adaptive_interval_s))
+                f"{endpoint.url}/metrics", timeout=aiohttp.ClientTimeout(total=min(5.0, 2 * self.settings.adaptive_interval_s)),
+                allow_redirects=False,
             ) as response:
                 text = await read_bounded(response, SIDE_ROUTE_BYTES) if response.status == 200 else None
                 if text is not None:
@@ -739,6 +751,17 @@ class LLMClient:
                 "signal": endpoint.controller.signal,
             })
         return report
+
+
+def _is_redirect(status: int) -> bool:
+    return 300 <= status < 400
+
+
+def _redirect_refusal(response: aiohttp.ClientResponse) -> str:
+    """Why a redirecting endpoint is refused. Its requests carry the key and the corpus:
+    they go to the configured URL only, never where an answer points."""
+    location = clean_text(redact_url(response.headers.get("Location", "?")), 200)
+    return f"redirects (http {response.status} to {location}); redirects are not followed: configure the final URL"
 
 
 def _retry_after(value: str | None) -> float | None:
