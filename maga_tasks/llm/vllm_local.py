@@ -140,7 +140,8 @@ def vllm_environment(
 def _http_get(url: str, *, timeout: float, api_key: str | None = None) -> tuple[int, bytes]:
     request = urllib.request.Request(url)
     if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
+        # Unredirected: urllib would carry a plain header to wherever a redirect points.
+        request.add_unredirected_header("Authorization", f"Bearer {api_key}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()
