@@ -18,15 +18,12 @@ with 20 MiB, beside an honest shard's, each in a fresh process.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
 import textwrap
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote
 
@@ -39,6 +36,8 @@ from maga_tasks.errors import EndpointsUnavailable, FleetRefused
 from maga_tasks.llm.answer import MAX_USAGE_TOKENS
 from maga_tasks.recipe import load_recipe
 from maga_tasks.settings import RunSettings
+
+from hostile_servers import RecordingServer
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +56,12 @@ def settings(*urls: str, **extra) -> RunSettings:
                   progress_interval_s=1)
     values.update(extra)
     return RunSettings(**values)
+
+
+@pytest.fixture
+def hostile_server():
+    with RecordingServer() as server:
+        yield server
 
 
 @pytest.fixture
@@ -213,68 +218,19 @@ def test_an_endpoint_with_user_info_beside_an_api_key_is_refused_before_any_requ
     assert not list((tmp_path / "out").rglob("*.parquet"))
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    """A host nobody configured: records every request (path, Authorization header)."""
-
-    def _record(self):
-        self.server.seen.append((self.command, self.path, self.headers.get("Authorization")))
-        body = b'{"status": "ok"}'
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = do_POST = _record
-
-    def log_message(self, *args):
-        pass
-
-
-class _Redirector(BaseHTTPRequestHandler):
-    """A configured endpoint that sends every request on to `server.target`."""
-
-    def _redirect(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        self.rfile.read(length)
-        self.send_response(307)
-        self.send_header("Location", f"{self.server.target}{self.path}")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    do_GET = do_POST = _redirect
-
-    def log_message(self, *args):
-        pass
-
-
-@contextlib.contextmanager
-def _serving(handler, **attributes):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    for name, value in attributes.items():
-        setattr(server, name, value)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server, f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_an_endpoint_that_redirects_is_refused_and_nothing_reaches_the_host_it_points_to(tmp_path, shard):
+def test_an_endpoint_that_redirects_is_refused_and_nothing_reaches_the_host_it_points_to(
+    tmp_path, shard, hostile_server
+):
     """The key and the documents go to configured URLs only: a redirect (a proxy, an
     http->https hop, a compromised balancer) is not followed, and says so in one line."""
     source, _ = shard
-    with _serving(_Recorder, seen=[]) as (elsewhere, elsewhere_url):
-        with _serving(_Redirector, target=elsewhere_url.replace("127.0.0.1", "user:pw-in-location@127.0.0.1")) as (
-            _, url,
-        ):
-            with pytest.raises(FleetRefused) as raised:
-                expand_shard(str(source), str(tmp_path / "out"), RECIPE, settings(url))
+    redirect_to = hostile_server.url.replace("://", "://user:pw-in-location@")
+    with RecordingServer(redirect_to=redirect_to) as redirector, pytest.raises(FleetRefused) as raised:
+        expand_shard(str(source), str(tmp_path / "out"), RECIPE, settings(redirector.url))
     message = str(raised.value)
     assert "redirects (http 307 to http://***@127.0.0.1:" in message and "\n" not in message, message
     assert "pw-in-location" not in message
-    assert elsewhere.seen == []
+    assert redirector.requests and hostile_server.requests == []
     assert not list((tmp_path / "out").rglob("*.parquet"))
 
 

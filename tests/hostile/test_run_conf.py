@@ -17,8 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -36,6 +34,8 @@ from maga_tasks.run_conf import (
     connection_endpoints,
 )
 
+from hostile_servers import RecordingServer
+
 REPO = Path(__file__).resolve().parents[2]
 SECRET_KEY = "sk-hostile-test-0123456789abcdef"
 # What a credentials file holds; none of it may come back in an error.
@@ -43,44 +43,10 @@ CREDENTIALS = "[default]\naws_access_key_id = AKIAEXAMPLEKEYID0000\naws_secret_a
 CREDENTIAL_WORDS = ("AKIAEXAMPLEKEYID0000", "wJalrXUtnFEMIexamplesecret", "aws_secret_access_key")
 
 
-class RecordingServer:
-    """A hostile host on loopback: answers 200 to everything and records every request
-    (path and Authorization header) it receives."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        recorder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _record(self):
-                recorder.requests.append({"path": self.path, "authorization": self.headers.get("Authorization")})
-                body = b'{"data": [{"id": "maga-default"}]}'
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_GET = do_POST = _record
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def hostile_server():
-    server = RecordingServer()
-    yield server
-    server.stop()
+    with RecordingServer() as server:
+        yield server
 
 
 def run_maga(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
