@@ -7,7 +7,7 @@ VENV_VLLM := .venv-vllm
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install vllm-venv system-packages container-tools images stack-up stack-seed stack-down tiny-model smollm2-model test test-fast demo bench clean
+.PHONY: install vllm-venv system-packages container-tools images stack-up stack-seed stack-down tiny-model smollm2-model test test-stack test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,8 +56,14 @@ tiny-model: install
 # with SmolLM2-135M-Instruct), Airflow end to end.
 # A missing vLLM venv, browser or linter fails the tests here, never skips them: this is
 # the same run as CI's.
-test: install vllm-venv system-packages container-tools smollm2-model
-	CI=$${CI:-1} MAGA_REQUIRE_VLLM=1 MAGA_REQUIRE_BROWSER=1 $(PY) -m pytest -q -ra --durations=25
+test: install vllm-venv system-packages smollm2-model
+	CI=$${CI:-1} MAGA_REQUIRE_VLLM=1 MAGA_REQUIRE_BROWSER=1 $(PY) -m pytest -q -ra --durations=25 -m "not stack"
+
+# The compose stack on podman (tests/test_stack.py): apart from `make test` while podman's
+# API service can hang under docker-compose here (one of two CI rehearsals: compose's
+# 60 s reads timed out, then `podman ps` stopped answering).
+test-stack: install container-tools smollm2-model
+	CI=$${CI:-1} $(PY) -m pytest -q -ra -m stack
 
 # Everything but the slow end-to-end parts (vLLM engine, Airflow scheduler, browser).
 test-fast: install
