@@ -227,7 +227,8 @@ def render_dag_params() -> str:
         if "enum" in schema:
             bounds.append("one of " + ", ".join(f"`{v}`" for v in schema["enum"]))
         value = param.value
-        default = "" if value is None or value == [] or value == "" else value if isinstance(value, str) else json.dumps(value)
+        shown = value if isinstance(value, str) else json.dumps(value)
+        default = "" if value is None or value == [] or value == "" else shown
         text = "; ".join(filter(None, [schema.get("description") or param.description or "", *bounds]))
         out.append(f"| `{name}` | {kind} | {f'`{default}`' if default else ''} | {_cell(text)} |")
     return "\n".join(out) + "\n"
@@ -278,7 +279,11 @@ def test_the_command_table_lists_every_command_of_the_parser():
 
 
 def test_output_column_tables_match_the_schemas():
-    from maga_tasks.data.schema import ACCEPTED_SCHEMA, MAGACORPUS_SCHEMA, REJECTED_SCHEMA
+    from maga_tasks.data.schema import (
+        ACCEPTED_SCHEMA,
+        MAGACORPUS_SCHEMA,
+        REJECTED_SCHEMA,
+    )
 
     columns = section(REFERENCE.read_text(), "Output columns")
     tables = re.split(r"^### ", columns, flags=re.MULTILINE)[1:]
@@ -342,8 +347,9 @@ def _scan(trees: list[ast.Module], calls: set[str], *, returns: bool) -> set[str
                 for target in node.targets:
                     names = target.elts if isinstance(target, ast.Tuple) else [target]
                     values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
-                    for name, value in zip(names, values):
-                        if getattr(name, "id", None) in _REASON_TARGETS or getattr(name, "attr", None) in _REASON_TARGETS:
+                    for name, value in zip(names, values, strict=False):
+                        named = getattr(name, "id", None) or getattr(name, "attr", None)
+                        if named in _REASON_TARGETS:
                             found.update(_words(value, constants))
     return found
 
