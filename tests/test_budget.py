@@ -44,7 +44,7 @@ def _register(registry, minutes: list[float], recipe_id: str = RID) -> None:
 
 
 def test_the_fleet_budget_is_slots_times_hours_over_hours_per_shard():
-    # The README's example fleet: 64 GPU workers, 0.3 h per 10,000-document shard, 8 h a night.
+    # docs/operations.md's example fleet: 64 GPU workers, 0.3 h per 10,000-document shard, 8 h a night.
     assert fleet_budget(64, 8, 0.3) == 1706  # 20,000 shards in 12 nights
     assert fleet_budget(8, 8, 1.0) == 64
     assert fleet_budget(1, 1, 5.0) == 1  # a shard longer than the night still gets one
