@@ -95,6 +95,7 @@ class ServerState:
             "requests_total": 0,
             "by_stage": Counter(),
             "by_doc": Counter(),
+            "by_request": Counter(),  # per request (document, stage, pair), its retries together
             "faults_fired": Counter(),
             "prompt_tokens_total": 0,
             "completion_tokens_total": 0,
@@ -222,6 +223,7 @@ def _count_request(state: ServerState, req: ChatRequest) -> None:
     stats["requests_total"] += 1
     stats["by_stage"][req.stage] += 1
     stats["by_doc"][req.doc_key] += 1
+    stats["by_request"][req.base_key] += 1
 
 
 async def _transient_fault(
