@@ -9,11 +9,11 @@ import threading
 import time
 
 import pytest
+from test_adaptive_concurrency import metrics_of, post_chats
 
 from maga_tasks.llm.adaptive import AimdParams, ServerLoad, WindowController
 from maga_tasks.llm.client import LLMClient, run_client
 from maga_tasks.settings import RunSettings
-from test_adaptive_concurrency import metrics_of, post_chats
 
 
 def started(load: ServerLoad | None, **params) -> int:
