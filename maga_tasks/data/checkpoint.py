@@ -32,7 +32,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import orjson
 
@@ -75,6 +75,9 @@ class Checkpoint:
         self._sequence = 0
         self._uploader: ThreadPoolExecutor | None = None
         self._puts: list[Future] = []
+        # Objects put in step with the segments on S3 (the answer journal's snapshot):
+        # each returns (uri, body) to queue after a segment, or None when unchanged.
+        self._companions: list[Callable[[], tuple[str, bytes] | None]] = []
 
     # -- reading ---------------------------------------------------------------------
 
@@ -139,7 +142,7 @@ class Checkpoint:
                     if not line.endswith(b"\n"):
                         break  # torn by a kill mid-write
                     try:
-                        doc_index = _decode_line(line)["i"]
+                        doc_index = decode_json_line(line)["i"]
                     except (ValueError, KeyError, TypeError):
                         continue
                     found.setdefault(doc_index, DocLocation(segment, start))
@@ -149,12 +152,12 @@ class Checkpoint:
     def read(location: DocLocation) -> list[dict]:
         with open(location.segment, "rb") as handle:
             handle.seek(location.offset)
-            return _decode_line(handle.readline())["rows"]
+            return decode_json_line(handle.readline())["rows"]
 
     # -- writing ---------------------------------------------------------------------
 
     def append(self, doc_index: int, rows: list[dict]) -> None:
-        line = _encode_line({"i": doc_index, "rows": rows})
+        line = encode_json_line({"i": doc_index, "rows": rows})
         if self._local:
             if self._handle is None:
                 path = Path(join(self.work_uri, f"part-{self.run_id}.jsonl"))
@@ -168,15 +171,25 @@ class Checkpoint:
             if len(self._pending) >= self.s3_every:
                 self._put_segment()
 
+    def add_companion(self, snapshot: Callable[[], tuple[str, bytes] | None]) -> None:
+        """On S3, put `snapshot()`'s object after each segment (and at every flush),
+        through the same ordered uploader: it is exactly as durable as the checkpoint."""
+        self._companions.append(snapshot)
+
     def _put_segment(self) -> None:
-        """Queue the pending lines as the next segment object (one uploader thread keeps
-        the order)."""
-        if not self._pending:
-            return
-        self._sequence += 1
-        uri = join(self.work_uri, f"part-{self.run_id}-{self._sequence:06d}.jsonl")
-        body = b"".join(self._pending)
-        self._pending = []
+        """Queue the pending lines as the next segment object, then the companions'
+        objects (one uploader thread keeps the order)."""
+        if self._pending:
+            self._sequence += 1
+            uri = join(self.work_uri, f"part-{self.run_id}-{self._sequence:06d}.jsonl")
+            body = b"".join(self._pending)
+            self._pending = []
+            self._queue_put(uri, body)
+        for snapshot in self._companions:
+            if (put := snapshot()) is not None:
+                self._queue_put(*put)
+
+    def _queue_put(self, uri: str, body: bytes) -> None:
         if self._uploader is None:
             self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-put")
         self._puts.append(self._uploader.submit(self.storage.put_bytes, uri, body))
@@ -219,14 +232,14 @@ def _difference(stored: dict, wanted: dict) -> str:
 # carry as \ud800 escapes), written and read back as they were.
 
 
-def _encode_line(record: dict) -> bytes:
+def encode_json_line(record: dict) -> bytes:
     try:
         return orjson.dumps(record) + b"\n"
     except orjson.JSONEncodeError:
         return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
 
 
-def _decode_line(line: bytes):
+def decode_json_line(line: bytes):
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError:

@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from maga_tasks.data.answer_journal import AnswerJournal, JournaledChat
 from maga_tasks.data.checkpoint import Checkpoint, manifest
 from maga_tasks.data.committed import files_checksum, local_files, read_measured
 from maga_tasks.engine.figures import FIGURE_COLUMNS, FigureTally, ShardFigures, figures_of_files
@@ -170,11 +171,18 @@ def expand_shard(
         checkpoint.prepare()
         with checkpoint.local_segments() as segments:
             done = set(Checkpoint.index(segments))
-        run = _ShardRun(recipe, settings, paths.shard, checkpoint, total, done, progress, fence)
+        journal = AnswerJournal.for_run(out, paths.work, recipe, settings)
+        journal.attach(checkpoint)
+        if carried := journal.load(done):
+            log.info("shard %s: %d answers of unfinished documents kept from the last run", paths.shard, carried)
+        run = _ShardRun(recipe, settings, paths.shard, checkpoint, total, done, progress, fence, journal)
         try:
             run_client(run.execute(itertools.islice(iter(reader), total)))
         finally:
-            checkpoint.close()
+            try:
+                checkpoint.close()  # on S3 this also puts the journal's last snapshot
+            finally:
+                journal.close()
         result = _commit(source_uri, paths, out, checkpoint, itertools.islice(iter(reader), total), identity, fence)
     result.requests = run.client_stats.get("requests", 0)
     result.resumed_documents = len(done & set(range(total)))
@@ -194,8 +202,9 @@ def expand_shard(
 class _ShardRun:
     """The async part of one shard: documents stream through the stages, no batch barrier."""
 
-    def __init__(self, recipe, settings, shard, checkpoint, total, done, progress, fence=None):
+    def __init__(self, recipe, settings, shard, checkpoint, total, done, progress, fence=None, journal=None):
         self.recipe = recipe
+        self.journal: AnswerJournal | None = journal
         self.settings = settings
         self.shard = shard
         self.checkpoint = checkpoint
@@ -257,6 +266,8 @@ class _ShardRun:
                 except Exception as error:  # disk or S3 faults end the shard, never vanish in a callback
                     failures.append(error)
                     return
+                if self.journal is not None:
+                    self.journal.forget(doc_index)
                 self._count(rows)
 
             ticker = asyncio.create_task(self._report_every(self.settings.progress_interval_s))
@@ -283,6 +294,9 @@ class _ShardRun:
                 ticker.cancel()
                 self.client_stats = client.stats.snapshot()
                 self._report()
+                if self.journal is not None and self.journal.replayed:
+                    log.info("shard %s: %d answers taken from the journal instead of asked again",
+                             self.shard, self.journal.replayed)
 
     async def _document(self, client: LLMClient, doc: SourceDocument, structured) -> list[dict]:
         rows = _RowMaker(self, doc)
@@ -294,11 +308,13 @@ class _ShardRun:
             text, cut_tokens = self.cutter.cut(doc.text)
         rows.source_truncated_tokens = cut_tokens
         doc_key = f"{self.shard}:{doc.source_id}"
-        pairs = await generate_pairs(client, self.recipe, doc_key, text, structured)
+        # Answers a crashed run already had are taken from the journal, not asked again.
+        chat = JournaledChat(client, self.journal, doc.index) if self.journal is not None else client
+        pairs = await generate_pairs(chat, self.recipe, doc_key, text, structured)
         if not pairs.pairs:
             return rows.all_rejected(pairs.reject_reason, pairs.detail, pairs.usage)
         results = await asyncio.gather(
-            *(rewrite(client, self.recipe, doc_key, text, i, pair) for i, pair in enumerate(pairs.pairs))
+            *(rewrite(chat, self.recipe, doc_key, text, i, pair) for i, pair in enumerate(pairs.pairs))
         )
         out = []
         for i, (pair, result) in enumerate(zip(pairs.pairs, results)):

@@ -24,6 +24,16 @@ requests already sent still sit in the server's queue and must not be punished f
 Several clients on one server see the same gauges and react alike, so AIMD brings their
 windows to equal shares without any talk between them.
 
+Where the window starts (`start`, with the first read, before any request is sent): at
+`initial_share` of the server's free slots (its slots minus running minus waiting
+requests), never below `initial` and never above the ceiling. That needs the server's
+slot count, which vLLM (0.32) does not publish in `/metrics` (its `--max-num-seqs` is in
+no gauge); a server that does (`SLOT_GAUGES`: the test server, a proxy that knows its
+worker's flag) gets it. Without it, or without a first read, the window starts at
+`initial` as before: a guess from the client's own ceiling could flood a server several
+shards share (four clients starting at 32 each on a 32-slot CPU server queued 96
+requests and timed out 89 of them).
+
 A server without usable metrics falls back to latency: the median seconds per output
 token of the requests finished since the last sample, against the best median seen
 (which drifts up slowly so an old optimum is forgotten). Well above the best, or any
@@ -41,6 +51,9 @@ from dataclasses import dataclass, field
 
 KV_GAUGES = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # vLLM V1, then V0
 PREEMPTION_COUNTERS = ("vllm:num_preemptions_total", "vllm:num_preemptions")
+# The engine's request slots (vLLM's --max-num-seqs). Not a vLLM gauge: vLLM 0.32 has none
+# for it; the test server publishes its --max-running as this one.
+SLOT_GAUGES = ("maga:max_num_seqs",)
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,7 @@ class ServerLoad:
     waiting: float
     kv_cache_usage: float | None = None  # share of KV blocks in use, 0..1
     preemptions_total: float | None = None
+    slots: float | None = None  # requests the engine runs at once, where the server says
 
     @classmethod
     def from_metrics(cls, totals: dict[str, float]) -> ServerLoad | None:
@@ -61,7 +75,13 @@ class ServerLoad:
             return None
         kv = next((totals[name] for name in KV_GAUGES if name in totals), None)
         preemptions = next((totals[name] for name in PREEMPTION_COUNTERS if name in totals), None)
-        return cls(running, waiting, kv, preemptions)
+        slots = next((totals[name] for name in SLOT_GAUGES if name in totals), None)
+        return cls(running, waiting, kv, preemptions, slots if slots and slots > 0 else None)
+
+    @property
+    def free_slots(self) -> float | None:
+        """Slots neither running nor claimed by a waiting request (None: slots unknown)."""
+        return None if self.slots is None else self.slots - self.running - self.waiting
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,13 @@ class AimdParams:
     floor: int = 1
     ceiling: int = 64
     initial: int = 8  # small: several clients starting at once must not fill a server queue before its gauges move
+    # Of the free slots the first read shows, the share a window starts at (`start`).
+    # Half: a lone client on an idle server starts at half of it and slow start takes it
+    # to full one request latency later, once the gauges show the room; two clients
+    # starting together fill the server exactly, and more queue at most (n/2 - 1) times
+    # the slots, which AIMD then halves away. A client joining a busy server sees few
+    # free slots and starts at `initial`, as every client did before.
+    initial_share: float = 0.5
     increase: int = 0  # per sample after slow start; 0: ceiling / 64, at least 1
     decrease: float = 0.5
     queue_min: float = 2.0
@@ -85,6 +112,8 @@ class AimdParams:
             raise ValueError(f"window floor {self.floor} must be in [1, ceiling {self.ceiling}]")
         if not 0 < self.decrease < 1:
             raise ValueError(f"decrease {self.decrease} must be in (0, 1)")
+        if not 0 < self.initial_share <= 1:
+            raise ValueError(f"initial_share {self.initial_share} must be in (0, 1]")
 
     @property
     def step(self) -> int:
@@ -114,6 +143,21 @@ class WindowController:
     def __post_init__(self):
         p = self.params
         self.window = self.window or min(max(p.initial, p.floor), p.ceiling)
+
+    # -- the first read ----------------------------------------------------------------
+
+    def start(self, load: ServerLoad | None) -> int:
+        """Set the window from the first read of the server's load, before any request
+        (`load` None: unreadable); returns it. Without the server's slot count the
+        window stays at `initial`."""
+        p = self.params
+        self.last_load = load  # the baseline the first `update` compares preemptions with
+        if load is not None:
+            self.signal = "metrics"
+        free = load.free_slots if load is not None else None
+        if free is not None:
+            self.window = min(p.ceiling, max(self.window, int(p.initial_share * free)))
+        return self.window
 
     # -- samples the client feeds ------------------------------------------------------
 

@@ -4,7 +4,9 @@
   (`max_concurrency`). Below it, with `adaptive_concurrency` (the default), each endpoint
   has a window of requests it may hold, moved by `llm.adaptive.WindowController` from the
   endpoint's `/metrics` (queue, KV cache, preemptions), read every `adaptive_interval_s`
-  by a background task of the client, or from latency where metrics are missing. A
+  by a background task of the client, or from latency where metrics are missing; where
+  it starts is decided by a first read in `wait_ready` (a share of the server's free
+  slots where the server publishes them, `llm.adaptive`). A
   request takes its place in the window before a global slot, so requests waiting for a
   full endpoint never hold slots another endpoint could use.
 - Affinity: the requests of one document go to the same endpoint (rendezvous hashing over
@@ -206,6 +208,7 @@ class Endpoint:
     # Adaptive concurrency only: its window and the gate that enforces it.
     controller: WindowController | None = None
     gate: WindowGate | None = None
+    window_started: bool = False  # the first /metrics read has set the window
 
 
 @dataclass
@@ -395,6 +398,11 @@ class LLMClient:
                 endpoint.healthy = ok
                 endpoint.consecutive_failures = 0 if ok else self.settings.endpoint_failure_threshold
             ready = [e.url for e, ok in zip(self.endpoints, results) if ok and not e.refused]
+            if ready and self.settings.adaptive_concurrency:
+                await asyncio.gather(*(
+                    self._start_window(e) for e, ok in zip(self.endpoints, results)
+                    if ok and not e.refused and not e.window_started
+                ))
             if ready:
                 for endpoint in self.endpoints:
                     if endpoint.refused:
@@ -713,8 +721,9 @@ class LLMClient:
             except Exception:  # a bug here must not stop the windows: say it, go on
                 log.warning("reading the endpoints' load failed", exc_info=True)
 
-    async def _read_load(self, endpoint: Endpoint) -> None:
-        load = None
+    async def _fetch_load(self, endpoint: Endpoint) -> ServerLoad | None:
+        """The endpoint's load from its /metrics; None when unreadable or without the
+        queue gauges."""
         try:
             async with self._session.get(
                 f"{endpoint.url}/metrics", timeout=aiohttp.ClientTimeout(total=min(5.0, 2 * self.settings.adaptive_interval_s)),
@@ -722,9 +731,20 @@ class LLMClient:
             ) as response:
                 text = await read_bounded(response, SIDE_ROUTE_BYTES) if response.status == 200 else None
                 if text is not None:
-                    load = ServerLoad.from_metrics(parse_prometheus_text(text.decode("utf-8", "replace")))
+                    return ServerLoad.from_metrics(parse_prometheus_text(text.decode("utf-8", "replace")))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            pass  # no metrics this time: the controller goes by latency
+            pass
+        return None
+
+    async def _start_window(self, endpoint: Endpoint) -> None:
+        """The first read decides where the window starts (`WindowController.start`)."""
+        endpoint.window_started = True
+        window = endpoint.controller.start(await self._fetch_load(endpoint))
+        endpoint.gate.set_limit(window)
+        log.debug("endpoint %s: window starts at %d (%s)", endpoint.label, window, endpoint.controller.last_load)
+
+    async def _read_load(self, endpoint: Endpoint) -> None:
+        load = await self._fetch_load(endpoint)  # None: the controller goes by latency
         before = endpoint.controller.window
         window = endpoint.controller.update(load, time.monotonic())
         endpoint.gate.set_limit(window)

@@ -17,7 +17,9 @@ which rises by one for each request that arrives while N or more already wait: t
 point where an oversubscribed engine runs out of KV blocks and preempts. The request is
 still queued as usual; only the signal is modelled. Without the option nothing waits,
 the cache reads 0 and preemptions stay 0. `/_stats` adds `max_running` and
-`max_waiting` (peaks since the last reset) and the cancellation counts.
+`max_waiting` (peaks since the last reset) and the cancellation counts. /metrics also
+says N as the gauge `maga:max_num_seqs` (vLLM has no such gauge; `--no-slots-metric`
+leaves it out, as a real vLLM would).
 """
 
 from __future__ import annotations
@@ -89,12 +91,14 @@ class ServerState:
     max_running: int | None = None  # capacity: more requests than this wait in `queue`
     queue: deque = field(default_factory=deque)  # futures of waiting requests, FIFO
     preemptions_metric: int = 0
+    publish_slots: bool = True  # /metrics says max_running as `maga:max_num_seqs`
 
     def reset_stats(self) -> None:
         self.stats = {
             "requests_total": 0,
             "by_stage": Counter(),
             "by_doc": Counter(),
+            "by_request": Counter(),  # per request (document, stage, pair), its retries together
             "faults_fired": Counter(),
             "prompt_tokens_total": 0,
             "completion_tokens_total": 0,
@@ -222,6 +226,7 @@ def _count_request(state: ServerState, req: ChatRequest) -> None:
     stats["requests_total"] += 1
     stats["by_stage"][req.stage] += 1
     stats["by_doc"][req.doc_key] += 1
+    stats["by_request"][req.base_key] += 1
 
 
 async def _transient_fault(
@@ -445,6 +450,14 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE vllm:num_preemptions_total counter",
         f"vllm:num_preemptions_total{{{label}}} {state.preemptions_metric}",
     ]
+    if state.max_running is not None and state.publish_slots:
+        # vLLM publishes no gauge of its --max-num-seqs; this server says its capacity,
+        # as a proxy that knows its worker's flag could (`llm.adaptive.SLOT_GAUGES`).
+        lines += [
+            "# HELP maga:max_num_seqs Requests the engine runs at once.",
+            "# TYPE maga:max_num_seqs gauge",
+            f"maga:max_num_seqs{{{label}}} {state.max_running}",
+        ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
 
@@ -457,6 +470,7 @@ def build_app(
     structured_outputs: bool = True,
     model_root: str | None = None,
     max_running: int | None = None,
+    publish_slots: bool = True,
 ) -> web.Application:
     """The test server as an aiohttp application (see the package docstring)."""
     faults = tuple(faults)
@@ -471,6 +485,7 @@ def build_app(
         structured_outputs=structured_outputs,
         die_after=min(die) if die else None,
         max_running=max_running,
+        publish_slots=publish_slots,
     )
     state.reset_stats()
     # Judge requests carry a document and a rewrite; leave room beyond the 1 MiB default.
@@ -574,6 +589,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-structured-outputs", action="store_true")
     parser.add_argument("--max-running", type=_positive_int, default=None, metavar="N",
                         help="run at most N requests at once, queue the rest (like a saturated vLLM)")
+    parser.add_argument("--no-slots-metric", action="store_true",
+                        help="with --max-running: do not publish N in /metrics (vLLM publishes no such gauge)")
     args = parser.parse_args(argv)
     run_server(
         args.host,
@@ -586,4 +603,5 @@ def main(argv: list[str] | None = None) -> None:
         model_root=args.model_root,
         structured_outputs=not args.no_structured_outputs,
         max_running=args.max_running,
+        publish_slots=not args.no_slots_metric,
     )
