@@ -53,15 +53,14 @@ tiny-model: install
 
 # The whole suite: unit tests, integration tests against real servers on loopback
 # (PostgreSQL, moto S3, the test LLM server, the vLLM CPU engine with the tiny model and
-# with SmolLM2-135M-Instruct), Airflow end to end.
-# A missing vLLM venv, browser or linter fails the tests here, never skips them: this is
-# the same run as CI's.
-test: install vllm-venv system-packages smollm2-model
-	CI=$${CI:-1} MAGA_REQUIRE_VLLM=1 MAGA_REQUIRE_BROWSER=1 $(PY) -m pytest -q -ra --durations=25 -m "not stack"
+# with SmolLM2-135M-Instruct), Airflow end to end, and the compose stack of docker/ built
+# and run on podman (tests/test_stack.py).
+# A missing vLLM venv, browser, container tool or linter fails the tests here, never skips
+# them: this is the same run as CI's.
+test: install vllm-venv system-packages container-tools smollm2-model
+	CI=$${CI:-1} MAGA_REQUIRE_VLLM=1 MAGA_REQUIRE_BROWSER=1 $(PY) -m pytest -q -ra --durations=25
 
-# The compose stack on podman (tests/test_stack.py): apart from `make test` while podman's
-# API service can hang under docker-compose here (one of two CI rehearsals: compose's
-# 60 s reads timed out, then `podman ps` stopped answering).
+# The compose stack test alone (its images are built or reused first).
 test-stack: install container-tools smollm2-model
 	CI=$${CI:-1} $(PY) -m pytest -q -ra -m stack
 

@@ -27,8 +27,18 @@ PROJECT="${MAGA_STACK_PROJECT:-maga}"
 PY="${MAGA_PYTHON:-$REPO/.venv/bin/python}"
 SMOLLM2="smollm2-135m-instruct"
 START_TIMEOUT="${MAGA_STACK_START_TIMEOUT:-900}"
+# podman's API service can stop answering once a client gives up on a slow request (seen
+# here once in three runs, when compose's 60 s reads timed out while ten containers were
+# created at once on two busy cores; podman issues 10862, 10090). So compose waits up to
+# 10 minutes for an answer, the stack starts in two steps (the services nothing depends
+# on first), and every podman command of this script is bounded, so a wedged service
+# fails the command with a message instead of hanging the caller. (COMPOSE_PARALLEL_LIMIT
+# is no cure: at 2 docker-compose 1.29 deadlocks on its own nested tasks.)
+export COMPOSE_HTTP_TIMEOUT="${COMPOSE_HTTP_TIMEOUT:-600}"
+PODMAN_TIMEOUT="${MAGA_PODMAN_TIMEOUT:-120}"
 
 log() { echo "[stack] $*" >&2; }
+pm() { timeout --kill-after=10 "$PODMAN_TIMEOUT" podman "$@"; }
 die() { log "error: $*"; exit 1; }
 mkdir -p "$STATE"
 STATE="$(cd "$STATE" && pwd)"
@@ -80,8 +90,8 @@ EOF
     sed '/^name: /d' "$REPO/docker/docker-compose.yml" >"$STATE/docker-compose.yml"
 }
 
-compose() {
-    docker-compose --project-name "$PROJECT" --project-directory "$REPO/docker" \
+compose() {  # bounded by COMPOSE_TIMEOUT seconds (default the start timeout)
+    timeout --kill-after=10 "${COMPOSE_TIMEOUT:-$START_TIMEOUT}" docker-compose --project-name "$PROJECT" --project-directory "$REPO/docker" \
         --env-file "$STATE/stack.env" -f "$STATE/docker-compose.yml" --profile cpu "$@"
 }
 
@@ -121,10 +131,10 @@ healthchecks() {
                 next_at[$id]=$((now + 5))
             elif (( now >= next_at[$id] )); then
                 # </dev/null: podman would read the rest of the container list from stdin.
-                podman healthcheck run "$id" </dev/null >/dev/null 2>&1 || true
+                timeout --kill-after=5 60 podman healthcheck run "$id" </dev/null >/dev/null 2>&1 || true
                 next_at[$id]=$(( $(date +%s) + $(seconds_of "$interval") ))
             fi
-        done < <(podman ps -q --filter "label=com.docker.compose.project=$PROJECT" | xargs -r podman inspect \
+        done < <(pm ps -q --filter "label=com.docker.compose.project=$PROJECT" | xargs -r timeout 60 podman inspect \
                     --format '{{.ID}} {{if .Config.Healthcheck}}{{.Config.Healthcheck.Interval}}{{else}}none{{end}}' 2>/dev/null)
         sleep 2
     done
@@ -142,15 +152,16 @@ stop_pid() {
 }
 
 container_of() {  # SERVICE -> its container's name
-    podman ps --filter "label=com.docker.compose.project=$PROJECT" \
+    pm ps --filter "label=com.docker.compose.project=$PROJECT" \
         --filter "label=com.docker.compose.service=$1" --format '{{.Names}}' | head -n 1
 }
 
 wait_healthy() {
     local deadline=$((SECONDS + START_TIMEOUT)) unhealthy
     while true; do
-        unhealthy="$(podman ps --filter "label=com.docker.compose.project=$PROJECT" \
-            --format '{{.Names}} {{.Status}}' | grep -v '(healthy)' || true)"
+        unhealthy="$(pm ps --filter "label=com.docker.compose.project=$PROJECT" \
+            --format '{{.Names}} {{.Status}}' || echo "podman did not answer in ${PODMAN_TIMEOUT}s")"
+        unhealthy="$(grep -v '(healthy)' <<<"$unhealthy" || true)"
         [[ -z "$unhealthy" ]] && return
         (( SECONDS < deadline )) || { log "not healthy after ${START_TIMEOUT}s:"; echo "$unhealthy" >&2; return 1; }
         sleep 3
@@ -164,7 +175,10 @@ cmd_up() {
     write_env
     start_service
     start_healthchecks
-    compose up -d --no-build >"$STATE/compose-up.log" 2>&1 \
+    # The model server (the long pole) and the databases first, then the rest: compose
+    # waits for their health before the Airflow containers, as the file says.
+    { compose up -d --no-build --no-deps postgres redis vllm-cpu-0 && compose up -d --no-build; } \
+        >"$STATE/compose-up.log" 2>&1 \
         || { tail -n 30 "$STATE/compose-up.log" >&2; die "compose up failed (log: $STATE/compose-up.log)"; }
     wait_healthy || die "the stack did not become healthy (scripts/stack.sh compose ps; compose logs)"
     log "up: images $((built - started)) s, start $((SECONDS - built)) s; Airflow at" \
@@ -190,22 +204,27 @@ Path(sys.argv[1]).write_text(recipe.to_yaml())
 print(recipe.recipe_id)
 PY
     for item in source tokenizer recipe.yaml; do
-        podman cp "$seed/$item" "$scheduler:/data/maga/"
+        pm cp "$seed/$item" "$scheduler:/data/maga/"
     done
 }
 
 cmd_down() {
-    if [[ -s "$STATE/stack.env" ]] && running podman-service; then
-        compose down --volumes --remove-orphans --timeout 10 >"$STATE/compose-down.log" 2>&1 || true
-    fi
     stop_pid healthchecks
+    if [[ -s "$STATE/stack.env" ]] && running podman-service; then
+        COMPOSE_TIMEOUT=300 compose down --volumes --remove-orphans --timeout 10 \
+            >"$STATE/compose-down.log" 2>&1 || log "compose down failed; removing by label (log: $STATE/compose-down.log)"
+    fi
     stop_pid podman-service
-    # Whatever compose left (a container it lost track of): by the project's label.
-    local label="label=com.docker.compose.project=$PROJECT"
-    podman ps -aq --filter "$label" | xargs -r podman rm -f -t 0 >/dev/null
-    podman volume ls -q --filter "$label" | xargs -r podman volume rm -f >/dev/null
-    podman network ls -q --filter "$label" | xargs -r podman network rm -f >/dev/null
+    # Whatever compose left (a container it lost track of, or all when the service hung):
+    # by the project's label, straight through podman.
+    local label="label=com.docker.compose.project=$PROJECT" left
+    pm ps -aq --filter "$label" | xargs -r timeout 180 podman rm -f -t 0 >/dev/null || true
+    pm volume ls -q --filter "$label" | xargs -r timeout 120 podman volume rm -f >/dev/null || true
+    pm network ls -q --filter "$label" | xargs -r timeout 120 podman network rm -f >/dev/null || true
     rm -f "$SOCKET"
+    left="$(pm ps -aq --filter "$label"; pm volume ls -q --filter "$label"; pm network ls -q --filter "$label")" \
+        || die "down: podman did not answer in ${PODMAN_TIMEOUT}s: containers of $PROJECT may be left"
+    [[ -z "$left" ]] || die "down: left behind: $(tr '\n' ' ' <<<"$left")"
     log "down: no container, volume or network of $PROJECT left"
 }
 
@@ -213,7 +232,7 @@ case "${1:-}" in
     up) cmd_up ;;
     seed) shift; cmd_seed "$@" ;;
     down) cmd_down ;;
-    compose) shift; write_env >/dev/null; compose "$@" ;;
+    compose) shift; write_env >/dev/null; COMPOSE_TIMEOUT="${COMPOSE_TIMEOUT:-0}" compose "$@" ;;  # 0: unbounded (logs -f)
     _healthchecks) healthchecks ;;
     *) echo "usage: $0 up | seed [SHARDS DOCS] | down | compose ARGS..." >&2; exit 2 ;;
 esac

@@ -31,7 +31,7 @@ import pytest
 from maga_tasks.method.detectors import language_of
 from maga_tasks.tools.airflow_stack import free_port, http_json, wait_for
 
-pytestmark = [pytest.mark.stack, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.stack, pytest.mark.timeout(2400)]
 
 REPO = Path(__file__).resolve().parents[1]
 STACK = REPO / "scripts" / "stack.sh"
