@@ -1,10 +1,14 @@
 """The `maga` command line: the library's operations without Airflow.
 
 Progress goes to stderr; a command's result is JSON on the last line of stdout. Errors
-end with a one-line message and a non-zero exit code, never a traceback:
-2 for bad input (recipe, shard, arguments, a storage root, a missing registry file),
-3 when the LLM endpoints, the storage or the registry are unreachable (a passing fault: retry),
-1 for anything else the pipeline refused.
+end with a one-line message and a non-zero exit code, never a traceback; the code is the
+one the error's class carries (`exit_code`, maga_tasks/errors.py):
+1 the pipeline refused: a shard failed its gate or was quarantined, or is failed for good,
+2 bad input (recipe, shard, arguments, settings, a storage root, a missing registry file),
+3 the LLM endpoints, the storage or the registry are unreachable (a passing fault: retry),
+  or the LLM fleet refuses the run (key, model, context length: fix the configuration),
+4 the shard is another worker's: its lease is held (retry once it runs out), was taken
+  over while this one ran, or it is registered with other content.
 """
 
 from __future__ import annotations
@@ -17,15 +21,8 @@ import sys
 
 from pydantic import ValidationError
 
-from maga_tasks.errors import EndpointsUnavailable, MagaError
-from maga_tasks.data.layout import LayoutError
-from maga_tasks.recipe import RecipeError
-from maga_tasks.data.storage import BadStorageURI, ObjectNotFound, StorageError
+from maga_tasks.errors import EXIT_BAD_INPUT, MagaError
 from maga_tasks.redaction import clean_text, install_log_redaction, strip_control
-from maga_tasks.registry.errors import RegistryUnavailable
-
-EXIT_BAD_INPUT = 2
-EXIT_UNAVAILABLE = 3
 
 
 def _settings(args, **extra):
@@ -430,14 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_arguments(args)
         summary = args.func(args)
-    except (EndpointsUnavailable, StorageError, RegistryUnavailable) as error:
+    except MagaError as error:
         _say_error(error)
-        return EXIT_BAD_INPUT if isinstance(error, (ObjectNotFound, BadStorageURI)) else EXIT_UNAVAILABLE
+        return error.exit_code
     except ValidationError as error:
         fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         _say_error(f"invalid settings: {fields}")
         return EXIT_BAD_INPUT
-    except (MagaError, RecipeError, LayoutError, ValueError) as error:
+    except ValueError as error:  # a value refused where it is parsed (an endpoint URL, a date)
         _say_error(error)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from maga_tasks.errors import EXIT_BAD_INPUT, MagaError
 from maga_tasks.identifiers import shown
 from maga_tasks.redaction import strip_control
 
@@ -30,8 +31,10 @@ MAX_RECIPE_ALIASES = 100
 _SHOWN_PROBLEMS = 5
 
 
-class RecipeError(ValueError):
+class RecipeError(MagaError, ValueError):
     """A recipe file that cannot be used; the message names the field."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 class _Strict(BaseModel):
