@@ -70,6 +70,10 @@ from airflow.sdk import (
     task,
 )
 
+# The run settings table: pydantic only, no I/O (tests/test_dags.py keeps parsing light).
+from maga_tasks.knobs import param_kwargs as run_setting_params
+from maga_tasks.settings import setting_default
+
 DAG_ID = "maga_corpus_expansion"
 POOL = "maga_llm"
 REGISTRY_CONN_ID = "maga_registry"
@@ -84,7 +88,7 @@ RETRY_DELAY = timedelta(seconds=float(os.environ.get("MAGA_RETRY_DELAY_SECONDS",
 SHARD_TIMEOUT = timedelta(minutes=float(os.environ.get("MAGA_SHARD_TIMEOUT_MINUTES", "360")))
 HEALTH_POKE_SECONDS = float(os.environ.get("MAGA_HEALTH_POKE_SECONDS", "60"))
 # A shard's lease; a retry waits up to this long for a killed try's lease to run out.
-LEASE_TTL_SECONDS = float(os.environ.get("MAGA_LEASE_TTL_SECONDS", "300"))
+LEASE_TTL_SECONDS = float(os.environ.get("MAGA_LEASE_TTL_SECONDS") or setting_default("lease_ttl_s"))
 # Where a deployment that sets no MAGA_SOURCE / MAGA_OUTPUT_ROOT keeps its corpus.
 DEFAULT_SOURCE = "/data/maga/source"
 DEFAULT_OUTPUT_ROOT = "/data/maga/expanded"
@@ -176,24 +180,10 @@ PARAMS = {
         "connection maga_llm); empty: all of them. Any other URL refuses the run: the API key goes "
         "to configured hosts only",
     ),
-    "served_model": Param(
-        os.environ.get("MAGA_SERVED_MODEL") or None,
-        type=["null", "string"],
-        description="Model name the vLLM workers serve, when not the recipe's model (default MAGA_SERVED_MODEL)",
-    ),
-    "max_concurrency": Param(
-        128, type="integer", minimum=1, maximum=4096,
-        description="Ceiling of requests in flight per shard task (each endpoint's window adapts below it)",
-    ),
-    "adaptive_concurrency": Param(
-        True, type="boolean",
-        description="Follow each vLLM worker's /metrics (queue, KV cache, preemptions); off: a fixed max_concurrency",
-    ),
-    "progress_interval_s": Param(30, type="number", exclusiveMinimum=0, description="Seconds between progress log lines"),
-    "data_docs_sample_rate": Param(
-        0.01, type="number", minimum=0, maximum=1,
-        description="Share of passing shards that also get a full Data Docs site (failed ones always do)",
-    ),
+    # The run settings a conf may set (served_model, max_concurrency, adaptive_concurrency,
+    # progress_interval_s, max_shard_failures, data_docs_sample_rate): each declared once,
+    # with its default, bounds and description, in maga_tasks/settings.py.
+    **{name: Param(**kwargs) for name, kwargs in run_setting_params().items()},
 }
 
 
@@ -297,18 +287,11 @@ def _api_key() -> str | None:
 
 def _run_settings(params: dict, **overrides):
     """Settings for the client from params `_conf` checked (endpoints already chosen)."""
+    from maga_tasks.knobs import settings_from_params
     from maga_tasks.settings import RunSettings
 
     return RunSettings(
-        endpoints=tuple(params["endpoints"]),
-        api_key=_api_key(),
-        served_model=params["served_model"],
-        max_concurrency=params["max_concurrency"],
-        adaptive_concurrency=params["adaptive_concurrency"],
-        progress_interval_s=params["progress_interval_s"],
-        data_docs_sample_rate=params["data_docs_sample_rate"],
-        max_shard_failures=params["max_shard_failures"],
-        **overrides,
+        endpoints=tuple(params["endpoints"]), api_key=_api_key(), **settings_from_params(params), **overrides
     )
 
 

@@ -1,10 +1,14 @@
 """The `maga` command line: the library's operations without Airflow.
 
 Progress goes to stderr; a command's result is JSON on the last line of stdout. Errors
-end with a one-line message and a non-zero exit code, never a traceback:
-2 for bad input (recipe, shard, arguments, a storage root, a missing registry file),
-3 when the LLM endpoints, the storage or the registry are unreachable (a passing fault: retry),
-1 for anything else the pipeline refused.
+end with a one-line message and a non-zero exit code, never a traceback; the code is the
+one the error's class carries (`exit_code`, maga_tasks/errors.py):
+1 the pipeline refused: a shard failed its gate or was quarantined, or is failed for good,
+2 bad input (recipe, shard, arguments, settings, a storage root, a missing registry file),
+3 the LLM endpoints, the storage or the registry are unreachable (a passing fault: retry),
+  or the LLM fleet refuses the run (key, model, context length: fix the configuration),
+4 the shard is another worker's: its lease is held (retry once it runs out), was taken
+  over while this one ran, or it is registered with other content.
 """
 
 from __future__ import annotations
@@ -17,47 +21,37 @@ import sys
 
 from pydantic import ValidationError
 
-from maga_tasks.errors import EndpointsUnavailable, MagaError
-from maga_tasks.data.layout import LayoutError
-from maga_tasks.recipe import RecipeError
-from maga_tasks.data.storage import BadStorageURI, ObjectNotFound, StorageError
+from maga_tasks.errors import EXIT_BAD_INPUT, MagaError
 from maga_tasks.redaction import clean_text, install_log_redaction, strip_control
-from maga_tasks.registry.errors import RegistryUnavailable
-
-EXIT_BAD_INPUT = 2
-EXIT_UNAVAILABLE = 3
 
 
 def _settings(args, **extra):
+    from maga_tasks.knobs import settings_from_args
     from maga_tasks.settings import RunSettings
 
-    return RunSettings(
-        endpoints=tuple(args.endpoint),
-        max_concurrency=args.concurrency,
-        request_timeout_s=args.request_timeout,
-        s3_endpoint_url=args.s3_endpoint_url,
-        progress_interval_s=args.progress_interval,
-        served_model=args.served_model,
-        all_down_timeout_s=args.all_down_timeout,
-        adaptive_concurrency=not args.fixed_concurrency,
-        **extra,
-    )
+    return RunSettings(**settings_from_args(args), **extra)
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
+# The run settings every command that talks to the LLM fleet takes (maga_tasks.settings
+# declares each once: option, type, default, help).
+_RUN_OPTIONS = (
+    "endpoints", "served_model", "max_concurrency", "adaptive_concurrency", "request_timeout_s", "s3_endpoint_url",
+    "progress_interval_s", "all_down_timeout_s",
+)
+
+
+def _add_run_options(parser: argparse.ArgumentParser, *more: str) -> None:
     parser.add_argument("--recipe", help="recipe YAML (default: the built-in recipe)")
-    parser.add_argument("--endpoint", action="append", required=True, help="LLM server base URL (repeatable)")
-    parser.add_argument("--served-model", help="model name the servers serve, when not the recipe's")
-    parser.add_argument("--concurrency", type=int, default=64, help="most requests in flight across endpoints")
-    parser.add_argument("--fixed-concurrency", action="store_true",
-                        help="keep --concurrency in flight whatever the servers' /metrics say (default: adaptive)")
-    parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
-    parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: boto3's configuration)")
-    parser.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
-    parser.add_argument("--all-down-timeout", type=float, default=60.0,
-                        help="seconds every endpoint may be down before the shard fails (exit 3)")
+    _add_settings(parser, *_RUN_OPTIONS, *more)
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--id-column", default="id")
+
+
+def _add_settings(parser: argparse.ArgumentParser, *names: str) -> None:
+    from maga_tasks.knobs import add_run_setting
+
+    for name in names:
+        add_run_setting(parser, name)
 
 
 def cmd_expand_shard(args) -> dict:
@@ -306,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument(
         "--judge-sample", type=int, default=0, help="judge N rewrites of a newly registered shard (0: no judge)"
     )
-    _add_run_options(publish)
+    _add_run_options(publish, "max_shard_failures", "data_docs_sample_rate", "lease_ttl_s")
     publish.set_defaults(func=cmd_publish_shard)
 
     judge = commands.add_parser("judge-shard", help="judge scores for a sample of a committed shard's rewrites")
@@ -333,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--recipe")
         sub.add_argument("--shard", help="output shard name, when not derived from the file name")
         sub.add_argument("--registry", required=name == "register-shard", help="SQLite path or postgresql:// URL")
-        sub.add_argument("--s3-endpoint-url")
+        _add_settings(sub, "s3_endpoint_url")
         if name == "validate-shard":
             sub.add_argument("--input", action="store_true", help="check the source shard instead of the output")
         sub.set_defaults(func=func)
@@ -345,8 +339,6 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--limit", type=int, default=20,
                         help="quarantined or failed shards listed, newest first (totals always cover every shard)")
     status.set_defaults(func=cmd_status)
-
-    from maga_tasks.settings import RunSettings
 
     plan = commands.add_parser("plan", help="what a run would publish and skip; leases and writes nothing")
     plan.add_argument("source", help="source corpus folder or s3:// prefix; in dated mode with {ds}")
@@ -363,9 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--budget 0: hours per shard (default: the median of the recipe's recent shards)")
     plan.add_argument("--max-shards", type=int,
                       help="most shards one run maps (the DAG uses Airflow's core.max_map_length; default: no limit)")
-    plan.add_argument("--max-shard-failures", type=int, default=RunSettings.model_fields["max_shard_failures"].default,
-                      help="failed tries after which a shard is failed for good")
-    plan.add_argument("--s3-endpoint-url")
+    _add_settings(plan, "max_shard_failures", "s3_endpoint_url")
     plan.add_argument("--json", action="store_true", help="only the JSON (otherwise a summary on stderr too)")
     plan.set_defaults(func=cmd_plan)
 
@@ -376,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument("--registry", required=True, help="SQLite path or postgresql:// URL")
     requeue.add_argument("--recipe-id", required=True)
     requeue.add_argument("--output-root", required=True, help="the corpus output root (local or s3://)")
-    requeue.add_argument("--s3-endpoint-url")
+    _add_settings(requeue, "s3_endpoint_url")
     requeue.set_defaults(func=cmd_requeue)
 
     from maga_tasks.tools.bench import add_arguments as add_bench_arguments
@@ -430,14 +420,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_arguments(args)
         summary = args.func(args)
-    except (EndpointsUnavailable, StorageError, RegistryUnavailable) as error:
+    except MagaError as error:
         _say_error(error)
-        return EXIT_BAD_INPUT if isinstance(error, (ObjectNotFound, BadStorageURI)) else EXIT_UNAVAILABLE
+        return error.exit_code
     except ValidationError as error:
         fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         _say_error(f"invalid settings: {fields}")
         return EXIT_BAD_INPUT
-    except (MagaError, RecipeError, LayoutError, ValueError) as error:
+    except ValueError as error:  # a value refused where it is parsed (an endpoint URL, a date)
         _say_error(error)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

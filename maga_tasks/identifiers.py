@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from maga_tasks.errors import EXIT_BAD_INPUT, MagaError
+
 # The same text serves Python's `re` and the DAG params' JSON schema.
 IDENTIFIER_PATTERN = r"^(?!\.)(?!.*\.\.)[A-Za-z0-9._=-]{1,200}$"
 _IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
@@ -18,8 +20,10 @@ _IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
 _SHOWN_CHARS = 60
 
 
-class IdentifierError(ValueError):
+class IdentifierError(MagaError, ValueError):
     """A recipe id, recipe name or shard name that cannot name a path safely."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 def is_identifier(value: object) -> bool:

@@ -19,8 +19,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from maga_tasks.errors import EXIT_BAD_INPUT, MagaError
 from maga_tasks.identifiers import shown
 from maga_tasks.redaction import strip_control
+from maga_tasks.reject_reasons import DETECTOR_REASONS, RejectReason
 
 # Bounds of a recipe file: an operator's recipe is a few kB, nested a few levels.
 MAX_RECIPE_BYTES = 1_000_000
@@ -30,8 +32,10 @@ MAX_RECIPE_ALIASES = 100
 _SHOWN_PROBLEMS = 5
 
 
-class RecipeError(ValueError):
+class RecipeError(MagaError, ValueError):
     """A recipe file that cannot be used; the message names the field."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 class _Strict(BaseModel):
@@ -106,9 +110,13 @@ class Cleaning(_Strict):
     max_copy_ratio: float = Field(0.9, gt=0.0, le=1.0)
     # What real models get wrong (maga_tasks/method/detectors.py), each its own reason.
     # A random-weight test model trips them all, so its recipe switches them off.
-    detectors: tuple[Literal["prompt_echo", "refusal", "task_talk", "repetition", "other_language"], ...] = (
-        "prompt_echo", "refusal", "task_talk", "repetition", "other_language",
-    )
+    detectors: tuple[
+        Literal[
+            RejectReason.PROMPT_ECHO, RejectReason.REFUSAL, RejectReason.TASK_TALK, RejectReason.REPETITION,
+            RejectReason.OTHER_LANGUAGE,
+        ],
+        ...,
+    ] = DETECTOR_REASONS
     # repetition: share of 4-word runs that occur more than once.
     max_repeated_share: float = Field(0.6, gt=0.0, le=1.0)
     # other_language: how sure the language identifier must be before it rejects.

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from maga_tasks.data.storage import BadStorageURI, storage_root
-from maga_tasks.errors import MagaError
+from maga_tasks.errors import EXIT_BAD_INPUT, MagaError
 from maga_tasks.identifiers import is_identifier, shown
 from maga_tasks.recipe import Recipe, builtin_recipes_dir, load_recipe
 from maga_tasks.redaction import redact_url, strip_control
@@ -31,6 +31,8 @@ RECIPE_SUFFIX = ".yaml"
 
 class ConfRefused(MagaError):
     """A run's conf asks for what the operator did not configure."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 def split_endpoints(raw: str | Iterable[str] | None) -> list[str]:

@@ -1,11 +1,18 @@
 """Run settings: where the workers are and how hard to drive them.
 
 Nothing here changes what is written, so nothing here takes part in the recipe_id.
+
+`RunSettings` is the one table of run settings: each field is declared here once, with
+its type, default, bounds and help (`description`). A field marked `Knob(...)` is also
+a `maga` option and/or a DAG param, built from the field by `maga_tasks.knobs`, so the
+three cannot disagree (tests/test_knobs.py).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -13,61 +20,107 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from maga_tasks.redaction import install_log_redaction, redact_url, register_secret
 
 
+@dataclass(frozen=True)
+class Knob:
+    """Where a run setting is exposed besides `RunSettings`.
+
+    `cli`: its `maga` option (for a boolean, the flag that turns the default over);
+    `param`: the nightly DAG has a param of the field's name; `env`: the environment
+    variable that gives the DAG param's default in a deployment (else the field's)."""
+
+    cli: str | None = None
+    param: bool = False
+    env: str | None = None
+
+
 class RunSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    endpoints: tuple[str, ...] = Field(..., min_length=1)
+    endpoints: Annotated[tuple[str, ...], Knob(cli="--endpoint")] = Field(
+        ..., min_length=1, description="LLM server base URL (repeatable)"
+    )
     # Read from MAGA_API_KEY when not given; never logged.
-    api_key: str | None = Field(default=None, repr=False)
-    # Served model name, when it differs from the recipe's model (e.g. an alias).
-    served_model: str | None = None
-    # The ceiling of requests in flight across all endpoints.
-    max_concurrency: int = Field(64, ge=1, le=4096)
-    # Below that ceiling, each endpoint's window follows its load as its /metrics say
-    # (`llm.adaptive`); False pins it at max_concurrency.
-    adaptive_concurrency: bool = True
-    # Seconds between reads of each endpoint's /metrics (each read moves the window once).
-    adaptive_interval_s: float = Field(2.0, gt=0)
-    # Each endpoint's window at the start; it doubles per read while the server has room.
-    adaptive_initial_window: int = Field(8, ge=1, le=4096)
-    request_timeout_s: float = Field(300.0, gt=0)
-    connect_timeout_s: float = Field(10.0, gt=0)
+    api_key: str | None = Field(default=None, repr=False, description="the LLM servers' API key")
+    served_model: Annotated[str | None, Knob(cli="--served-model", param=True, env="MAGA_SERVED_MODEL")] = Field(
+        None, description="model name the vLLM workers serve, when not the recipe's model (an alias)"
+    )
+    # 128, not 64: with adaptive concurrency (the default) this is only a ceiling; each
+    # endpoint's window starts at adaptive_initial_window and grows only while the
+    # server's /metrics show room, so a higher cap cannot flood a busy server and lets a
+    # fleet of several endpoints fill up. A fixed window at 128 is asked for explicitly.
+    max_concurrency: Annotated[int, Knob(cli="--concurrency", param=True)] = Field(
+        128, ge=1, le=4096,
+        description="ceiling of requests in flight per shard across endpoints (each endpoint's window adapts below it)",
+    )
+    adaptive_concurrency: Annotated[bool, Knob(cli="--fixed-concurrency", param=True)] = Field(
+        True,
+        description="follow each vLLM worker's /metrics (queue, KV cache, preemptions); off: a fixed max_concurrency",
+    )
+    adaptive_interval_s: float = Field(
+        2.0, gt=0, description="seconds between reads of each endpoint's /metrics (each read moves the window once)"
+    )
+    adaptive_initial_window: int = Field(
+        8, ge=1, le=4096, description="each endpoint's window at the start; it doubles per read while there is room"
+    )
+    request_timeout_s: Annotated[float, Knob(cli="--request-timeout")] = Field(
+        300.0, gt=0, description="seconds per request"
+    )
+    connect_timeout_s: float = Field(10.0, gt=0, description="seconds to connect to an endpoint")
     # One budget per request for every failure kind: timeouts, connection errors, 5xx,
     # bad bodies. 429 has its own, longer budget (it honours Retry-After).
-    max_attempts: int = Field(6, ge=1, le=50)
-    max_attempts_429: int = Field(20, ge=1, le=200)
-    backoff_base_s: float = Field(0.5, ge=0)
-    backoff_max_s: float = Field(30.0, ge=0)
-    # Consecutive failures that take an endpoint out of rotation; it is probed back.
-    endpoint_failure_threshold: int = Field(3, ge=1)
-    endpoint_probe_interval_s: float = Field(2.0, gt=0)
-    # How long every endpoint may be down before the shard gives up (task fails, retried).
-    all_down_timeout_s: float = Field(60.0, ge=0)
-    s3_endpoint_url: str | None = None
-    # Finished documents buffered before a checkpoint segment is written to S3
-    # (local checkpoints are flushed after every document).
-    s3_checkpoint_every: int = Field(32, ge=1)
-    progress_interval_s: float = Field(30.0, gt=0)
-    # A JSON-lines file getting every answered request (its body and token counts): the
-    # exact stream `maga bench` replays against the engine. Off in production.
-    request_log: str | None = None
-    # Failed tries after which a shard is `failed` for good and leaves the plan (until
-    # requeued). A try the whole fleet failed (down, refusing) is not the shard's fault
-    # and never makes it final.
-    max_shard_failures: int = Field(3, ge=1)
-    # Share of passing shards whose gates also write a full Data Docs site (chosen by a
-    # hash of the shard name); failed shards always get one, every shard a JSON result.
-    data_docs_sample_rate: float = Field(0.01, ge=0, le=1)
+    max_attempts: int = Field(6, ge=1, le=50, description="attempts per request (timeouts, connection errors, 5xx)")
+    max_attempts_429: int = Field(20, ge=1, le=200, description="attempts per request answered 429")
+    backoff_base_s: float = Field(0.5, ge=0, description="first retry delay in seconds (doubles, with jitter)")
+    backoff_max_s: float = Field(30.0, ge=0, description="longest retry delay in seconds")
+    endpoint_failure_threshold: int = Field(
+        3, ge=1, description="consecutive failures that take an endpoint out of rotation (it is probed back)"
+    )
+    endpoint_probe_interval_s: float = Field(2.0, gt=0, description="seconds between probes of an endpoint out of rotation")
+    all_down_timeout_s: Annotated[float, Knob(cli="--all-down-timeout")] = Field(
+        60.0, ge=0, description="seconds every endpoint may be down before the shard fails (exit 3; the task is retried)"
+    )
+    s3_endpoint_url: Annotated[str | None, Knob(cli="--s3-endpoint-url")] = Field(
+        None, description="S3-compatible endpoint (default: boto3's configuration)"
+    )
+    # Local checkpoints are flushed after every document.
+    s3_checkpoint_every: int = Field(
+        32, ge=1, description="finished documents buffered before a checkpoint segment is written to S3"
+    )
+    # 30, not 10: task logs are for operators, one line per milestone; a six-hour shard
+    # at 10 s would log 2,160 progress lines.
+    progress_interval_s: Annotated[float, Knob(cli="--progress-interval", param=True)] = Field(
+        30.0, gt=0, description="seconds between progress log lines"
+    )
+    # The exact stream `maga bench` replays against the engine. Off in production.
+    request_log: str | None = Field(
+        None, description="a JSON-lines file getting every answered request (its body and token counts)"
+    )
+    # A try the whole fleet failed (down, refusing) is not the shard's fault and never
+    # makes it final.
+    max_shard_failures: Annotated[int, Knob(cli="--max-shard-failures", param=True)] = Field(
+        3, ge=1, description="failed tries after which a shard is failed for good (until requeued)"
+    )
+    # Chosen by a hash of the shard name; every shard gets a JSON result.
+    data_docs_sample_rate: Annotated[float, Knob(cli="--data-docs-sample-rate", param=True)] = Field(
+        0.01, ge=0, le=1, description="share of passing shards that also get a full Data Docs site (failed ones always do)"
+    )
+    # A retry of a killed try waits up to this long for the dead lease to run out; the
+    # DAG reads it from MAGA_LEASE_TTL_SECONDS (operators, not a run's conf, choose it).
+    lease_ttl_s: Annotated[float, Knob(cli="--lease-ttl")] = Field(
+        300.0, gt=0, description="seconds a shard's lease lasts without renewal"
+    )
     # Bound on one LLM answer's body (`llm.answer`): answer_envelope_bytes + the request's
     # max_tokens x answer_bytes_per_token. A token is a few characters and JSON escapes one
     # as at most 12 bytes (a surrogate pair), so 32 leaves room for any honest answer;
     # a body past the bound is not read further and is a failed attempt.
-    answer_bytes_per_token: int = Field(32, ge=4, le=1024)
-    answer_envelope_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024**2)
-    # The longest jsonl source line read (bytes); a longer one is one rejected row
-    # (`line_too_long`), skipped without being held. None: 4 bytes per character of the
-    # recipe's `max_source_chars` plus 1 MiB (8 MiB with the default 2,000,000).
-    max_line_bytes: int | None = Field(None, ge=1024)
+    answer_bytes_per_token: int = Field(32, ge=4, le=1024, description="bytes an answer body may hold per max_tokens")
+    answer_envelope_bytes: int = Field(
+        64 * 1024, ge=1024, le=64 * 1024**2, description="bytes an answer body may hold besides its tokens"
+    )
+    # A longer line is one rejected row (`line_too_long`), skipped without being held.
+    # None: 4 bytes per character of the recipe's `max_source_chars` plus 1 MiB (8 MiB
+    # with the default 2,000,000).
+    max_line_bytes: int | None = Field(None, ge=1024, description="the longest jsonl source line read, in bytes")
 
     @field_validator("endpoints")
     @classmethod
@@ -89,6 +142,11 @@ class RunSettings(BaseModel):
     @property
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get("MAGA_API_KEY") or None
+
+
+def setting_default(name: str) -> Any:
+    """A run setting's default, for code that takes the value apart from RunSettings."""
+    return RunSettings.model_fields[name].default
 
 
 def normalize_endpoint(url: str) -> str:

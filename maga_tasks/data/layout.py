@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from maga_tasks.data.storage import join
+from maga_tasks.errors import EXIT_BAD_INPUT, MagaError
 from maga_tasks.identifiers import is_identifier, shown
 
 _SOURCE_SUFFIXES = (".jsonl.gz", ".jsonl", ".parquet")
@@ -15,8 +16,10 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-class LayoutError(ValueError):
+class LayoutError(MagaError, ValueError):
     """A shard or path that cannot be placed safely in the output layout."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 def shard_name(source_uri: str) -> str:

@@ -7,6 +7,8 @@ import hashlib
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from maga_tasks.reject_reasons import RejectReason
+
 # Parquet metadata key of the committed files: the source version they were made from.
 SOURCE_IDENTITY_KEY = b"maga.source_identity"
 
@@ -73,7 +75,7 @@ ACCEPTED_FINISH_REASONS = ("stop", "eos", "end_turn")
 # The reject reason of a source row whose id an earlier row of the shard already has.
 # The first row keeps the id and is the document; a repeated one is a source row, not a
 # document: its rows are rejected and never counted as a document of the shard.
-DUPLICATE_ID = "duplicate_id"
+DUPLICATE_ID = RejectReason.DUPLICATE_ID
 
 
 def row_id(recipe_id: str, source_shard: str, source_id: str, pair_index: int, position: int | None = None) -> str:

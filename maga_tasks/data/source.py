@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from maga_tasks.data.schema import DUPLICATE_ID
+from maga_tasks.reject_reasons import RejectReason
 from maga_tasks.errors import ShardInputError
 from maga_tasks.data.storage import StorageError, is_s3, storage_for
 from maga_tasks.redaction import strip_control
@@ -269,22 +270,22 @@ def _is_blank(line: bytes | _LongLine) -> bool:
 def _parse_line(line: bytes | _LongLine, limits: SourceLimits) -> tuple[dict | None, str | None, str | None]:
     """`(record, None, None)` for a line holding a JSON object, else `(None, reason, detail)`."""
     if isinstance(line, _LongLine):
-        return None, "line_too_long", f"a line of {line.size:,} bytes, over max_line_bytes {limits.line_bytes:,}"
+        return None, RejectReason.LINE_TOO_LONG, f"a line of {line.size:,} bytes, over max_line_bytes {limits.line_bytes:,}"
     try:
         decoded = line.decode("utf-8")
     except UnicodeDecodeError as error:
-        return None, "invalid_utf8", f"the line is not UTF-8 (byte {error.start})"
+        return None, RejectReason.INVALID_UTF8, f"the line is not UTF-8 (byte {error.start})"
     try:
         record = json.loads(decoded)
     except json.JSONDecodeError as error:
-        return None, "invalid_json_line", f"not JSON: {error.msg} (column {error.colno})"
+        return None, RejectReason.INVALID_JSON_LINE, f"not JSON: {error.msg} (column {error.colno})"
     except RecursionError:
-        return None, "invalid_json_line", f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+        return None, RejectReason.INVALID_JSON_LINE, f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
     if not isinstance(record, dict):
-        return None, "invalid_json_line", f"a JSON {type(record).__name__}, not an object"
+        return None, RejectReason.INVALID_JSON_LINE, f"a JSON {type(record).__name__}, not an object"
     # Counting brackets is C-fast; only a line with many of them is walked.
     if line.count(b"[") + line.count(b"{") > MAX_JSON_DEPTH and _deeper_than(record, MAX_JSON_DEPTH):
-        return None, "invalid_json_line", f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+        return None, RejectReason.INVALID_JSON_LINE, f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
     return record, None, None
 
 
@@ -401,11 +402,11 @@ class ShardReader:
 
     def _document(self, index: int, raw_id, text, meta: dict) -> SourceDocument:
         if raw_id is None or str(raw_id).strip() == "":
-            return SourceDocument(index, f"#row{index}", None, meta, "missing_id")
+            return SourceDocument(index, f"#row{index}", None, meta, RejectReason.MISSING_ID)
         source_id = str(raw_id)
         if len(source_id) > MAX_ID_CHARS:
             return SourceDocument(
-                index, f"#row{index}", None, meta, "id_too_long", f"an id of {len(source_id):,} characters"
+                index, f"#row{index}", None, meta, RejectReason.ID_TOO_LONG, f"an id of {len(source_id):,} characters"
             )
         # The first row with an id is its document, whatever its text: a later row with
         # the same id is rejected as a duplicate (and never shares the document's rows).
@@ -415,17 +416,17 @@ class ShardReader:
             return SourceDocument(index, source_id, text if isinstance(text, str) else None, meta, DUPLICATE_ID)
         self._seen_ids.add(digest)
         if isinstance(text, _Undecodable):
-            return SourceDocument(index, source_id, None, meta, "invalid_utf8", f"the text is not UTF-8 (byte {text.start})")
+            return SourceDocument(index, source_id, None, meta, RejectReason.INVALID_UTF8, f"the text is not UTF-8 (byte {text.start})")
         if text is not None and not isinstance(text, str):
-            return SourceDocument(index, source_id, None, meta, "text_not_a_string", f"a {type(text).__name__}")
+            return SourceDocument(index, source_id, None, meta, RejectReason.TEXT_NOT_A_STRING, f"a {type(text).__name__}")
         if text is None:
-            return SourceDocument(index, source_id, None, meta, "missing_text")
+            return SourceDocument(index, source_id, None, meta, RejectReason.MISSING_TEXT)
         if not text.strip():
-            return SourceDocument(index, source_id, text, meta, "empty_text")
+            return SourceDocument(index, source_id, text, meta, RejectReason.EMPTY_TEXT)
         if len(text) > self.limits.max_source_chars:
             # Rejected, its text not kept: it counts no source characters for the shard.
             return SourceDocument(
-                index, source_id, None, meta, "text_too_long",
+                index, source_id, None, meta, RejectReason.TEXT_TOO_LONG,
                 f"{len(text):,} characters, over max_source_chars {self.limits.max_source_chars:,}",
             )
         return SourceDocument(index, source_id, text, meta)

@@ -18,17 +18,28 @@ from pathlib import Path
 from typing import Iterator, Protocol
 from urllib.parse import unquote, urlparse
 
+from maga_tasks.errors import EXIT_BAD_INPUT, EXIT_UNAVAILABLE, MagaError
 
-class StorageError(RuntimeError):
+
+class StorageError(MagaError):
     """An object could not be read or written (possibly a passing fault: retry)."""
+
+    exit_code = EXIT_UNAVAILABLE
+    retryable = True
 
 
 class ObjectNotFound(StorageError):
     """The object does not exist: bad input, not a passing fault."""
 
+    exit_code = EXIT_BAD_INPUT
+    retryable = False
+
 
 class BadStorageURI(StorageError):
     """A root or URI that names no place this pipeline writes or reads: bad input."""
+
+    exit_code = EXIT_BAD_INPUT
+    retryable = False
 
 
 class Storage(Protocol):

@@ -19,7 +19,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from maga_tasks.errors import MagaError
+from maga_tasks.errors import EXIT_BAD_INPUT, MagaError
 from maga_tasks.registry import Registry
 
 # `shards_per_run` = AUTO: derive the budget from the fleet.
@@ -38,6 +38,8 @@ MIN_SAMPLES = 3
 
 class BudgetError(MagaError):
     """The budget parameters cannot give a number of shards."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 @dataclass(frozen=True)

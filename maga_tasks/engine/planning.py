@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from maga_tasks.errors import MagaError
+from maga_tasks.errors import EXIT_BAD_INPUT, MagaError
 from maga_tasks.data.layout import LayoutError, check_shard_name, shard_name
 from maga_tasks.registry import Registry
 from maga_tasks.data.source import list_source_shards, shown
@@ -45,6 +45,8 @@ DS_PLACEHOLDER = "{ds}"
 
 class PlanningError(MagaError):
     """The source or the planning parameters cannot give a list of shards."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 def dated_shard_name(ds: str, source_uri: str) -> str:

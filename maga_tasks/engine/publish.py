@@ -42,7 +42,7 @@ from maga_tasks.quality.datadocs import DATA_DOCS_SAMPLE_RATE
 from maga_tasks.recipe import Recipe
 from maga_tasks.redaction import clean_text
 from maga_tasks.registry import LeaseLost, Registry, RegistryConflict, RegistryError, ShardBusy, utc_now
-from maga_tasks.settings import RunSettings
+from maga_tasks.settings import RunSettings, setting_default
 from maga_tasks.engine.lease import LeaseKeeper
 from maga_tasks.engine.shard import ShardResult, commit_checkpoint, expand_shard, publish_staged, source_limits
 from maga_tasks.data.committed import staged_checksum
@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 # Renewed every third of it, off the event loop, so it only runs out when the worker is
 # gone (or cut off from the registry) that long; then a retry takes the shard over.
-DEFAULT_LEASE_TTL_S = 300.0
+# Declared in the run settings table (RunSettings.lease_ttl_s).
+DEFAULT_LEASE_TTL_S = setting_default("lease_ttl_s")
 
 
 def default_owner() -> str:
@@ -325,7 +326,7 @@ def publish_shard(
     *,
     owner: str,
     shard: str | None = None,
-    lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+    lease_ttl_s: float | None = None,
     lease_wait_s: float = 0.0,
     max_docs: int | None = None,
     columns: SourceColumns = DEFAULT_COLUMNS,
@@ -359,6 +360,7 @@ def publish_shard(
         )
     s3 = settings.s3_endpoint_url
     docs_rate = settings.data_docs_sample_rate
+    lease_ttl_s = settings.lease_ttl_s if lease_ttl_s is None else lease_ttl_s
     paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
     rid = recipe.recipe_id
     registry.ensure_recipe(recipe)

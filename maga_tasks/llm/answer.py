@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
+from maga_tasks.errors import MagaError
+
 # No real request comes near this; 1e30 or 2**63 tokens is a lie that would overflow
 # int64 columns and registry sums.
 MAX_USAGE_TOKENS = 10_000_000
@@ -38,10 +40,12 @@ ERROR_DETAIL_CHARS = 300
 _FINISH_REASON = re.compile(r"[A-Za-z0-9_.:-]{1,32}")
 
 
-class MalformedAnswer(Exception):
+class MalformedAnswer(MagaError):
     """The body is not a chat completion within the bounds. `prompt_tokens` and
     `completion_tokens` are the usage it reported when that part was valid (the server
-    did the work), else 0."""
+    did the work), else 0. Internal: the client counts it as a failed attempt and tries again."""
+
+    retryable = True
 
     def __init__(self, reason: str, prompt_tokens: int = 0, completion_tokens: int = 0):
         super().__init__(reason)

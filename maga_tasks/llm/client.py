@@ -61,7 +61,7 @@ import aiohttp
 import orjson
 import uvloop
 
-from maga_tasks.errors import EndpointsUnavailable, FleetRefused
+from maga_tasks.errors import EndpointsUnavailable, FleetRefused, MagaError
 from maga_tasks.llm.adaptive import AimdParams, ServerLoad, WindowController
 from maga_tasks.llm.answer import (
     ERROR_DETAIL_CHARS,
@@ -97,8 +97,9 @@ class Completion:
     latency_s: float = 0.0  # the answered attempt's HTTP exchange, server queue included
 
 
-class RequestFailed(Exception):
-    """A single request could not be answered; the caller rejects its document."""
+class RequestFailed(MagaError):
+    """A single request could not be answered; the caller rejects its document. Not
+    retryable: the client has spent the request's budget of attempts."""
 
     def __init__(self, reason: str, detail: str = "", prompt_tokens: int = 0, completion_tokens: int = 0):
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -139,12 +140,17 @@ def refuses_structured_outputs(error: RequestFailed) -> bool:
     return error.reason in ("http_400", "http_422", "http_501") and any(word in text for word in _STRUCTURED_OUTPUT_WORDS)
 
 
-class _EndpointDown(Exception):
-    """Connection-level failure before the request reached the server."""
+class _EndpointDown(MagaError):
+    """Connection-level failure before the request reached the server (internal: the
+    client fails over and tries again)."""
+
+    retryable = True
 
 
-class _Disconnected(Exception):
-    """The server dropped the connection while it held the request."""
+class _Disconnected(MagaError):
+    """The server dropped the connection while it held the request (internal)."""
+
+    retryable = True
 
 
 class WindowGate:

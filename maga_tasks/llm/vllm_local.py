@@ -46,6 +46,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
+from maga_tasks.errors import EXIT_UNAVAILABLE, MagaError
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -54,8 +56,10 @@ STRUCTURED_OUTPUTS_CONFIG = {"backend": "guidance", "disable_any_whitespace": Tr
 DEFAULT_HOST = "127.0.0.1"
 
 
-class VllmError(RuntimeError):
+class VllmError(MagaError):
     """A local vLLM server could not be started, or died."""
+
+    exit_code = EXIT_UNAVAILABLE
 
 
 def default_vllm_python() -> Path:

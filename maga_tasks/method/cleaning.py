@@ -17,6 +17,7 @@ from maga_tasks.data.schema import ACCEPTED_FINISH_REASONS
 from maga_tasks.method import detectors
 from maga_tasks.method.text import vocabulary, words
 from maga_tasks.recipe import Cleaning
+from maga_tasks.reject_reasons import RejectReason
 
 _WORD = re.compile(r"[^\W\d_]{3,}", re.UNICODE)
 
@@ -141,13 +142,13 @@ class Verdict:
 
 
 _DETECTORS = {
-    "prompt_echo": lambda text, source, rules, genre, audience: detectors.prompt_echo(text, genre, audience),
-    "refusal": lambda text, source, rules, genre, audience: detectors.refusal(text),
-    "task_talk": lambda text, source, rules, genre, audience: detectors.task_talk(text, source),
-    "repetition": lambda text, source, rules, genre, audience: detectors.repetition(
+    RejectReason.PROMPT_ECHO: lambda text, source, rules, genre, audience: detectors.prompt_echo(text, genre, audience),
+    RejectReason.REFUSAL: lambda text, source, rules, genre, audience: detectors.refusal(text),
+    RejectReason.TASK_TALK: lambda text, source, rules, genre, audience: detectors.task_talk(text, source),
+    RejectReason.REPETITION: lambda text, source, rules, genre, audience: detectors.repetition(
         text, max_repeated_share=rules.max_repeated_share
     ),
-    "other_language": lambda text, source, rules, genre, audience: detectors.other_language(
+    RejectReason.OTHER_LANGUAGE: lambda text, source, rules, genre, audience: detectors.other_language(
         text, source, min_confidence=rules.min_language_confidence
     ),
 }
@@ -169,27 +170,27 @@ def clean_rewrite(
     text, removed = strip_boilerplate(rewrite or "")
     coverage = keyword_coverage(source, text, rules.keyword_count) if text else 0.0
 
-    def reject(reason: str, detail: str = "") -> Verdict:
+    def reject(reason: RejectReason, detail: str = "") -> Verdict:
         return Verdict(text, coverage, reason, detail, removed)
 
     if finish_reason == "length":
-        return reject("truncated", "the model hit max_tokens before finishing")
+        return reject(RejectReason.TRUNCATED, "the model hit max_tokens before finishing")
     if finish_reason not in ACCEPTED_FINISH_REASONS:
-        return reject("unexpected_finish_reason", finish_reason)
+        return reject(RejectReason.UNEXPECTED_FINISH_REASON, finish_reason)
     if not text.strip():
-        return reject("empty")
+        return reject(RejectReason.EMPTY)
     if len(text) < rules.min_chars:
-        return reject("too_short", f"{len(text)} chars < {rules.min_chars}")
+        return reject(RejectReason.TOO_SHORT, f"{len(text)} chars < {rules.min_chars}")
     ratio = len(text) / max(1, len(source))
     if ratio < rules.min_length_ratio:
-        return reject("too_short_for_source", f"length ratio {ratio:.2f} < {rules.min_length_ratio}")
+        return reject(RejectReason.TOO_SHORT_FOR_SOURCE, f"length ratio {ratio:.2f} < {rules.min_length_ratio}")
     if ratio > rules.max_length_ratio:
-        return reject("too_long_for_source", f"length ratio {ratio:.2f} > {rules.max_length_ratio}")
+        return reject(RejectReason.TOO_LONG_FOR_SOURCE, f"length ratio {ratio:.2f} > {rules.max_length_ratio}")
     if coverage < rules.min_keyword_coverage:
-        return reject("low_keyword_coverage", f"{coverage:.2f} < {rules.min_keyword_coverage}")
+        return reject(RejectReason.LOW_KEYWORD_COVERAGE, f"{coverage:.2f} < {rules.min_keyword_coverage}")
     copied = copy_ratio(source, text)
     if copied > rules.max_copy_ratio:
-        return reject("near_copy", f"{copied:.2f} of 8-word runs copied > {rules.max_copy_ratio}")
+        return reject(RejectReason.NEAR_COPY, f"{copied:.2f} of 8-word runs copied > {rules.max_copy_ratio}")
     finding = first_detector_finding(source, text, rules, genre, audience)
     if finding:
         return reject(*finding)

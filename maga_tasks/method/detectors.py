@@ -18,6 +18,7 @@ from collections import Counter
 from functools import lru_cache
 
 from maga_tasks.method.text import lowered, vocabulary, word_line, words
+from maga_tasks.reject_reasons import RejectReason
 
 Finding = tuple[str, str] | None
 
@@ -85,14 +86,14 @@ def prompt_echo(text: str, genre: str = "", audience: str = "") -> Finding:
         for pattern, what, in_lowered in _MARKUP:
             match = pattern.search(low if in_lowered else text)
             if match:
-                return "prompt_echo", f"{what}: {_excerpt(text, low, match)!r}"
+                return RejectReason.PROMPT_ECHO, f"{what}: {_excerpt(text, low, match)!r}"
     if _has_phrase(text):
         match = _INSTRUCTION_ECHO.search(low)
         if match:
-            return "prompt_echo", f"the instructions: {_excerpt(text, low, match)!r}"
+            return RejectReason.PROMPT_ECHO, f"the instructions: {_excerpt(text, low, match)!r}"
     for label, value in (("genre", genre), ("audience", audience)):
         if value and _shares_run(text, value, _ECHO_RUN):
-            return "prompt_echo", f"the {label} description copied into the text"
+            return RejectReason.PROMPT_ECHO, f"the {label} description copied into the text"
     return None
 
 
@@ -124,14 +125,14 @@ def repetition(text: str, *, max_repeated_share: float = 0.6, max_same_sentence:
     if sentences:
         sentence, count = Counter(sentences).most_common(1)[0]
         if count >= max_same_sentence:
-            return "repetition", f"a sentence repeated {count} times: {sentence[:60]!r}"
+            return RejectReason.REPETITION, f"a sentence repeated {count} times: {sentence[:60]!r}"
     w = words(text)
     if len(w) >= 23:  # 20 runs of 4 words
         counts = Counter(zip(w, w[1:], w[2:], w[3:]))
         repeated = sum(c for c in counts.values() if c > 1)
         share = repeated / (len(w) - 3)
         if share > max_repeated_share:
-            return "repetition", f"{share:.2f} of 4-word runs repeated > {max_repeated_share}"
+            return RejectReason.REPETITION, f"{share:.2f} of 4-word runs repeated > {max_repeated_share}"
     return None
 
 
@@ -152,7 +153,7 @@ def refusal(text: str) -> Finding:
         return None
     low = lowered(text)
     match = _REFUSAL.search(low)
-    return ("refusal", f"{_excerpt(text, low, match)!r}") if match else None
+    return (RejectReason.REFUSAL, f"{_excerpt(text, low, match)!r}") if match else None
 
 
 # -- talk about the task instead of the text ------------------------------------------
@@ -202,7 +203,7 @@ def task_talk(text: str, source: str) -> Finding:
     for pattern in _TASK_TALK:
         match = pattern.search(low)
         if match and not pattern.search(lowered(source)):
-            return "task_talk", f"talks about the task, not the topic: {_excerpt(text, low, match)!r}"
+            return RejectReason.TASK_TALK, f"talks about the task, not the topic: {_excerpt(text, low, match)!r}"
     return None
 
 
@@ -276,13 +277,13 @@ def other_language(text: str, source: str, *, min_confidence: float = 0.8) -> Fi
         return None  # too little text to tell
     share = _non_latin_share(text)
     if share > 0.2 and _non_latin_share(source) < 0.05:
-        return "other_language", f"{share:.0%} of letters outside the Latin script of the source"
+        return RejectReason.OTHER_LANGUAGE, f"{share:.0%} of letters outside the Latin script of the source"
     if shared_word_share(text, source) >= SAME_LANGUAGE_WORD_SHARE:
         return None
     want = _source_language(source)
     got, confidence = language_of(text)
     if got != want and confidence >= min_confidence:
-        return "other_language", f"{got} ({confidence:.2f}), source is {want}"
+        return RejectReason.OTHER_LANGUAGE, f"{got} ({confidence:.2f}), source is {want}"
     return None
 
 
@@ -297,11 +298,11 @@ def junk_description(value: str, label: str, *, min_words: int = 3) -> Finding:
     name or a place (words that are all capitalised, no ordinary lowercase words)."""
     words = value.split()
     if _JSON_FRAGMENT.search(value):
-        return "pairs_junk", f"{label} holds a JSON fragment: {value[:60]!r}"
+        return RejectReason.PAIRS_JUNK, f"{label} holds a JSON fragment: {value[:60]!r}"
     if len(words) < min_words:
-        return "pairs_junk", f"{label} has {len(words)} word(s), not a description: {value[:60]!r}"
+        return RejectReason.PAIRS_JUNK, f"{label} has {len(words)} word(s), not a description: {value[:60]!r}"
     if not _LOWER_WORD.search(value):
-        return "pairs_junk", f"{label} reads as a name or place, not a description: {value[:60]!r}"
+        return RejectReason.PAIRS_JUNK, f"{label} reads as a name or place, not a description: {value[:60]!r}"
     return None
 
 

@@ -27,6 +27,7 @@ from maga_tasks.method.prompts import (
     rewrite_messages,
 )
 from maga_tasks.recipe import Recipe
+from maga_tasks.reject_reasons import RejectReason
 
 
 def derive_seed(doc_key: str, stage: str, pair_index: int, attempt: int) -> int:
@@ -125,30 +126,30 @@ def parse_json_object(text: str) -> dict | None:
 def validate_pairs(answer: dict | None, recipe: Recipe) -> tuple[list[Pair] | None, str, str]:
     """Exactly N distinct, non-empty pairs within the length bounds, else (None, reason, detail)."""
     if answer is None:
-        return None, "pairs_invalid_json", "answer is not a JSON object"
+        return None, RejectReason.PAIRS_INVALID_JSON, "answer is not a JSON object"
     items = answer.get("pairs")
     if not isinstance(items, list):
-        return None, "pairs_invalid_json", "no 'pairs' list"
+        return None, RejectReason.PAIRS_INVALID_JSON, "no 'pairs' list"
     n = recipe.pairs_per_document
     if len(items) != n:
-        return None, "pairs_wrong_count", f"{len(items)} pairs, expected {n}"
+        return None, RejectReason.PAIRS_WRONG_COUNT, f"{len(items)} pairs, expected {n}"
     pairs, seen = [], set()
     g_min, g_max = recipe.pairs.genre_chars
     a_min, a_max = recipe.pairs.audience_chars
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            return None, "pairs_invalid_json", f"pair {i} is not an object"
+            return None, RejectReason.PAIRS_INVALID_JSON, f"pair {i} is not an object"
         genre, audience = item.get("genre"), item.get("audience")
         if not isinstance(genre, str) or not isinstance(audience, str) or not genre.strip() or not audience.strip():
-            return None, "pairs_empty_field", f"pair {i} lacks a genre or audience"
+            return None, RejectReason.PAIRS_EMPTY_FIELD, f"pair {i} lacks a genre or audience"
         genre, audience = genre.strip(), audience.strip()
         if not g_min <= len(genre) <= g_max:
-            return None, "pairs_length", f"pair {i} genre has {len(genre)} chars, bounds {g_min}-{g_max}"
+            return None, RejectReason.PAIRS_LENGTH, f"pair {i} genre has {len(genre)} chars, bounds {g_min}-{g_max}"
         if not a_min <= len(audience) <= a_max:
-            return None, "pairs_length", f"pair {i} audience has {len(audience)} chars, bounds {a_min}-{a_max}"
+            return None, RejectReason.PAIRS_LENGTH, f"pair {i} audience has {len(audience)} chars, bounds {a_min}-{a_max}"
         key = (" ".join(genre.lower().split()), " ".join(audience.lower().split()))
         if key in seen:
-            return None, "pairs_duplicate", f"pair {i} repeats an earlier pair"
+            return None, RejectReason.PAIRS_DUPLICATE, f"pair {i} repeats an earlier pair"
         seen.add(key)
         pairs.append(Pair(genre, audience))
     # Well-formed, but does each field describe a kind of text or reader?
@@ -173,7 +174,7 @@ async def generate_pairs(
         "json_schema": {"name": "genre_audience_pairs", "schema": pairs_json_schema(recipe), "strict": True},
     }
     result = PairsResult(None)
-    reason, detail = "pairs_failed", ""
+    reason, detail = RejectReason.PAIRS_FAILED, ""
     for attempt in range(recipe.pairs.max_attempts):
         result.attempts = attempt + 1
         try:
@@ -193,14 +194,14 @@ async def generate_pairs(
                 structured.enabled = False  # this fleet cannot; ask for plain JSON instead
                 continue
             result.usage.add(error.prompt_tokens, error.completion_tokens)
-            reason, detail = f"pairs_request_{error.reason}", error.detail[:300]
+            reason, detail = RejectReason.PAIRS_REQUEST.with_cause(error.reason), error.detail[:300]
             break  # the client already spent this call's budget; a new seed cannot help
         result.usage.add(completion.prompt_tokens, completion.completion_tokens)
         if completion.finish_reason == "length":
-            reason, detail = "pairs_truncated", "answer hit max_tokens"
+            reason, detail = RejectReason.PAIRS_TRUNCATED, "answer hit max_tokens"
             continue
         answer, problem = read_json_object(completion.text)
-        pairs, reason, detail = validate_pairs(answer, recipe) if answer is not None else (None, "pairs_invalid_json", problem)
+        pairs, reason, detail = validate_pairs(answer, recipe) if answer is not None else (None, RejectReason.PAIRS_INVALID_JSON, problem)
         if pairs:
             result.pairs = pairs
             return result
@@ -218,7 +219,7 @@ async def choose_pairs(client: LLMClient, recipe: Recipe, doc_key: str, document
     result = PairsResult(None)
     chosen: list[Pair] = []
     for index in range(recipe.pairs_per_document):
-        pair, reason, detail = None, "pairs_failed", ""
+        pair, reason, detail = None, RejectReason.PAIRS_FAILED, ""
         for attempt in range(recipe.pairs.max_attempts):
             result.attempts += 1
             seed = derive_seed(doc_key, "pairs", index, attempt)
@@ -238,11 +239,11 @@ async def choose_pairs(client: LLMClient, recipe: Recipe, doc_key: str, document
                 if refuses_structured_outputs(error):
                     raise _refuses_required_grammar(error) from None
                 result.usage.add(error.prompt_tokens, error.completion_tokens)
-                result.reject_reason, result.detail = f"pairs_request_{error.reason}", error.detail[:300]
+                result.reject_reason, result.detail = RejectReason.PAIRS_REQUEST.with_cause(error.reason), error.detail[:300]
                 return result
             result.usage.add(completion.prompt_tokens, completion.completion_tokens)
             if completion.finish_reason == "length":
-                reason, detail = "pairs_truncated", f"choice {index} hit max_tokens"
+                reason, detail = RejectReason.PAIRS_TRUNCATED, f"choice {index} hit max_tokens"
                 continue
             answer = parse_json_object(completion.text) or {}
             genre, audience = answer.get("genre"), answer.get("audience")
@@ -250,7 +251,7 @@ async def choose_pairs(client: LLMClient, recipe: Recipe, doc_key: str, document
                 pair = Pair(genre, audience)
                 break
             # Only a server that ignores the grammar answers this.
-            reason, detail = "pairs_not_in_catalogue", f"choice {index}: {completion.text[:200]!r}"
+            reason, detail = RejectReason.PAIRS_NOT_IN_CATALOGUE, f"choice {index}: {completion.text[:200]!r}"
         if pair is None:
             result.reject_reason, result.detail = reason, detail
             return result
@@ -279,7 +280,7 @@ async def rewrite(client: LLMClient, recipe: Recipe, doc_key: str, document: str
             kind="rewrite",
         )
     except RequestFailed as error:
-        return RewriteResult(None, f"rewrite_request_{error.reason}", error.detail[:300])
+        return RewriteResult(None, RejectReason.REWRITE_REQUEST.with_cause(error.reason), error.detail[:300])
     return RewriteResult(completion)
 
 
@@ -317,11 +318,11 @@ async def judge(
             if structured.enabled and refuses_structured_outputs(error):
                 structured.enabled = False
                 continue
-            return JudgeResult(None, "", f"judge_request_{error.reason}")
+            return JudgeResult(None, "", RejectReason.JUDGE_REQUEST.with_cause(error.reason))
         answer = parse_json_object(completion.text) or {}
         score = answer.get("score")
         if isinstance(score, int) and 1 <= score <= 5:
             analysis = answer.get("analysis")
             return JudgeResult(score, analysis[:800] if isinstance(analysis, str) else "")
-        return JudgeResult(None, "", "judge_invalid_answer")
-    return JudgeResult(None, "", "judge_structured_outputs_refused")
+        return JudgeResult(None, "", RejectReason.JUDGE_INVALID_ANSWER)
+    return JudgeResult(None, "", RejectReason.JUDGE_STRUCTURED_OUTPUTS_REFUSED)

@@ -32,13 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 from maga_tasks.data.layout import ShardPaths
 from maga_tasks.data.storage import join, storage_for
+from maga_tasks.settings import setting_default
 
 if TYPE_CHECKING:
     import pandas as pd
 
 DOCS_SITE = "maga_quality"
 # Share of passing shards that still get a full Data Docs site (failed ones always do).
-DATA_DOCS_SAMPLE_RATE = 0.01
+DATA_DOCS_SAMPLE_RATE = setting_default("data_docs_sample_rate")
 _FAILURE_KEYS = ("suite", "check", "expectation", "column", "observed", "expected")
 # Data Docs pages load bootstrap etc. from CDNs; of GX's static folder they only use
 # the styles and the favicon, so the 4 MB of fonts and images are not copied.

@@ -27,7 +27,7 @@ from maga_tasks.data.schema import DUPLICATE_ID, LINEAGE_COLUMNS, source_identit
 from maga_tasks.data.source import SourceColumns, measure_source, shard_format
 from maga_tasks.data.storage import StorageError, storage_for
 from maga_tasks.engine.figures import ShardFigures, figures_of_files
-from maga_tasks.errors import MagaError, ShardInputError
+from maga_tasks.errors import EXIT_BAD_INPUT, MagaError, ShardInputError
 from maga_tasks.quality.labels import LabelTally
 
 if TYPE_CHECKING:
@@ -60,6 +60,8 @@ _LABEL_COLUMNS = ("genre", "audience", "pair_index")
 
 class QualityError(MagaError):
     """A gate could not run (output files missing or unreadable)."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 # -- committed output files ------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from maga_tasks.reject_reasons import RejectReason
 from maga_tasks.tools.bench import percentile
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,7 +52,7 @@ def measure(rows: list[dict], rejected: list[dict], sources: dict[str, str], rec
             hits[reason] += 1
         for value, label in ((row["genre"], "genre"), (row["audience"], "audience")):
             if junk_description(value, label):
-                hits["pairs_junk"] += 1
+                hits[RejectReason.PAIRS_JUNK] += 1
     return {
         "documents": len(documents),
         "accepted": len(rows),

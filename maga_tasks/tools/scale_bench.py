@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+from maga_tasks.reject_reasons import RejectReason
 from maga_tasks.tools.bench import REPO, Figures, markdown_table, write_report
 
 log = logging.getLogger(__name__)
@@ -331,7 +332,7 @@ def registry_suite(sizes: dict, db: BenchDatabase, figures: Figures) -> dict:
 
 _GENRES = ("A step-by-step tutorial.", "An analytical report.", "A friendly dialogue.", "A short story.", "A Q&A sheet.")
 _AUDIENCES = ("High-school students.", "Retired engineers.", "Busy parents.", "University students.", "Children.")
-_REASONS = {"low_keyword_coverage": 3000, "invalid_pairs": 1500, "truncated": 500}
+_REASONS = {RejectReason.LOW_KEYWORD_COVERAGE: 3000, RejectReason.PAIRS_INVALID_JSON: 1500, RejectReason.TRUNCATED: 500}
 
 
 def seed_registered(registry, recipe_id: str, shards: list[tuple[str, str]]) -> None:
@@ -452,7 +453,7 @@ def synthesize_expanded_shard(work: Path, recipe, documents: int) -> str:
                 "pairs_prompt_tokens": 180 if p == 0 else 0, "pairs_completion_tokens": 150 if p == 0 else 0,
                 "finish_reason": "stop", "keyword_coverage": 0.6, "source_chars": len(texts[d]),
                 "source_truncated_tokens": None, "source_meta": None, "created_at": created,
-                "reject_reason": "low_keyword_coverage" if rejected else None,
+                "reject_reason": RejectReason.LOW_KEYWORD_COVERAGE if rejected else None,
                 "reject_detail": "coverage 0.05" if rejected else None,
             })
         checkpoint.append(d, rows)
