@@ -65,6 +65,7 @@ class RejectReason(StrEnum):
     # -- the judge's rows without a score (method/judging.py; not in rejected/) ----------
     JUDGE_INVALID_ANSWER = "judge_invalid_answer"
     JUDGE_STRUCTURED_OUTPUTS_REFUSED = "judge_structured_outputs_refused"
+    JUDGE_SOURCE_MISSING = "judge_source_missing"
 
     # -- prefixes: a request that failed for good, the client's cause follows ------------
     PAIRS_REQUEST = "pairs_request_"

@@ -298,97 +298,45 @@ def test_output_column_tables_match_the_schemas():
 # -- reject reasons ------------------------------------------------------------------
 
 # Where reasons are written today, and the calls and names that carry one.
-_REASON_MODULES = ("method/stages.py", "method/cleaning.py", "method/detectors.py", "data/source.py", "data/schema.py")
-_ROW_REASON_CALLS = {"reject", "RewriteResult", "SourceDocument", "all_rejected"}
-_JUDGE_REASON_CALLS = {"JudgeResult", "_Verdict"}
-_REASON_TARGETS = {"reason", "reject_reason"}
-
-
-def _words(node: ast.AST, constants: dict[str, str]) -> list[str]:
-    """Reason-like strings a node holds: a constant, a module-level name of one, or an
-    f-string's literal start ending in "_" (a family such as `pairs_request_...`)."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, str):
-        return [node.value] if _IDENTIFIER.match(node.value) else []
-    if isinstance(node, ast.Name) and node.id in constants:
-        return [constants[node.id]]
-    if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
-        start = node.values[0].value
-        return [start + "*"] if start.endswith("_") and _IDENTIFIER.match(start + "x") else []
-    return []
-
-
 def _call_name(node: ast.Call) -> str:
     return getattr(node.func, "id", None) or getattr(node.func, "attr", "")
-
-
-def _scan(trees: list[ast.Module], calls: set[str], *, returns: bool) -> set[str]:
-    constants = {
-        target.id: node.value.value
-        for tree in trees for node in tree.body if isinstance(node, ast.Assign)
-        for target in node.targets
-        if isinstance(target, ast.Name) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
-    }
-    found: set[str] = set()
-    for tree in trees:
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and _call_name(node) in calls:
-                for arg in node.args:
-                    found.update(_words(arg, constants))
-            elif returns and isinstance(node, ast.Return) and node.value is not None:
-                # `return "reason", detail` and `return None, "reason", detail` (also inside `x if c else None`)
-                for value in ast.walk(node.value):
-                    if isinstance(value, ast.Tuple) and value.elts:
-                        first = value.elts[0]
-                        at = 1 if isinstance(first, ast.Constant) and first.value is None else 0
-                        if len(value.elts) > at + 1:
-                            found.update(_words(value.elts[at], constants))
-            elif returns and isinstance(node, ast.Assign):
-                # `reason, detail = "...", ...` and `result.reject_reason, result.detail = ...`
-                for target in node.targets:
-                    names = target.elts if isinstance(target, ast.Tuple) else [target]
-                    values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
-                    for name, value in zip(names, values, strict=False):
-                        named = getattr(name, "id", None) or getattr(name, "attr", None)
-                        if named in _REASON_TARGETS:
-                            found.update(_words(value, constants))
-    return found
 
 
 def _request_failure_causes() -> set[str]:
     """Why a request failed for good, as the client raises it to a stage (`retryable_*`
     causes are retried inside the client, never seen by a stage). Only a 4xx reaches a row
     as `http_NNN`: every other status is retried until `retries_exhausted`."""
-    tree = ast.parse((REPO / "maga_tasks" / "llm" / "client.py").read_text())
     causes = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and _call_name(node) == "RequestFailed" and node.args:
-            for word in _words(node.args[0], {}):
+    for path in sorted((REPO / "maga_tasks" / "llm").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and _call_name(node) == "RequestFailed" and node.args:
+                first = node.args[0]
+                if not isinstance(first, ast.Constant | ast.JoinedStr):
+                    continue  # a cause passed on, named where it was made
+                parts = first.values if isinstance(first, ast.JoinedStr) else [first]
+                word = "".join(p.value if isinstance(p, ast.Constant) else "*" for p in parts)
                 if not word.startswith("retryable_"):
                     causes.add("http_4xx" if word == "http_*" else word)
     return causes
 
 
-def _expand_families(found: set[str]) -> set[str]:
+def _with_causes(judge: bool) -> set[str]:
+    from maga_tasks.reject_reasons import RejectReason
+
     causes = _request_failure_causes()
-    return {w for w in found if not w.endswith("*")} | {
-        w[:-1] + cause for w in found if w.endswith("_request_*") for cause in causes
-    }
-
-
-def _reason_trees() -> list[ast.Module]:
-    return [ast.parse((REPO / "maga_tasks" / m).read_text()) for m in _REASON_MODULES]
+    mine = [r for r in RejectReason if r.value.startswith("judge_") == judge]
+    return {r.value for r in mine if not r.is_prefix} | {r.with_cause(c) for r in mine if r.is_prefix for c in causes}
 
 
 def reject_reasons() -> set[str]:
-    """Every reject reason a row of `rejected/` can carry, read from where the code writes
-    them. (When the reasons become one enum, return its values here.)"""
-    return _expand_families(_scan(_reason_trees(), _ROW_REASON_CALLS, returns=True))
+    """Every reject reason a row of `rejected/` can carry: `RejectReason`'s whole reasons and
+    its request prefixes with each cause the client gives."""
+    return _with_causes(judge=False)
 
 
 def judge_failures() -> set[str]:
     """Why a sampled row got no judge score (`judge.json`'s failures)."""
-    trees = [*_reason_trees(), ast.parse((REPO / "maga_tasks" / "method" / "judging.py").read_text())]
-    return _expand_families(_scan(trees, _JUDGE_REASON_CALLS, returns=False))
+    return _with_causes(judge=True)
 
 
 def test_the_reject_reason_table_lists_exactly_the_reasons_the_code_writes():

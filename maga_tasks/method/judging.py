@@ -28,6 +28,7 @@ from maga_tasks.errors import ShardInputError
 from maga_tasks.data.layout import shard_name, shard_paths
 from maga_tasks.llm.client import LLMClient, run_client
 from maga_tasks.recipe import Recipe
+from maga_tasks.reject_reasons import RejectReason
 from maga_tasks.settings import RunSettings
 from maga_tasks.data.source import SourceColumns, open_shard
 from maga_tasks.method.stages import StructuredOutputSupport, judge
@@ -167,7 +168,7 @@ async def _judge_rows(rows, sources, recipe, settings, shard, report: JudgeRepor
         async def one(row: dict) -> _Verdict:
             source = sources.get(row["source_id"])
             if source is None:
-                return _Verdict(None, "", "judge_source_missing")
+                return _Verdict(None, "", RejectReason.JUDGE_SOURCE_MISSING)
             result = await judge(
                 client, recipe, f"{shard}:{row['source_id']}", source, row["text"], row["pair_index"], structured
             )
