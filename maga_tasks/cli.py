@@ -36,7 +36,7 @@ def _settings(args, **extra):
 # declares each once: option, type, default, help).
 _RUN_OPTIONS = (
     "endpoints", "served_model", "max_concurrency", "adaptive_concurrency", "request_timeout_s", "s3_endpoint_url",
-    "progress_interval_s", "all_down_timeout_s",
+    "progress_interval_s", "all_down_timeout_s", "server_slots",
 )
 
 

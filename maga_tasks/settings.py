@@ -62,6 +62,13 @@ class RunSettings(BaseModel):
     adaptive_initial_window: int = Field(
         8, ge=1, le=4096, description="each endpoint's window at the start; it doubles per read while there is room"
     )
+    # vLLM's /metrics do not say how many requests its engine runs at once; the deployment
+    # does (--max-num-seqs). With it, the first read starts the window at a share of the
+    # free slots instead of adaptive_initial_window (`llm.adaptive`).
+    server_slots: Annotated[int, Knob(cli="--server-slots", param=True, env="MAGA_SERVER_SLOTS")] = Field(
+        0, ge=0, le=65536,
+        description="requests each endpoint's engine runs at once (vLLM's --max-num-seqs) where its /metrics do not say; 0: unknown",
+    )
     request_timeout_s: Annotated[float, Knob(cli="--request-timeout")] = Field(
         300.0, gt=0, description="seconds per request"
     )

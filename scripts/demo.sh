@@ -69,6 +69,7 @@ VLLM_STATE="$VAR/vllm"
 stop_worker() {
   "$PY" -m maga_tasks.llm.vllm_local stop --state-dir "$VLLM_STATE" --name demo >/dev/null 2>&1 || true
 }
+SERVER_SLOTS=0  # a running server's slots are unknown here; the one started below has 64
 if [[ -n "${MAGA_DEMO_ENDPOINT:-}" ]]; then
   ENDPOINT="$MAGA_DEMO_ENDPOINT"
   step "vLLM worker: using the running server at $ENDPOINT"
@@ -82,9 +83,10 @@ else
   step "vLLM worker: starting $SERVED_NAME on a free loopback port (about a minute on 2 cores)"
   ENDPOINT="$("$PY" -m maga_tasks.llm.vllm_local start --state-dir "$VLLM_STATE" --name demo \
     --model "$MODEL_DIR" --served-model-name "$SERVED_NAME" --max-model-len "$MAX_MODEL_LEN" --dtype "$DTYPE" \
-    --api-key-env MAGA_API_KEY 2>>"$DEMO/logs/vllm-start.log" | tail -n 1)" \
+    --max-num-seqs 64 --api-key-env MAGA_API_KEY 2>>"$DEMO/logs/vllm-start.log" | tail -n 1)" \
     || die "the vLLM worker did not start; see $DEMO/logs/vllm-start.log and $VLLM_STATE/demo.log"
   echo "healthy at $ENDPOINT (log $VLLM_STATE/demo.log)"
+  SERVER_SLOTS=64
 fi
 
 # -- 4. Airflow, isolated, on SQLite ----------------------------------------------------
@@ -122,8 +124,9 @@ echo "metadata DB migrated, pool maga_llm ready"
 export MAGA_ENDPOINTS="$ENDPOINT" MAGA_RECIPES_DIR="$(dirname "$RECIPE")" MAGA_DATA_ROOTS="$DEMO"
 CONF="$("$PY" -c 'import json, sys; print(json.dumps({
     "source": sys.argv[1], "output_root": sys.argv[2], "recipe": sys.argv[3],
-    "planning_mode": "flat", "shards_per_run": int(sys.argv[4]), "max_concurrency": 32, "progress_interval_s": 5}))' \
-  "$SOURCE" "$OUTPUT_ROOT" "$(basename "$RECIPE" .yaml)" "$SHARDS")"
+    "planning_mode": "flat", "shards_per_run": int(sys.argv[4]), "max_concurrency": 32, "progress_interval_s": 5,
+    "server_slots": int(sys.argv[5])}))' \
+  "$SOURCE" "$OUTPUT_ROOT" "$(basename "$RECIPE" .yaml)" "$SHARDS" "$SERVER_SLOTS")"
 DAG_LOG="$DEMO/logs/dags-test-$(date -u +%Y%m%dT%H%M%SZ).log"
 step "airflow dags test maga_corpus_expansion (full log: $DAG_LOG)"
 echo "conf: $CONF"

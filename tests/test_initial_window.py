@@ -35,8 +35,15 @@ def test_a_busy_server_or_no_slot_count_keeps_the_initial_window():
     assert started(ServerLoad(running=28, waiting=0, slots=32)) == 8  # 4 free: half is below the start
     assert started(ServerLoad(running=0, waiting=0)) == 8  # vLLM says no slot count
     assert started(None) == 8  # the read failed
+    assert started(None, slots=48) == 8  # unreadable: the load is unknown, whatever the slots
     with pytest.raises(ValueError):
         AimdParams(initial_share=0)
+
+
+def test_the_deployment_says_the_slots_vllm_does_not():
+    assert started(ServerLoad(running=0, waiting=0), slots=48) == 24
+    assert started(ServerLoad(running=40, waiting=8), slots=48) == 8  # busy: no room
+    assert started(ServerLoad(running=0, waiting=0, slots=16), slots=48) == 8  # the server's own count wins
 
 
 def test_the_first_read_is_the_baseline_of_the_next():
@@ -106,3 +113,11 @@ def test_without_a_slot_count_the_window_starts_as_before(llm_server_factory):
     server = llm_server_factory(max_running=48, extra=["--no-slots-metric"])
     report = first_window(server.url)
     assert report["window"] == 8 and report["server_waiting"] == 0 and report["signal"] == "metrics"
+
+
+@pytest.mark.integration
+def test_server_slots_stand_in_for_the_gauge_vllm_lacks(llm_server_factory):
+    server = llm_server_factory(max_running=48, extra=["--no-slots-metric"])
+    report = first_window(server.url, server_slots=48)
+    assert report["window"] == 24 and report["signal"] == "metrics", report
+    assert server.stats()["requests_total"] == 0

@@ -141,7 +141,7 @@ def test_the_dag_hands_every_param_setting_to_run_settings(monkeypatch):
     module = dag_module(monkeypatch)
     monkeypatch.setenv("MAGA_API_KEY", "k")  # no connection lookup outside a task
     changed = {"served_model": "alias", "max_concurrency": 7, "adaptive_concurrency": False,
-               "progress_interval_s": 2.5, "max_shard_failures": 9, "data_docs_sample_rate": 0.5}
+               "progress_interval_s": 2.5, "max_shard_failures": 9, "data_docs_sample_rate": 0.5, "server_slots": 32}
     assert set(changed) == set(param_settings())
     params = {name: param.value for name, param in module.PARAMS.items()} | {"endpoints": ["http://w1:8000"]}
     settings = module._run_settings(params | changed)

@@ -98,6 +98,7 @@ class AimdParams:
     # the slots, which AIMD then halves away. A client joining a busy server sees few
     # free slots and starts at `initial`, as every client did before.
     initial_share: float = 0.5
+    slots: int = 0  # the engine's slots where its /metrics do not say (RunSettings.server_slots); 0: unknown
     increase: int = 0  # per sample after slow start; 0: ceiling / 64, at least 1
     decrease: float = 0.5
     queue_min: float = 2.0
@@ -148,13 +149,17 @@ class WindowController:
 
     def start(self, load: ServerLoad | None) -> int:
         """Set the window from the first read of the server's load, before any request
-        (`load` None: unreadable); returns it. Without the server's slot count the
-        window stays at `initial`."""
+        (`load` None: unreadable); returns it. Without the server's slot count (its
+        gauge, else `slots`) the window stays at `initial`."""
         p = self.params
         self.last_load = load  # the baseline the first `update` compares preemptions with
         if load is not None:
             self.signal = "metrics"
-        free = load.free_slots if load is not None else None
+        free = None
+        if load is not None:
+            free = load.free_slots
+            if free is None and p.slots:
+                free = p.slots - load.running - load.waiting
         if free is not None:
             self.window = min(p.ceiling, max(self.window, int(p.initial_share * free)))
         return self.window

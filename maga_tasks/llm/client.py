@@ -266,7 +266,8 @@ class LLMClient:
         self.model_revision = model_revision
         self.endpoints = [Endpoint(url, redact_url(url)) for url in settings.endpoints]
         if settings.adaptive_concurrency:
-            params = AimdParams(ceiling=settings.max_concurrency, initial=settings.adaptive_initial_window)
+            params = AimdParams(ceiling=settings.max_concurrency, initial=settings.adaptive_initial_window,
+                                slots=settings.server_slots)
             for endpoint in self.endpoints:
                 endpoint.controller = WindowController(params)
                 endpoint.gate = WindowGate(endpoint.controller.window)
