@@ -7,7 +7,7 @@ VENV_VLLM := .venv-vllm
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install vllm-venv system-packages container-tools images stack-up stack-seed stack-down tiny-model smollm2-model test test-stack test-fast demo bench clean
+.PHONY: lint install vllm-venv system-packages container-tools images stack-up stack-seed stack-down tiny-model smollm2-model test test-stack test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ test: install vllm-venv system-packages container-tools smollm2-model
 # The compose stack test alone (its images are built or reused first).
 test-stack: install container-tools smollm2-model
 	CI=$${CI:-1} $(PY) -m pytest -q -ra -m stack
+
+# ruff with pyproject.toml's rules (import order, line length, pyflakes, bugbear).
+lint: install
+	$(PY) -m ruff check maga_tasks dags plugins tests scripts
 
 # Everything but the slow end-to-end parts (vLLM engine, Airflow scheduler, browser).
 test-fast: install
