@@ -156,6 +156,7 @@ class AnswerJournal:
         self.max_read_bytes = max_read_bytes
         self.uri = join(work_uri, f"{JOURNAL_PREFIX}{uuid.uuid4().hex[:12]}.jsonl")
         self._local = isinstance(storage, LocalStorage)
+        self._gone = False  # local: the work folder was cleared under this run
         # Lines of documents not checkpointed yet: what a compaction or a snapshot keeps.
         self._live: dict[int, list[bytes]] = {}
         self._live_bytes = 0
@@ -225,6 +226,8 @@ class AnswerJournal:
         if not self._local:
             self._dirty = True
             return
+        if self._gone:
+            return
         if self._fd is None:
             self._open()
         os.write(self._fd, line)  # in the kernel at once: a killed process loses nothing
@@ -272,9 +275,11 @@ class AnswerJournal:
         """Leave only the live answers (a failed run's rerun reads little); the
         checkpoint's `clear` deletes the journal with the work folder."""
         if self._local and self._fd is not None:
-            self._write_all()
-            os.close(self._fd)
-            self._fd = None
+            if self._live:
+                self._write_all()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
             if not self._live:
                 Path(self.uri).unlink(missing_ok=True)
 
@@ -306,7 +311,11 @@ class AnswerJournal:
             self._sync_timer.cancel()
             self._sync_timer = None
         path = Path(self.uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            # The work folder is gone: another owner committed the shard and cleared it.
+            # Nothing here is needed any more, and writing would bring the folder back.
+            self._gone = True
+            return
         temporary = path.with_name(path.name + ".tmp")
         with open(temporary, "wb") as handle:
             handle.write(body)
