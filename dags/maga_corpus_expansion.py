@@ -158,13 +158,17 @@ PARAMS = {
         [],
         type="array",
         items={"type": "string", "minLength": 1},
-        description="Quarantined or failed shards to put back before planning (their old output moves under _quarantine/)",
+        description=(
+            "Quarantined or failed shards to put back before planning (their old output moves under _quarantine/)"
+        ),
     ),
     "max_docs_per_shard": Param(
         None,
         type=["null", "integer"],
         minimum=1,
-        description="Trial run: the first N documents of each shard, under {output_root}/_trials/first-N/, not registered",
+        description=(
+            "Trial run: the first N documents of each shard, under {output_root}/_trials/first-N/, not registered"
+        ),
     ),
     "judge_sample_per_shard": Param(
         0,
@@ -355,7 +359,8 @@ def maga_corpus_expansion():
         params, recipe = _conf(params)
 
         async def healthy() -> list[str]:
-            async with LLMClient(_run_settings(params), model=recipe.model, model_revision=recipe.model_revision) as client:
+            settings = _run_settings(params)
+            async with LLMClient(settings, model=recipe.model, model_revision=recipe.model_revision) as client:
                 return await client.wait_ready(timeout_s=0, min_context_tokens=recipe.required_context_tokens)
 
         try:

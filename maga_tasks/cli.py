@@ -55,8 +55,8 @@ def _add_settings(parser: argparse.ArgumentParser, *names: str) -> None:
 
 
 def cmd_expand_shard(args) -> dict:
-    from maga_tasks.recipe import load_recipe
     from maga_tasks.engine.shard import expand_shard
+    from maga_tasks.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     result = expand_shard(
@@ -106,7 +106,12 @@ def cmd_recipe(args) -> dict:
     recipe = load_recipe(args.recipe)
     if args.show:
         sys.stderr.write(recipe.to_yaml())
-    return {"recipe_id": recipe.recipe_id, "name": recipe.name, "model": recipe.model, "prompt_version": recipe.prompt_version}
+    return {
+        "recipe_id": recipe.recipe_id,
+        "name": recipe.name,
+        "model": recipe.model,
+        "prompt_version": recipe.prompt_version,
+    }
 
 
 def _registry(args, *, create: bool = True):
@@ -160,7 +165,9 @@ def cmd_register_shard(args) -> dict:
     recipe, source, root = _shard_args(args)
     registry = _registry(args)
     registry.upgrade()
-    summary = register_committed_shard(source, root, recipe, registry, shard=args.shard, s3_endpoint_url=args.s3_endpoint_url)
+    summary = register_committed_shard(
+        source, root, recipe, registry, shard=args.shard, s3_endpoint_url=args.s3_endpoint_url
+    )
     if summary["status"] != "registered":
         print(f"maga: shard quarantined: {summary.get('reason')}", file=sys.stderr)
         args.exit_code = 1
@@ -180,8 +187,8 @@ def cmd_publish_shard(args) -> dict:
 
 
 def cmd_judge_shard(args) -> dict:
-    from maga_tasks.method.judging import judge_committed_shard
     from maga_tasks.engine.publish import record_judge
+    from maga_tasks.method.judging import judge_committed_shard
     from maga_tasks.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)

@@ -22,7 +22,12 @@ from pydantic.fields import FieldInfo
 from maga_tasks.settings import Knob, RunSettings
 
 _JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string"}
-_JSON_BOUNDS = {Ge: ("minimum", "ge"), Gt: ("exclusiveMinimum", "gt"), Le: ("maximum", "le"), Lt: ("exclusiveMaximum", "lt")}
+_JSON_BOUNDS = {
+    Ge: ("minimum", "ge"),
+    Gt: ("exclusiveMinimum", "gt"),
+    Le: ("maximum", "le"),
+    Lt: ("exclusiveMaximum", "lt"),
+}
 
 
 def knob(name: str) -> Knob | None:
@@ -75,7 +80,8 @@ def argparse_kwargs(name: str) -> tuple[str, dict[str, Any]]:
     if scalar is bool:
         # The flag turns the default over: --fixed-concurrency sets adaptive_concurrency off.
         kwargs.update(action="store_false" if default else "store_true", default=default,
-                      help=f"{name} {'off' if default else 'on'} (default {'on' if default else 'off'}): {field.description}")
+                      help=f"{name} {'off' if default else 'on'} (default {'on' if default else 'off'}): "
+                           f"{field.description}")
     elif sequence:
         kwargs.update(action="append", type=scalar, required=field.is_required(), default=None)
     else:

@@ -176,7 +176,9 @@ class Recipe(_Strict):
             raise ValueError("prompts.document must hold {document} exactly once")
         catalogue = self.pairs.catalogue
         if catalogue and min(len(catalogue.genres), len(catalogue.audiences)) < self.pairs_per_document:
-            raise ValueError(f"pairs.catalogue needs at least pairs_per_document ({self.pairs_per_document}) genres and audiences")
+            raise ValueError(
+                f"pairs.catalogue needs at least pairs_per_document ({self.pairs_per_document}) genres and audiences"
+            )
         return self
 
     @cached_property
@@ -294,7 +296,9 @@ def load_recipe(path: str | Path | None = None, **overrides) -> Recipe:
 def _read_recipe_text(source: Path) -> str:
     try:
         if not source.is_file():
-            raise RecipeError(f"recipe file not found: {source}" if not source.exists() else f"recipe {source}: not a file")
+            raise RecipeError(
+                f"recipe file not found: {source}" if not source.exists() else f"recipe {source}: not a file"
+            )
         size = source.stat().st_size
         if size > MAX_RECIPE_BYTES:
             raise RecipeError(f"recipe {source}: {size:,} bytes, more than the {MAX_RECIPE_BYTES:,} a recipe may have")
@@ -332,7 +336,8 @@ def parse_recipe_yaml(text: str, source: str = "recipe"):
         return yaml.safe_load(text)
     except yaml.MarkedYAMLError as error:
         kind = re.sub(r"(?<!^)(?=[A-Z])", " ", type(error).__name__).lower()
-        raise RecipeError(f"recipe {source}: not valid YAML ({kind}{_where(error.problem_mark or error.context_mark)})") from None
+        where = _where(error.problem_mark or error.context_mark)
+        raise RecipeError(f"recipe {source}: not valid YAML ({kind}{where})") from None
     except yaml.YAMLError as error:
         raise RecipeError(f"recipe {source}: not valid YAML ({type(error).__name__})") from None
 

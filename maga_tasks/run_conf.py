@@ -6,8 +6,9 @@ a subset, never add a host the API key would be sent to; it names a recipe, look
 up in the operator's recipes folder or among the built-in ones, never a path on the
 worker; and its source and output root lie inside the data roots the operator allows
 (`MAGA_DATA_ROOTS`, plus the operator's own `MAGA_SOURCE` and `MAGA_OUTPUT_ROOT`), so a
-conf can neither read a worker's files into the corpus nor write over them. Whatever the conf asks outside that is refused here, before any request, with
-one line (`ConfRefused`). The operator's own settings (environment, connections,
+conf can neither read a worker's files into the corpus nor write over them. Whatever
+the conf asks outside that is refused here, before any request, with one line
+(`ConfRefused`). The operator's own settings (environment, connections,
 Variables, the CLI's arguments) are trusted and never pass through here.
 """
 
@@ -88,7 +89,9 @@ def _shown_url(url: object) -> str:
     return repr(strip_control(redact_url(str(url)))[:200])
 
 
-def conf_recipe_path(name: str | None, recipes_dir: str | Path | None, operator_default: str | None = None) -> Path | None:
+def conf_recipe_path(
+    name: str | None, recipes_dir: str | Path | None, operator_default: str | None = None
+) -> Path | None:
     """The file of the recipe a run uses (None: the built-in default).
 
     `name` (from the conf) must match the identifier pattern and is `{name}.yaml` in
@@ -115,7 +118,9 @@ def conf_recipe_path(name: str | None, recipes_dir: str | Path | None, operator_
                 raise ConfRefused(f"run conf: recipe {shown(name)} leads out of its folder {folder}: refused")
             return candidate
     where = f"the recipes folder {recipes_dir} nor in " if recipes_dir else ""
-    raise ConfRefused(f"run conf: recipe {shown(name)} is not in {where}the built-in recipes: refused before any request")
+    raise ConfRefused(
+        f"run conf: recipe {shown(name)} is not in {where}the built-in recipes: refused before any request"
+    )
 
 
 def conf_recipe(name: str | None, recipes_dir: str | Path | None, operator_default: str | None = None) -> Recipe:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from maga_tasks.redaction import install_log_redaction, redact_url, register_secret
+from maga_tasks.redaction import install_log_redaction, redact_url, register_secret, strip_control
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,8 @@ class RunSettings(BaseModel):
     # free slots instead of adaptive_initial_window (`llm.adaptive`).
     server_slots: Annotated[int, Knob(cli="--server-slots", param=True, env="MAGA_SERVER_SLOTS")] = Field(
         0, ge=0, le=65536,
-        description="requests each endpoint's engine runs at once (vLLM's --max-num-seqs) where its /metrics do not say; 0: unknown",
+        description="requests each endpoint's engine runs at once (vLLM's --max-num-seqs) "
+        "where its /metrics do not say; 0: unknown",
     )
     request_timeout_s: Annotated[float, Knob(cli="--request-timeout")] = Field(
         300.0, gt=0, description="seconds per request"
@@ -82,9 +83,12 @@ class RunSettings(BaseModel):
     endpoint_failure_threshold: int = Field(
         3, ge=1, description="consecutive failures that take an endpoint out of rotation (it is probed back)"
     )
-    endpoint_probe_interval_s: float = Field(2.0, gt=0, description="seconds between probes of an endpoint out of rotation")
+    endpoint_probe_interval_s: float = Field(
+        2.0, gt=0, description="seconds between probes of an endpoint out of rotation"
+    )
     all_down_timeout_s: Annotated[float, Knob(cli="--all-down-timeout")] = Field(
-        60.0, ge=0, description="seconds every endpoint may be down before the shard fails (exit 3; the task is retried)"
+        60.0, ge=0,
+        description="seconds every endpoint may be down before the shard fails (exit 3; the task is retried)",
     )
     s3_endpoint_url: Annotated[str | None, Knob(cli="--s3-endpoint-url")] = Field(
         None, description="S3-compatible endpoint (default: boto3's configuration)"
@@ -109,7 +113,8 @@ class RunSettings(BaseModel):
     )
     # Chosen by a hash of the shard name; every shard gets a JSON result.
     data_docs_sample_rate: Annotated[float, Knob(cli="--data-docs-sample-rate", param=True)] = Field(
-        0.01, ge=0, le=1, description="share of passing shards that also get a full Data Docs site (failed ones always do)"
+        0.01, ge=0, le=1,
+        description="share of passing shards that also get a full Data Docs site (failed ones always do)",
     )
     # A retry of a killed try waits up to this long for the dead lease to run out; the
     # DAG reads it from MAGA_LEASE_TTL_SECONDS (operators, not a run's conf, choose it).
@@ -160,14 +165,10 @@ def normalize_endpoint(url: str) -> str:
     """An endpoint's base URL as the client uses it and as endpoints are compared: scheme
     and host in lower case, no trailing '/' or '/v1'. Anything but an http(s) URL with a
     host is a ValueError naming it (user-info masked)."""
-    from urllib.parse import urlsplit
-
-    from maga_tasks.redaction import redact_url, strip_control
-
     text = str(url).strip()
     try:
         parts = urlsplit(text)
-        parts.port  # a port that is not a number raises here
+        _ = parts.port  # a port that is not a number raises here
     except ValueError:
         parts = None
     if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:

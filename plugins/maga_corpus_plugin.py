@@ -99,7 +99,9 @@ def corpus_totals(recipe_id: str | None = Query(None, description="one corpus ve
 @dashboard_app.get("/api/overview")
 def corpus_overview(
     recipe_id: str | None = Query(None, description="one corpus version; all when omitted"),
-    shard_limit: int = Query(50, ge=1, le=2000, description="shards listed per recipe, newest first, plus as many quarantined or failed ones"),
+    shard_limit: int = Query(
+        50, ge=1, le=2000, description="shards listed per recipe, newest first, plus as many quarantined or failed ones"
+    ),
 ) -> dict:
     """Totals per recipe, rejection reasons, genre/audience distribution, shard table."""
     from maga_tasks.registry.dashboard import corpus_overview as overview
@@ -112,7 +114,9 @@ def corpus_overview(
 
 class MagaCorpusPlugin(AirflowPlugin):
     name = "maga_corpus"
-    fastapi_apps: ClassVar[list[dict]] = [{"app": dashboard_app, "url_prefix": URL_PREFIX, "name": "MAGA corpus dashboard"}]
+    fastapi_apps: ClassVar[list[dict]] = [
+        {"app": dashboard_app, "url_prefix": URL_PREFIX, "name": "MAGA corpus dashboard"}
+    ]
     external_views: ClassVar[list[dict]] = [
         {
             "name": "MAGA corpus",

@@ -189,7 +189,8 @@ def cmd_report(args) -> int:
         rate = prefix_cache_hit_rate(before["metrics"], after_metrics)
         lines.append(
             f"vLLM during the run: {delta('vllm:request_success_total')} requests, "
-            f"{delta('vllm:prompt_tokens_total'):,} prompt + {delta('vllm:generation_tokens_total'):,} generated tokens, "
+            f"{delta('vllm:prompt_tokens_total'):,} prompt + "
+            f"{delta('vllm:generation_tokens_total'):,} generated tokens, "
             f"prefix-cache hit rate {'n/a' if rate is None else f'{rate:.2f}'}"
         )
     version = Path(args.output_root) / args.recipe_id

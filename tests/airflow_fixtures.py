@@ -174,7 +174,7 @@ def airflow_stack(airflow_env):
     ):
         af.processes.append(start_process(name, argv, af.env, log_dir))
     servers = [TestServerProcess(latency_ms=WORKER_LLM_LATENCY_MS, log_dir=log_dir).start() for _ in WORKER_NAMES]
-    for name, llm in zip(WORKER_NAMES, servers):
+    for name, llm in zip(WORKER_NAMES, servers, strict=True):
         af.processes.append(llm.wait_ready())
         worker = CeleryWorker(
             name,
@@ -226,7 +226,9 @@ def task_instances(af: AirflowEnv, run_id: str) -> list[tuple]:
     )
 
 
-def wait_for_runs_finished(af: AirflowEnv, run_ids: set[str] | None = None, *, count: int | None = None, timeout: float = 300):
+def wait_for_runs_finished(
+    af: AirflowEnv, run_ids: set[str] | None = None, *, count: int | None = None, timeout: float = 300
+):
     """Wait until the given runs (or `count` runs) all reached success or failed."""
 
     def finished():

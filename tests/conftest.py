@@ -57,7 +57,9 @@ def stop_process(process: subprocess.Popen) -> None:
 def llm_server_factory(tmp_path):
     servers: list[TestServerProcess] = []
 
-    def start(*faults: str, latency_ms: float = 0, max_running: int | None = None, extra: list[str] = ()) -> TestServerProcess:
+    def start(
+        *faults: str, latency_ms: float = 0, max_running: int | None = None, extra: list[str] = ()
+    ) -> TestServerProcess:
         server = TestServerProcess(faults=faults, latency_ms=latency_ms, max_running=max_running, extra=extra,
                                    log_dir=tmp_path)
         servers.append(server.start())

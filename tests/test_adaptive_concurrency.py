@@ -125,7 +125,8 @@ def test_independent_clients_on_one_server_converge_to_fair_shares():
     clients = [busy_controller(ceiling=256, initial=4), busy_controller(ceiling=256, initial=120)]
     for second in range(400):
         in_flight = sum(c.window for c in clients)
-        load = ServerLoad(min(in_flight, capacity), max(0, in_flight - capacity), min(in_flight, capacity) / capacity, 0)
+        running = min(in_flight, capacity)
+        load = ServerLoad(running, max(0, in_flight - capacity), running / capacity, 0)
         for client in clients:
             fill(client)
             client.update(load, float(second))
@@ -179,7 +180,8 @@ async def post_chats(url: str, count: int, timeout_s: float) -> list[str]:
 
     async def one(session, i):
         try:
-            async with session.post(f"{url}/v1/chat/completions", json=body, headers={"X-Request-Id": f"d{i}/rewrite/0/0"},
+            async with session.post(f"{url}/v1/chat/completions", json=body,
+                                    headers={"X-Request-Id": f"d{i}/rewrite/0/0"},
                                     timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
                 await response.read()
                 return str(response.status)
@@ -267,7 +269,9 @@ def test_shard_progress_lines_show_the_window_and_the_servers_queue(tmp_path, ll
     server = llm_server_factory(latency_ms=50, max_running=4)
     source = write_sample_corpus(tmp_path / "src", 1, 16)[0]
     reports: list[dict] = []
-    settings = RunSettings(endpoints=(server.url,), max_concurrency=64, adaptive_interval_s=0.2, progress_interval_s=0.5)
+    settings = RunSettings(
+        endpoints=(server.url,), max_concurrency=64, adaptive_interval_s=0.2, progress_interval_s=0.5
+    )
     with caplog.at_level("INFO", logger="maga_tasks"):
         result = expand_shard(str(source), str(tmp_path / "out"), load_recipe(), settings, progress=reports.append)
     assert result.documents == 16 and result.rejected == 0

@@ -28,8 +28,9 @@ import pytest
 
 from maga_tasks.engine.shard import documents_in_flight
 
+# Imported after this call, so that pytest rewrites the helpers' asserts (E402).
 pytest.register_assert_rewrite("airflow_fixtures")
-from airflow_fixtures import (
+from airflow_fixtures import (  # noqa: E402
     DAG_ID,
     PROGRESS_LINE,
     STACK_MAX_MAP_LENGTH,
@@ -118,14 +119,16 @@ def assert_output_clean(output_root: str, recipe_id: str, shards: dict[str, dict
         table = pq.read_table(Path(output_root) / recipe_id / "data" / f"{name}.parquet")
         ids = table.column("id").to_pylist()
         assert len(ids) == len(set(ids)) == row["accepted"], name
-        keys = list(zip(table.column("source_id").to_pylist(), table.column("pair_index").to_pylist()))
+        keys = list(zip(table.column("source_id").to_pylist(), table.column("pair_index").to_pylist(), strict=True))
         assert len(keys) == len(set(keys)), name
 
 
 # -- airflow dags test ------------------------------------------------------------------
 
 
-def test_dags_test_publishes_every_shard_then_reruns_as_noop(airflow_env, af_llm_server_factory, postgres_registry_url, tmp_path):
+def test_dags_test_publishes_every_shard_then_reruns_as_noop(
+    airflow_env, af_llm_server_factory, postgres_registry_url, tmp_path
+):
     from maga_tasks.data.sample_corpus import write_sample_corpus
 
     source = tmp_path / "corpus"
@@ -139,7 +142,9 @@ def test_dags_test_publishes_every_shard_then_reruns_as_noop(airflow_env, af_llm
 
     # A trial run first: gated outputs apart from the corpus, nothing registered, no asset event.
     trial_conf = {**conf, "max_docs_per_shard": 2}
-    trial = airflow_env.cli("dags", "test", DAG_ID, "2024-12-31", "-c", json.dumps(trial_conf), extra_env=registry_env, timeout=400)
+    trial = airflow_env.cli(
+        "dags", "test", DAG_ID, "2024-12-31", "-c", json.dumps(trial_conf), extra_env=registry_env, timeout=400
+    )
     assert "state=success" in trial.stdout + trial.stderr, (trial.stdout + trial.stderr)[-5000:]
     assert registered(postgres_registry_url, recipe_id) == {}
     trial_files = sorted(p.name for p in (Path(output_root) / "_trials" / "first-2" / recipe_id / "data").iterdir())
@@ -148,7 +153,9 @@ def test_dags_test_publishes_every_shard_then_reruns_as_noop(airflow_env, af_llm
     assert airflow_env.query(corpus_events_sql, {"u": f"maga://corpus/{recipe_id}"}) == []
 
     started = time.monotonic()
-    first = airflow_env.cli("dags", "test", DAG_ID, "2025-01-01", "-c", json.dumps(conf), extra_env=registry_env, timeout=400)
+    first = airflow_env.cli(
+        "dags", "test", DAG_ID, "2025-01-01", "-c", json.dumps(conf), extra_env=registry_env, timeout=400
+    )
     first_seconds = time.monotonic() - started
     output = first.stdout + first.stderr
     assert "state=success" in output, output[-5000:]
@@ -171,7 +178,9 @@ def test_dags_test_publishes_every_shard_then_reruns_as_noop(airflow_env, af_llm
 
     requests_after_first = llm.stats()["requests_total"]
     assert requests_after_first > 0
-    second = airflow_env.cli("dags", "test", DAG_ID, "2025-01-02", "-c", json.dumps(conf), extra_env=registry_env, timeout=400)
+    second = airflow_env.cli(
+        "dags", "test", DAG_ID, "2025-01-02", "-c", json.dumps(conf), extra_env=registry_env, timeout=400
+    )
     assert "state=success" in second.stdout + second.stderr
     assert llm.stats()["requests_total"] == requests_after_first, "the second run sent LLM requests"
     again = registered(postgres_registry_url, recipe_id)
@@ -200,11 +209,15 @@ def test_dags_test_publishes_a_whole_partition_and_names_the_shard_that_failed(
     recipe_path, recipe_id = write_recipe(tmp_path, "partition-test", tokenizer=str(broken))
     output_root = str(tmp_path / "expanded")
     llm = af_llm_server_factory()
-    conf = run_conf(str(drops / "{ds}"), output_root, llm.url, recipe_path, planning_mode="dated", shards_per_run=budget)
+    conf = run_conf(
+        str(drops / "{ds}"), output_root, llm.url, recipe_path, planning_mode="dated", shards_per_run=budget
+    )
     run_env = {"AIRFLOW_CONN_MAGA_REGISTRY": postgres_registry_url, "AIRFLOW__CORE__MAX_MAP_LENGTH": "1024",
                **operator_env(recipe_path, llm.url)}
 
-    done = airflow_env.cli("dags", "test", DAG_ID, ds, "-c", json.dumps(conf), extra_env=run_env, timeout=600, check=False)
+    done = airflow_env.cli(
+        "dags", "test", DAG_ID, ds, "-c", json.dumps(conf), extra_env=run_env, timeout=600, check=False
+    )
     output = done.stdout + done.stderr
     assert "state=failed" in output, output[-5000:]  # a shard failed: so does the run (the watcher)
 
@@ -275,7 +288,9 @@ def _wait_backfill(af, backfill_id: int, timeout: float = 420) -> list[tuple]:
     return wait_for(done, timeout, 2.0, f"backfill {backfill_id}")
 
 
-def test_backfill_processes_exactly_the_requested_partitions(airflow_stack, af_llm_server_factory, tmp_path, stack_operator):
+def test_backfill_processes_exactly_the_requested_partitions(
+    airflow_stack, af_llm_server_factory, tmp_path, stack_operator
+):
     from maga_tasks.data.sample_corpus import write_sample_corpus
 
     af = airflow_stack
@@ -337,7 +352,9 @@ def _task_process_talking_to(port: int, ancestors: set[int]):
     return None
 
 
-def test_killed_shard_task_is_retried_and_resumes_from_checkpoint(airflow_stack, af_llm_server_factory, tmp_path, stack_operator):
+def test_killed_shard_task_is_retried_and_resumes_from_checkpoint(
+    airflow_stack, af_llm_server_factory, tmp_path, stack_operator
+):
     from maga_tasks.data.sample_corpus import write_sample_corpus
 
     af = airflow_stack
@@ -377,7 +394,8 @@ def test_killed_shard_task_is_retried_and_resumes_from_checkpoint(airflow_stack,
     assert len(started_before - requested_again) >= 3
 
     xcom = af.query(
-        "SELECT value FROM xcom WHERE dag_id = %(d)s AND run_id = %(r)s AND task_id = 'publish_shard' AND key = 'return_value'",
+        "SELECT value FROM xcom WHERE dag_id = %(d)s AND run_id = %(r)s"
+        " AND task_id = 'publish_shard' AND key = 'return_value'",
         {"d": DAG_ID, "r": run_id},
     )
     summary = xcom[0][0] if not isinstance(xcom[0][0], str) else json.loads(xcom[0][0])
@@ -395,7 +413,9 @@ def test_killed_shard_task_is_retried_and_resumes_from_checkpoint(airflow_stack,
 # -- real scheduler: a partition continued in further runs ---------------------------------
 
 
-def test_a_partition_past_max_map_length_continues_in_runs_the_dag_triggers(airflow_stack, af_llm_server_factory, tmp_path, stack_operator):
+def test_a_partition_past_max_map_length_continues_in_runs_the_dag_triggers(
+    airflow_stack, af_llm_server_factory, tmp_path, stack_operator
+):
     from maga_tasks.data.sample_corpus import write_sample_corpus
 
     af = airflow_stack
@@ -409,7 +429,9 @@ def test_a_partition_past_max_map_length_continues_in_runs_the_dag_triggers(airf
     conf = run_conf(str(drops / "{ds}"), output_root, llm.url, recipe_path, planning_mode="dated", shards_per_run=1)
     stack_operator(recipe_path, llm.url)
     known = {r[0] for r in dag_runs(af)}
-    af.cli("dags", "trigger", DAG_ID, "-r", "partition-continue-test", "-l", f"{ds}T02:00:00+00:00", "-c", json.dumps(conf))
+    af.cli(
+        "dags", "trigger", DAG_ID, "-r", "partition-continue-test", "-l", f"{ds}T02:00:00+00:00", "-c", json.dumps(conf)
+    )
 
     def all_runs_done():
         runs = [r for r in dag_runs(af) if r[0] not in known]

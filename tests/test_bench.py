@@ -56,14 +56,16 @@ SCALE_FIGURES = {
     "planning": ("plan_run, 2,000 objects", "S3 requests, 2,000 objects", "plan time ratio, 10x objects",
                  "plan_run, 2,000 objects, all but 8 registered"),
     "registry": ("lease+register operations/s, 1 worker", "lease+register operations/s, 4 workers racing",
-                 "operations/s ratio, 4 workers / 1", "double registrations, 4 workers", "shards registered, 4 workers"),
+                 "operations/s ratio, 4 workers / 1", "double registrations, 4 workers",
+                 "shards registered, 4 workers"),
     "dashboard": ("dashboard overview, 200 shards", "maga status, 200 shards", "dashboard time ratio, 200 / 20 shards",
                   "maga status time ratio, 200 / 20 shards"),
     "memory": ("gate+commit peak RSS, 100 documents", "gate+commit peak RSS, 1,000 documents",
                "gate+commit peak RSS ratio, 1,000 / 100 documents"),
     "airflow": ("shard phase wall time, 20 shard tasks", "scheduler overhead per shard task (shard phase wall / tasks)",
                 "scheduler CPU per shard task", "Celery worker CPU per shard task", "shard task duration, median",
-                "API server peak RSS", "API: dashboard overview (/maga/api/overview)", "shards registered after the run"),
+                "API server peak RSS", "API: dashboard overview (/maga/api/overview)",
+                "shards registered after the run"),
 }
 
 

@@ -21,7 +21,9 @@ async def _cancel_while(settings: RunSettings, *, waiting_behind_another: bool, 
     """Start a chat (behind another holding the only place, when asked), cancel it once
     `ready(client)` holds, and report how it ended and what it left held."""
     async with LLMClient(settings, "maga-default") as client:  # the test server's model
-        holder = asyncio.create_task(client.chat(MESSAGES, SAMPLING, request_id="holder")) if waiting_behind_another else None
+        holder = None
+        if waiting_behind_another:
+            holder = asyncio.create_task(client.chat(MESSAGES, SAMPLING, request_id="holder"))
         if holder is not None:
             while client.stats.requests < 1:
                 await asyncio.sleep(0.01)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+# Imported after this call, so that pytest rewrites the helpers' asserts (E402).
 pytest.register_assert_rewrite("airflow_fixtures")
-from airflow_fixtures import DAG_ID, DAGS_FOLDER, POOL
+from airflow_fixtures import DAG_ID, DAGS_FOLDER, POOL  # noqa: E402
 
 pytestmark = pytest.mark.airflow
 

@@ -13,10 +13,11 @@ import sys
 import urllib.parse
 
 import pytest
-
-pytest.register_assert_rewrite("airflow_fixtures")
-from airflow_fixtures import ARTIFACTS, REPO, http_json, wait_for
 from browser import chrome, open_dashboard, require_browser
+
+# Imported after this call, so that pytest rewrites the helpers' asserts (E402).
+pytest.register_assert_rewrite("airflow_fixtures")
+from airflow_fixtures import ARTIFACTS, REPO, http_json, wait_for  # noqa: E402
 
 # Session fixtures (isolated Airflow, the scheduler stack) shared by every Airflow test.
 pytest_plugins = ["airflow_fixtures"]
@@ -43,7 +44,10 @@ def published(airflow_stack, tmp_path_factory):
     try:
         settings = RunSettings(endpoints=(llm.url,), max_concurrency=8)
         for path in files:
-            publish_shard(str(path), str(work / "expanded"), recipe, settings, registry, owner="airflow:maga_corpus_expansion/publish_shard/0/manual__dashboard-test")
+            publish_shard(
+                str(path), str(work / "expanded"), recipe, settings, registry,
+                owner="airflow:maga_corpus_expansion/publish_shard/0/manual__dashboard-test",
+            )
     finally:
         llm.stop()
     return recipe.recipe_id, registry
@@ -56,7 +60,8 @@ def test_api_returns_the_registry_figures(airflow_stack, published):
     assert status == 200, totals
     expected = registry.totals(recipe_id)
     assert totals["registered_shards"] == expected["registered_shards"] == 2
-    for key in ("documents", "accepted", "rejected", "prompt_tokens", "completion_tokens", "expansion_ratio", "by_status"):
+    keys = ("documents", "accepted", "rejected", "prompt_tokens", "completion_tokens", "expansion_ratio", "by_status")
+    for key in keys:
         assert totals[key] == expected[key], key
 
     status, overview = http_json(f"{airflow_stack.api_url}/maga/api/overview?recipe_id={recipe_id}", token=token)
@@ -71,7 +76,8 @@ def test_api_returns_the_registry_figures(airflow_stack, published):
         assert row["status"] == "registered"
         assert row["quality"] and all(result["success"] for result in row["quality"].values())
         # Passing shards outside the Data Docs sample: each gate links its JSON result.
-        assert {suite: r["report"]["kind"] for suite, r in row["quality"].items()} == {"input": "json", "output": "json"}
+        kinds = {suite: r["report"]["kind"] for suite, r in row["quality"].items()}
+        assert kinds == {"input": "json", "output": "json"}
         task = row["airflow_task"]
         assert task["dag_id"] == "maga_corpus_expansion" and task["task_id"] == "publish_shard"
         assert task["ui_path"].startswith("dags/maga_corpus_expansion/runs/")
@@ -121,7 +127,8 @@ def test_page_shows_the_totals_in_chromium(airflow_stack, published, tmp_path):
         section = driver.find_element(By.CSS_SELECTOR, f'section[data-recipe="{recipe_id}"]')
         documents = section.find_element(By.ID, f"documents-{recipe_id}").text
         assert f"{expected['documents']:,}" in documents
-        assert section.find_element(By.ID, f"registered-{recipe_id}").text.startswith(str(expected["registered_shards"]))
+        registered = section.find_element(By.ID, f"registered-{recipe_id}").text
+        assert registered.startswith(str(expected["registered_shards"]))
         assert "part-0000" in section.text and "registered" in section.text
         assert "Genres" in section.text and "Audiences" in section.text
         links = section.find_elements(By.CSS_SELECTOR, "a.report.json")

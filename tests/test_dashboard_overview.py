@@ -7,9 +7,9 @@ from __future__ import annotations
 from conftest import write_committed_shard
 from sqlalchemy import event
 
-from maga_tasks.registry.dashboard import corpus_overview
 from maga_tasks.engine.publish import publish_shard
 from maga_tasks.recipe import load_recipe
+from maga_tasks.registry.dashboard import corpus_overview
 from maga_tasks.settings import RunSettings
 
 RECIPE = load_recipe()
@@ -60,7 +60,8 @@ def test_overview_shows_each_shards_quality_and_task(tmp_path, registry):
         folder = tmp_path / "out" / RID / "quality" / name
         if name == "part-0002":
             assert report["kind"] == "data_docs" and report["label"] == "Data Docs"
-            assert report["href"] == f"file://{folder}/output/index.html" and (folder / "output" / "index.html").is_file()
+            assert report["href"] == f"file://{folder}/output/index.html"
+            assert (folder / "output" / "index.html").is_file()
         else:
             assert report["kind"] == "json" and report["label"] == "result JSON"
             assert report["href"] == f"file://{folder}/output.json" and (folder / "output.json").is_file()

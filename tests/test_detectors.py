@@ -34,13 +34,17 @@ def _id(row: dict) -> str:
 
 def test_the_fixture_holds_every_failure_mode_it_claims():
     labels = {r["label"] for r in REWRITES}
-    assert {"good", "prompt_echo", "repetition", "refusal", "task_talk", "other_language", "near_copy", "drift"} <= labels
+    assert {
+        "good", "prompt_echo", "repetition", "refusal", "task_talk", "other_language", "near_copy", "drift"
+    } <= labels
     assert {"junk_pair", "good_pair"} <= {r["label"] for r in PAIRS}
 
 
 @pytest.mark.parametrize("row", [r for r in REWRITES if r["label"] == "good"], ids=_id)
 def test_good_real_rewrites_are_accepted(row):
-    verdict = clean_rewrite(row["source"], row["output"], row["finish_reason"], RECIPE.cleaning, row["genre"], row["audience"])
+    verdict = clean_rewrite(
+        row["source"], row["output"], row["finish_reason"], RECIPE.cleaning, row["genre"], row["audience"]
+    )
     assert verdict.reject_reason is None, verdict
     text = strip_boilerplate(row["output"])[0]
     assert detectors.rewrite_findings(text, row["source"], row["genre"], row["audience"]) == []
@@ -70,7 +74,7 @@ def test_each_detector_names_its_own_real_failures(label, detector):
     found = [bool(detector(strip_boilerplate(r["output"])[0], r)) for r in rows]
     # Loops the sampler cut at max_tokens are rejected as truncated first; the detector
     # must still see most of them.
-    assert sum(found) >= 0.75 * len(rows), list(zip(found, (r["output"][:60] for r in rows)))
+    assert sum(found) >= 0.75 * len(rows), list(zip(found, (r["output"][:60] for r in rows), strict=True))
 
 
 def test_echo_patterns_on_our_own_prompt_lines():
@@ -99,7 +103,9 @@ def test_real_descriptive_pairs_pass(row):
 def test_task_talk_is_judged_against_the_source():
     # A source about rewriting may use the word; a rewrite of a source that does not, may not.
     assert detectors.task_talk("Rewritten text: The river floods in spring.", "The river floods in spring.")
-    assert detectors.task_talk("Editors rewrite drafts many times.", "Editors often rewrite drafts before print.") is None
+    assert (
+        detectors.task_talk("Editors rewrite drafts many times.", "Editors often rewrite drafts before print.") is None
+    )
     assert detectors.task_talk("Ladies and gentlemen, here is a radio script read aloud:", "A radio station.")
 
 
@@ -191,7 +197,7 @@ def test_another_language_is_caught_though_language_id_runs_only_where_few_words
     caught = [bool(detectors.other_language(text, source)) for text, source in pairs]
     always = [bool(detectors.other_language(text, source)) or language_id_on_every_text(text, source)
               for text, source in pairs]
-    missed = sum(a and not c for a, c in zip(always, caught))
+    missed = sum(a and not c for a, c in zip(always, caught, strict=True))
     print(f"\n{len(pairs)} cross-language pairs: caught {sum(caught)}, with language ID on every text "
           f"{sum(always)}, missed for sharing words {missed}")
     assert len(pairs) > 2000

@@ -344,12 +344,16 @@ def test_the_heartbeat_survives_a_registry_outage(tmp_path, llm_server_factory, 
         url, role, admin = request.getfixturevalue("pg_worker_url")
         Registry(url).upgrade()  # as the worker's role, which owns its tables
         reader = Registry(request.getfixturevalue("pg_schema_url"))
-        cut = lambda: _cut_postgres(admin, role, outage_s)
+
+        def cut() -> int:
+            return _cut_postgres(admin, role, outage_s)
     else:
         url = str(tmp_path / "registry.db")
         Registry(url).upgrade()
         reader = Registry(url)
-        cut = lambda: _lock_sqlite(url, outage_s)
+
+        def cut() -> None:
+            return _lock_sqlite(url, outage_s)
 
     worker = _start_worker(url, source, out, server.url, "worker", ttl_s, outcome)
     try:

@@ -66,7 +66,9 @@ def assert_nothing_written(out: Path, shard: str) -> None:
     ],
     ids=["wrong-key", "wrong-model"],
 )
-def test_wrong_key_or_model_fails_before_any_document_then_the_fix_registers(tmp_path, llm_server_factory, mistake, cause):
+def test_wrong_key_or_model_fails_before_any_document_then_the_fix_registers(
+    tmp_path, llm_server_factory, mistake, cause
+):
     server = llm_server_factory(extra=["--api-key", "right-key", "--model", RECIPE.model])
     source = write_sample_corpus(tmp_path / "src", 1, 12)[0]
     out, registry = tmp_path / "out", str(tmp_path / "registry.sqlite")
@@ -113,7 +115,7 @@ def test_the_recipe_model_revision_is_checked_against_the_weights_the_worker_loa
     recipe = load_recipe(model_revision="3f1c2a9")
     source = write_sample_corpus(tmp_path / "src", 1, 3)[0]
     if verdict == "refused":
-        with pytest.raises(FleetRefused, match=f"not the recipe's model_revision '3f1c2a9'"):
+        with pytest.raises(FleetRefused, match="not the recipe's model_revision '3f1c2a9'"):
             expand_shard(str(source), str(tmp_path / "out"), recipe, settings(server.url))
         assert server.stats()["requests_total"] == 0
         return
@@ -130,7 +132,9 @@ def test_requests_timing_out_everywhere_fail_the_shard_within_the_budget(tmp_pat
     # and the tokenizer-free start take a few seconds at most.
     bound = run.max_attempts * (run.request_timeout_s + run.backoff_max_s) + 10.0
     started = time.monotonic()
-    with pytest.raises(EndpointsUnavailable, match=r"requests time out after 0.5 s on every endpoint: raise request_timeout_s"):
+    with pytest.raises(
+        EndpointsUnavailable, match=r"requests time out after 0.5 s on every endpoint: raise request_timeout_s"
+    ):
         expand_shard(str(source), str(tmp_path / "out"), RECIPE, run)
     assert time.monotonic() - started < bound
     assert_nothing_written(tmp_path / "out", source.stem)

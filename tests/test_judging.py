@@ -9,22 +9,26 @@ from pathlib import Path
 
 import pytest
 
+from maga_tasks.data.sample_corpus import write_sample_corpus
+from maga_tasks.engine.shard import expand_shard
 from maga_tasks.method.judging import JudgeReport
 from maga_tasks.recipe import load_recipe
 from maga_tasks.registry import Registry
-from maga_tasks.data.sample_corpus import write_sample_corpus
 from maga_tasks.settings import RunSettings
-from maga_tasks.engine.shard import expand_shard
 
 RECIPE = load_recipe()
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "maga_tasks.cli", "-q", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "maga_tasks.cli", "-q", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_pass_share_counts_scores_of_three_and_more():
-    report = JudgeReport("s", "r", sampled=6, scores={5: 2, 3: 1, 2: 1}, failures={"judge_invalid_answer": 2}, min_pass_share=0.7)
+    report = JudgeReport(
+        "s", "r", sampled=6, scores={5: 2, 3: 1, 2: 1}, failures={"judge_invalid_answer": 2}, min_pass_share=0.7
+    )
     assert report.scored == 4 and report.pass_share == 0.75 and report.success
     statistics = report.statistics()
     assert statistics["scores"] == {"1": 0, "2": 1, "3": 1, "4": 0, "5": 2}

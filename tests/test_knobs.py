@@ -115,7 +115,8 @@ def test_dag_params_have_the_settings_defaults_types_and_bounds(monkeypatch):
             continue
         assert name in param_settings(), f"DAG param {name} is a run setting but not from the table"
         assert param.value == FIELDS[name].default, name
-        schema = {"type": sorted(param.schema["type"]) if isinstance(param.schema["type"], list) else param.schema["type"],
+        kind = param.schema["type"]
+        schema = {"type": sorted(kind) if isinstance(kind, list) else kind,
                   **{key: value for key, value in param.schema.items() if key in BOUND_KEYS}}
         assert schema == pydantic_schema(name), name
         assert set(param.schema) <= {"type", *BOUND_KEYS}, name  # nothing hand-added beside the table

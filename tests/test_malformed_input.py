@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from maga_tasks.engine.shard import expand_shard
 from maga_tasks.errors import ShardInputError
 from maga_tasks.recipe import load_recipe
 from maga_tasks.settings import RunSettings
-from maga_tasks.engine.shard import expand_shard
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,9 @@ def test_truncated_file_and_missing_file(tmp_path, llm_server):
     pq.write_table(pa.table({"id": ["a"], "text": ["t"]}), tmp_path / "whole.parquet")
     shard.write_bytes((tmp_path / "whole.parquet").read_bytes()[:-20])
     for source in (shard, tmp_path / "absent.parquet", tmp_path / "notes.txt"):
-        done = run_cli("expand-shard", str(source), "--output-root", str(tmp_path / "out"), "--endpoint", llm_server.url)
+        done = run_cli(
+            "expand-shard", str(source), "--output-root", str(tmp_path / "out"), "--endpoint", llm_server.url
+        )
         assert done.returncode == 2, (source, done.stderr)
         assert "Traceback" not in done.stderr and "maga: error:" in done.stderr
     assert_nothing_committed(tmp_path / "out")
@@ -73,7 +75,10 @@ def test_bad_rows_are_rejected_with_reasons(tmp_path, llm_server, sample_article
     huge = (" ".join(a["text"] for a in sample_articles[:200]) + " ") * 12
     assert 1_000_000 < len(huge) <= RECIPE.quality.max_source_chars
     texts = pa.array(
-        [good[0].encode(), None, b"   ", b"caf\xe9 \xff invalid bytes", good[1].encode(), good[2].encode(), huge.encode()],
+        [
+            good[0].encode(), None, b"   ", b"caf\xe9 \xff invalid bytes",
+            good[1].encode(), good[2].encode(), huge.encode(),
+        ],
         type=pa.binary(),
     )
     ids = pa.array(["ok-1", "null-text", "blank", "latin1", "ok-1", None, "huge"])
@@ -105,7 +110,9 @@ def test_bad_rows_are_rejected_with_reasons(tmp_path, llm_server, sample_article
 
 
 def test_a_repeated_id_keeps_its_first_row_even_when_that_row_is_bad(tmp_path, llm_server, sample_articles):
-    texts = pa.array([b"caf\xe9 \xff", sample_articles[0]["text"].encode(), sample_articles[1]["text"].encode()], pa.binary())
+    texts = pa.array(
+        [b"caf\xe9 \xff", sample_articles[0]["text"].encode(), sample_articles[1]["text"].encode()], pa.binary()
+    )
     shard = tmp_path / "first-bad.parquet"
     pq.write_table(pa.table({"id": ["a", "a", "b"], "text": texts}), shard)
 
@@ -114,7 +121,8 @@ def test_a_repeated_id_keeps_its_first_row_even_when_that_row_is_bad(tmp_path, l
     rows = pq.read_table(result.rejected_uri).to_pylist() + pq.read_table(result.data_uri).to_pylist()
     by_reason = {(r["source_id"], r.get("reject_reason")) for r in rows}
     assert ("a", "invalid_utf8") in by_reason and ("a", "duplicate_id") in by_reason
-    assert not any(r["source_id"] == "a" and not r.get("reject_reason") for r in rows)  # the later "a" is never expanded
+    # The later "a" is never expanded.
+    assert not any(r["source_id"] == "a" and not r.get("reject_reason") for r in rows)
     assert result.documents == 2 and len(rows) == 3 * RECIPE.pairs_per_document
     assert len({r["id"] for r in rows}) == len(rows)
 

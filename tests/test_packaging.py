@@ -25,7 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out), str(REPO)],
+        [
+            sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+            "-w", str(out), str(REPO),
+        ],
         check=True, capture_output=True, text=True, timeout=300,
     )
     (built,) = out.glob("maga_tasks-*.whl")
@@ -45,13 +48,18 @@ def test_installed_wheel_upgrades_a_new_database_outside_the_checkout(wheel, tmp
     env_dir = tmp_path / "fresh-venv"
     venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
-    site = Path(subprocess.check_output([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True).strip())
+    purelib = subprocess.check_output(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True
+    )
+    site = Path(purelib.strip())
     (site / "borrowed_dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps", str(wheel)],
         check=True, capture_output=True, text=True, timeout=300,
     )
-    where = subprocess.check_output([str(python), "-c", "import maga_tasks; print(maga_tasks.__file__)"], cwd=tmp_path, text=True)
+    where = subprocess.check_output(
+        [str(python), "-c", "import maga_tasks; print(maga_tasks.__file__)"], cwd=tmp_path, text=True
+    )
     assert where.startswith(str(site)), where
 
     database = tmp_path / "new.sqlite"
@@ -60,5 +68,6 @@ def test_installed_wheel_upgrades_a_new_database_outside_the_checkout(wheel, tmp
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    versions = [row[0] for row in sqlite3.connect(database).execute("SELECT version FROM schema_version ORDER BY version")]
+    rows = sqlite3.connect(database).execute("SELECT version FROM schema_version ORDER BY version")
+    versions = [row[0] for row in rows]
     assert versions == sorted({int(p.name[:4]) for p in (REPO / "sql").glob("*.sql")})  # one file per dialect

@@ -11,6 +11,8 @@ import pytest
 from conftest import write_committed_shard, write_source_shard
 
 from maga_tasks.cli import main as maga
+from maga_tasks.data.sample_corpus import write_sample_corpus
+from maga_tasks.engine.continuation import continuation, should_continue
 from maga_tasks.engine.planning import (
     PlanningError,
     RunPlan,
@@ -20,14 +22,12 @@ from maga_tasks.engine.planning import (
     source_shards,
 )
 from maga_tasks.engine.publish import publish_shard
-from maga_tasks.engine.continuation import continuation, should_continue
 from maga_tasks.engine.report import run_report
 from maga_tasks.engine.requeue import requeue_shards
 from maga_tasks.engine.shard import ShardResult
 from maga_tasks.errors import ShardFailedForGood, TokenizerUnavailable
 from maga_tasks.recipe import load_recipe
 from maga_tasks.registry.dashboard import corpus_overview
-from maga_tasks.data.sample_corpus import write_sample_corpus
 from maga_tasks.settings import RunSettings
 
 RECIPE = load_recipe()
@@ -39,7 +39,10 @@ def test_flat_plans_the_first_unregistered_shards_within_the_budget(tmp_path, re
     files = write_sample_corpus(tmp_path / "corpus", 5, 2)
     source = str(tmp_path / "corpus")
     first = plan_shards(source, RID, registry, mode="flat", budget=2)
-    assert first == [{"source_uri": str(files[0]), "shard": "part-0000"}, {"source_uri": str(files[1]), "shard": "part-0001"}]
+    assert first == [
+        {"source_uri": str(files[0]), "shard": "part-0000"},
+        {"source_uri": str(files[1]), "shard": "part-0001"},
+    ]
 
     # The first shard gets published, the second quarantined: the next night moves on.
     out = str(tmp_path / "out")
@@ -71,13 +74,14 @@ def test_dated_plans_the_partition_of_the_run_date(tmp_path, registry):
 
 def test_a_dated_shard_is_published_under_its_dated_name(tmp_path, registry):
     write_sample_corpus(tmp_path / "drops", 1, 2, partitions=["2026-11-01"])
-    (descriptor,) = plan_shards(str(tmp_path / "drops" / "{ds}"), RID, registry, mode="dated", ds="2026-11-01", budget=None)
+    drops = str(tmp_path / "drops" / "{ds}")
+    (descriptor,) = plan_shards(drops, RID, registry, mode="dated", ds="2026-11-01", budget=None)
     out = str(tmp_path / "out")
     write_committed_shard(out, RECIPE, descriptor["shard"])
     summary = publish_shard(descriptor["source_uri"], out, RECIPE, DEAD, registry, owner="w", shard=descriptor["shard"])
     assert summary["status"] == "registered" and summary["shard"] == "2026-11-01_part-0000"
     assert summary["data_uri"].endswith("/data/2026-11-01_part-0000.parquet")
-    assert plan_shards(str(tmp_path / "drops" / "{ds}"), RID, registry, mode="dated", ds="2026-11-01", budget=None) == []
+    assert plan_shards(drops, RID, registry, mode="dated", ds="2026-11-01", budget=None) == []
 
 
 def test_planning_parameters_are_checked(tmp_path, registry):
@@ -133,7 +137,9 @@ def test_a_dated_shard_is_expanded_under_its_dated_name(tmp_path, registry, llm_
     settings = RunSettings(endpoints=(llm_server.url,), max_concurrency=16)
     for ds in ("2026-11-01", "2026-11-02"):
         (descriptor,) = plan_shards(str(tmp_path / "drops" / "{ds}"), RID, registry, mode="dated", ds=ds, budget=None)
-        summary = publish_shard(descriptor["source_uri"], out, RECIPE, settings, registry, owner="w", shard=descriptor["shard"])
+        summary = publish_shard(
+            descriptor["source_uri"], out, RECIPE, settings, registry, owner="w", shard=descriptor["shard"]
+        )
         assert summary["status"] == "registered", summary
         assert summary["data_uri"].endswith(f"/data/{ds}_part-0000.parquet")
     assert registry.totals(RID)["registered_shards"] == 2
@@ -284,7 +290,9 @@ def test_a_shard_failing_every_try_is_failed_for_good_and_fresh_shards_go_first(
     row = registry.shard(rid, "part-0000")
     assert row["status"] == "planned" and row["attempts"] == 1 and "TokenizerUnavailable" in row["last_error"]
     # Never-tried shards come first; the retried one waits behind them.
-    assert [d["shard"] for d in plan_shards(source, rid, registry, budget=2, max_failures=3)] == ["part-0001", "part-0002"]
+    assert [d["shard"] for d in plan_shards(source, rid, registry, budget=2, max_failures=3)] == [
+        "part-0001", "part-0002",
+    ]
     assert [d["shard"] for d in plan_shards(source, rid, registry, max_failures=3)] == [
         "part-0001", "part-0002", "part-0003", "part-0000",
     ]

@@ -39,7 +39,8 @@ def test_a_recipe_can_frame_the_document_its_own_way():
     data = RECIPE.model_dump(mode="json")
     data["prompts"]["document"] = "{document}\n\n"
     plain = recipe_from_dict(data)
-    requests = [pairs_messages(plain, DOC)] + [rewrite_messages(plain, DOC, f"genre {i}", f"audience {i}") for i in range(5)]
+    requests = [pairs_messages(plain, DOC)]
+    requests += [rewrite_messages(plain, DOC, f"genre {i}", f"audience {i}") for i in range(5)]
     assert all(r[1]["content"].startswith(DOC + "\n\n") and "<<<" not in r[1]["content"] for r in requests)
     assert DOC in os.path.commonprefix([flat(r) for r in requests])  # still one cached prefix
     data["prompts"]["document"] = "SOURCE:\n"

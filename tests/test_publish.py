@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 from conftest import write_committed_shard, write_source_shard
 
-from maga_tasks.errors import EndpointsUnavailable
 from maga_tasks.data.layout import shard_paths
+from maga_tasks.data.sample_corpus import write_sample_corpus
 from maga_tasks.engine.publish import (
     check_committed_shard,
     publish_shard,
     register_committed_shard,
 )
+from maga_tasks.errors import EndpointsUnavailable
 from maga_tasks.recipe import load_recipe
 from maga_tasks.registry import Registry, RegistryConflict, ShardBusy
-from maga_tasks.data.sample_corpus import write_sample_corpus
 from maga_tasks.settings import RunSettings
 
 RECIPE = load_recipe()
@@ -267,16 +267,21 @@ def test_a_judge_that_cannot_score_is_recorded_not_raised(tmp_path, registry, ll
 
 
 @pytest.mark.integration
-def test_repeated_ids_and_eos_finishes_pass_both_gates_and_account_for_every_row(tmp_path, registry, llm_server_factory):
-    import pyarrow.parquet as pq
+def test_repeated_ids_and_eos_finishes_pass_both_gates_and_account_for_every_row(
+    tmp_path, registry, llm_server_factory
+):
     from collections import Counter
+
+    import pyarrow.parquet as pq
 
     # 400 documents, then two later rows that repeat an id (one with another text): within
     # the input gate's share, so the output gate must pass what the input gate let through.
     rows = pq.read_table(write_sample_corpus(tmp_path / "gen", 1, 402)[0]).to_pylist()
     documents, spare = rows[:400], rows[400:]
     repeats = [documents[7], spare[0] | {"id": documents[250]["id"]}]
-    source = write_source_shard(tmp_path / "source" / "part-0000.parquet", documents[:300] + repeats[:1] + documents[300:] + repeats[1:])
+    source = write_source_shard(
+        tmp_path / "source" / "part-0000.parquet", documents[:300] + repeats[:1] + documents[300:] + repeats[1:]
+    )
     server = llm_server_factory("eos:0.5")  # half the rewrites end with "eos", not "stop"
 
     summary = publish_shard(source, str(tmp_path / "out"), RECIPE, live(server.url), registry, owner="w1")

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import write_committed_shard, write_source_shard
 
-from maga_tasks.errors import ShardInputError
 from maga_tasks.data.layout import shard_paths
+from maga_tasks.data.source import SourceColumns
+from maga_tasks.errors import ShardInputError
 from maga_tasks.quality import (
     QualityError,
     label_summary,
@@ -24,7 +25,6 @@ from maga_tasks.quality import (
     validate_output,
 )
 from maga_tasks.recipe import load_recipe
-from maga_tasks.data.source import SourceColumns
 
 RECIPE = load_recipe()
 RID = RECIPE.recipe_id
@@ -156,7 +156,8 @@ def test_thresholds_come_from_the_recipe(tmp_path):
     paths = shard_paths(str(tmp_path), RID, "part-0000")
     assert not validate_output(load_committed(paths), RECIPE).success
     lenient = type(RECIPE).model_validate(
-        RECIPE.model_dump() | {"quality": RECIPE.quality.model_dump() | {"min_accepted_per_document": 2.0, "min_expansion_ratio": 1.0}}
+        RECIPE.model_dump()
+        | {"quality": RECIPE.quality.model_dump() | {"min_accepted_per_document": 2.0, "min_expansion_ratio": 1.0}}
     )
     write_committed_shard(tmp_path, lenient, "part-0000", accepted_per_document=2)
     report = validate_output(load_committed(shard_paths(str(tmp_path), lenient.recipe_id, "part-0000")), lenient)
@@ -181,7 +182,9 @@ def test_checksum_covers_both_files(tmp_path):
 
 
 def good_rows(n: int = 5) -> list[dict]:
-    return [{"id": f"doc-{i}", "text": f"Document {i} is about river deltas and sediment.", "title": "t"} for i in range(n)]
+    return [
+        {"id": f"doc-{i}", "text": f"Document {i} is about river deltas and sediment.", "title": "t"} for i in range(n)
+    ]
 
 
 def test_input_gate_passes_a_clean_shard(tmp_path):
@@ -249,7 +252,11 @@ def test_label_summary_of_rows():
     import pandas as pd
 
     rows = pd.DataFrame(
-        {"genre": ["A story. Warm.", "A story. Cold.", "A report."], "audience": ["Kids.", "Kids.", None], "pair_index": [0, 1, 0]}
+        {
+            "genre": ["A story. Warm.", "A story. Cold.", "A report."],
+            "audience": ["Kids.", "Kids.", None],
+            "pair_index": [0, 1, 0],
+        }
     )
     summary = label_summary(rows)
     assert summary["genres"] == [["story", 2], ["report", 1]]
@@ -288,7 +295,8 @@ def test_data_docs_are_uploaded_for_an_s3_output_root(tmp_path, s3_env):
 
 def test_importing_the_pipeline_does_not_import_great_expectations():
     code = (
-        "import sys, maga_tasks.quality.gates, maga_tasks.engine.publish, maga_tasks.engine.planning, maga_tasks.registry;"
+        "import sys, maga_tasks.quality.gates, maga_tasks.engine.publish, maga_tasks.engine.planning,"
+        " maga_tasks.registry;"
         "print('great_expectations' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -107,7 +107,11 @@ def test_demo_writes_real_english_rewrites_with_nothing_of_the_prompt(smollm2_se
     assert {row["shard"] for row in shards} == {f"part-{i:04d}" for i in range(DEMO_SHARDS)}, shards
     assert sum(row["documents"] for row in shards) == DEMO_SHARDS * DEMO_DOCS_PER_SHARD
     recipe_id = shards[0]["recipe_id"]
-    accepted = [row for shard in shards for row in pq.read_table(shard_paths(str(output_root), recipe_id, shard["shard"]).data).to_pylist()]
+    accepted = [
+        row
+        for shard in shards
+        for row in pq.read_table(shard_paths(str(output_root), recipe_id, shard["shard"]).data).to_pylist()
+    ]
     assert accepted, "no rewrite was accepted"
     for row in accepted:
         for pattern in FORBIDDEN:
@@ -122,5 +126,6 @@ def test_demo_writes_real_english_rewrites_with_nothing_of_the_prompt(smollm2_se
     for log_file in (demo_dir / "airflow" / "logs").rglob("*"):
         if log_file.is_file():
             assert vllm_api_key.encode() not in log_file.read_bytes(), log_file
-    print(f"\nreal-model demo: {len(accepted)} accepted rewrites of {DEMO_SHARDS * DEMO_DOCS_PER_SHARD} documents; first run {first_seconds:.0f}s, "
+    print(f"\nreal-model demo: {len(accepted)} accepted rewrites of {DEMO_SHARDS * DEMO_DOCS_PER_SHARD} documents; "
+          f"first run {first_seconds:.0f}s, "
           f"second {second_seconds:.0f}s")

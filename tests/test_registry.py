@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from maga_tasks.engine.shard import ShardResult
 from maga_tasks.recipe import load_recipe
 from maga_tasks.registry import (
     STATUSES,
@@ -17,7 +18,6 @@ from maga_tasks.registry import (
     database_url,
     format_totals,
 )
-from maga_tasks.engine.shard import ShardResult
 
 RECIPE = load_recipe()
 RID = RECIPE.recipe_id
@@ -282,7 +282,7 @@ def test_two_processes_registering_the_same_shard_register_it_once(registry):
     for worker in workers:
         worker.join(timeout=60)
         assert worker.exitcode == 0
-    assert all(x != y for x, y in zip(a, b))  # exactly one True per shard
+    assert all(x != y for x, y in zip(a, b, strict=True))  # exactly one True per shard
     assert len(registry.shards(RID, status="registered")) == rounds
 
 
@@ -296,7 +296,9 @@ def test_quarantine_and_failure_never_touch_a_registered_shard(registry):
 
 def test_quarantine_keeps_the_failed_expectations(registry):
     failed = [{"suite": "output.rows", "check": "unique_ids", "column": "id", "observed": "2 of 20 rows unexpected"}]
-    registry.quarantine(RID, "s2", "output quality gate failed: unique_ids", failed, result=result_for("s2"), checksum="x")
+    registry.quarantine(
+        RID, "s2", "output quality gate failed: unique_ids", failed, result=result_for("s2"), checksum="x"
+    )
     row = registry.shard(RID, "s2")
     assert row["status"] == "quarantined" and row["failed_expectations"] == failed
     assert row["last_error"].startswith("output quality gate failed") and row["documents"] == 10
@@ -332,7 +334,9 @@ def test_totals_cover_registered_shards_and_count_every_status(registry):
     registry.ensure_recipe(RECIPE)
     labels = {"genres": [["tutorial", 30], ["report", 12]], "audiences": [["students", 40]]}
     registry.register(RID, "a", result_for("a"), "x", label_summary=labels)
-    registry.register(RID, "b", result_for("b", accepted=38, rejects_by_reason={"truncated": 2}), "y", label_summary=labels)
+    registry.register(
+        RID, "b", result_for("b", accepted=38, rejects_by_reason={"truncated": 2}), "y", label_summary=labels
+    )
     registry.quarantine(RID, "c", "bad", [], result=result_for("c"))
     registry.plan([("/src/d.parquet", "d")], RID)
     totals = registry.totals(RID)
@@ -435,7 +439,8 @@ def test_status_lists_a_bounded_page_and_totals_cover_every_shard(registry, regi
     # The CLI: totals for all shards, the listing bounded by --limit.
     assert maga(["status", "--registry", registry_url, "--recipe-id", RID, "--limit", "3"]) == 0
     err = capsys.readouterr().err
-    assert "30 shards" in err and "9 more not shown" in err and err.count("  failed  ") + err.count("  quarantined  ") == 3
+    assert "30 shards" in err and "9 more not shown" in err
+    assert err.count("  failed  ") + err.count("  quarantined  ") == 3
 
     # The dashboard page: the newest `shard_limit`, plus as many waiting ones, the rest counted.
     page = corpus_overview(registry, recipe_id=RID, shard_limit=4)["recipes"][0]

@@ -15,13 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from maga_tasks.errors import EndpointsUnavailable
 from maga_tasks.data.layout import shard_paths
-from maga_tasks.recipe import load_recipe
 from maga_tasks.data.sample_corpus import write_sample_corpus
 from maga_tasks.data.schema import LINEAGE_COLUMNS
-from maga_tasks.settings import RunSettings
 from maga_tasks.engine.shard import expand_shard
+from maga_tasks.errors import EndpointsUnavailable
+from maga_tasks.recipe import load_recipe
+from maga_tasks.settings import RunSettings
 
 pytestmark = pytest.mark.integration
 
@@ -41,8 +41,10 @@ def read_output(result) -> tuple[pa.Table, pa.Table]:
 
 def assert_accounts_for_every_pair(result, documents: int) -> None:
     data, rejected = read_output(result)
-    keys = [(s, p) for s, p in zip(data["source_id"].to_pylist(), data["pair_index"].to_pylist())]
-    keys += [(s, p) for s, p in zip(rejected["source_id"].to_pylist(), rejected["pair_index"].to_pylist())]
+    keys = [(s, p) for s, p in zip(data["source_id"].to_pylist(), data["pair_index"].to_pylist(), strict=True)]
+    keys += [
+        (s, p) for s, p in zip(rejected["source_id"].to_pylist(), rejected["pair_index"].to_pylist(), strict=True)
+    ]
     assert len(keys) == len(set(keys)) == documents * PAIRS
     assert result.accepted + result.rejected == documents * PAIRS
     assert data.num_rows + rejected.num_rows == documents * PAIRS
@@ -87,7 +89,8 @@ def test_rerun_of_a_committed_shard_is_a_no_op(tmp_path, llm_server, shard_200):
     assert again.already_committed
     assert llm_server.stats()["requests_total"] == requests_before
     # A trial over the first 20 documents is kept apart from the corpus itself.
-    assert first.data_uri == str(tmp_path / "out" / "_trials" / "first-20" / RECIPE.recipe_id / "data" / "part-0000.parquet")
+    trial = tmp_path / "out" / "_trials" / "first-20" / RECIPE.recipe_id
+    assert first.data_uri == str(trial / "data" / "part-0000.parquet")
     assert first.documents == 20 and not (tmp_path / "out" / RECIPE.recipe_id).exists()
     assert os.stat(first.data_uri).st_mtime_ns == mtime
     assert (again.accepted, again.rejected, again.documents) == (first.accepted, first.rejected, first.documents)
@@ -102,12 +105,16 @@ def test_sigkill_half_way_resumes_without_duplicates(tmp_path, llm_server_factor
     server = llm_server_factory(latency_ms=40)
     out = tmp_path / "out"
     work = out / RECIPE.recipe_id / "_work" / "part-0000"
-    command = _cli("expand-shard", str(shard_200), "--output-root", str(out), "--endpoint", server.url, "--concurrency", "16")
+    command = _cli(
+        "expand-shard", str(shard_200), "--output-root", str(out), "--endpoint", server.url, "--concurrency", "16"
+    )
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     finished_before = set()
     while time.monotonic() < deadline:
-        lines = [l for p in work.glob("part-*.jsonl") for l in p.read_bytes().splitlines()] if work.exists() else []
+        lines = []
+        if work.exists():
+            lines = [line for p in work.glob("part-*.jsonl") for line in p.read_bytes().splitlines()]
         if len(lines) >= 60:
             break
         time.sleep(0.05)
@@ -134,8 +141,13 @@ def test_sigkill_half_way_resumes_without_duplicates(tmp_path, llm_server_factor
     asked_again = [s for s in finished_before if by_doc.get(quote(f"part-0000:{s}", safe=""), 0)]
     assert asked_again == []
 
-    reference = expand_shard(str(shard_200), str(tmp_path / "reference"), RECIPE, settings(server.url, max_concurrency=64))
-    for resumed_file, reference_file in ((summary["data_uri"], reference.data_uri), (summary["rejected_uri"], reference.rejected_uri)):
+    reference = expand_shard(
+        str(shard_200), str(tmp_path / "reference"), RECIPE, settings(server.url, max_concurrency=64)
+    )
+    for resumed_file, reference_file in (
+        (summary["data_uri"], reference.data_uri),
+        (summary["rejected_uri"], reference.rejected_uri),
+    ):
         got = pq.read_table(resumed_file).drop_columns(["created_at"])
         want = pq.read_table(reference_file).drop_columns(["created_at"])
         assert got.num_rows == want.num_rows
@@ -219,7 +231,8 @@ def test_s3_gives_the_same_result_as_local(tmp_path, llm_server, s3_env):
 
     local = expand_shard(str(shard), str(tmp_path / "out"), RECIPE, settings(llm_server.url))
     remote = expand_shard(
-        "s3://corpus/source/part-0000.parquet", "s3://corpus/out", RECIPE, settings(llm_server.url, s3_checkpoint_every=4)
+        "s3://corpus/source/part-0000.parquet", "s3://corpus/out", RECIPE,
+        settings(llm_server.url, s3_checkpoint_every=4),
     )
 
     assert remote.data_uri == f"s3://corpus/out/{RECIPE.recipe_id}/data/part-0000.parquet"
@@ -253,7 +266,11 @@ def test_s3_lost_mid_shard_ends_the_shard_with_a_storage_error(tmp_path, llm_ser
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{endpoint}/moto-api/", process=moto)
-        for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        for name, value in (
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_DEFAULT_REGION", "us-east-1"),
+        ):
             monkeypatch.setenv(name, value)
         s3 = boto3.client("s3", endpoint_url=endpoint)
         s3.create_bucket(Bucket="out")

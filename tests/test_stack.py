@@ -121,7 +121,8 @@ class Stack:
             "r = Registry(url_from_connection('postgres', host=u.hostname, login=u.username, password=u.password,"
             " port=u.port, schema=u.path.lstrip('/')))\n"
             "rows = r.shards(sys.argv[1])\n"
-            "print(json.dumps({'shards': rows, 'events': {s['shard']: r.events(sys.argv[1], s['shard']) for s in rows}},"
+            "print(json.dumps({'shards': rows,"
+            " 'events': {s['shard']: r.events(sys.argv[1], s['shard']) for s in rows}},"
             " default=str))\n"
         )
         return json.loads(self.exec("airflow-scheduler", "python", "-c", script, recipe_id).strip().splitlines()[-1])
@@ -182,8 +183,10 @@ def test_nightly_dag_runs_in_the_stack_and_a_lost_worker_moves_its_shard(stack):
     tick -= timedelta(days=1) if tick > now else timedelta(0)
     run_id = "stack-test"
     # max_concurrency 2: documents finish one after another, so a shard is half done a while.
-    status, body = stack.api(f"/dags/{DAG_ID}/dagRuns", method="POST",
-                             body={"dag_run_id": run_id, "logical_date": tick.isoformat(), "conf": {"max_concurrency": 2}})
+    status, body = stack.api(
+        f"/dags/{DAG_ID}/dagRuns", method="POST",
+        body={"dag_run_id": run_id, "logical_date": tick.isoformat(), "conf": {"max_concurrency": 2}},
+    )
     assert status in (200, 201), body
     status, body = stack.api(f"/dags/{DAG_ID}", method="PATCH", body={"is_paused": False})
     assert status == 200, body

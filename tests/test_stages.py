@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from maga_tasks.llm.client import LLMClient
+from maga_tasks.method.stages import StructuredOutputSupport, generate_pairs, judge, rewrite
 from maga_tasks.recipe import load_recipe
 from maga_tasks.settings import RunSettings
-from maga_tasks.method.stages import StructuredOutputSupport, generate_pairs, judge, rewrite
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ import pytest
 
 from maga_tasks.data.checkpoint import Checkpoint
 from maga_tasks.data.layout import LayoutError, check_shard_name, shard_name
+from maga_tasks.method.stages import derive_seed, parse_json_object, validate_pairs
 from maga_tasks.recipe import load_recipe
 from maga_tasks.settings import RunSettings
-from maga_tasks.method.stages import derive_seed, parse_json_object, validate_pairs
 
 RECIPE = load_recipe()
 
@@ -30,7 +30,10 @@ def test_validate_pairs_accepts_exactly_n_distinct():
         (None, "pairs_invalid_json"),
         ({"pair": []}, "pairs_invalid_json"),
         (pairs(4), "pairs_wrong_count"),
-        ({"pairs": [{"genre": "A step-by-step tutorial in plain words", "audience": "Adult beginners"}] * 5}, "pairs_duplicate"),
+        (
+            {"pairs": [{"genre": "A step-by-step tutorial in plain words", "audience": "Adult beginners"}] * 5},
+            "pairs_duplicate",
+        ),
         ({"pairs": [{"genre": "", "audience": "x"}] * 5}, "pairs_empty_field"),
         (pairs(5, genre="short"), "pairs_length"),
     ],
@@ -72,7 +75,11 @@ def test_unsafe_names_are_refused():
 
 def test_checkpoint_index_skips_torn_line_and_keeps_first_copy(tmp_path):
     segment = tmp_path / "part-a.jsonl"
-    lines = [json.dumps({"i": 0, "rows": [{"v": "first"}]}), json.dumps({"i": 1, "rows": []}), json.dumps({"i": 0, "rows": [{"v": "again"}]})]
+    lines = [
+        json.dumps({"i": 0, "rows": [{"v": "first"}]}),
+        json.dumps({"i": 1, "rows": []}),
+        json.dumps({"i": 0, "rows": [{"v": "again"}]}),
+    ]
     segment.write_text("\n".join(lines) + "\n" + '{"i": 2, "rows": [')
     index = Checkpoint.index([segment])
     assert sorted(index) == [0, 1]

@@ -27,19 +27,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from maga_tasks.errors import EndpointsUnavailable
-from maga_tasks.method.judging import judge_committed_shard
 from maga_tasks.data.layout import shard_paths
-from maga_tasks.recipe import load_recipe
 from maga_tasks.data.sample_corpus import wikipedia_summaries
-from maga_tasks.settings import RunSettings
 from maga_tasks.engine.shard import expand_shard
+from maga_tasks.errors import EndpointsUnavailable
 from maga_tasks.llm.vllm_local import (
     free_port,
     prefix_cache_hit_rate,
     read_metrics,
     start_vllm_server,
 )
+from maga_tasks.method.judging import judge_committed_shard
+from maga_tasks.recipe import load_recipe
+from maga_tasks.settings import RunSettings
 
 # Registers the session fixtures (tiny_model_dir, vllm_python, vllm_api_key, vllm_server).
 pytest_plugins = ["vllm_fixtures"]
@@ -249,7 +249,8 @@ def test_shard_end_to_end_tokens_agree_with_metrics_and_prefix_cache_pays(
     report = judge_committed_shard(source, output_root, recipe, settings, sample=8, shard="e2e")
     after_judge = read_metrics(vllm_server.url)
     assert (report.sampled, report.scored) == (8, 8), report.failures
-    assert report.prompt_tokens == int(after_judge["vllm:prompt_tokens_total"] - before_judge["vllm:prompt_tokens_total"])
+    judge_prompt_tokens = after_judge["vllm:prompt_tokens_total"] - before_judge["vllm:prompt_tokens_total"]
+    assert report.prompt_tokens == int(judge_prompt_tokens)
     print(f"vLLM judge: scores {report.statistics()['scores']}, {report.completion_tokens} tokens generated")
 
     # The key reached the server (every request was authenticated) and no log line.

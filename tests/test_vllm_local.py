@@ -17,13 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from maga_tasks.method.prompts import (
-    judge_messages,
-    pairs_json_schema,
-    pairs_messages,
-    rewrite_messages,
-)
-from maga_tasks.recipe import load_recipe
 from maga_tasks.llm.vllm_local import (
     VllmServer,
     parse_prometheus_text,
@@ -32,6 +25,13 @@ from maga_tasks.llm.vllm_local import (
     vllm_command,
     vllm_environment,
 )
+from maga_tasks.method.prompts import (
+    judge_messages,
+    pairs_json_schema,
+    pairs_messages,
+    rewrite_messages,
+)
+from maga_tasks.recipe import load_recipe
 
 # Registers the session fixtures (tiny_model_dir, vllm_server, ...) as a plugin, so that
 # a conftest registering them too still gives one server per run.

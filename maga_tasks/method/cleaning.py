@@ -116,7 +116,7 @@ def keyword_coverage(source: str, rewrite: str, count: int = 20) -> float:
 
 def _shingles(text: str, size: int = 8) -> set[int]:
     w = words(text)
-    return set(map(hash, zip(*(w[i:] for i in range(size)))))
+    return set(map(hash, zip(*(w[i:] for i in range(size)), strict=False)))
 
 
 @lru_cache(maxsize=256)
@@ -154,7 +154,9 @@ _DETECTORS = {
 }
 
 
-def first_detector_finding(source: str, text: str, rules: Cleaning, genre: str = "", audience: str = "") -> tuple[str, str] | None:
+def first_detector_finding(
+    source: str, text: str, rules: Cleaning, genre: str = "", audience: str = ""
+) -> tuple[str, str] | None:
     """The first of the recipe's detectors, in its order, that fires on a cleaned rewrite."""
     for name in rules.detectors:
         found = _DETECTORS[name](text, source, rules, genre, audience)

@@ -128,7 +128,7 @@ def repetition(text: str, *, max_repeated_share: float = 0.6, max_same_sentence:
             return RejectReason.REPETITION, f"a sentence repeated {count} times: {sentence[:60]!r}"
     w = words(text)
     if len(w) >= 23:  # 20 runs of 4 words
-        counts = Counter(zip(w, w[1:], w[2:], w[3:]))
+        counts = Counter(zip(w, w[1:], w[2:], w[3:], strict=False))
         repeated = sum(c for c in counts.values() if c > 1)
         share = repeated / (len(w) - 3)
         if share > max_repeated_share:

@@ -24,21 +24,22 @@ from dataclasses import asdict, dataclass, field
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from maga_tasks.errors import ShardInputError
 from maga_tasks.data.layout import shard_name, shard_paths
+from maga_tasks.data.source import SourceColumns, open_shard
+from maga_tasks.data.storage import ObjectNotFound, join, storage_for
+from maga_tasks.errors import ShardInputError
 from maga_tasks.llm.client import LLMClient, run_client
+from maga_tasks.method.stages import StructuredOutputSupport, judge
+from maga_tasks.method.truncation import DocumentCutter
 from maga_tasks.recipe import Recipe
 from maga_tasks.reject_reasons import RejectReason
 from maga_tasks.settings import RunSettings
-from maga_tasks.data.source import SourceColumns, open_shard
-from maga_tasks.method.stages import StructuredOutputSupport, judge
-from maga_tasks.data.storage import ObjectNotFound, join, storage_for
-from maga_tasks.method.truncation import DocumentCutter
 
 log = logging.getLogger(__name__)
 
 PASSING_SCORE = 3
 _SAMPLE_COLUMNS = ["id", "source_id", "pair_index", "genre", "audience", "text"]
+_DEFAULT_COLUMNS = SourceColumns()  # frozen, so one instance can be every call's default
 
 
 @dataclass
@@ -92,7 +93,7 @@ def judge_committed_shard(
     *,
     sample: int,
     shard: str | None = None,
-    columns: SourceColumns = SourceColumns(),
+    columns: SourceColumns = _DEFAULT_COLUMNS,
 ) -> JudgeReport:
     """Judge up to `sample` accepted rewrites of a committed shard; writes judge.json.
 
@@ -108,7 +109,7 @@ def judge_committed_shard(
     verdicts = run_client(_judge_rows(rows, sources, recipe, settings, paths.shard, report))
     samples = [
         {**{k: row[k] for k in _SAMPLE_COLUMNS if k != "text"}, **asdict(verdict)}
-        for row, verdict in zip(rows, verdicts)
+        for row, verdict in zip(rows, verdicts, strict=True)
     ]
     report.uri = join(paths.quality_docs, "judge.json")
     document = {"shard": paths.shard, "recipe_id": recipe.recipe_id, **report.statistics(), "samples": samples}

@@ -146,7 +146,9 @@ def validate_pairs(answer: dict | None, recipe: Recipe) -> tuple[list[Pair] | No
         if not g_min <= len(genre) <= g_max:
             return None, RejectReason.PAIRS_LENGTH, f"pair {i} genre has {len(genre)} chars, bounds {g_min}-{g_max}"
         if not a_min <= len(audience) <= a_max:
-            return None, RejectReason.PAIRS_LENGTH, f"pair {i} audience has {len(audience)} chars, bounds {a_min}-{a_max}"
+            return (
+                None, RejectReason.PAIRS_LENGTH, f"pair {i} audience has {len(audience)} chars, bounds {a_min}-{a_max}"
+            )
         key = (" ".join(genre.lower().split()), " ".join(audience.lower().split()))
         if key in seen:
             return None, RejectReason.PAIRS_DUPLICATE, f"pair {i} repeats an earlier pair"
@@ -201,7 +203,10 @@ async def generate_pairs(
             reason, detail = RejectReason.PAIRS_TRUNCATED, "answer hit max_tokens"
             continue
         answer, problem = read_json_object(completion.text)
-        pairs, reason, detail = validate_pairs(answer, recipe) if answer is not None else (None, RejectReason.PAIRS_INVALID_JSON, problem)
+        if answer is not None:
+            pairs, reason, detail = validate_pairs(answer, recipe)
+        else:
+            pairs, reason, detail = None, RejectReason.PAIRS_INVALID_JSON, problem
         if pairs:
             result.pairs = pairs
             return result
@@ -233,13 +238,17 @@ async def choose_pairs(client: LLMClient, recipe: Recipe, doc_key: str, document
                     request_id=f"{request_id(doc_key, 'pairs', index)}.{attempt}",
                     affinity=doc_key,
                     kind="pairs",
-                    response_format={"type": "json_schema", "json_schema": {"name": "pair_choice", "schema": schema, "strict": True}},
+                    response_format={
+                        "type": "json_schema",
+                        "json_schema": {"name": "pair_choice", "schema": schema, "strict": True},
+                    },
                 )
             except RequestFailed as error:
                 if refuses_structured_outputs(error):
                     raise _refuses_required_grammar(error) from None
                 result.usage.add(error.prompt_tokens, error.completion_tokens)
-                result.reject_reason, result.detail = RejectReason.PAIRS_REQUEST.with_cause(error.reason), error.detail[:300]
+                result.reject_reason = RejectReason.PAIRS_REQUEST.with_cause(error.reason)
+                result.detail = error.detail[:300]
                 return result
             result.usage.add(completion.prompt_tokens, completion.completion_tokens)
             if completion.finish_reason == "length":
@@ -269,7 +278,9 @@ class RewriteResult:
     detail: str = ""
 
 
-async def rewrite(client: LLMClient, recipe: Recipe, doc_key: str, document: str, pair_index: int, pair: Pair) -> RewriteResult:
+async def rewrite(
+    client: LLMClient, recipe: Recipe, doc_key: str, document: str, pair_index: int, pair: Pair
+) -> RewriteResult:
     try:
         completion = await client.chat(
             rewrite_messages(recipe, document, pair.genre, pair.audience),

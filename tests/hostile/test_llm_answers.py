@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 import pyarrow.parquet as pq
 import pytest
+from hostile_servers import RecordingServer
 
 from maga_tasks.data.sample_corpus import write_sample_corpus
 from maga_tasks.engine.shard import expand_shard
@@ -36,8 +37,6 @@ from maga_tasks.errors import EndpointsUnavailable, FleetRefused
 from maga_tasks.llm.answer import MAX_USAGE_TOKENS
 from maga_tasks.recipe import load_recipe
 from maga_tasks.settings import RunSettings
-
-from hostile_servers import RecordingServer
 
 pytestmark = pytest.mark.integration
 
@@ -169,7 +168,9 @@ WHOLE_FLEET = [
 ]
 
 
-@pytest.mark.parametrize("kind, error, words", [case[1:] for case in WHOLE_FLEET], ids=[case[0] for case in WHOLE_FLEET])
+@pytest.mark.parametrize(
+    "kind, error, words", [case[1:] for case in WHOLE_FLEET], ids=[case[0] for case in WHOLE_FLEET]
+)
 def test_a_fleet_that_answers_malformed_fails_the_shard_with_one_line(
     tmp_path, llm_server_factory, shard, caplog, capfd, kind, error, words
 ):
@@ -204,7 +205,9 @@ def test_a_401_echoing_the_key_on_one_endpoint_is_routed_around_and_logged_maske
     assert_key_nowhere(tmp_path / "out", caplog.text)
 
 
-def test_an_endpoint_with_user_info_beside_an_api_key_is_refused_before_any_request(tmp_path, llm_server_factory, shard):
+def test_an_endpoint_with_user_info_beside_an_api_key_is_refused_before_any_request(
+    tmp_path, llm_server_factory, shard
+):
     """aiohttp cannot send both: without this check every request failed as if its
     document were at fault, and the shard ended failed for good."""
     source, _ = shard

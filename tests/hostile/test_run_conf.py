@@ -20,26 +20,27 @@ import sys
 from pathlib import Path
 
 import pytest
+from hostile_servers import RecordingServer
 
 from maga_tasks.identifiers import IdentifierError, check_identifier
 from maga_tasks.recipe import MAX_RECIPE_BYTES, RecipeError, builtin_recipe_path, load_recipe
 from maga_tasks.run_conf import (
     ConfRefused,
     checked_params,
-    operator_data_roots,
     choose_endpoints,
     conf_recipe,
     conf_recipe_path,
     configured_endpoints,
     connection_endpoints,
+    operator_data_roots,
 )
-
-from hostile_servers import RecordingServer
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET_KEY = "sk-hostile-test-0123456789abcdef"
 # What a credentials file holds; none of it may come back in an error.
-CREDENTIALS = "[default]\naws_access_key_id = AKIAEXAMPLEKEYID0000\naws_secret_access_key = wJalrXUtnFEMIexamplesecret\n"
+CREDENTIALS = (
+    "[default]\naws_access_key_id = AKIAEXAMPLEKEYID0000\naws_secret_access_key = wJalrXUtnFEMIexamplesecret\n"
+)
 CREDENTIAL_WORDS = ("AKIAEXAMPLEKEYID0000", "wJalrXUtnFEMIexamplesecret", "aws_secret_access_key")
 
 
@@ -352,7 +353,9 @@ def quarantined_shard(tmp_path):
         pytest.param("r-0", ".hidden", "invalid shard name '.hidden'", id="hidden-shard"),
     ],
 )
-def test_requeue_refuses_identifiers_that_climb_out_and_moves_nothing(quarantined_shard, tmp_path, recipe_id, shard, refused):
+def test_requeue_refuses_identifiers_that_climb_out_and_moves_nothing(
+    quarantined_shard, tmp_path, recipe_id, shard, refused
+):
     registry_path, root, sentinel = quarantined_shard
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     done = run_maga("requeue", shard, "--recipe-id", recipe_id, "--output-root", str(root),
@@ -388,7 +391,9 @@ def test_the_one_pattern_refuses_what_could_name_another_path(identifier):
 def test_a_malformed_output_root_is_one_line_and_creates_nothing(tmp_path, root, refused):
     source = tmp_path / "s.jsonl"
     source.write_text(json.dumps({"id": "a", "text": "x"}) + "\n")
-    done = run_maga("expand-shard", str(source), "--output-root", root, "--endpoint", "http://127.0.0.1:9", cwd=tmp_path)
+    done = run_maga(
+        "expand-shard", str(source), "--output-root", root, "--endpoint", "http://127.0.0.1:9", cwd=tmp_path
+    )
     assert_one_line_error(done, 2, refused)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl"]
 

@@ -54,7 +54,11 @@ def registry_dump(registry: Registry, recipe_id: str) -> str:
     """Everything the registry holds of a recipe's shards, as one text."""
     shards = registry.shards(recipe_id)
     rows = [
-        {"shard": s, "events": registry.events(recipe_id, s["shard"]), "quality": registry.quality_results(recipe_id, s["shard"])}
+        {
+            "shard": s,
+            "events": registry.events(recipe_id, s["shard"]),
+            "quality": registry.quality_results(recipe_id, s["shard"]),
+        }
         for s in shards
     ]
     return json.dumps(rows, default=str, ensure_ascii=False)
@@ -347,7 +351,9 @@ def test_the_page_and_the_data_docs_run_no_markup_from_data(dashboard, tmp_path)
         # The hostile names are shown as text, under their own escaped id.
         section = driver.find_element(By.CSS_SELECTOR, f"section[data-recipe='{HOSTILE_RECIPE}']")
         assert HOSTILE_RECIPE in section.text and HOSTILE_SHARD in section.text
-        shown = driver.execute_script("return document.getElementById(arguments[0]).textContent", f"registered-{HOSTILE_RECIPE}")
+        shown = driver.execute_script(
+            "return document.getElementById(arguments[0]).textContent", f"registered-{HOSTILE_RECIPE}"
+        )
         assert shown.startswith("0")
         hrefs = [a.get_attribute("href") for a in driver.find_elements(By.TAG_NAME, "a")]
         assert "file://" + quarantined["docs_uri"] in hrefs

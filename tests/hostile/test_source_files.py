@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from maga_tasks.data.layout import shard_paths
 from maga_tasks.data.checkpoint import Checkpoint
+from maga_tasks.data.layout import shard_paths
 from maga_tasks.data.source import LINE_SLACK_BYTES, MAX_JSON_DEPTH, shown
 from maga_tasks.data.storage import storage_for
 from maga_tasks.engine.planning import source_shards
@@ -351,7 +351,8 @@ def test_a_decompression_bomb_reads_in_bounded_memory(tmp_path, sample_articles)
         i = 0
         while honest.stat().st_size < bomb.stat().st_size:
             for _ in range(200):
-                handle.write(json.dumps({"id": f"d{i}", "text": sample_articles[i % len(sample_articles)]["text"]}).encode() + b"\n")
+                text = sample_articles[i % len(sample_articles)]["text"]
+                handle.write(json.dumps({"id": f"d{i}", "text": text}).encode() + b"\n")
                 i += 1
             handle.flush()
 
@@ -359,8 +360,10 @@ def test_a_decompression_bomb_reads_in_bounded_memory(tmp_path, sample_articles)
     honest_rows, honest_docs, honest_kb = _peak_rss_kb(honest)
 
     ratio = bomb_kb / honest_kb
-    print(f"\npeak RSS reading a {bomb.stat().st_size / 1e6:.1f} MB jsonl.gz with one 512 MiB line: {bomb_kb / 1024:.0f} MiB;"
-          f" an honest {honest.stat().st_size / 1e6:.1f} MB jsonl.gz of {honest_rows} documents: {honest_kb / 1024:.0f} MiB;"
+    print(f"\npeak RSS reading a {bomb.stat().st_size / 1e6:.1f} MB jsonl.gz with one 512 MiB line:"
+          f" {bomb_kb / 1024:.0f} MiB;"
+          f" an honest {honest.stat().st_size / 1e6:.1f} MB jsonl.gz of {honest_rows} documents:"
+          f" {honest_kb / 1024:.0f} MiB;"
           f" ratio {ratio:.2f} (line bound {(4 * MAX_CHARS + LINE_SLACK_BYTES) / 2**20:.1f} MiB)")
     assert (bomb_rows, bomb_docs) == (3, 3)
     assert honest_docs == honest_rows > 1000
