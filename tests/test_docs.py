@@ -355,15 +355,18 @@ def _scan(trees: list[ast.Module], calls: set[str], *, returns: bool) -> set[str
 
 
 def _request_failure_causes() -> set[str]:
-    """Why a request failed for good, as the client raises it to a stage (`retryable_*`
-    causes are retried inside the client, never seen by a stage). Only a 4xx reaches a row
-    as `http_NNN`: every other status is retried until `retries_exhausted`."""
-    tree = ast.parse((REPO / "maga_tasks" / "llm" / "client.py").read_text())
+    """Why a request failed for good, as the client raises it to a stage (a failure made
+    `retryable=True` is retried inside the client, never seen by a stage). Only a 4xx
+    reaches a row as `http_NNN`: every other status is retried until `retries_exhausted`."""
     causes = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and _call_name(node) == "RequestFailed" and node.args:
-            for word in _words(node.args[0], {}):
-                if not word.startswith("retryable_"):
+    for module in sorted((REPO / "maga_tasks" / "llm").glob("*.py")):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Call) and _call_name(node) == "RequestFailure" and node.args:
+                retryable = any(
+                    k.arg == "retryable" and isinstance(k.value, ast.Constant) and k.value.value is True
+                    for k in node.keywords
+                )
+                for word in () if retryable else _words(node.args[0], {}):
                     causes.add("http_4xx" if word == "http_*" else word)
     return causes
 

@@ -71,6 +71,7 @@ from maga_tasks.llm.answer import (
     read_bounded,
     read_error_body,
 )
+from maga_tasks.llm.failure import REFUSAL_STATUS, RETRYABLE_STATUS, RequestFailed, RequestFailure, is_redirect
 from maga_tasks.llm.vllm_local import parse_prometheus_text
 from maga_tasks.recipe import Sampling
 from maga_tasks.redaction import clean_text, redact_url, register_secret
@@ -78,10 +79,6 @@ from maga_tasks.settings import RunSettings
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
-# The endpoint's configuration, not the request: wrong key, forbidden, unknown model.
-REFUSAL_STATUS = {401: "refused the API key", 403: "forbids the requests", 404: "does not serve the model"}
-_STRUCTURED_OUTPUT_WORDS = ("response_format", "json_schema", "guided", "structured")
 # /v1/models and /metrics answers: a model card list or a page of gauges, never megabytes.
 SIDE_ROUTE_BYTES = 1024**2
 
@@ -95,17 +92,6 @@ class Completion:
     attempts: int
     endpoint: str
     latency_s: float = 0.0  # the answered attempt's HTTP exchange, server queue included
-
-
-class RequestFailed(Exception):
-    """A single request could not be answered; the caller rejects its document."""
-
-    def __init__(self, reason: str, detail: str = "", prompt_tokens: int = 0, completion_tokens: int = 0):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens = completion_tokens
 
 
 def run_client(coroutine):
@@ -131,12 +117,6 @@ def _fewer_collections():
     finally:
         gc.set_threshold(*threshold)
         gc.unfreeze()
-
-
-def refuses_structured_outputs(error: RequestFailed) -> bool:
-    """A 4xx that says the server cannot do `response_format` (the caller falls back)."""
-    text = error.detail.lower()
-    return error.reason in ("http_400", "http_422", "http_501") and any(word in text for word in _STRUCTURED_OUTPUT_WORDS)
 
 
 class _EndpointDown(Exception):
@@ -325,7 +305,7 @@ class LLMClient:
             async with self._session.get(
                 f"{endpoint.url}/health", timeout=aiohttp.ClientTimeout(total=5), allow_redirects=False
             ) as response:
-                if _is_redirect(response.status):
+                if is_redirect(response.status):
                     endpoint.refused = _redirect_refusal(response)
                     return True
                 return response.status == 200
@@ -531,17 +511,18 @@ class LLMClient:
         delay = random.uniform(0, ceiling)  # full jitter spreads a thundering herd
         return max(delay, retry_after or 0.0)
 
-    def _budget_spent(self, kind: str, cause: str, detail: str, first_failure: float, used: list[int]) -> Exception:
+    def _budget_spent(self, kind: str, failure: RequestFailure, first_failure: float, used: list[int]) -> Exception:
         """The request's attempts are spent: its document's problem if the fleet answered
         since it first failed, else the fleet's (the shard fails, nothing is rejected)."""
-        if self._last_success > first_failure and (kind in self._answered_kinds or not cause.startswith("http_4")):
-            return RequestFailed("retries_exhausted", f"{cause}: {detail}", *used)
+        cause, detail = failure.cause, failure.detail
+        if self._last_success > first_failure and (kind in self._answered_kinds or not 400 <= failure.status < 500):
+            return RequestFailed(RequestFailure("retries_exhausted", f"{cause}: {detail}").costing(*used))
         if cause == "timeout":
             return EndpointsUnavailable(
                 f"requests time out after {self.settings.request_timeout_s:g} s on every endpoint: raise"
                 f" request_timeout_s or lower concurrency ({', '.join(e.label for e in self.endpoints)})"
             )
-        if cause.startswith("http_4"):
+        if 400 <= failure.status < 500:
             return FleetRefused(f"every LLM endpoint answers {cause} to {kind} requests: {detail[:200]}")
         return EndpointsUnavailable(
             f"every LLM endpoint fails {kind} requests ({cause}: {detail[:200]}) with no answer since"
@@ -593,24 +574,25 @@ class LLMClient:
                     completion.completion_tokens += used[1]
                     return completion
                 except RequestFailed as error:
-                    self.stats.failures[error.reason] += 1
-                    cause = error.reason.removeprefix("retryable_")
+                    failure = error.failure
+                    self.stats.failures[failure.reason] += 1
                     first_failure = first_failure or time.monotonic()
-                    if cause == "timeout" and endpoint.controller is not None:
+                    if failure.cause == "timeout" and endpoint.controller is not None:
                         endpoint.controller.observe_timeout()
-                    status = int(cause[5:]) if cause.startswith("http_") else 0
-                    if status in REFUSAL_STATUS or _is_redirect(status):
+                    status = failure.status
+                    if failure.refuses_endpoint:
                         endpoint.refused = (
-                            error.detail if _is_redirect(status)
-                            else f"{REFUSAL_STATUS[status]} (http {status}: {error.detail[:120]})"
+                            failure.detail if is_redirect(status)
+                            else f"{REFUSAL_STATUS[status]} (http {status}: {failure.detail[:120]})"
                         )
                         log.error("endpoint %s left the rotation: it %s", endpoint.label, endpoint.refused)
                         if all(e.refused for e in self.endpoints):
                             raise self._refusal_error() from None
                         continue
-                    client_error = 400 <= status < 500 and status != 429
-                    if client_error and (kind in self._answered_kinds or (response_format and refuses_structured_outputs(error))):
-                        raise RequestFailed(error.reason, error.detail, *used) from None
+                    if failure.client_error and (
+                        kind in self._answered_kinds or (response_format and failure.refuses_structured_outputs)
+                    ):
+                        raise RequestFailed(failure.costing(*used)) from None
                     if status == 429:
                         rate_limited += 1
                         spent = rate_limited >= self.settings.max_attempts_429
@@ -618,12 +600,12 @@ class LLMClient:
                         attempts += 1
                         spent = attempts >= self.settings.max_attempts
                         tried.add(endpoint.url)
-                    if error.reason == "retryable_connection_error":
+                    if failure.cause == "connection_error":
                         self._record_failure(endpoint)
                     if spent:
-                        raise self._budget_spent(kind, cause, error.detail, first_failure, used) from None
+                        raise self._budget_spent(kind, failure, first_failure, used) from None
                     self.stats.retries += 1
-                    delay = self._backoff(attempts or rate_limited, getattr(error, "retry_after", None))
+                    delay = self._backoff(attempts or rate_limited, failure.retry_after)
                 except _Disconnected:
                     self.stats.failures["disconnected"] += 1
                     first_failure = first_failure or time.monotonic()
@@ -632,14 +614,14 @@ class LLMClient:
                     if await self._died(endpoint):
                         deaths += 1
                         if endpoint.died_holding == 1 or deaths >= 2:
-                            raise RequestFailed(
+                            raise RequestFailed(RequestFailure(
                                 "endpoint_died",
                                 f"{endpoint.label} died while holding this request"
                                 + (" alone" if endpoint.died_holding == 1 else f" ({deaths} deaths)"),
-                                *used,
-                            ) from None
+                            ).costing(*used)) from None
                     if attempts >= self.settings.max_attempts:
-                        raise self._budget_spent(kind, "disconnected", endpoint.label, first_failure, used) from None
+                        failure = RequestFailure("disconnected", endpoint.label, retryable=True)
+                        raise self._budget_spent(kind, failure, first_failure, used) from None
                     self.stats.retries += 1
                     delay = self._backoff(attempts, None)
                 finally:
@@ -663,35 +645,37 @@ class LLMClient:
                 f"{endpoint.url}/v1/chat/completions", data=payload, headers=headers, allow_redirects=False
             ) as response:
                 status = response.status
-                if _is_redirect(status):
-                    raise RequestFailed(f"http_{status}", _redirect_refusal(response))
+                if is_redirect(status):
+                    raise RequestFailed(RequestFailure(f"http_{status}", _redirect_refusal(response), status))
                 if status != 200:
                     raw = await read_error_body(response)
                 else:
                     raw = await read_bounded(response, limit)
                 retry_after = _retry_after(response.headers.get("Retry-After"))
         except asyncio.TimeoutError:
-            raise RequestFailed("retryable_timeout", f"no answer within {self.settings.request_timeout_s}s") from None
+            raise RequestFailed(RequestFailure(
+                "timeout", f"no answer within {self.settings.request_timeout_s}s", retryable=True
+            )) from None
         except aiohttp.ClientConnectorError:
-            raise RequestFailed("retryable_connection_error", f"cannot connect to {endpoint.label}") from None
+            raise RequestFailed(RequestFailure("connection_error", f"cannot connect to {endpoint.label}", retryable=True)) from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError, ConnectionError) as error:
             raise _Disconnected(type(error).__name__) from error
         except aiohttp.ClientError as error:
-            raise RequestFailed("retryable_client_error", type(error).__name__) from None
+            raise RequestFailed(RequestFailure("client_error", type(error).__name__, retryable=True)) from None
         if status != 200:
             # An error page may echo our Authorization header or carry NUL bytes; its
             # detail goes into one-line errors, logs and rows: one line, redacted, bounded.
             detail = " ".join(clean_text(raw.decode("utf-8", "replace"), ERROR_DETAIL_CHARS).split())
-            if status in RETRYABLE_STATUS:
-                failure = RequestFailed(f"retryable_http_{status}", detail)
-                failure.retry_after = retry_after
-                raise failure
-            raise RequestFailed(f"http_{status}", detail)
+            retryable = status in RETRYABLE_STATUS
+            raise RequestFailed(RequestFailure(
+                f"http_{status}", detail, status, retryable, retry_after if retryable else None
+            ))
         if raw is None:
-            raise RequestFailed(
-                "retryable_bad_response",
+            raise RequestFailed(RequestFailure(
+                "bad_response",
                 f"answer over {limit} bytes (answer_envelope_bytes + max_tokens x answer_bytes_per_token)",
-            )
+                retryable=True,
+            ))
         try:
             answer = parse_answer(raw)
         except MalformedAnswer as error:
@@ -700,7 +684,7 @@ class LLMClient:
             used[1] += error.completion_tokens
             self.stats.prompt_tokens += error.prompt_tokens
             self.stats.completion_tokens += error.completion_tokens
-            raise RequestFailed("retryable_bad_response", error.reason) from None
+            raise RequestFailed(RequestFailure("bad_response", error.reason, retryable=True)) from None
         self.stats.prompt_tokens += answer.prompt_tokens
         self.stats.completion_tokens += answer.completion_tokens
         return Completion(
@@ -771,10 +755,6 @@ class LLMClient:
                 "signal": endpoint.controller.signal,
             })
         return report
-
-
-def _is_redirect(status: int) -> bool:
-    return 300 <= status < 400
 
 
 def _redirect_refusal(response: aiohttp.ClientResponse) -> str:

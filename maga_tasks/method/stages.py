@@ -16,7 +16,8 @@ from urllib.parse import quote
 import orjson
 
 from maga_tasks.errors import FleetRefused
-from maga_tasks.llm.client import Completion, LLMClient, RequestFailed, refuses_structured_outputs
+from maga_tasks.llm.client import Completion, LLMClient
+from maga_tasks.llm.failure import RequestFailed, RequestFailure
 from maga_tasks.method.detectors import junk_description
 from maga_tasks.method.prompts import (
     JUDGE_JSON_SCHEMA,
@@ -77,12 +78,24 @@ class StructuredOutputSupport:
         self.required = mode == "json_schema"
 
 
-def _refuses_required_grammar(error: RequestFailed) -> FleetRefused:
-    # The same grammar goes with every document's request: the fleet's fault, not theirs.
-    return FleetRefused(
-        "the recipe needs structured outputs (pairs.structured_output: json_schema) and the"
-        f" LLM fleet refuses them: {error.detail[:200]}"
-    )
+def falls_back_from_structured_outputs(failure: RequestFailure, structured: StructuredOutputSupport, *, required: bool) -> bool:
+    """Whether `failure` is the fleet refusing `response_format` while `structured` asked
+    for it: then structured outputs go off for this fleet and the caller asks again
+    without them (True), or, when the grammar is `required`, `FleetRefused` is raised (the
+    same grammar goes with every document's request: the fleet's fault, not theirs)."""
+    if not (structured.enabled and failure.refuses_structured_outputs):
+        return False
+    if required:
+        raise FleetRefused(
+            "the recipe needs structured outputs (pairs.structured_output: json_schema) and the"
+            f" LLM fleet refuses them: {failure.detail[:200]}"
+        )
+    structured.enabled = False  # this fleet cannot; ask for plain JSON instead
+    return True
+
+
+# A catalogue choice cannot go without its grammar: the answer must be one of the entries.
+_GRAMMAR_REQUIRED = StructuredOutputSupport("json_schema")
 
 
 # The longest model answer parsed as JSON (pairs, a catalogue choice, a verdict): far
@@ -187,13 +200,11 @@ async def generate_pairs(
                 response_format=schema if structured.enabled else None,
             )
         except RequestFailed as error:
-            if structured.enabled and refuses_structured_outputs(error):
-                if structured.required:
-                    raise _refuses_required_grammar(error) from None
-                structured.enabled = False  # this fleet cannot; ask for plain JSON instead
+            failure = error.failure
+            if falls_back_from_structured_outputs(failure, structured, required=structured.required):
                 continue
-            result.usage.add(error.prompt_tokens, error.completion_tokens)
-            reason, detail = f"pairs_request_{error.reason}", error.detail[:300]
+            result.usage.add(failure.prompt_tokens, failure.completion_tokens)
+            reason, detail = f"pairs_request_{failure.reason}", failure.detail[:300]
             break  # the client already spent this call's budget; a new seed cannot help
         result.usage.add(completion.prompt_tokens, completion.completion_tokens)
         if completion.finish_reason == "length":
@@ -235,10 +246,10 @@ async def choose_pairs(client: LLMClient, recipe: Recipe, doc_key: str, document
                     response_format={"type": "json_schema", "json_schema": {"name": "pair_choice", "schema": schema, "strict": True}},
                 )
             except RequestFailed as error:
-                if refuses_structured_outputs(error):
-                    raise _refuses_required_grammar(error) from None
-                result.usage.add(error.prompt_tokens, error.completion_tokens)
-                result.reject_reason, result.detail = f"pairs_request_{error.reason}", error.detail[:300]
+                failure = error.failure
+                falls_back_from_structured_outputs(failure, _GRAMMAR_REQUIRED, required=True)  # raises on refusal
+                result.usage.add(failure.prompt_tokens, failure.completion_tokens)
+                result.reject_reason, result.detail = f"pairs_request_{failure.reason}", failure.detail[:300]
                 return result
             result.usage.add(completion.prompt_tokens, completion.completion_tokens)
             if completion.finish_reason == "length":
@@ -279,7 +290,7 @@ async def rewrite(client: LLMClient, recipe: Recipe, doc_key: str, document: str
             kind="rewrite",
         )
     except RequestFailed as error:
-        return RewriteResult(None, f"rewrite_request_{error.reason}", error.detail[:300])
+        return RewriteResult(None, f"rewrite_request_{error.failure.reason}", error.failure.detail[:300])
     return RewriteResult(completion)
 
 
@@ -314,10 +325,10 @@ async def judge(
                 response_format=schema if structured.enabled else None,
             )
         except RequestFailed as error:
-            if structured.enabled and refuses_structured_outputs(error):
-                structured.enabled = False
+            # The judge goes without the grammar even where the pairs require it.
+            if falls_back_from_structured_outputs(error.failure, structured, required=False):
                 continue
-            return JudgeResult(None, "", f"judge_request_{error.reason}")
+            return JudgeResult(None, "", f"judge_request_{error.failure.reason}")
         answer = parse_json_object(completion.text) or {}
         score = answer.get("score")
         if isinstance(score, int) and 1 <= score <= 5:

@@ -316,7 +316,8 @@ async def _drive_fleet_client(args) -> dict:
 
     from maga_tasks.data.sample_corpus import wikipedia_summaries
     from maga_tasks.errors import MagaError
-    from maga_tasks.llm.client import LLMClient, RequestFailed
+    from maga_tasks.llm.client import LLMClient
+    from maga_tasks.llm.failure import RequestFailed
     from maga_tasks.method.prompts import rewrite_messages
     from maga_tasks.settings import RunSettings
 
@@ -348,8 +349,11 @@ async def _drive_fleet_client(args) -> dict:
                         rewrite_messages(recipe, texts[(worker + n) % len(texts)], "A short tutorial.", "Students."),
                         sampling, request_id=f"{args.name}w{worker}n{n}/rewrite/0",
                     )
-                except (RequestFailed, MagaError) as error:
-                    errors[getattr(error, "reason", type(error).__name__)] += 1
+                except RequestFailed as error:
+                    errors[error.failure.reason] += 1
+                    continue
+                except MagaError as error:
+                    errors[type(error).__name__] += 1
                     continue
                 calls.append(time.monotonic() - started)
                 exchanges.append(completion.latency_s)
