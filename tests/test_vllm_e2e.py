@@ -34,9 +34,9 @@ from maga_tasks.recipe import load_recipe
 from maga_tasks.data.sample_corpus import wikipedia_summaries
 from maga_tasks.settings import RunSettings
 from maga_tasks.engine.shard import expand_shard
+from maga_tasks.llm.prometheus import prefix_cache_hit_rate
 from maga_tasks.llm.vllm_local import (
     free_port,
-    prefix_cache_hit_rate,
     read_metrics,
     start_vllm_server,
 )

@@ -24,10 +24,9 @@ from maga_tasks.method.prompts import (
     rewrite_messages,
 )
 from maga_tasks.recipe import load_recipe
+from maga_tasks.llm.prometheus import parse_prometheus_text, prefix_cache_hit_rate
 from maga_tasks.llm.vllm_local import (
     VllmServer,
-    parse_prometheus_text,
-    prefix_cache_hit_rate,
     read_metrics,
     vllm_command,
     vllm_environment,

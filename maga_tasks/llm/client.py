@@ -72,7 +72,7 @@ from maga_tasks.llm.answer import (
     read_error_body,
 )
 from maga_tasks.llm.failure import REFUSAL_STATUS, RETRYABLE_STATUS, RequestFailed, RequestFailure, is_redirect
-from maga_tasks.llm.vllm_local import parse_prometheus_text
+from maga_tasks.llm.prometheus import parse_prometheus_text
 from maga_tasks.recipe import Sampling
 from maga_tasks.redaction import clean_text, redact_url, register_secret
 from maga_tasks.settings import RunSettings

@@ -31,9 +31,7 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -45,6 +43,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
+
+from maga_tasks.llm.prometheus import parse_prometheus_text
 
 log = logging.getLogger(__name__)
 
@@ -360,40 +360,6 @@ def start_vllm_server(
     )
 
 
-# One sample line of the Prometheus text format: name, optional {labels} (label values
-# are quoted and may hold spaces, braces or escaped quotes), value, optional timestamp.
-_SAMPLE = re.compile(
-    r'^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)'
-    r'(?:\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})?'
-    r'\s+(?P<value>\S+)(?:\s+\S+)?\s*$'
-)
-
-
-def parse_prometheus_text(text: str) -> dict[str, float]:
-    """Sum the samples of each metric name over all label sets.
-
-    Counters and gauges come out as server totals (e.g. the prompt tokens of every
-    model and engine). Histograms keep their `_sum`, `_count` and `_bucket` names;
-    only the first two are meaningful once summed. `*_created` samples (creation
-    timestamps of counters) are left out: a sum of timestamps means nothing.
-    """
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        match = _SAMPLE.match(line)
-        if not match or match["name"].endswith("_created"):
-            continue
-        try:
-            value = float(match["value"])
-        except ValueError:
-            continue
-        if math.isnan(value):
-            continue
-        totals[match["name"]] = totals.get(match["name"], 0.0) + value
-    return totals
-
-
 def read_metrics(url: str, *, timeout: float = 10.0, api_key: str | None = None) -> dict[str, float]:
     """Fetch `{url}/metrics` of a vLLM server and sum each metric over its labels.
 
@@ -407,13 +373,6 @@ def read_metrics(url: str, *, timeout: float = 10.0, api_key: str | None = None)
     if status != 200:
         raise VllmError(f"GET {base}/metrics answered HTTP {status}")
     return parse_prometheus_text(body.decode("utf-8", errors="replace"))
-
-
-def prefix_cache_hit_rate(before: Mapping[str, float], after: Mapping[str, float]) -> float | None:
-    """Share of prompt tokens served from the prefix cache between two metric reads."""
-    queries = after.get("vllm:prefix_cache_queries_total", 0.0) - before.get("vllm:prefix_cache_queries_total", 0.0)
-    hits = after.get("vllm:prefix_cache_hits_total", 0.0) - before.get("vllm:prefix_cache_hits_total", 0.0)
-    return hits / queries if queries > 0 else None
 
 
 # --- command line: a detached server for the demo, found again through state files ---

@@ -208,7 +208,8 @@ def vllm_bench_serve(url: str, model: str, tokenizer: str, dataset: Path, num_pr
 
 
 def engine_suite(args, figures: Figures) -> dict:
-    from maga_tasks.llm.vllm_local import default_vllm_python, prefix_cache_hit_rate, read_metrics, start_vllm_server
+    from maga_tasks.llm.prometheus import prefix_cache_hit_rate
+    from maga_tasks.llm.vllm_local import default_vllm_python, read_metrics, start_vllm_server
 
     server = None
     url = args.endpoint
