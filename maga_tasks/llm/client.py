@@ -57,6 +57,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
@@ -103,6 +104,18 @@ def _fewer_collections():
     finally:
         gc.set_threshold(*threshold)
         gc.unfreeze()
+
+
+@dataclass
+class _Spent:
+    """What one request has spent over its attempts."""
+
+    attempts: int = 0
+    rate_limited: int = 0  # 429s, counted against `max_attempts_429` instead
+    used: list[int] = field(default_factory=lambda: [0, 0])  # tokens of failed attempts that still cost the server
+    tried: set[str] = field(default_factory=set)  # endpoints it failed on: the next attempt goes elsewhere
+    deaths: int = 0  # deaths of workers that held it
+    first_failure: float | None = None
 
 
 class LLMClient:
@@ -202,85 +215,94 @@ class LLMClient:
         if response_format:
             body["response_format"] = response_format
         payload = orjson.dumps(body)  # several times faster than json at thousands of requests/s
-        limit = answer_limit(sampling.max_tokens, self.settings.answer_bytes_per_token, self.settings.answer_envelope_bytes)
-        attempts = rate_limited = 0
-        used = [0, 0]  # tokens of failed attempts that still cost the server
-        tried: set[str] = set()
-        deaths = 0  # deaths of workers that held this request
-        first_failure: float | None = None
+        settings = self.settings
+        limit = answer_limit(sampling.max_tokens, settings.answer_bytes_per_token, settings.answer_envelope_bytes)
+        spent = _Spent()
         while True:
-            delay = 0.0
-            async with self._slot(affinity or request_id, tried) as endpoint:
+            async with self._slot(affinity or request_id, spent.tried) as endpoint:
                 endpoint.in_flight += 1
                 try:
                     completion = await post_chat(
                         self.fleet.session, endpoint, payload, request_id=request_id,
-                        attempt=attempts + rate_limited + 1, limit=limit, used=used, stats=self.stats,
-                        timeout_s=self.settings.request_timeout_s,
+                        attempt=spent.attempts + spent.rate_limited + 1, limit=limit, used=spent.used,
+                        stats=self.stats, timeout_s=self.settings.request_timeout_s,
                     )
                     self.fleet.record_success(endpoint, kind)
                     if endpoint.controller is not None:
                         endpoint.controller.observe(completion.latency_s, completion.completion_tokens)
                     if self._request_log is not None:
                         self._log_request(kind, body, completion)
-                    completion.prompt_tokens += used[0]
-                    completion.completion_tokens += used[1]
+                    completion.prompt_tokens += spent.used[0]
+                    completion.completion_tokens += spent.used[1]
                     return completion
                 except RequestFailed as error:
-                    failure = error.failure
-                    self.stats.failures[failure.reason] += 1
-                    first_failure = first_failure or time.monotonic()
-                    if failure.cause == "timeout" and endpoint.controller is not None:
-                        endpoint.controller.observe_timeout()
-                    status = failure.status
-                    if failure.refuses_endpoint:
-                        endpoint.refused = (
-                            failure.detail if is_redirect(status)
-                            else f"{REFUSAL_STATUS[status]} (http {status}: {failure.detail[:120]})"
-                        )
-                        log.error("endpoint %s left the rotation: it %s", endpoint.label, endpoint.refused)
-                        if all(e.refused for e in self.endpoints):
-                            raise self.fleet.refusal_error() from None
-                        continue
-                    if failure.client_error and (
-                        kind in self.fleet.answered_kinds or (response_format and failure.refuses_structured_outputs)
-                    ):
-                        raise RequestFailed(failure.costing(*used)) from None
-                    if status == 429:
-                        rate_limited += 1
-                        spent = rate_limited >= self.settings.max_attempts_429
-                    else:
-                        attempts += 1
-                        spent = attempts >= self.settings.max_attempts
-                        tried.add(endpoint.url)
-                    if failure.cause == "connection_error":
-                        self.fleet.record_failure(endpoint)
-                    if spent:
-                        raise self._budget_spent(kind, failure, first_failure, used) from None
-                    self.stats.retries += 1
-                    delay = self._backoff(attempts or rate_limited, failure.retry_after)
+                    delay = self._after_failure(endpoint, error.failure, spent, kind, bool(response_format))
+                    if delay is None:
+                        continue  # the endpoint refused the run: another one, at once
                 except Disconnected:
-                    self.stats.failures["disconnected"] += 1
-                    first_failure = first_failure or time.monotonic()
-                    attempts += 1
-                    tried.add(endpoint.url)
-                    if await self.fleet.died(endpoint):
-                        deaths += 1
-                        if endpoint.died_holding == 1 or deaths >= 2:
-                            raise RequestFailed(RequestFailure(
-                                "endpoint_died",
-                                f"{endpoint.label} died while holding this request"
-                                + (" alone" if endpoint.died_holding == 1 else f" ({deaths} deaths)"),
-                            ).costing(*used)) from None
-                    if attempts >= self.settings.max_attempts:
-                        failure = RequestFailure("disconnected", endpoint.label, retryable=True)
-                        raise self._budget_spent(kind, failure, first_failure, used) from None
-                    self.stats.retries += 1
-                    delay = self._backoff(attempts, None)
+                    delay = await self._after_disconnect(endpoint, spent, kind)
                 finally:
                     endpoint.in_flight -= 1
             # Back off outside the semaphore so a sleeping retry does not hold a slot.
             await asyncio.sleep(delay)
+
+    def _after_failure(
+        self, endpoint: Endpoint, failure: RequestFailure, spent: _Spent, kind: str, structured: bool
+    ) -> float | None:
+        """After a failed attempt: the backoff before the next one, None to choose another
+        endpoint at once (this one refuses the run); raises when the request is done."""
+        self.stats.failures[failure.reason] += 1
+        spent.first_failure = spent.first_failure or time.monotonic()
+        if failure.cause == "timeout" and endpoint.controller is not None:
+            endpoint.controller.observe_timeout()
+        status = failure.status
+        if failure.refuses_endpoint:
+            endpoint.refused = (
+                failure.detail if is_redirect(status)
+                else f"{REFUSAL_STATUS[status]} (http {status}: {failure.detail[:120]})"
+            )
+            log.error("endpoint %s left the rotation: it %s", endpoint.label, endpoint.refused)
+            if all(e.refused for e in self.endpoints):
+                raise self.fleet.refusal_error() from None
+            return None
+        if failure.client_error and (
+            kind in self.fleet.answered_kinds or (structured and failure.refuses_structured_outputs)
+        ):
+            raise RequestFailed(failure.costing(*spent.used)) from None
+        if status == 429:
+            spent.rate_limited += 1
+            done = spent.rate_limited >= self.settings.max_attempts_429
+        else:
+            spent.attempts += 1
+            done = spent.attempts >= self.settings.max_attempts
+            spent.tried.add(endpoint.url)
+        if failure.cause == "connection_error":
+            self.fleet.record_failure(endpoint)
+        if done:
+            raise self._budget_spent(kind, failure, spent) from None
+        self.stats.retries += 1
+        return self._backoff(spent.attempts or spent.rate_limited, failure.retry_after)
+
+    async def _after_disconnect(self, endpoint: Endpoint, spent: _Spent, kind: str) -> float:
+        """After the server dropped the connection that held the request: the backoff
+        before the next attempt; raises when the request is done."""
+        self.stats.failures["disconnected"] += 1
+        spent.first_failure = spent.first_failure or time.monotonic()
+        spent.attempts += 1
+        spent.tried.add(endpoint.url)
+        if await self.fleet.died(endpoint):
+            spent.deaths += 1
+            if endpoint.died_holding == 1 or spent.deaths >= 2:
+                raise RequestFailed(RequestFailure(
+                    "endpoint_died",
+                    f"{endpoint.label} died while holding this request"
+                    + (" alone" if endpoint.died_holding == 1 else f" ({spent.deaths} deaths)"),
+                ).costing(*spent.used)) from None
+        if spent.attempts >= self.settings.max_attempts:
+            failure = RequestFailure("disconnected", endpoint.label, retryable=True)
+            raise self._budget_spent(kind, failure, spent) from None
+        self.stats.retries += 1
+        return self._backoff(spent.attempts, None)
 
     def _log_request(self, kind: str, body: dict, completion: Completion) -> None:
         record = {"kind": kind, "body": body, "prompt_tokens": completion.prompt_tokens,
@@ -314,12 +336,13 @@ class LLMClient:
         delay = random.uniform(0, ceiling)  # full jitter spreads a thundering herd
         return max(delay, retry_after or 0.0)
 
-    def _budget_spent(self, kind: str, failure: RequestFailure, first_failure: float, used: list[int]) -> Exception:
+    def _budget_spent(self, kind: str, failure: RequestFailure, spent: _Spent) -> Exception:
         """The request's attempts are spent: its document's problem if the fleet answered
         since it first failed, else the fleet's (the shard fails, nothing is rejected)."""
         cause, detail = failure.cause, failure.detail
-        if self.fleet.last_success > first_failure and (kind in self.fleet.answered_kinds or not 400 <= failure.status < 500):
-            return RequestFailed(RequestFailure("retries_exhausted", f"{cause}: {detail}").costing(*used))
+        answered_since = self.fleet.last_success > spent.first_failure
+        if answered_since and (kind in self.fleet.answered_kinds or not 400 <= failure.status < 500):
+            return RequestFailed(RequestFailure("retries_exhausted", f"{cause}: {detail}").costing(*spent.used))
         if cause == "timeout":
             return EndpointsUnavailable(
                 f"requests time out after {self.settings.request_timeout_s:g} s on every endpoint: raise"

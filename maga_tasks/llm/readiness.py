@@ -131,7 +131,8 @@ class Readiness:
         same = serves_revision(root, self.model_revision)
         if same is False:
             endpoint.refused = (
-                f"serves {self.model!r} from {clean_text(repr(root), 300)}, not the recipe's model_revision {self.model_revision!r}"
+                f"serves {self.model!r} from {clean_text(repr(root), 300)},"
+                f" not the recipe's model_revision {self.model_revision!r}"
             )
         elif same is None:
             log.warning(

@@ -51,6 +51,10 @@ class Disconnected(Exception):
     """The server dropped the connection while it held the request."""
 
 
+# How a connection that held the request ends without an answer.
+_DROPPED = (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError, ConnectionError)
+
+
 async def post_chat(
     session: aiohttp.ClientSession, endpoint: Endpoint, payload: bytes, *, request_id: str, attempt: int,
     limit: int, used: list[int], stats: ClientStats, timeout_s: float,
@@ -75,8 +79,9 @@ async def post_chat(
     except asyncio.TimeoutError:
         raise RequestFailed(RequestFailure("timeout", f"no answer within {timeout_s}s", retryable=True)) from None
     except aiohttp.ClientConnectorError:
-        raise RequestFailed(RequestFailure("connection_error", f"cannot connect to {endpoint.label}", retryable=True)) from None
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError, ConnectionError) as error:
+        failure = RequestFailure("connection_error", f"cannot connect to {endpoint.label}", retryable=True)
+        raise RequestFailed(failure) from None
+    except _DROPPED as error:
         raise Disconnected(type(error).__name__) from error
     except aiohttp.ClientError as error:
         raise RequestFailed(RequestFailure("client_error", type(error).__name__, retryable=True)) from None
@@ -85,7 +90,9 @@ async def post_chat(
         # detail goes into one-line errors, logs and rows: one line, redacted, bounded.
         detail = " ".join(clean_text(raw.decode("utf-8", "replace"), ERROR_DETAIL_CHARS).split())
         retryable = status in RETRYABLE_STATUS
-        raise RequestFailed(RequestFailure(f"http_{status}", detail, status, retryable, retry_after if retryable else None))
+        raise RequestFailed(
+            RequestFailure(f"http_{status}", detail, status, retryable, retry_after if retryable else None)
+        )
     if raw is None:
         raise RequestFailed(RequestFailure(
             "bad_response",
