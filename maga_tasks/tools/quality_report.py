@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from maga_tasks.tools.bench import percentile
+from maga_tasks.tools.benchmarks.figures import percentile
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_DIR = REPO / "var" / "models" / "smollm2-135m-instruct"
