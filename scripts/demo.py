@@ -168,7 +168,7 @@ def cmd_snapshot(args) -> int:
 
 def cmd_report(args) -> int:
     from maga_tasks.data.layout import shard_paths
-    from maga_tasks.llm.vllm_local import prefix_cache_hit_rate
+    from maga_tasks.llm.prometheus import prefix_cache_hit_rate
 
     before = json.loads(Path(args.snapshot).read_text(encoding="utf-8"))
     after_metrics = _metrics(args.endpoint)

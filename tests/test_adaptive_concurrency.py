@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from maga_tasks.llm.adaptive import AimdParams, ServerLoad, WindowController
-from maga_tasks.tools.bench import run_fleet_clients
+from maga_tasks.tools.benchmarks.fleet import run_fleet_clients
 
 FREE = ServerLoad(running=4, waiting=0, kv_cache_usage=0.3, preemptions_total=0)
 

@@ -298,24 +298,35 @@ def test_output_column_tables_match_the_schemas():
 # -- reject reasons ------------------------------------------------------------------
 
 # Where reasons are written today, and the calls and names that carry one.
+def _words(node: ast.AST, constants: dict[str, str]) -> list[str]:
+    """The string a cause argument spells: a literal, an f-string with `*` for its
+    placeholders, or a module constant; nothing for a value passed on."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.JoinedStr):
+        return ["".join(p.value if isinstance(p, ast.Constant) else "*" for p in node.values)]
+    if isinstance(node, ast.Name) and node.id in constants:
+        return [constants[node.id]]
+    return []
+
+
 def _call_name(node: ast.Call) -> str:
     return getattr(node.func, "id", None) or getattr(node.func, "attr", "")
 
 
 def _request_failure_causes() -> set[str]:
-    """Why a request failed for good, as the client raises it to a stage (`retryable_*`
-    causes are retried inside the client, never seen by a stage). Only a 4xx reaches a row
-    as `http_NNN`: every other status is retried until `retries_exhausted`."""
+    """Why a request failed for good, as the client raises it to a stage (a failure made
+    `retryable=True` is retried inside the client, never seen by a stage). Only a 4xx
+    reaches a row as `http_NNN`: every other status is retried until `retries_exhausted`."""
     causes = set()
-    for path in sorted((REPO / "maga_tasks" / "llm").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and _call_name(node) == "RequestFailed" and node.args:
-                first = node.args[0]
-                if not isinstance(first, ast.Constant | ast.JoinedStr):
-                    continue  # a cause passed on, named where it was made
-                parts = first.values if isinstance(first, ast.JoinedStr) else [first]
-                word = "".join(p.value if isinstance(p, ast.Constant) else "*" for p in parts)
-                if not word.startswith("retryable_"):
+    for module in sorted((REPO / "maga_tasks" / "llm").glob("*.py")):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Call) and _call_name(node) == "RequestFailure" and node.args:
+                retryable = any(
+                    k.arg == "retryable" and isinstance(k.value, ast.Constant) and k.value.value is True
+                    for k in node.keywords
+                )
+                for word in () if retryable else _words(node.args[0], {}):
                     causes.add("http_4xx" if word == "http_*" else word)
     return causes
 

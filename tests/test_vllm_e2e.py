@@ -31,9 +31,9 @@ from maga_tasks.data.layout import shard_paths
 from maga_tasks.data.sample_corpus import wikipedia_summaries
 from maga_tasks.engine.shard import expand_shard
 from maga_tasks.errors import EndpointsUnavailable
+from maga_tasks.llm.prometheus import prefix_cache_hit_rate
 from maga_tasks.llm.vllm_local import (
     free_port,
-    prefix_cache_hit_rate,
     read_metrics,
     start_vllm_server,
 )

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from maga_tasks.llm.prometheus import parse_prometheus_text, prefix_cache_hit_rate
 from maga_tasks.llm.vllm_local import (
     VllmServer,
-    parse_prometheus_text,
-    prefix_cache_hit_rate,
     read_metrics,
     vllm_command,
     vllm_environment,

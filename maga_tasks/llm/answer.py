@@ -35,6 +35,8 @@ MAX_USAGE_TOKENS = 10_000_000
 ERROR_BODY_BYTES = 4096
 # How much of an error body goes into a message (after redaction).
 ERROR_DETAIL_CHARS = 300
+# /v1/models and /metrics answers: a model card list or a page of gauges, never megabytes.
+SIDE_ROUTE_BYTES = 1024**2
 # "stop", "length", "eos", "content_filter", "tool_calls"...: a short word. A server
 # other than vLLM may say a natural end differently; cleaning judges the word itself.
 _FINISH_REASON = re.compile(r"[A-Za-z0-9_.:-]{1,32}")

@@ -1,5 +1,10 @@
 """The one place that talks HTTP to the OpenAI-compatible LLM workers (vLLM).
 
+`LLMClient` composes the parts of `maga_tasks.llm`: the endpoints' health (`endpoints`,
+`routing`), their readiness (`readiness`), the adaptive windows (`windows`, `adaptive`),
+one attempt of a request (`requests`) and why one failed (`failure`); the retry loop with
+its budget and who owns a failure (below) is its own.
+
 - Bounded concurrency: one semaphore caps the requests in flight across all endpoints
   (`max_concurrency`). Below it, with `adaptive_concurrency` (the default), each endpoint
   has a window of requests it may hold, moved by `llm.adaptive.WindowController` from the
@@ -46,67 +51,34 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import gc
-import hashlib
 import json
 import logging
 import random
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
 import uvloop
 
-from maga_tasks.errors import EndpointsUnavailable, FleetRefused, MagaError
-from maga_tasks.llm.adaptive import AimdParams, ServerLoad, WindowController
-from maga_tasks.llm.answer import (
-    ERROR_DETAIL_CHARS,
-    MalformedAnswer,
-    answer_limit,
-    parse_answer,
-    read_bounded,
-    read_error_body,
-)
-from maga_tasks.llm.vllm_local import parse_prometheus_text
+from maga_tasks.errors import EndpointsUnavailable, FleetRefused
+from maga_tasks.llm.adaptive import AimdParams, WindowController
+from maga_tasks.llm.answer import answer_limit
+from maga_tasks.llm.endpoints import Endpoint, Fleet
+from maga_tasks.llm.failure import REFUSAL_STATUS, RequestFailed, RequestFailure, is_redirect
+from maga_tasks.llm.readiness import Readiness
+from maga_tasks.llm.requests import ClientStats, Completion, Disconnected, post_chat
+from maga_tasks.llm.windows import LoadWatch, WindowGate, load_report
 from maga_tasks.recipe import Sampling
-from maga_tasks.redaction import clean_text, redact_url, register_secret
+from maga_tasks.redaction import register_secret
 from maga_tasks.settings import RunSettings
 
+# What callers import from here: the client's answers and its failure.
+__all__ = ["ClientStats", "Completion", "Endpoint", "LLMClient", "RequestFailed", "RequestFailure", "run_client"]
+
 log = logging.getLogger(__name__)
-
-RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
-# The endpoint's configuration, not the request: wrong key, forbidden, unknown model.
-REFUSAL_STATUS = {401: "refused the API key", 403: "forbids the requests", 404: "does not serve the model"}
-_STRUCTURED_OUTPUT_WORDS = ("response_format", "json_schema", "guided", "structured")
-# /v1/models and /metrics answers: a model card list or a page of gauges, never megabytes.
-SIDE_ROUTE_BYTES = 1024**2
-
-
-@dataclass
-class Completion:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    attempts: int
-    endpoint: str
-    latency_s: float = 0.0  # the answered attempt's HTTP exchange, server queue included
-
-
-class RequestFailed(MagaError):
-    """A single request could not be answered; the caller rejects its document. Not
-    retryable: the client has spent the request's budget of attempts."""
-
-    def __init__(self, reason: str, detail: str = "", prompt_tokens: int = 0, completion_tokens: int = 0):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens = completion_tokens
 
 
 def run_client(coroutine):
@@ -134,126 +106,16 @@ def _fewer_collections():
         gc.unfreeze()
 
 
-def refuses_structured_outputs(error: RequestFailed) -> bool:
-    """A 4xx that says the server cannot do `response_format` (the caller falls back)."""
-    text = error.detail.lower()
-    return error.reason in ("http_400", "http_422", "http_501") and any(word in text for word in _STRUCTURED_OUTPUT_WORDS)
-
-
-class _EndpointDown(MagaError):
-    """Connection-level failure before the request reached the server (internal: the
-    client fails over and tries again)."""
-
-    retryable = True
-
-
-class _Disconnected(MagaError):
-    """The server dropped the connection while it held the request (internal)."""
-
-    retryable = True
-
-
-class WindowGate:
-    """Admits requests to one endpoint while fewer than `limit` hold a place; first come,
-    first served, so a document's requests are not overtaken forever."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.admitted = 0
-        self._waiters: collections.deque[asyncio.Future] = collections.deque()
-
-    async def enter(self) -> None:
-        if self.admitted < self.limit and not self._waiters:
-            self.admitted += 1
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter  # resolved with the place already counted for it
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.leave()  # granted just as it was cancelled: hand the place on
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-            raise
-
-    def leave(self) -> None:
-        self.admitted -= 1
-        self._wake()
-
-    def set_limit(self, limit: int) -> None:
-        self.limit = limit
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters and self.admitted < self.limit:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self.admitted += 1
-                waiter.set_result(None)
-
-    @property
-    def waiting(self) -> int:
-        return sum(not w.done() for w in self._waiters)
-
-
 @dataclass
-class Endpoint:
-    url: str
-    label: str = ""  # the URL fit for messages and logs: user-info masked
-    in_flight: int = 0
-    consecutive_failures: int = 0
-    healthy: bool = True
-    prober: asyncio.Task | None = None
-    # Why the endpoint is out for good (key, model, context length); None while usable.
-    refused: str | None = None
-    models_checked: bool = False
-    # Requests it held when it last died (None while it lives): 1 names the culprit.
-    died_holding: int | None = None
-    # Adaptive concurrency only: its window and the gate that enforces it.
-    controller: WindowController | None = None
-    gate: WindowGate | None = None
-    window_started: bool = False  # the first /metrics read has set the window
+class _Spent:
+    """What one request has spent over its attempts."""
 
-
-@dataclass
-class ClientStats:
-    requests: int = 0
-    retries: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    failures: Counter = field(default_factory=Counter)
-
-    def snapshot(self) -> dict:
-        return {
-            "requests": self.requests,
-            "retries": self.retries,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "failures": dict(self.failures),
-        }
-
-
-def serves_revision(root: object, revision: str) -> bool | None:
-    """Whether the weights a `/v1/models` card reports as `root` (the path or hub id vLLM
-    loaded) are `revision`: True, False, or None when the card cannot tell.
-
-    The card has no revision field and a checksum file inside a worker's folder cannot be
-    read from here, so the root's name is compared: it is `revision` when one of its path
-    segments or its `@` suffix is `revision` (a folder named after the revision, the hub
-    cache's `.../snapshots/<commit>`, `org/name@rev`); it is another one when it names a
-    revision that differs (a `snapshots/<commit>` folder, an `@` suffix); a bare hub id
-    or folder names none."""
-    if not isinstance(root, str) or not root.strip("/"):
-        return None
-    path, _, suffix = root.rstrip("/").partition("@")
-    segments = path.split("/")
-    if revision in segments or suffix == revision:
-        return True
-    if suffix or any(segments[i] == "snapshots" for i in range(len(segments) - 1)):
-        return False
-    return None
+    attempts: int = 0
+    rate_limited: int = 0  # 429s, counted against `max_attempts_429` instead
+    used: list[int] = field(default_factory=lambda: [0, 0])  # tokens of failed attempts that still cost the server
+    tried: set[str] = field(default_factory=set)  # endpoints it failed on: the next attempt goes elsewhere
+    deaths: int = 0  # deaths of workers that held it
+    first_failure: float | None = None
 
 
 class LLMClient:
@@ -262,27 +124,26 @@ class LLMClient:
     def __init__(self, settings: RunSettings, model: str, *, model_revision: str | None = None):
         self.settings = settings
         self.model = settings.served_model or model
-        # Checked against what each endpoint reports it loaded (`serves_revision`).
+        # Checked against what each endpoint reports it loaded (`readiness.serves_revision`).
         self.model_revision = model_revision
-        self.endpoints = [Endpoint(url, redact_url(url)) for url in settings.endpoints]
+        self.fleet = Fleet(settings)
+        self.endpoints: list[Endpoint] = self.fleet.endpoints
+        self._load_watch: LoadWatch | None = None
         if settings.adaptive_concurrency:
             params = AimdParams(ceiling=settings.max_concurrency, initial=settings.adaptive_initial_window,
                                 slots=settings.server_slots)
             for endpoint in self.endpoints:
                 endpoint.controller = WindowController(params)
                 endpoint.gate = WindowGate(endpoint.controller.window)
-        self._load_watch: asyncio.Task | None = None
+            self._load_watch = LoadWatch(self.fleet)
+        self._readiness = Readiness(
+            self.fleet, self.model, model_revision, self._load_watch.start_window if self._load_watch else None
+        )
         self.stats = ClientStats()
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
-        self._recovered = asyncio.Event()
-        self._session: aiohttp.ClientSession | None = None
-        # When the fleet last answered a request (any kind), and which kinds it answered:
-        # the evidence that turns a failing request into its document's problem.
-        self._last_success = float("-inf")
-        self._answered_kinds: set[str] = set()
         self._request_log = None
 
-    async def __aenter__(self) -> "LLMClient":
+    async def __aenter__(self) -> LLMClient:
         headers = {"Content-Type": "application/json"}
         key = self.settings.resolved_api_key
         if key:
@@ -300,259 +161,35 @@ class LLMClient:
         timeout = aiohttp.ClientTimeout(
             total=self.settings.request_timeout_s, sock_connect=self.settings.connect_timeout_s
         )
-        self._session = aiohttp.ClientSession(
+        self.fleet.session = aiohttp.ClientSession(
             connector=connector, timeout=timeout, headers=headers, json_serialize=json.dumps,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        if self.settings.adaptive_concurrency:
-            self._load_watch = asyncio.create_task(self._watch_load())
+        if self._load_watch is not None:
+            self._load_watch.start()
         if self.settings.request_log:
             self._request_log = open(self.settings.request_log, "a", encoding="utf-8")
         return self
 
     async def __aexit__(self, *exc) -> None:
-        for endpoint in self.endpoints:
-            if endpoint.prober:
-                endpoint.prober.cancel()
+        self.fleet.close()
         if self._load_watch is not None:
-            self._load_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._load_watch
-        if self._session:
-            await self._session.close()
+            await self._load_watch.stop()
+        if self.fleet.session:
+            await self.fleet.session.close()
         if self._request_log is not None:
             self._request_log.close()
-
-    # -- readiness -------------------------------------------------------------------
-
-    async def probe(self, endpoint: Endpoint) -> bool:
-        """Whether /health answers 200. A redirect is not followed: the endpoint is
-        refused (it answers, so readiness can say why at once)."""
-        try:
-            async with self._session.get(
-                f"{endpoint.url}/health", timeout=aiohttp.ClientTimeout(total=5), allow_redirects=False
-            ) as response:
-                if _is_redirect(response.status):
-                    endpoint.refused = _redirect_refusal(response)
-                    return True
-                return response.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            return False
-
-    async def _check_models(self, endpoint: Endpoint, min_context_tokens: int | None) -> None:
-        """Does the endpoint serve our model, to our key, with room for the recipe?"""
-        try:
-            async with self._session.get(
-                f"{endpoint.url}/v1/models", timeout=aiohttp.ClientTimeout(total=10), allow_redirects=False
-            ) as response:
-                status = response.status
-                raw = await read_bounded(response, SIDE_ROUTE_BYTES) if status == 200 else b""
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            return  # unreachable now: /health decides, the check runs again next time
-        endpoint.models_checked = True
-        if status in (401, 403):
-            endpoint.refused = f"{REFUSAL_STATUS[status]} (http {status} on /v1/models)"
-            return
-        if status != 200 or raw is None:
-            return  # a server without /v1/models (or with a card past any bound) cannot tell; the first request will
-        try:
-            # orjson: a card nested past 1024 levels is refused, never a RecursionError.
-            models = {item["id"]: item for item in orjson.loads(raw)["data"] if isinstance(item, dict)}
-        except (ValueError, KeyError, TypeError):
-            return
-        served = models.get(self.model)
-        if served is None:
-            served_names = clean_text(", ".join(sorted(map(str, models))) or "nothing", 300)
-            endpoint.refused = (
-                f"does not serve model {self.model!r} (it serves {served_names};"
-                " set served_model / MAGA_SERVED_MODEL or the recipe's model)"
-            )
-            return
-        length = served.get("max_model_len")
-        if min_context_tokens and isinstance(length, int) and length < min_context_tokens:
-            endpoint.refused = (
-                f"serves {self.model!r} with max_model_len {length}, below the {min_context_tokens}"
-                " tokens the recipe needs (context_budget_tokens + rewrite max_tokens)"
-            )
-            return
-        if self.model_revision:
-            root = served.get("root")
-            same = serves_revision(root, self.model_revision)
-            if same is False:
-                endpoint.refused = (
-                    f"serves {self.model!r} from {clean_text(repr(root), 300)}, not the recipe's model_revision {self.model_revision!r}"
-                )
-            elif same is None:
-                log.warning(
-                    "endpoint %s serves %r from %r, which names no revision: model_revision %r not checked",
-                    endpoint.label, self.model, clean_text(repr(root), 300), self.model_revision,
-                )
-
-    def _refusal_error(self) -> FleetRefused:
-        causes = "; ".join(f"{e.label} {e.refused}" for e in self.endpoints if e.refused)
-        return FleetRefused(f"every LLM endpoint refuses this run: {causes}")
 
     async def wait_ready(self, timeout_s: float, *, min_context_tokens: int | None = None) -> list[str]:
         """Wait until at least one endpoint answers /health and serves our model to our
         key with room for `min_context_tokens`; returns the ready ones. Raises
         `FleetRefused` at once when every endpoint that answers refuses the run."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            results = await asyncio.gather(*(self.probe(e) for e in self.endpoints))
-            for endpoint, ok in zip(self.endpoints, results):
-                if ok and not endpoint.models_checked:
-                    await self._check_models(endpoint, min_context_tokens)
-                endpoint.healthy = ok
-                endpoint.consecutive_failures = 0 if ok else self.settings.endpoint_failure_threshold
-            ready = [e.url for e, ok in zip(self.endpoints, results) if ok and not e.refused]
-            if ready and self.settings.adaptive_concurrency:
-                await asyncio.gather(*(
-                    self._start_window(e) for e, ok in zip(self.endpoints, results)
-                    if ok and not e.refused and not e.window_started
-                ))
-            if ready:
-                for endpoint in self.endpoints:
-                    if endpoint.refused:
-                        log.error("endpoint %s left the rotation: it %s", endpoint.label, endpoint.refused)
-                return ready
-            if any(e.refused for e in self.endpoints) and all(e.refused or not ok for e, ok in zip(self.endpoints, results)):
-                raise self._refusal_error()
-            if time.monotonic() >= deadline:
-                raise EndpointsUnavailable(
-                    f"no LLM endpoint answered /health within {timeout_s:.0f}s: "
-                    + ", ".join(e.label for e in self.endpoints)
-                )
-            await asyncio.sleep(min(1.0, self.settings.endpoint_probe_interval_s))
+        return await self._readiness.wait_ready(timeout_s, min_context_tokens=min_context_tokens)
 
-    # -- routing ---------------------------------------------------------------------
-
-    def _usable(self) -> list[Endpoint]:
-        return [e for e in self.endpoints if e.healthy and not e.refused]
-
-    def _choose(self, affinity: str, tried: set[str]) -> Endpoint | None:
-        """The first endpoint in the document's rendezvous order this request has not
-        failed on yet (all of them again once it has failed on every one)."""
-        usable = self._usable()
-        fresh = [e for e in usable if e.url not in tried] or usable
-        if not fresh:
-            return None
-        if len(fresh) == 1:
-            return fresh[0]
-        return max(fresh, key=lambda e: hashlib.blake2b(f"{affinity}|{e.url}".encode(), digest_size=8).digest())
-
-    async def _wait_for(self, ready, what: str) -> None:
-        """Wait up to `all_down_timeout_s` until `ready()`; raises TimeoutError."""
-        deadline = time.monotonic() + self.settings.all_down_timeout_s
-        while not ready():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(what)
-            self._recovered.clear()
-            try:
-                await asyncio.wait_for(self._recovered.wait(), timeout=min(remaining, 1.0))
-            except asyncio.TimeoutError:
-                pass
-
-    async def _pick(self, affinity: str, tried: set[str]) -> Endpoint:
-        endpoint = self._choose(affinity, tried)
-        if endpoint is None:
-            try:
-                await self._wait_for(lambda: bool(self._usable()), "any endpoint")
-            except TimeoutError:
-                raise self._all_down() from None
-            endpoint = self._choose(affinity, tried)
-        return endpoint
-
-    @contextlib.asynccontextmanager
-    async def _slot(self, key: str, tried: set[str]):
-        """An endpoint and a global slot for one attempt. With adaptive concurrency the
-        request takes its place in the endpoint's window first, so one waiting for a full
-        endpoint holds no slot another endpoint could use."""
-        if not self.settings.adaptive_concurrency:
-            async with self._semaphore:
-                yield await self._pick(key, tried)
-            return
-        while True:
-            endpoint = await self._pick(key, tried)
-            await endpoint.gate.enter()
-            try:
-                endpoint.controller.note_in_flight(endpoint.gate.admitted)
-                async with self._semaphore:
-                    if endpoint.healthy and not endpoint.refused:
-                        yield endpoint
-                        return
-            finally:
-                endpoint.gate.leave()
-            # It left the rotation while this request waited for a place: choose again.
-
-    def _all_down(self) -> EndpointsUnavailable:
-        if all(e.refused for e in self.endpoints):
-            return self._refusal_error()
-        return EndpointsUnavailable(
-            f"all LLM endpoints down for {self.settings.all_down_timeout_s:.0f}s: "
-            + ", ".join(e.label for e in self.endpoints)
-        )
-
-    def _record_success(self, endpoint: Endpoint, kind: str) -> None:
-        endpoint.consecutive_failures = 0
-        self._last_success = time.monotonic()
-        self._answered_kinds.add(kind)
-
-    async def _died(self, endpoint: Endpoint) -> bool:
-        """After a dropped connection: is the worker gone? The requests it held are
-        counted once, before any await, so every request of one death reads the same."""
-        if endpoint.died_holding is None:
-            endpoint.died_holding = endpoint.in_flight
-            if await self.probe(endpoint):
-                endpoint.died_holding = None  # alive: a passing disconnect, retried as usual
-                return False
-            self._take_out(endpoint, f"after it died holding {endpoint.died_holding} request(s)")
-        return True
-
-    def _record_failure(self, endpoint: Endpoint) -> None:
-        endpoint.consecutive_failures += 1
-        if endpoint.healthy and endpoint.consecutive_failures >= self.settings.endpoint_failure_threshold:
-            self._take_out(endpoint, f"after {endpoint.consecutive_failures} failures")
-
-    def _take_out(self, endpoint: Endpoint, why: str) -> None:
-        endpoint.healthy = False
-        log.warning("endpoint %s left the rotation %s", endpoint.label, why)
-        if endpoint.prober is None or endpoint.prober.done():
-            endpoint.prober = asyncio.create_task(self._probe_until_back(endpoint))
-
-    async def _probe_until_back(self, endpoint: Endpoint) -> None:
-        interval = self.settings.endpoint_probe_interval_s
-        while not await self.probe(endpoint):
-            await asyncio.sleep(interval)
-            interval = min(interval * 2, 30.0)
-        endpoint.healthy = True
-        endpoint.consecutive_failures = 0
-        endpoint.died_holding = None
-        log.warning("endpoint %s is back in the rotation", endpoint.label)
-        self._recovered.set()
-
-    # -- requests --------------------------------------------------------------------
-
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        ceiling = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** (attempt - 1))
-        delay = random.uniform(0, ceiling)  # full jitter spreads a thundering herd
-        return max(delay, retry_after or 0.0)
-
-    def _budget_spent(self, kind: str, cause: str, detail: str, first_failure: float, used: list[int]) -> Exception:
-        """The request's attempts are spent: its document's problem if the fleet answered
-        since it first failed, else the fleet's (the shard fails, nothing is rejected)."""
-        if self._last_success > first_failure and (kind in self._answered_kinds or not cause.startswith("http_4")):
-            return RequestFailed("retries_exhausted", f"{cause}: {detail}", *used)
-        if cause == "timeout":
-            return EndpointsUnavailable(
-                f"requests time out after {self.settings.request_timeout_s:g} s on every endpoint: raise"
-                f" request_timeout_s or lower concurrency ({', '.join(e.label for e in self.endpoints)})"
-            )
-        if cause.startswith("http_4"):
-            return FleetRefused(f"every LLM endpoint answers {cause} to {kind} requests: {detail[:200]}")
-        return EndpointsUnavailable(
-            f"every LLM endpoint fails {kind} requests ({cause}: {detail[:200]}) with no answer since"
-        )
+    def load_report(self) -> list[dict]:
+        """Per endpoint: its window, requests it holds or waits for, and the server's
+        queue as last read (None when unknown); empty with a fixed cap."""
+        return load_report(self.endpoints)
 
     async def chat(
         self,
@@ -579,220 +216,141 @@ class LLMClient:
         if response_format:
             body["response_format"] = response_format
         payload = orjson.dumps(body)  # several times faster than json at thousands of requests/s
-        limit = answer_limit(sampling.max_tokens, self.settings.answer_bytes_per_token, self.settings.answer_envelope_bytes)
-        attempts = rate_limited = 0
-        used = [0, 0]  # tokens of failed attempts that still cost the server
-        tried: set[str] = set()
-        deaths = 0  # deaths of workers that held this request
-        first_failure: float | None = None
+        settings = self.settings
+        limit = answer_limit(sampling.max_tokens, settings.answer_bytes_per_token, settings.answer_envelope_bytes)
+        spent = _Spent()
         while True:
-            delay = 0.0
-            async with self._slot(affinity or request_id, tried) as endpoint:
+            async with self._slot(affinity or request_id, spent.tried) as endpoint:
                 endpoint.in_flight += 1
                 try:
-                    completion = await self._post(endpoint, payload, request_id, attempts + rate_limited + 1, used, limit)
-                    self._record_success(endpoint, kind)
+                    completion = await post_chat(
+                        self.fleet.session, endpoint, payload, request_id=request_id,
+                        attempt=spent.attempts + spent.rate_limited + 1, limit=limit, used=spent.used,
+                        stats=self.stats, timeout_s=self.settings.request_timeout_s,
+                    )
+                    self.fleet.record_success(endpoint, kind)
                     if endpoint.controller is not None:
                         endpoint.controller.observe(completion.latency_s, completion.completion_tokens)
                     if self._request_log is not None:
                         self._log_request(kind, body, completion)
-                    completion.prompt_tokens += used[0]
-                    completion.completion_tokens += used[1]
+                    completion.prompt_tokens += spent.used[0]
+                    completion.completion_tokens += spent.used[1]
                     return completion
                 except RequestFailed as error:
-                    self.stats.failures[error.reason] += 1
-                    cause = error.reason.removeprefix("retryable_")
-                    first_failure = first_failure or time.monotonic()
-                    if cause == "timeout" and endpoint.controller is not None:
-                        endpoint.controller.observe_timeout()
-                    status = int(cause[5:]) if cause.startswith("http_") else 0
-                    if status in REFUSAL_STATUS or _is_redirect(status):
-                        endpoint.refused = (
-                            error.detail if _is_redirect(status)
-                            else f"{REFUSAL_STATUS[status]} (http {status}: {error.detail[:120]})"
-                        )
-                        log.error("endpoint %s left the rotation: it %s", endpoint.label, endpoint.refused)
-                        if all(e.refused for e in self.endpoints):
-                            raise self._refusal_error() from None
-                        continue
-                    client_error = 400 <= status < 500 and status != 429
-                    if client_error and (kind in self._answered_kinds or (response_format and refuses_structured_outputs(error))):
-                        raise RequestFailed(error.reason, error.detail, *used) from None
-                    if status == 429:
-                        rate_limited += 1
-                        spent = rate_limited >= self.settings.max_attempts_429
-                    else:
-                        attempts += 1
-                        spent = attempts >= self.settings.max_attempts
-                        tried.add(endpoint.url)
-                    if error.reason == "retryable_connection_error":
-                        self._record_failure(endpoint)
-                    if spent:
-                        raise self._budget_spent(kind, cause, error.detail, first_failure, used) from None
-                    self.stats.retries += 1
-                    delay = self._backoff(attempts or rate_limited, getattr(error, "retry_after", None))
-                except _Disconnected:
-                    self.stats.failures["disconnected"] += 1
-                    first_failure = first_failure or time.monotonic()
-                    attempts += 1
-                    tried.add(endpoint.url)
-                    if await self._died(endpoint):
-                        deaths += 1
-                        if endpoint.died_holding == 1 or deaths >= 2:
-                            raise RequestFailed(
-                                "endpoint_died",
-                                f"{endpoint.label} died while holding this request"
-                                + (" alone" if endpoint.died_holding == 1 else f" ({deaths} deaths)"),
-                                *used,
-                            ) from None
-                    if attempts >= self.settings.max_attempts:
-                        raise self._budget_spent(kind, "disconnected", endpoint.label, first_failure, used) from None
-                    self.stats.retries += 1
-                    delay = self._backoff(attempts, None)
+                    delay = self._after_failure(endpoint, error.failure, spent, kind, bool(response_format))
+                    if delay is None:
+                        continue  # the endpoint refused the run: another one, at once
+                except Disconnected:
+                    delay = await self._after_disconnect(endpoint, spent, kind)
                 finally:
                     endpoint.in_flight -= 1
             # Back off outside the semaphore so a sleeping retry does not hold a slot.
             await asyncio.sleep(delay)
+
+    def _after_failure(
+        self, endpoint: Endpoint, failure: RequestFailure, spent: _Spent, kind: str, structured: bool
+    ) -> float | None:
+        """After a failed attempt: the backoff before the next one, None to choose another
+        endpoint at once (this one refuses the run); raises when the request is done."""
+        self.stats.failures[failure.reason] += 1
+        spent.first_failure = spent.first_failure or time.monotonic()
+        if failure.cause == "timeout" and endpoint.controller is not None:
+            endpoint.controller.observe_timeout()
+        status = failure.status
+        if failure.refuses_endpoint:
+            endpoint.refused = (
+                failure.detail if is_redirect(status)
+                else f"{REFUSAL_STATUS[status]} (http {status}: {failure.detail[:120]})"
+            )
+            log.error("endpoint %s left the rotation: it %s", endpoint.label, endpoint.refused)
+            if all(e.refused for e in self.endpoints):
+                raise self.fleet.refusal_error() from None
+            return None
+        if failure.client_error and (
+            kind in self.fleet.answered_kinds or (structured and failure.refuses_structured_outputs)
+        ):
+            raise RequestFailed(failure.costing(*spent.used)) from None
+        if status == 429:
+            spent.rate_limited += 1
+            done = spent.rate_limited >= self.settings.max_attempts_429
+        else:
+            spent.attempts += 1
+            done = spent.attempts >= self.settings.max_attempts
+            spent.tried.add(endpoint.url)
+        if failure.cause == "connection_error":
+            self.fleet.record_failure(endpoint)
+        if done:
+            raise self._budget_spent(kind, failure, spent) from None
+        self.stats.retries += 1
+        return self._backoff(spent.attempts or spent.rate_limited, failure.retry_after)
+
+    async def _after_disconnect(self, endpoint: Endpoint, spent: _Spent, kind: str) -> float:
+        """After the server dropped the connection that held the request: the backoff
+        before the next attempt; raises when the request is done."""
+        self.stats.failures["disconnected"] += 1
+        spent.first_failure = spent.first_failure or time.monotonic()
+        spent.attempts += 1
+        spent.tried.add(endpoint.url)
+        if await self.fleet.died(endpoint):
+            spent.deaths += 1
+            if endpoint.died_holding == 1 or spent.deaths >= 2:
+                raise RequestFailed(RequestFailure(
+                    "endpoint_died",
+                    f"{endpoint.label} died while holding this request"
+                    + (" alone" if endpoint.died_holding == 1 else f" ({spent.deaths} deaths)"),
+                ).costing(*spent.used)) from None
+        if spent.attempts >= self.settings.max_attempts:
+            failure = RequestFailure("disconnected", endpoint.label, retryable=True)
+            raise self._budget_spent(kind, failure, spent) from None
+        self.stats.retries += 1
+        return self._backoff(spent.attempts, None)
 
     def _log_request(self, kind: str, body: dict, completion: Completion) -> None:
         record = {"kind": kind, "body": body, "prompt_tokens": completion.prompt_tokens,
                   "completion_tokens": completion.completion_tokens}
         self._request_log.write(json.dumps(record) + "\n")
 
-    async def _post(
-        self, endpoint: Endpoint, payload: bytes, request_id: str, attempt: int, used: list[int], limit: int
-    ) -> Completion:
-        headers = {"X-Request-Id": f"{request_id}/{attempt}"} if request_id else None
-        self.stats.requests += 1
-        started = time.monotonic()
-        try:
-            async with self._session.post(
-                f"{endpoint.url}/v1/chat/completions", data=payload, headers=headers, allow_redirects=False
-            ) as response:
-                status = response.status
-                if _is_redirect(status):
-                    raise RequestFailed(f"http_{status}", _redirect_refusal(response))
-                if status != 200:
-                    raw = await read_error_body(response)
-                else:
-                    raw = await read_bounded(response, limit)
-                retry_after = _retry_after(response.headers.get("Retry-After"))
-        except asyncio.TimeoutError:
-            raise RequestFailed("retryable_timeout", f"no answer within {self.settings.request_timeout_s}s") from None
-        except aiohttp.ClientConnectorError:
-            raise RequestFailed("retryable_connection_error", f"cannot connect to {endpoint.label}") from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError, ConnectionError) as error:
-            raise _Disconnected(type(error).__name__) from error
-        except aiohttp.ClientError as error:
-            raise RequestFailed("retryable_client_error", type(error).__name__) from None
-        if status != 200:
-            # An error page may echo our Authorization header or carry NUL bytes; its
-            # detail goes into one-line errors, logs and rows: one line, redacted, bounded.
-            detail = " ".join(clean_text(raw.decode("utf-8", "replace"), ERROR_DETAIL_CHARS).split())
-            if status in RETRYABLE_STATUS:
-                failure = RequestFailed(f"retryable_http_{status}", detail)
-                failure.retry_after = retry_after
-                raise failure
-            raise RequestFailed(f"http_{status}", detail)
-        if raw is None:
-            raise RequestFailed(
-                "retryable_bad_response",
-                f"answer over {limit} bytes (answer_envelope_bytes + max_tokens x answer_bytes_per_token)",
-            )
-        try:
-            answer = parse_answer(raw)
-        except MalformedAnswer as error:
-            # The server did the work when its usage was valid: those tokens count.
-            used[0] += error.prompt_tokens
-            used[1] += error.completion_tokens
-            self.stats.prompt_tokens += error.prompt_tokens
-            self.stats.completion_tokens += error.completion_tokens
-            raise RequestFailed("retryable_bad_response", error.reason) from None
-        self.stats.prompt_tokens += answer.prompt_tokens
-        self.stats.completion_tokens += answer.completion_tokens
-        return Completion(
-            answer.text, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens, attempt,
-            endpoint.label, time.monotonic() - started,
-        )
-
-    # -- adaptive concurrency ----------------------------------------------------------
-
-    async def _watch_load(self) -> None:
-        """Read every usable endpoint's /metrics each `adaptive_interval_s` and move its
-        window. Off the request path; a failing read never ends the watch."""
-        interval = self.settings.adaptive_interval_s
+    @contextlib.asynccontextmanager
+    async def _slot(self, key: str, tried: set[str]):
+        """An endpoint and a global slot for one attempt. With adaptive concurrency the
+        request takes its place in the endpoint's window first, so one waiting for a full
+        endpoint holds no slot another endpoint could use."""
+        if not self.settings.adaptive_concurrency:
+            async with self._semaphore:
+                yield await self.fleet.pick(key, tried)
+            return
         while True:
-            await asyncio.sleep(interval)
+            endpoint = await self.fleet.pick(key, tried)
+            await endpoint.gate.enter()
             try:
-                await asyncio.gather(*(self._read_load(e) for e in self._usable()))
-            except Exception:  # a bug here must not stop the windows: say it, go on
-                log.warning("reading the endpoints' load failed", exc_info=True)
+                endpoint.controller.note_in_flight(endpoint.gate.admitted)
+                async with self._semaphore:
+                    if endpoint.healthy and not endpoint.refused:
+                        yield endpoint
+                        return
+            finally:
+                endpoint.gate.leave()
+            # It left the rotation while this request waited for a place: choose again.
 
-    async def _fetch_load(self, endpoint: Endpoint) -> ServerLoad | None:
-        """The endpoint's load from its /metrics; None when unreadable or without the
-        queue gauges."""
-        try:
-            async with self._session.get(
-                f"{endpoint.url}/metrics", timeout=aiohttp.ClientTimeout(total=min(5.0, 2 * self.settings.adaptive_interval_s)),
-                allow_redirects=False,
-            ) as response:
-                text = await read_bounded(response, SIDE_ROUTE_BYTES) if response.status == 200 else None
-                if text is not None:
-                    return ServerLoad.from_metrics(parse_prometheus_text(text.decode("utf-8", "replace")))
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            pass
-        return None
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        ceiling = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** (attempt - 1))
+        delay = random.uniform(0, ceiling)  # full jitter spreads a thundering herd
+        return max(delay, retry_after or 0.0)
 
-    async def _start_window(self, endpoint: Endpoint) -> None:
-        """The first read decides where the window starts (`WindowController.start`)."""
-        endpoint.window_started = True
-        window = endpoint.controller.start(await self._fetch_load(endpoint))
-        endpoint.gate.set_limit(window)
-        log.debug("endpoint %s: window starts at %d (%s)", endpoint.label, window, endpoint.controller.last_load)
-
-    async def _read_load(self, endpoint: Endpoint) -> None:
-        load = await self._fetch_load(endpoint)  # None: the controller goes by latency
-        before = endpoint.controller.window
-        window = endpoint.controller.update(load, time.monotonic())
-        endpoint.gate.set_limit(window)
-        if window != before:
-            log.debug("endpoint %s: window %d -> %d (%s, %s)", endpoint.label, before, window,
-                      endpoint.controller.signal, load)
-
-    def load_report(self) -> list[dict]:
-        """Per endpoint: its window, requests it holds or waits for, and the server's
-        queue as last read (None when unknown); empty with a fixed cap."""
-        report = []
-        for endpoint in self.endpoints:
-            if endpoint.controller is None:
-                continue
-            load = endpoint.controller.last_load
-            report.append({
-                "endpoint": endpoint.label,
-                "window": endpoint.controller.window,
-                "in_flight": endpoint.gate.admitted,
-                "queued_here": endpoint.gate.waiting,
-                "server_running": load.running if load else None,
-                "server_waiting": load.waiting if load else None,
-                "kv_cache_usage": load.kv_cache_usage if load else None,
-                "signal": endpoint.controller.signal,
-            })
-        return report
-
-
-def _is_redirect(status: int) -> bool:
-    return 300 <= status < 400
-
-
-def _redirect_refusal(response: aiohttp.ClientResponse) -> str:
-    """Why a redirecting endpoint is refused. Its requests carry the key and the corpus:
-    they go to the configured URL only, never where an answer points."""
-    location = clean_text(redact_url(response.headers.get("Location", "?")), 200)
-    return f"redirects (http {response.status} to {location}); redirects are not followed: configure the final URL"
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return min(float(value), 60.0) if value else None
-    except ValueError:
-        return None
+    def _budget_spent(self, kind: str, failure: RequestFailure, spent: _Spent) -> Exception:
+        """The request's attempts are spent: its document's problem if the fleet answered
+        since it first failed, else the fleet's (the shard fails, nothing is rejected)."""
+        cause, detail = failure.cause, failure.detail
+        answered_since = self.fleet.last_success > spent.first_failure
+        if answered_since and (kind in self.fleet.answered_kinds or not 400 <= failure.status < 500):
+            return RequestFailed(RequestFailure("retries_exhausted", f"{cause}: {detail}").costing(*spent.used))
+        if cause == "timeout":
+            return EndpointsUnavailable(
+                f"requests time out after {self.settings.request_timeout_s:g} s on every endpoint: raise"
+                f" request_timeout_s or lower concurrency ({', '.join(e.label for e in self.endpoints)})"
+            )
+        if 400 <= failure.status < 500:
+            return FleetRefused(f"every LLM endpoint answers {cause} to {kind} requests: {detail[:200]}")
+        return EndpointsUnavailable(
+            f"every LLM endpoint fails {kind} requests ({cause}: {detail[:200]}) with no answer since"
+        )

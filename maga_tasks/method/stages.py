@@ -16,7 +16,8 @@ from urllib.parse import quote
 import orjson
 
 from maga_tasks.errors import FleetRefused
-from maga_tasks.llm.client import Completion, LLMClient, RequestFailed, refuses_structured_outputs
+from maga_tasks.llm.client import Completion, LLMClient
+from maga_tasks.llm.failure import RequestFailed, RequestFailure
 from maga_tasks.method.detectors import junk_description
 from maga_tasks.method.prompts import (
     JUDGE_JSON_SCHEMA,
@@ -78,12 +79,24 @@ class StructuredOutputSupport:
         self.required = mode == "json_schema"
 
 
-def _refuses_required_grammar(error: RequestFailed) -> FleetRefused:
-    # The same grammar goes with every document's request: the fleet's fault, not theirs.
-    return FleetRefused(
-        "the recipe needs structured outputs (pairs.structured_output: json_schema) and the"
-        f" LLM fleet refuses them: {error.detail[:200]}"
-    )
+def falls_back_from_structured_outputs(failure: RequestFailure, structured: StructuredOutputSupport, *, required: bool) -> bool:
+    """Whether `failure` is the fleet refusing `response_format` while `structured` asked
+    for it: then structured outputs go off for this fleet and the caller asks again
+    without them (True), or, when the grammar is `required`, `FleetRefused` is raised (the
+    same grammar goes with every document's request: the fleet's fault, not theirs)."""
+    if not (structured.enabled and failure.refuses_structured_outputs):
+        return False
+    if required:
+        raise FleetRefused(
+            "the recipe needs structured outputs (pairs.structured_output: json_schema) and the"
+            f" LLM fleet refuses them: {failure.detail[:200]}"
+        )
+    structured.enabled = False  # this fleet cannot; ask for plain JSON instead
+    return True
+
+
+# A catalogue choice cannot go without its grammar: the answer must be one of the entries.
+_GRAMMAR_REQUIRED = StructuredOutputSupport("json_schema")
 
 
 # The longest model answer parsed as JSON (pairs, a catalogue choice, a verdict): far
@@ -190,13 +203,11 @@ async def generate_pairs(
                 response_format=schema if structured.enabled else None,
             )
         except RequestFailed as error:
-            if structured.enabled and refuses_structured_outputs(error):
-                if structured.required:
-                    raise _refuses_required_grammar(error) from None
-                structured.enabled = False  # this fleet cannot; ask for plain JSON instead
+            failure = error.failure
+            if falls_back_from_structured_outputs(failure, structured, required=structured.required):
                 continue
-            result.usage.add(error.prompt_tokens, error.completion_tokens)
-            reason, detail = RejectReason.PAIRS_REQUEST.with_cause(error.reason), error.detail[:300]
+            result.usage.add(failure.prompt_tokens, failure.completion_tokens)
+            reason, detail = RejectReason.PAIRS_REQUEST.with_cause(failure.reason), failure.detail[:300]
             break  # the client already spent this call's budget; a new seed cannot help
         result.usage.add(completion.prompt_tokens, completion.completion_tokens)
         if completion.finish_reason == "length":
@@ -244,11 +255,11 @@ async def choose_pairs(client: LLMClient, recipe: Recipe, doc_key: str, document
                     },
                 )
             except RequestFailed as error:
-                if refuses_structured_outputs(error):
-                    raise _refuses_required_grammar(error) from None
-                result.usage.add(error.prompt_tokens, error.completion_tokens)
-                result.reject_reason = RejectReason.PAIRS_REQUEST.with_cause(error.reason)
-                result.detail = error.detail[:300]
+                failure = error.failure
+                falls_back_from_structured_outputs(failure, _GRAMMAR_REQUIRED, required=True)  # raises on refusal
+                result.usage.add(failure.prompt_tokens, failure.completion_tokens)
+                result.reject_reason = RejectReason.PAIRS_REQUEST.with_cause(failure.reason)
+                result.detail = failure.detail[:300]
                 return result
             result.usage.add(completion.prompt_tokens, completion.completion_tokens)
             if completion.finish_reason == "length":
@@ -291,7 +302,7 @@ async def rewrite(
             kind="rewrite",
         )
     except RequestFailed as error:
-        return RewriteResult(None, RejectReason.REWRITE_REQUEST.with_cause(error.reason), error.detail[:300])
+        return RewriteResult(None, RejectReason.REWRITE_REQUEST.with_cause(error.failure.reason), error.failure.detail[:300])
     return RewriteResult(completion)
 
 
@@ -326,10 +337,10 @@ async def judge(
                 response_format=schema if structured.enabled else None,
             )
         except RequestFailed as error:
-            if structured.enabled and refuses_structured_outputs(error):
-                structured.enabled = False
+            # The judge goes without the grammar even where the pairs require it.
+            if falls_back_from_structured_outputs(error.failure, structured, required=False):
                 continue
-            return JudgeResult(None, "", RejectReason.JUDGE_REQUEST.with_cause(error.reason))
+            return JudgeResult(None, "", RejectReason.JUDGE_REQUEST.with_cause(error.failure.reason))
         answer = parse_json_object(completion.text) or {}
         score = answer.get("score")
         if isinstance(score, int) and 1 <= score <= 5:

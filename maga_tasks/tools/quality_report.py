@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from maga_tasks.reject_reasons import RejectReason
-from maga_tasks.tools.bench import percentile
+from maga_tasks.tools.benchmarks.figures import percentile
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_DIR = REPO / "var" / "models" / "smollm2-135m-instruct"

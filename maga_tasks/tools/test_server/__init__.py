@@ -8,23 +8,23 @@ document, the task and the seed, so runs are reproducible and need no GPU.
 Switches inject the failures a real fleet produces, so the client's retry and
 rejection paths can be exercised against a real socket rather than a monkeypatch.
 
-The package keeps those parts apart: `answers` owns the deterministic content and reads
-the prompt layout of a request, `faults` owns the fault specs (their syntax is described
-there), when a fault fires and how content is spoiled, and `server` owns the HTTP side:
-routes, state and counters, and the command line of ``python -m maga_tasks.tools.test_server``.
+The package keeps those parts apart: `answers` owns the deterministic content,
+`chat_request` reads the prompt layout of a request, `faults` owns the fault specs
+(their syntax is described there), when a fault fires and how content is spoiled,
+`server` owns the HTTP side (the routes), `state` the configuration and counters, and
+`serve` the process and the command line of ``python -m maga_tasks.tools.test_server``.
 """
 
 from maga_tasks.tools.test_server.answers import (
-    ChatRequest,
     DocumentProfile,
     answer_for,
     count_tokens,
     cut_to_tokens,
     make_pairs,
     make_rewrite,
-    parse_chat_request,
     profile_document,
 )
+from maga_tasks.tools.test_server.chat_request import ChatRequest, parse_chat_request
 from maga_tasks.tools.test_server.faults import (
     CLOSERS,
     PREAMBLES,
@@ -32,7 +32,9 @@ from maga_tasks.tools.test_server.faults import (
     parse_fault,
     spoil,
 )
-from maga_tasks.tools.test_server.server import ServerState, build_app, main, run_server
+from maga_tasks.tools.test_server.serve import main, run_server
+from maga_tasks.tools.test_server.server import build_app
+from maga_tasks.tools.test_server.state import ServerState
 
 __all__ = [
     "CLOSERS",

@@ -1,4 +1,5 @@
-"""The test LLM server's HTTP side: the aiohttp app, its state and the command line.
+"""The test LLM server's HTTP side: the aiohttp app and its routes (its state is in
+`state`, its process and command line in `serve`).
 
 It speaks the slice of vLLM's HTTP API the pipeline uses (`/health`, `/v1/models`,
 non-streaming `/v1/chat/completions`, `/metrics`), answering with `answers` and
@@ -24,130 +25,41 @@ leaves it out, as a real vLLM would).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import os
-import signal
-import socket
 import sys
 import time
-from collections import Counter, deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from maga_tasks.tools.test_server.answers import (
-    ChatRequest,
     _digest,
-    _stage_of,
     answer_for,
     count_tokens,
     cut_to_tokens,
-    parse_chat_request,
     profile_document,
+)
+from maga_tasks.tools.test_server.chat_request import (
+    ChatRequest,
+    _stage_of,
+    parse_chat_request,
 )
 from maga_tasks.tools.test_server.faults import (
     CONTENT_KINDS,
     ENVELOPE_KINDS,
     HUGE_BODY_BYTES,
     Fault,
-    fault_fires,
     huge_completion,
-    parse_fault,
     spoil,
     spoil_envelope,
 )
-
-MAX_MODEL_LEN = 8192
-
+from maga_tasks.tools.test_server.state import MAX_MODEL_LEN, STATE_KEY, ServerState
 
 # ---------------------------------------------------------------------------------------
-# Server state and handlers
-
-
-@dataclass
-class ServerState:
-    """Configuration and counters of one server (the event loop is its only user)."""
-
-    faults: tuple[Fault, ...]
-    latency_s: float
-    model: str
-    api_key: str | None
-    structured_outputs: bool
-    die_after: int | None = None
-    max_model_len: int = MAX_MODEL_LEN
-    model_root: str | None = None  # what /v1/models reports as `root` (default: the model name)
-    answered: int = 0
-    fired_per_key: dict[tuple[int, str], int] = field(default_factory=dict)
-    stats: dict = field(default_factory=dict)
-    # Prometheus counters are monotonic: /_reset leaves them alone.
-    prompt_tokens_metric: int = 0
-    generation_tokens_metric: int = 0
-    success_metric: Counter = field(default_factory=Counter)
-    running: int = 0
-    max_running: int | None = None  # capacity: more requests than this wait in `queue`
-    queue: deque = field(default_factory=deque)  # futures of waiting requests, FIFO
-    preemptions_metric: int = 0
-    publish_slots: bool = True  # /metrics says max_running as `maga:max_num_seqs`
-
-    def reset_stats(self) -> None:
-        self.stats = {
-            "requests_total": 0,
-            "by_stage": Counter(),
-            "by_doc": Counter(),
-            "by_request": Counter(),  # per request (document, stage, pair), its retries together
-            "faults_fired": Counter(),
-            "prompt_tokens_total": 0,
-            "completion_tokens_total": 0,
-            "max_running": self.running,
-            "max_waiting": len(self.queue),
-            "cancelled_waiting": 0,
-            "cancelled_running": 0,
-        }
-
-    async def start_running(self) -> None:
-        """Wait for a place among the running requests (FIFO behind the waiting ones)."""
-        if self.max_running is not None and (self.running >= self.max_running or self.queue):
-            if len(self.queue) >= self.max_running:
-                self.preemptions_metric += 1
-            waiter = asyncio.get_running_loop().create_future()
-            self.queue.append(waiter)
-            self.stats["max_waiting"] = max(self.stats["max_waiting"], len(self.queue))
-            try:
-                await waiter  # resolved by `stop_running`, the place already counted
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self.stop_running()  # given a place just as the client left: pass it on
-                else:
-                    with contextlib.suppress(ValueError):  # `stop_running` may have dropped it
-                        self.queue.remove(waiter)
-                self.stats["cancelled_waiting"] += 1
-                raise
-        else:
-            self.running += 1
-        self.stats["max_running"] = max(self.stats["max_running"], self.running)
-
-    def stop_running(self) -> None:
-        """Leave the running requests; the first waiting one takes the place."""
-        while self.queue:
-            waiter = self.queue.popleft()
-            if not waiter.done():  # a cancelled one is a client that left
-                waiter.set_result(None)  # `running` stays: the place changes hands
-                return
-        self.running -= 1
-
-    def fires(self, index: int, fault: Fault, stage: str, aim_key: str, request_key: str) -> bool:
-        """Whether `fault` fires now (see `fault_fires`); a firing is counted in the stats."""
-        if not fault_fires(self.fired_per_key, index, fault, stage, aim_key, request_key):
-            return False
-        self.stats["faults_fired"][fault.kind] += 1
-        return True
-
-
-STATE_KEY = web.AppKey("maga_test_llm_state", ServerState)
+# Handlers
 
 
 def _error(
@@ -500,108 +412,3 @@ def build_app(
     return app
 
 
-async def _serve(host: str, port: int, app: web.Application) -> None:
-    # Bind our own socket so port 0 works and the printed port is the real one.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    bound_port = sock.getsockname()[1]
-    # handler_cancellation: a client that gives up cancels its request, as in vLLM.
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    await web.SockSite(runner, sock, backlog=1024).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        # Stop cleanly on Ctrl-C or a supervisor's SIGTERM (main thread only).
-        with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, stop.set)
-    shown_host = f"[{host}]" if family == socket.AF_INET6 else host
-    print(
-        f"test LLM server listening on http://{shown_host}:{bound_port}",
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-
-
-def _loop_factory():
-    # uvloop roughly doubles aiohttp's request rate; fall back quietly without it.
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
-def run_server(host: str, port: int, **kwargs) -> None:
-    """Serve `build_app(**kwargs)` on host:port until SIGINT/SIGTERM (blocking).
-
-    Prints "test LLM server listening on http://HOST:PORT" to stderr once it accepts
-    connections; port 0 picks a free port and the line shows the real one.
-    """
-    app = build_app(**kwargs)
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_serve(host, port, app))
-
-
-def _fault_arg(spec: str) -> Fault:
-    try:
-        return parse_fault(spec)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m maga_tasks.tools.test_server",
-        description="Deterministic OpenAI-compatible LLM server for tests (no GPU).",
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    parser.add_argument(
-        "--fault",
-        type=_fault_arg,
-        action="append",
-        default=[],
-        metavar="SPEC",
-        help="KIND[:RATE[:TIMES]][:KEY=VALUE...], repeatable",
-    )
-    parser.add_argument("--latency-ms", type=float, default=0.0)
-    parser.add_argument("--model", default="maga-default")
-    parser.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN, help="context length /v1/models reports")
-    parser.add_argument("--model-root", default=None, help="weights path or hub id /v1/models reports as root")
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--no-structured-outputs", action="store_true")
-    parser.add_argument("--max-running", type=_positive_int, default=None, metavar="N",
-                        help="run at most N requests at once, queue the rest (like a saturated vLLM)")
-    parser.add_argument("--no-slots-metric", action="store_true",
-                        help="with --max-running: do not publish N in /metrics (vLLM publishes no such gauge)")
-    args = parser.parse_args(argv)
-    run_server(
-        args.host,
-        args.port,
-        faults=args.fault,
-        latency_ms=args.latency_ms,
-        model=args.model,
-        api_key=args.api_key,
-        max_model_len=args.max_model_len,
-        model_root=args.model_root,
-        structured_outputs=not args.no_structured_outputs,
-        max_running=args.max_running,
-        publish_slots=not args.no_slots_metric,
-    )
