@@ -46,6 +46,7 @@ from maga_tasks.settings import RunSettings
 from maga_tasks.engine.lease import LeaseKeeper
 from maga_tasks.engine.shard import ShardResult, commit_checkpoint, expand_shard, publish_staged, source_limits
 from maga_tasks.data.committed import staged_checksum
+from maga_tasks.data.outcome import SUMMARY_FIGURES, ShardOutcome
 from maga_tasks.data.source import SourceColumns
 from maga_tasks.data.storage import StorageError, read_once, storage_for
 
@@ -64,42 +65,17 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-# The figures a summary carries, named as on `ShardResult` and in the registry's rows.
-_SUMMARY_FIGURES = (
-    "documents", "accepted", "rejected", "prompt_tokens", "completion_tokens", "expansion_ratio", "source_identity",
-)
-
-
 def _summary_figures(result: ShardResult) -> dict:
-    return {name: getattr(result, name) for name in _SUMMARY_FIGURES}
+    return {name: getattr(result, name) for name in SUMMARY_FIGURES}
 
 
-def _summary(paths: ShardPaths, source_uri: str, status: str, **extra) -> dict:
-    """A shard's outcome for the XCom; its free texts (a reason, failed expectations
-    quoting source values) redacted, without control characters and bounded."""
-    if extra.get("reason") is not None:
-        extra["reason"] = clean_text(extra["reason"])
-    if extra.get("failed_expectations"):
-        extra["failed_expectations"] = [clean_text(name) for name in extra["failed_expectations"]]
-    out = {
-        "shard": paths.shard,
-        "source_uri": source_uri,
-        "recipe_id": paths.recipe_id,
-        "status": status,
-        "data_uri": paths.data,
-        "rejected_uri": paths.rejected,
-    }
-    out.update(extra)
-    return out
-
-
-def _summary_from_row(paths: ShardPaths, row: dict) -> dict:
-    """The XCom of a shard already decided in the registry (registered/quarantined)."""
-    return _summary(
+def _outcome_from_row(paths: ShardPaths, row: dict) -> ShardOutcome:
+    """The outcome of a shard already decided in the registry (registered/quarantined)."""
+    return ShardOutcome.of(
         paths,
         row["source_uri"],
         row["status"],
-        **{name: row[name] for name in _SUMMARY_FIGURES},
+        **{name: row[name] for name in SUMMARY_FIGURES},
         checksum=row["checksum"],
         docs_uri=row["docs_uri"],
         quality_success=row["status"] == "registered",
@@ -194,7 +170,27 @@ def register_committed_shard(
     while no live lease holds the shard) and the last step of `publish_shard`, whose
     `lease` fences the outcome (`LeaseLost` when stale) and whose commit recorded
     `expected_checksum`: files with other bytes are refused. Once registered, the
-    shard's `_work/` (checkpoint, staged commit) is deleted."""
+    shard's `_work/` (checkpoint, staged commit) is deleted. Returns the shard's
+    summary (`ShardOutcome.to_dict`)."""
+    return _register(
+        source_uri, output_root, recipe, registry, shard=shard, result=result, lease=lease,
+        expected_checksum=expected_checksum, s3_endpoint_url=s3_endpoint_url, data_docs_sample_rate=data_docs_sample_rate,
+    ).to_dict()
+
+
+def _register(
+    source_uri: str,
+    output_root: str,
+    recipe: Recipe,
+    registry: Registry,
+    *,
+    shard: str | None = None,
+    result: ShardResult | None = None,
+    lease: LeaseKeeper | None = None,
+    expected_checksum: str | None = None,
+    s3_endpoint_url: str | None = None,
+    data_docs_sample_rate: float = DATA_DOCS_SAMPLE_RATE,
+) -> ShardOutcome:
     paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
     registry.ensure_recipe(recipe)
     committed = load_committed(paths, s3_endpoint_url)
@@ -210,7 +206,7 @@ def register_committed_shard(
     )
     _record(registry, report, recipe.recipe_id)
     token = lease.token if lease is not None else None
-    summary = _summary(
+    outcome = ShardOutcome.of(
         paths,
         source_uri,
         "registered",
@@ -239,7 +235,7 @@ def register_committed_shard(
             docs_uri=report.docs_uri,
             token=token,
         )
-        return summary | {"status": "quarantined", "reason": clean_text(report.reason())}
+        return outcome.but(status="quarantined", reason=report.reason())
     newly = registry.register(
         recipe.recipe_id,
         paths.shard,
@@ -256,7 +252,7 @@ def register_committed_shard(
         paths.shard, "registered" if newly else "was already registered", result.documents,
         result.accepted, result.rejected, result.expansion_ratio, committed.checksum[:12],
     )
-    return summary | {"newly_registered": newly}
+    return outcome.but(newly_registered=newly)
 
 
 def _reading_source_once(function):
@@ -357,6 +353,30 @@ def publish_shard(
             source_uri, output_root, recipe, settings, max_docs=max_docs, shard=shard, columns=columns,
             progress=progress, check_input=check_input,
         )
+    return _publish(
+        source_uri, output_root, recipe, settings, registry, owner=owner, shard=shard, lease_ttl_s=lease_ttl_s,
+        lease_wait_s=lease_wait_s, columns=columns, progress=progress, force=force, check_input=check_input,
+        judge_sample=judge_sample,
+    ).to_dict()
+
+
+def _publish(
+    source_uri: str,
+    output_root: str,
+    recipe: Recipe,
+    settings: RunSettings,
+    registry: Registry,
+    *,
+    owner: str,
+    shard: str | None,
+    lease_ttl_s: float,
+    lease_wait_s: float,
+    columns: SourceColumns,
+    progress: Callable[[dict], None] | None,
+    force: bool,
+    check_input: bool,
+    judge_sample: int,
+) -> ShardOutcome:
     s3 = settings.s3_endpoint_url
     docs_rate = settings.data_docs_sample_rate
     paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
@@ -366,17 +386,17 @@ def publish_shard(
     row = registry.shard(rid, paths.shard)
     if row is not None and row["status"] == "registered":
         log.info("shard %s already registered (checksum %s); nothing to do", paths.shard, (row["checksum"] or "")[:12])
-        return _summary_from_row(paths, row)
+        return _outcome_from_row(paths, row)
     if row is not None and row["status"] == "quarantined" and not force:
         log.warning("shard %s is quarantined (%s); pass force=True to try again", paths.shard, row["last_error"])
-        return _summary_from_row(paths, row)
+        return _outcome_from_row(paths, row)
     if row is not None and row["status"] == "failed" and row["attempts"] >= settings.max_shard_failures and not force:
         raise _failed_for_good(row)
     token = _lease_within(registry, rid, paths.shard, source_uri, owner, lease_ttl_s, force, lease_wait_s)
     if token is None:
         row = registry.shard(rid, paths.shard) or {}
         if row.get("status") in ("registered", "quarantined"):
-            return _summary_from_row(paths, row)
+            return _outcome_from_row(paths, row)
         raise ShardBusy(
             f"shard {paths.shard} of {rid} is leased by {row.get('lease_owner')} until {row.get('lease_expires_at')}"
         )
@@ -392,11 +412,11 @@ def publish_shard(
             # gate, no expansion, no LLM request; the figures come from the files.
             log.info("shard %s already committed; validating and registering it", paths.shard)
             lease.advance("committed")
-            summary = register_committed_shard(
+            outcome = _register(
                 source_uri, output_root, recipe, registry, shard=paths.shard, lease=lease,
                 expected_checksum=recorded, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate,
             )
-            return judge_shard_after_publish(summary, output_root, recipe, settings, registry, judge_sample, columns)
+            return judge_shard_after_publish(outcome, output_root, recipe, settings, registry, judge_sample, columns)
         if check_input:
             report = validate_input(
                 source_uri, recipe, paths, columns=columns, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate
@@ -407,7 +427,7 @@ def publish_shard(
                 registry.quarantine(
                     rid, paths.shard, report.reason(), report.failed, docs_uri=report.docs_uri, token=token
                 )
-                return _summary(
+                return ShardOutcome.of(
                     paths, source_uri, "quarantined", quality_success=False, docs_uri=report.docs_uri,
                     failed_expectations=report.failed_names, reason=report.reason(),
                 )
@@ -418,7 +438,7 @@ def publish_shard(
             source_uri, output_root, recipe, settings, columns=columns, progress=lease, fence=lease, **expand_kwargs,
         )
         lease.advance("committed", counters=result.to_dict())
-        summary = register_committed_shard(
+        outcome = _register(
             source_uri, output_root, recipe, registry, shard=paths.shard, result=result, lease=lease,
             expected_checksum=lease.committed_checksum, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate,
         )
@@ -426,7 +446,9 @@ def publish_shard(
         lease.close()
         reason = f"unusable source shard: {error}"
         registry.quarantine(rid, paths.shard, reason, [], source_uri=source_uri, token=token)
-        return _summary(paths, source_uri, "quarantined", quality_success=False, failed_expectations=[], reason=reason)
+        return ShardOutcome.of(
+            paths, source_uri, "quarantined", quality_success=False, failed_expectations=[], reason=reason
+        )
     except BaseException as error:
         lease.close()
         if _mark_failed(
@@ -436,30 +458,31 @@ def publish_shard(
         raise
     finally:
         lease.close()
-    return judge_shard_after_publish(summary, output_root, recipe, settings, registry, judge_sample, columns)
+    return judge_shard_after_publish(outcome, output_root, recipe, settings, registry, judge_sample, columns)
 
 
 def judge_shard_after_publish(
-    summary: dict, output_root: str, recipe: Recipe, settings: RunSettings, registry: Registry, sample: int,
+    outcome: ShardOutcome, output_root: str, recipe: Recipe, settings: RunSettings, registry: Registry, sample: int,
     columns: SourceColumns = DEFAULT_COLUMNS,
-) -> dict:
+) -> ShardOutcome:
     """The judge's measurement of a just registered shard, recorded as quality suite
     "judge". Not a gate: the shard stays registered whatever the scores, and a judge
-    that cannot run is logged and named in the summary, never raised."""
-    if sample < 1 or summary.get("status") != "registered" or not summary.get("newly_registered"):
-        return summary
+    that cannot run is logged and named in the outcome, never raised."""
+    if sample < 1 or outcome.status != "registered" or outcome.newly_registered is not True:
+        return outcome
     from maga_tasks.method.judging import judge_committed_shard  # the judge path loads the tokenizer; only when asked
 
     try:
         report = judge_committed_shard(
-            summary["source_uri"], output_root, recipe, settings, sample=sample, shard=summary["shard"], columns=columns
+            outcome.source_uri, output_root, recipe, settings, sample=sample, shard=outcome.shard, columns=columns
         )
     except (ShardInputError, EndpointsUnavailable, StorageError) as error:
-        log.warning("shard %s: the judge could not run: %s", summary["shard"], error)
-        return summary | {"judge_error": clean_text(error)}
+        log.warning("shard %s: the judge could not run: %s", outcome.shard, error)
+        return outcome.but(judge_error=clean_text(error))
     record_judge(registry, report)
-    return summary | {"judge_pass_share": report.statistics()["pass_share"], "judge_scored": report.scored,
-                      "judge_uri": report.uri}
+    return outcome.but(
+        judge_pass_share=report.statistics()["pass_share"], judge_scored=report.scored, judge_uri=report.uri
+    )
 
 
 def record_judge(registry: Registry, report: "JudgeReport") -> None:
@@ -487,6 +510,24 @@ def trial_shard(
     through both gates, with nothing leased, registered or quarantined, so a later full
     run still plans and publishes the whole shard. The summary's status is "trial";
     `quality_success` tells whether the gates passed."""
+    return _trial(
+        source_uri, output_root, recipe, settings, max_docs=max_docs, shard=shard, columns=columns,
+        progress=progress, check_input=check_input,
+    ).to_dict()
+
+
+def _trial(
+    source_uri: str,
+    output_root: str,
+    recipe: Recipe,
+    settings: RunSettings,
+    *,
+    max_docs: int,
+    shard: str | None,
+    columns: SourceColumns,
+    progress: Callable[[dict], None] | None,
+    check_input: bool,
+) -> ShardOutcome:
     s3 = settings.s3_endpoint_url
     paths = shard_paths(trial_root(output_root, max_docs), recipe.recipe_id, shard or shard_name(source_uri))
     trial = {"max_docs": max_docs}
@@ -497,7 +538,7 @@ def trial_shard(
                 source_uri, recipe, paths, columns=columns, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate
             )
             if not report.success:
-                return _summary(
+                return ShardOutcome.of(
                     paths, source_uri, "trial", **trial, quality_success=False, docs_uri=report.docs_uri,
                     failed_expectations=report.failed_names, reason=report.reason(),
                 )
@@ -507,7 +548,9 @@ def trial_shard(
         )
     except ShardInputError as error:
         reason = f"unusable source shard: {error}"
-        return _summary(paths, source_uri, "trial", **trial, quality_success=False, failed_expectations=[], reason=reason)
+        return ShardOutcome.of(
+            paths, source_uri, "trial", **trial, quality_success=False, failed_expectations=[], reason=reason
+        )
     report = validate_output(
         load_committed(paths, s3), recipe, result=result, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate
     )
@@ -516,7 +559,7 @@ def trial_shard(
         paths.shard, max_docs, result.accepted, result.rejected, "passed" if report.success else "failed",
         paths.version_root,
     )
-    return _summary(
+    return ShardOutcome.of(
         paths, source_uri, "trial", **trial, **_summary_figures(result),
         docs_uri=report.docs_uri,
         quality_success=report.success,
