@@ -1,5 +1,10 @@
-"""What publishing one shard decided: `ShardOutcome`, the one type behind the shard's
-summary, the publish task's XCom and the JSON of `maga publish-shard`.
+"""What one shard's run did and what publishing it decided, as types every layer may
+read (the engine makes them, the registry stores them, quality checks them):
+
+- `ShardResult`: what one expansion (or a committed shard's files) amounts to: its
+  files, its figures, its requests and time.
+- `ShardOutcome`: what publishing the shard decided, the one type behind the shard's
+  summary, the publish task's XCom and the JSON of `maga publish-shard`.
 
 Which fields a summary carries depends on the path the shard took (a shard found
 registered carries `skipped`, a trial `max_docs`, a judged one `judge_*`). A field a
@@ -12,11 +17,49 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from maga_tasks.data.figures import ShardFigures
 from maga_tasks.data.layout import ShardPaths
 from maga_tasks.redaction import clean_text
+
+
+@dataclass
+class _ShardFiles:
+    """Which shard a result is about and where its files went."""
+
+    shard: str
+    source_uri: str
+    recipe_id: str
+    data_uri: str
+    rejected_uri: str
+
+
+# The bases in this order put the file fields first and the figures after them, so
+# `ShardResult(shard, source_uri, recipe_id, data_uri, rejected_uri, ...)` still holds.
+@dataclass
+class ShardResult(ShardFigures, _ShardFiles):
+    """What one `expand_shard` call did; small enough to be an Airflow XCom."""
+
+    requests: int = 0
+    seconds: float = 0.0
+    resumed_documents: int = 0
+    already_committed: bool = False
+    # The version of the source the rows were made from (`ShardReader.identity`).
+    source_identity: str | None = None
+
+    @classmethod
+    def of(cls, paths: ShardPaths, source_uri: str, figures: ShardFigures, **run) -> ShardResult:
+        """The result for a shard's `paths` with its figures (and `run` fields)."""
+        return cls(paths.shard, source_uri, paths.recipe_id, paths.data, paths.rejected, **asdict(figures), **run)
+
+    def to_dict(self) -> dict:
+        """The XCom and progress report: every field, the expansion ratio and the request rate."""
+        out = asdict(self)
+        out["expansion_ratio"] = self.expansion_ratio
+        out["requests_per_s"] = round(self.requests / self.seconds, 2) if self.seconds else 0.0
+        return out
 
 
 class _Absent(enum.Enum):
@@ -33,6 +76,11 @@ ABSENT = _Absent.ABSENT
 SUMMARY_FIGURES = (
     "documents", "accepted", "rejected", "prompt_tokens", "completion_tokens", "expansion_ratio", "source_identity",
 )
+
+
+def summary_figures(result: ShardResult) -> dict:
+    """The figures of `result` an outcome carries (`SUMMARY_FIGURES`)."""
+    return {name: getattr(result, name) for name in SUMMARY_FIGURES}
 
 
 @dataclass(frozen=True)
@@ -99,4 +147,4 @@ class ShardOutcome:
         return cls(**summary)
 
 
-__all__ = ["ABSENT", "SUMMARY_FIGURES", "ShardOutcome"]
+__all__ = ["ABSENT", "SUMMARY_FIGURES", "ShardOutcome", "ShardResult", "summary_figures"]

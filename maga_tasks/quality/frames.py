@@ -26,7 +26,7 @@ from maga_tasks.data.layout import ShardPaths
 from maga_tasks.data.schema import DUPLICATE_ID, LINEAGE_COLUMNS, source_identity_of
 from maga_tasks.data.source import SourceColumns, measure_source, shard_format
 from maga_tasks.data.storage import StorageError, storage_for
-from maga_tasks.engine.figures import ShardFigures, figures_of_files
+from maga_tasks.data.figures import ShardFigures, figures_of_files
 from maga_tasks.errors import MagaError, ShardInputError
 from maga_tasks.quality.labels import LabelTally
 
