@@ -1,8 +1,8 @@
 """One shard's job: which source, under which recipe, where its files go and how storage
-is reached. Built once where a shard's work starts (`publish_shard`, `expand_shard`, the
-CLI's commands) and passed whole, instead of recomputing its paths from
-`(output_root, recipe_id, shard or shard_name(uri))` and threading the S3 endpoint
-through every call.
+is reached. Built once where a shard's work starts (the entry points of `engine.publish`,
+`engine.trial` and `engine.shard`, whose signatures the DAG and the CLI call) and passed
+whole, instead of recomputing its paths from `(output_root, recipe_id, shard or
+shard_name(uri))` and threading the S3 endpoint through every call.
 """
 
 from __future__ import annotations
@@ -66,11 +66,6 @@ class ShardJob:
     @property
     def output_root(self) -> str:
         return self.paths.output_root
-
-    @property
-    def named_apart(self) -> bool:
-        """Whether the shard is named apart from its file (dated planning)."""
-        return self.paths.shard != shard_name(self.source_uri)
 
     def storage(self) -> Storage:
         """Where the shard's outputs (and its `_work/`) are written."""

@@ -115,7 +115,7 @@ def expand(
         journal.attach(checkpoint)
         if carried := journal.load(done):
             log.info("shard %s: %d answers of unfinished documents kept from the last run", paths.shard, carried)
-        run = _ShardRun(recipe, settings, paths.shard, checkpoint, total, done, progress, fence, journal)
+        run = _ShardRun(job, settings, checkpoint, total, done, progress, fence, journal)
         try:
             run_client(run.execute(itertools.islice(iter(reader), total)))
         finally:
@@ -142,11 +142,11 @@ def expand(
 class _ShardRun:
     """The async part of one shard: documents stream through the stages, no batch barrier."""
 
-    def __init__(self, recipe, settings, shard, checkpoint, total, done, progress, fence=None, journal=None):
-        self.recipe = recipe
+    def __init__(self, job: ShardJob, settings, checkpoint, total, done, progress, fence=None, journal=None):
+        recipe = self.recipe = job.recipe
         self.journal: AnswerJournal | None = journal
         self.settings = settings
-        self.shard = shard
+        self.shard = job.shard
         self.checkpoint = checkpoint
         self.total = total
         self.done = done
