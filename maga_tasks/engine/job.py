@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from maga_tasks.data.layout import ShardPaths, shard_name, shard_paths
 from maga_tasks.data.source import SourceColumns
 from maga_tasks.data.storage import Storage, read_once, storage_for
-from maga_tasks.quality import CommittedShard, QualityReport, validate_input, validate_output
+from maga_tasks.quality import CommittedShard, QualityReport, load_committed, validate_input, validate_output
 from maga_tasks.quality.datadocs import DATA_DOCS_SAMPLE_RATE
 from maga_tasks.recipe import Recipe
 from maga_tasks.settings import RunSettings
@@ -73,6 +73,10 @@ class ShardJob:
 
     def source_storage(self) -> Storage:
         return storage_for(self.source_uri, self.s3_endpoint_url)
+
+    def load_committed(self) -> CommittedShard:
+        """The job's committed `data/` and `rejected/` files, read for the output gate."""
+        return load_committed(self.paths, self.s3_endpoint_url)
 
     def input_gate(self) -> QualityReport:
         """The input gate on the job's source shard."""

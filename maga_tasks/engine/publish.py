@@ -39,7 +39,6 @@ from maga_tasks.quality import (
     DEFAULT_COLUMNS,
     CommittedShard,
     QualityReport,
-    load_committed,
 )
 from maga_tasks.quality.datadocs import DATA_DOCS_SAMPLE_RATE
 from maga_tasks.recipe import Recipe
@@ -120,7 +119,7 @@ def check_committed_shard(
 
 
 def _check(job: ShardJob, registry: Registry | None, result: ShardResult | None) -> QualityReport:
-    report = job.output_gate(load_committed(job.paths, job.s3_endpoint_url), result)
+    report = job.output_gate(job.load_committed(), result)
     if registry is not None:
         registry.ensure_recipe(job.recipe)
         _record(registry, report, job.recipe_id)
@@ -184,7 +183,7 @@ def _register(
 ) -> ShardOutcome:
     paths = job.paths
     registry.ensure_recipe(job.recipe)
-    committed = load_committed(paths, job.s3_endpoint_url)
+    committed = job.load_committed()
     if result is None:
         result = result_from_committed(committed, job.source_uri)
     if expected_checksum is not None and committed.checksum != expected_checksum:
@@ -194,7 +193,6 @@ def _register(
         )
     report = job.output_gate(committed, result)
     _record(registry, report, job.recipe_id)
-    token = lease.token if lease is not None else None
     outcome = ShardOutcome.of(
         paths,
         job.source_uri,
@@ -213,6 +211,17 @@ def _register(
         if report.success:
             lease.advance("validated")
         lease.close()  # the shard is decided next: no renewal runs beside the decision
+    token = lease.token if lease is not None else None
+    return _decide(job, registry, outcome, report, result, committed.checksum, token)
+
+
+def _decide(
+    job: ShardJob, registry: Registry, outcome: ShardOutcome, report: QualityReport, result: ShardResult,
+    checksum: str, token: int | None,
+) -> ShardOutcome:
+    """Register the shard when its output gate passed, quarantine it otherwise; both
+    fenced by lease `token` (None: only while no live lease holds the shard)."""
+    paths = job.paths
     if not report.success:
         registry.quarantine(
             job.recipe_id,
@@ -220,7 +229,7 @@ def _register(
             report.reason(),
             report.failed,
             result=result,
-            checksum=committed.checksum,
+            checksum=checksum,
             docs_uri=report.docs_uri,
             token=token,
         )
@@ -229,7 +238,7 @@ def _register(
         job.recipe_id,
         paths.shard,
         result,
-        committed.checksum,
+        checksum,
         docs_uri=report.docs_uri,
         label_summary=report.labels,
         token=token,
@@ -239,7 +248,7 @@ def _register(
     log.info(
         "shard %s %s: %d docs, %d accepted, %d rejected, x%.2f expansion, checksum %s",
         paths.shard, "registered" if newly else "was already registered", result.documents,
-        result.accepted, result.rejected, result.expansion_ratio, committed.checksum[:12],
+        result.accepted, result.rejected, result.expansion_ratio, checksum[:12],
     )
     return outcome.but(newly_registered=newly)
 

@@ -13,7 +13,7 @@ from maga_tasks.data.source import SourceColumns
 from maga_tasks.engine.job import ShardJob, reading_source_once
 from maga_tasks.engine.shard import expand
 from maga_tasks.errors import ShardInputError
-from maga_tasks.quality import DEFAULT_COLUMNS, load_committed
+from maga_tasks.quality import DEFAULT_COLUMNS
 from maga_tasks.recipe import Recipe
 from maga_tasks.settings import RunSettings
 
@@ -67,7 +67,7 @@ def _trial(
         return ShardOutcome.of(
             paths, source_uri, "trial", **trial, quality_success=False, failed_expectations=[], reason=reason
         )
-    report = job.output_gate(load_committed(paths, job.s3_endpoint_url), result)
+    report = job.output_gate(job.load_committed(), result)
     log.info(
         "trial of shard %s (first %d documents): %d accepted, %d rejected, gates %s; nothing registered, outputs under %s",
         paths.shard, max_docs, result.accepted, result.rejected, "passed" if report.success else "failed",
