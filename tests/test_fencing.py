@@ -26,8 +26,9 @@ from maga_tasks.data.layout import shard_paths
 from maga_tasks.data.sample_corpus import write_sample_corpus
 from maga_tasks.data.schema import shard_checksum
 from maga_tasks.data.storage import LocalStorage
+from maga_tasks.engine.commit import committed_result
 from maga_tasks.engine.publish import publish_shard
-from maga_tasks.engine.shard import ShardResult, committed_result, documents_in_flight
+from maga_tasks.engine.shard import ShardResult, documents_in_flight
 from maga_tasks.recipe import load_recipe
 from maga_tasks.registry import (
     LeaseLost,

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from concurrent.futures import Future, ThreadPoolExecutor
 import logging
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator

@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from maga_tasks.data.layout import ShardPaths
 from maga_tasks.data.storage import Storage
 
 # Rows read at once: bounds the memory of one batch (with 5 KB rewrites about 5 MB).
@@ -51,13 +50,6 @@ def local_files(storage: Storage, *uris: str) -> Iterator[list[Path]]:
     """Local paths of `uris` (downloaded to temporary files from S3)."""
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(storage.local_copy(uri)) for uri in uris]
-
-
-def staged_checksum(storage: Storage, paths: ShardPaths, token: int) -> str:
-    """The checksum of the commit staged under lease `token`, streamed."""
-    staged = {published: uri for uri, published in paths.staged(token)}
-    with local_files(storage, staged[paths.data], staged[paths.rejected]) as (data, rejected):
-        return files_checksum(data, rejected)
 
 
 def measure_batch(batch: pa.RecordBatch, wanted: tuple[str, ...]) -> pa.Table:
@@ -112,5 +104,4 @@ __all__ = [
     "local_files",
     "measure_batch",
     "read_measured",
-    "staged_checksum",
 ]

@@ -31,10 +31,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from maga_tasks.data.schema import DUPLICATE_ID
-from maga_tasks.reject_reasons import RejectReason
-from maga_tasks.errors import ShardInputError
 from maga_tasks.data.storage import StorageError, is_s3, storage_for
+from maga_tasks.errors import ShardInputError
 from maga_tasks.redaction import strip_control
+from maga_tasks.reject_reasons import RejectReason
 
 log = logging.getLogger(__name__)
 

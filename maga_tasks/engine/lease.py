@@ -28,6 +28,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 from sqlalchemy.exc import (
     DisconnectionError,
@@ -37,7 +38,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from maga_tasks.registry import LeaseLost, Registry, RegistryUnavailable
+from maga_tasks.registry import LeaseLost, Registry, RegistryUnavailable, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,30 @@ class LeaseKeeper:
         except (SQLAlchemyError, RegistryUnavailable):
             return "the registry cannot say who holds it now"
         return f"now {row.get('status')}, token {row.get('lease_token')}, owner {row.get('lease_owner')}"
+
+
+def lease_within(
+    registry: Registry, recipe_id: str, shard: str, source_uri: str, owner: str, ttl_s: float, *, force: bool,
+    wait_s: float,
+) -> int | None:
+    """The lease's token, waiting up to `wait_s` for another owner's lease to expire
+    (None when it stays held, or the shard was decided meanwhile)."""
+    deadline = time.monotonic() + wait_s
+    waited_for = None
+    while True:
+        token = registry.lease(recipe_id, shard, source_uri, owner, ttl_s, force=force)
+        left = deadline - time.monotonic()
+        if token is not None or left <= 0:
+            return token
+        row = registry.shard(recipe_id, shard) or {}
+        if row.get("status") in ("registered", "quarantined") or not row.get("lease_expires_at"):
+            return None
+        expires_in = (datetime.fromisoformat(row["lease_expires_at"]) - utc_now()).total_seconds()
+        if row.get("lease_owner") != waited_for:
+            waited_for = row.get("lease_owner")
+            log.info("shard %s is leased by %s for %.0fs more; waiting up to %.0fs for it", shard, waited_for,
+                     expires_in, left)
+        time.sleep(min(max(expires_in + 0.1, 0.1), 5.0, left))
 
 
 def _brief(error: BaseException) -> str:

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from maga_tasks.errors import EXIT_BAD_INPUT, MagaError
 from maga_tasks.data.layout import LayoutError, check_shard_name, shard_name
-from maga_tasks.registry import Registry
 from maga_tasks.data.source import list_source_shards, shown
 from maga_tasks.data.storage import is_s3, storage_for
+from maga_tasks.errors import EXIT_BAD_INPUT, MagaError
+from maga_tasks.registry import Registry
 
 log = logging.getLogger(__name__)
 

@@ -17,37 +17,34 @@ A shard whose own tries fail `max_shard_failures` times is `failed` for good
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from maga_tasks.data.layout import ShardPaths
+from maga_tasks.data.outcome import SUMMARY_FIGURES, ShardOutcome, ShardResult, summary_figures
+from maga_tasks.data.source import SourceColumns
+from maga_tasks.data.storage import StorageError
+from maga_tasks.engine.commit import commit_checkpoint, publish_earlier_commit
+from maga_tasks.engine.job import ShardJob, reading_source_once
+from maga_tasks.engine.lease import LeaseKeeper, lease_within
+from maga_tasks.engine.shard import expand
+from maga_tasks.engine.trial import trial_shard
 from maga_tasks.errors import EndpointsUnavailable, ShardFailedForGood, ShardInputError
-from maga_tasks.data.layout import ShardPaths, shard_name, shard_paths, trial_root
 from maga_tasks.quality import (
     DEFAULT_COLUMNS,
     CommittedShard,
     QualityReport,
-    load_committed,
-    validate_input,
-    validate_output,
 )
 from maga_tasks.quality.datadocs import DATA_DOCS_SAMPLE_RATE
 from maga_tasks.recipe import Recipe
 from maga_tasks.redaction import clean_text
-from maga_tasks.registry import LeaseLost, Registry, RegistryConflict, RegistryError, ShardBusy, utc_now
+from maga_tasks.registry import LeaseLost, Registry, RegistryConflict, RegistryError, ShardBusy
 from maga_tasks.settings import RunSettings, setting_default
-from maga_tasks.engine.lease import LeaseKeeper
-from maga_tasks.engine.shard import ShardResult, commit_checkpoint, expand_shard, publish_staged, source_limits
-from maga_tasks.data.committed import staged_checksum
-from maga_tasks.data.source import SourceColumns
-from maga_tasks.data.storage import StorageError, read_once, storage_for
 
 if TYPE_CHECKING:
     from maga_tasks.method.judging import JudgeReport
@@ -65,42 +62,13 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-# The figures a summary carries, named as on `ShardResult` and in the registry's rows.
-_SUMMARY_FIGURES = (
-    "documents", "accepted", "rejected", "prompt_tokens", "completion_tokens", "expansion_ratio", "source_identity",
-)
-
-
-def _summary_figures(result: ShardResult) -> dict:
-    return {name: getattr(result, name) for name in _SUMMARY_FIGURES}
-
-
-def _summary(paths: ShardPaths, source_uri: str, status: str, **extra) -> dict:
-    """A shard's outcome for the XCom; its free texts (a reason, failed expectations
-    quoting source values) redacted, without control characters and bounded."""
-    if extra.get("reason") is not None:
-        extra["reason"] = clean_text(extra["reason"])
-    if extra.get("failed_expectations"):
-        extra["failed_expectations"] = [clean_text(name) for name in extra["failed_expectations"]]
-    out = {
-        "shard": paths.shard,
-        "source_uri": source_uri,
-        "recipe_id": paths.recipe_id,
-        "status": status,
-        "data_uri": paths.data,
-        "rejected_uri": paths.rejected,
-    }
-    out.update(extra)
-    return out
-
-
-def _summary_from_row(paths: ShardPaths, row: dict) -> dict:
-    """The XCom of a shard already decided in the registry (registered/quarantined)."""
-    return _summary(
+def _outcome_from_row(paths: ShardPaths, row: dict) -> ShardOutcome:
+    """The outcome of a shard already decided in the registry (registered/quarantined)."""
+    return ShardOutcome.of(
         paths,
         row["source_uri"],
         row["status"],
-        **{name: row[name] for name in _SUMMARY_FIGURES},
+        **{name: row[name] for name in SUMMARY_FIGURES},
         checksum=row["checksum"],
         docs_uri=row["docs_uri"],
         quality_success=row["status"] == "registered",
@@ -144,35 +112,37 @@ def check_committed_shard(
     """Run the output gate on a committed shard without changing its status (the
     result is recorded when a registry is given). For `maga validate-shard`; with the
     expansion's `result`, the files must hold the documents it reported."""
-    paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
-    committed = load_committed(paths, s3_endpoint_url)
-    report = validate_output(
-        committed, recipe, result=result, s3_endpoint_url=s3_endpoint_url, data_docs_sample_rate=data_docs_sample_rate
+    job = ShardJob.of(
+        source_uri, output_root, recipe, shard=shard, s3_endpoint_url=s3_endpoint_url,
+        data_docs_sample_rate=data_docs_sample_rate,
     )
+    return _check(job, registry, result)
+
+
+def _check(job: ShardJob, registry: Registry | None, result: ShardResult | None) -> QualityReport:
+    report = job.output_gate(job.load_committed(), result)
     if registry is not None:
-        registry.ensure_recipe(recipe)
-        _record(registry, report, recipe.recipe_id)
+        registry.ensure_recipe(job.recipe)
+        _record(registry, report, job.recipe_id)
     return report
 
 
 def commit_and_validate(
     source_uri: str, output_root: str, recipe: Recipe, *, shard: str | None = None,
-    columns: SourceColumns = DEFAULT_COLUMNS, s3_endpoint_url: str | None = None, **gate,
+    columns: SourceColumns = DEFAULT_COLUMNS, s3_endpoint_url: str | None = None, registry: Registry | None = None,
+    data_docs_sample_rate: float = DATA_DOCS_SAMPLE_RATE,
 ) -> QualityReport:
     """The file work of a shard after its LLM calls: commit its checkpoint, which must
     hold every document of the source (`_work/{shard}/`, as `expand_shard` leaves it
     before its commit), to `data/`, `rejected/` and `magacorpus/`, then run the output
-    gate on the committed files. Nothing is leased or registered. Its memory does not
-    grow with the shard: what `maga bench --scale` measures. `gate` goes to
-    `check_committed_shard` (`registry`, `data_docs_sample_rate`)."""
-    paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
-    out = storage_for(output_root, s3_endpoint_url)
-    result = commit_checkpoint(
-        source_uri, paths, out, columns=columns, s3_endpoint_url=s3_endpoint_url, limits=source_limits(recipe)
+    gate on the committed files (recorded when a `registry` is given). Nothing is leased
+    or registered. Its memory does not grow with the shard: what `maga bench --scale`
+    measures."""
+    job = ShardJob.of(
+        source_uri, output_root, recipe, shard=shard, columns=columns, s3_endpoint_url=s3_endpoint_url,
+        data_docs_sample_rate=data_docs_sample_rate,
     )
-    return check_committed_shard(
-        source_uri, output_root, recipe, shard=paths.shard, s3_endpoint_url=s3_endpoint_url, result=result, **gate
-    )
+    return _check(job, registry, commit_checkpoint(job))
 
 
 def register_committed_shard(
@@ -195,27 +165,40 @@ def register_committed_shard(
     while no live lease holds the shard) and the last step of `publish_shard`, whose
     `lease` fences the outcome (`LeaseLost` when stale) and whose commit recorded
     `expected_checksum`: files with other bytes are refused. Once registered, the
-    shard's `_work/` (checkpoint, staged commit) is deleted."""
-    paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
-    registry.ensure_recipe(recipe)
-    committed = load_committed(paths, s3_endpoint_url)
+    shard's `_work/` (checkpoint, staged commit) is deleted. Returns the shard's
+    summary (`ShardOutcome.to_dict`)."""
+    job = ShardJob.of(
+        source_uri, output_root, recipe, shard=shard, s3_endpoint_url=s3_endpoint_url,
+        data_docs_sample_rate=data_docs_sample_rate,
+    )
+    return _register(job, registry, result=result, lease=lease, expected_checksum=expected_checksum).to_dict()
+
+
+def _register(
+    job: ShardJob,
+    registry: Registry,
+    *,
+    result: ShardResult | None = None,
+    lease: LeaseKeeper | None = None,
+    expected_checksum: str | None = None,
+) -> ShardOutcome:
+    paths = job.paths
+    registry.ensure_recipe(job.recipe)
+    committed = job.load_committed()
     if result is None:
-        result = result_from_committed(committed, source_uri)
+        result = result_from_committed(committed, job.source_uri)
     if expected_checksum is not None and committed.checksum != expected_checksum:
         raise RegistryConflict(
             f"shard {paths.shard}: data/ and rejected/ hold checksum {committed.checksum},"
             f" not the commit's {expected_checksum}; refusing to register bytes the lease did not commit"
         )
-    report = validate_output(
-        committed, recipe, result=result, s3_endpoint_url=s3_endpoint_url, data_docs_sample_rate=data_docs_sample_rate
-    )
-    _record(registry, report, recipe.recipe_id)
-    token = lease.token if lease is not None else None
-    summary = _summary(
+    report = job.output_gate(committed, result)
+    _record(registry, report, job.recipe_id)
+    outcome = ShardOutcome.of(
         paths,
-        source_uri,
+        job.source_uri,
         "registered",
-        **_summary_figures(result),
+        **summary_figures(result),
         checksum=committed.checksum,
         docs_uri=report.docs_uri,
         quality_success=report.success,
@@ -229,94 +212,49 @@ def register_committed_shard(
         if report.success:
             lease.advance("validated")
         lease.close()  # the shard is decided next: no renewal runs beside the decision
+    token = lease.token if lease is not None else None
+    return _decide(job, registry, outcome, report, result, committed.checksum, token)
+
+
+def _decide(
+    job: ShardJob, registry: Registry, outcome: ShardOutcome, report: QualityReport, result: ShardResult,
+    checksum: str, token: int | None,
+) -> ShardOutcome:
+    """Register the shard when its output gate passed, quarantine it otherwise; both
+    fenced by lease `token` (None: only while no live lease holds the shard)."""
+    paths = job.paths
     if not report.success:
         registry.quarantine(
-            recipe.recipe_id,
+            job.recipe_id,
             paths.shard,
             report.reason(),
             report.failed,
             result=result,
-            checksum=committed.checksum,
+            checksum=checksum,
             docs_uri=report.docs_uri,
             token=token,
         )
-        return summary | {"status": "quarantined", "reason": clean_text(report.reason())}
+        return outcome.but(status="quarantined", reason=report.reason())
     newly = registry.register(
-        recipe.recipe_id,
+        job.recipe_id,
         paths.shard,
         result,
-        committed.checksum,
+        checksum,
         docs_uri=report.docs_uri,
         label_summary=report.labels,
         token=token,
     )
     if newly:  # final: nobody needs the checkpoint or a staged commit any more
-        storage_for(paths.work, s3_endpoint_url).delete_prefix(paths.work)
+        job.storage().delete_prefix(paths.work)
     log.info(
         "shard %s %s: %d docs, %d accepted, %d rejected, x%.2f expansion, checksum %s",
         paths.shard, "registered" if newly else "was already registered", result.documents,
-        result.accepted, result.rejected, result.expansion_ratio, committed.checksum[:12],
+        result.accepted, result.rejected, result.expansion_ratio, checksum[:12],
     )
-    return summary | {"newly_registered": newly}
+    return outcome.but(newly_registered=newly)
 
 
-def _reading_source_once(function):
-    """`function(source_uri, ...)` with its S3 source downloaded once: the input gate,
-    the expansion and the judge each read it (`read_once`)."""
-
-    @functools.wraps(function)
-    def reading(*args, **kwargs):
-        with read_once(args[0] if args else kwargs["source_uri"]):
-            return function(*args, **kwargs)
-
-    return reading
-
-
-def _lease_within(
-    registry: Registry, rid: str, shard: str, source_uri: str, owner: str, ttl_s: float, force: bool, wait_s: float
-) -> int | None:
-    """The lease's token, waiting up to `wait_s` for another owner's lease to expire
-    (None when it stays held, or the shard was decided meanwhile)."""
-    deadline = time.monotonic() + wait_s
-    waited_for = None
-    while True:
-        token = registry.lease(rid, shard, source_uri, owner, ttl_s, force=force)
-        left = deadline - time.monotonic()
-        if token is not None or left <= 0:
-            return token
-        row = registry.shard(rid, shard) or {}
-        if row.get("status") in ("registered", "quarantined") or not row.get("lease_expires_at"):
-            return None
-        expires_in = (datetime.fromisoformat(row["lease_expires_at"]) - utc_now()).total_seconds()
-        if row.get("lease_owner") != waited_for:
-            waited_for = row.get("lease_owner")
-            log.info("shard %s is leased by %s for %.0fs more; waiting up to %.0fs for it", shard, waited_for,
-                     expires_in, left)
-        time.sleep(min(max(expires_in + 0.1, 0.1), 5.0, left))
-
-
-def _publish_staged_commit(out, paths: ShardPaths, row: dict) -> str | None:
-    """Publish the commit an earlier lease recorded and staged but may not have published
-    (it stopped between its commit and its copies): exactly the bytes of the recorded
-    checksum. Returns the checksum of the shard's recorded, undecided commit (published
-    now or before), which its files must hold; None when there is none."""
-    token = row.get("commit_token")
-    if token is None:
-        return None
-    if not all(out.exists(uri) for uri, _ in paths.staged(token)):
-        return row["checksum"]  # published already: staged files are deleted only after the copies
-    checksum = staged_checksum(out, paths, token)
-    if checksum != row["checksum"]:
-        raise RegistryConflict(
-            f"shard {paths.shard}: the commit staged by lease {token} has checksum {checksum},"
-            f" the registry recorded {row['checksum']}"
-        )
-    log.info("shard %s: publishing the commit of lease %d (checksum %s)", paths.shard, token, checksum[:12])
-    publish_staged(out, paths, token)
-    return checksum
-
-
-@_reading_source_once
+@reading_source_once
 def publish_shard(
     source_uri: str,
     output_root: str,
@@ -336,7 +274,8 @@ def publish_shard(
     judge_sample: int = 0,
 ) -> dict:
     """Publish one source shard under `recipe`; returns a small summary for an XCom
-    (shard, status, counts, URIs, quality outcome, failed expectations).
+    (shard, status, counts, URIs, quality outcome, failed expectations: a
+    `ShardOutcome.to_dict`).
 
     A shard leased by another owner is waited for up to `lease_wait_s`: a lease that is
     not renewed (its worker died) is taken over when it expires; one still renewed
@@ -358,110 +297,115 @@ def publish_shard(
             source_uri, output_root, recipe, settings, max_docs=max_docs, shard=shard, columns=columns,
             progress=progress, check_input=check_input,
         )
-    s3 = settings.s3_endpoint_url
-    docs_rate = settings.data_docs_sample_rate
     lease_ttl_s = settings.lease_ttl_s if lease_ttl_s is None else lease_ttl_s
-    paths = shard_paths(output_root, recipe.recipe_id, shard or shard_name(source_uri))
-    rid = recipe.recipe_id
+    job = ShardJob.of(source_uri, output_root, recipe, shard=shard, columns=columns, settings=settings)
     registry.ensure_recipe(recipe)
-
-    row = registry.shard(rid, paths.shard)
-    if row is not None and row["status"] == "registered":
-        log.info("shard %s already registered (checksum %s); nothing to do", paths.shard, (row["checksum"] or "")[:12])
-        return _summary_from_row(paths, row)
-    if row is not None and row["status"] == "quarantined" and not force:
-        log.warning("shard %s is quarantined (%s); pass force=True to try again", paths.shard, row["last_error"])
-        return _summary_from_row(paths, row)
-    if row is not None and row["status"] == "failed" and row["attempts"] >= settings.max_shard_failures and not force:
-        raise _failed_for_good(row)
-    token = _lease_within(registry, rid, paths.shard, source_uri, owner, lease_ttl_s, force, lease_wait_s)
+    outcome = _decided(job, settings, registry, force)
+    if outcome is not None:
+        return outcome.to_dict()
+    token = lease_within(
+        registry, job.recipe_id, job.shard, source_uri, owner, lease_ttl_s, force=force, wait_s=lease_wait_s
+    )
     if token is None:
-        row = registry.shard(rid, paths.shard) or {}
+        row = registry.shard(job.recipe_id, job.shard) or {}
         if row.get("status") in ("registered", "quarantined"):
-            return _summary_from_row(paths, row)
+            return _outcome_from_row(job.paths, row).to_dict()
         raise ShardBusy(
-            f"shard {paths.shard} of {rid} is leased by {row.get('lease_owner')} until {row.get('lease_expires_at')}"
+            f"shard {job.shard} of {job.recipe_id} is leased by {row.get('lease_owner')}"
+            f" until {row.get('lease_expires_at')}"
         )
-
     # Every write from here on is fenced by `token`; the keeper renews the lease off the
     # event loop until the shard is decided and stops this worker once it is lost.
-    lease = LeaseKeeper(registry, rid, paths.shard, owner, token, lease_ttl_s, forward=progress).start()
+    lease = LeaseKeeper(registry, job.recipe_id, job.shard, owner, token, lease_ttl_s, forward=progress).start()
+    outcome = _publish_leased(job, settings, registry, lease, check_input)
+    return judge_shard_after_publish(outcome, job, settings, registry, judge_sample).to_dict()
+
+
+def _decided(job: ShardJob, settings: RunSettings, registry: Registry, force: bool) -> ShardOutcome | None:
+    """The outcome of a shard the registry already decided (registered; quarantined
+    unless `force`), None when it is to be published; `ShardFailedForGood` when its own
+    failures reached the limit (unless `force`)."""
+    row = registry.shard(job.recipe_id, job.shard)
+    if row is not None and row["status"] == "registered":
+        log.info("shard %s already registered (checksum %s); nothing to do", job.shard, (row["checksum"] or "")[:12])
+        return _outcome_from_row(job.paths, row)
+    if row is not None and row["status"] == "quarantined" and not force:
+        log.warning("shard %s is quarantined (%s); pass force=True to try again", job.shard, row["last_error"])
+        return _outcome_from_row(job.paths, row)
+    if row is not None and row["status"] == "failed" and row["attempts"] >= settings.max_shard_failures and not force:
+        raise _failed_for_good(row)
+    return None
+
+
+def _publish_leased(
+    job: ShardJob, settings: RunSettings, registry: Registry, lease: LeaseKeeper, check_input: bool
+) -> ShardOutcome:
+    """Gate, expand, commit and decide a shard under `lease`; a failed try is recorded
+    (and re-raised) and the lease is freed whatever happens."""
+    paths, rid = job.paths, job.recipe_id
     try:
-        out = storage_for(output_root, s3)
-        recorded = _publish_staged_commit(out, paths, registry.shard(rid, paths.shard))
-        if out.exists(paths.data) and out.exists(paths.rejected):
+        earlier = publish_earlier_commit(job, registry.shard(rid, paths.shard))
+        if earlier is not None:
             # Committed by an earlier attempt that did not get to register: no input
             # gate, no expansion, no LLM request; the figures come from the files.
             log.info("shard %s already committed; validating and registering it", paths.shard)
             lease.advance("committed")
-            summary = register_committed_shard(
-                source_uri, output_root, recipe, registry, shard=paths.shard, lease=lease,
-                expected_checksum=recorded, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate,
-            )
-            return judge_shard_after_publish(summary, output_root, recipe, settings, registry, judge_sample, columns)
+            return _register(job, registry, lease=lease, expected_checksum=earlier.recorded_checksum)
         if check_input:
-            report = validate_input(
-                source_uri, recipe, paths, columns=columns, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate
-            )
+            report = job.input_gate()
             _record(registry, report, rid)
             if not report.success:
                 lease.close()
                 registry.quarantine(
-                    rid, paths.shard, report.reason(), report.failed, docs_uri=report.docs_uri, token=token
+                    rid, paths.shard, report.reason(), report.failed, docs_uri=report.docs_uri, token=lease.token
                 )
-                return _summary(
-                    paths, source_uri, "quarantined", quality_success=False, docs_uri=report.docs_uri,
+                return ShardOutcome.of(
+                    paths, job.source_uri, "quarantined", quality_success=False, docs_uri=report.docs_uri,
                     failed_expectations=report.failed_names, reason=report.reason(),
                 )
         lease.advance("expanding")
-        # The output is named after the shard; dated planning names it apart from the file.
-        expand_kwargs = {"shard": paths.shard} if paths.shard != shard_name(source_uri) else {}
-        result = expand_shard(
-            source_uri, output_root, recipe, settings, columns=columns, progress=lease, fence=lease, **expand_kwargs,
-        )
+        result = expand(job, settings, progress=lease, fence=lease)
         lease.advance("committed", counters=result.to_dict())
-        summary = register_committed_shard(
-            source_uri, output_root, recipe, registry, shard=paths.shard, result=result, lease=lease,
-            expected_checksum=lease.committed_checksum, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate,
-        )
+        return _register(job, registry, result=result, lease=lease, expected_checksum=lease.committed_checksum)
     except ShardInputError as error:
         lease.close()
         reason = f"unusable source shard: {error}"
-        registry.quarantine(rid, paths.shard, reason, [], source_uri=source_uri, token=token)
-        return _summary(paths, source_uri, "quarantined", quality_success=False, failed_expectations=[], reason=reason)
+        registry.quarantine(rid, paths.shard, reason, [], source_uri=job.source_uri, token=lease.token)
+        return ShardOutcome.of(
+            paths, job.source_uri, "quarantined", quality_success=False, failed_expectations=[], reason=reason
+        )
     except BaseException as error:
         lease.close()
         if _mark_failed(
-            registry, rid, paths.shard, owner, error, settings.max_shard_failures, token
+            registry, rid, paths.shard, lease.owner, error, settings.max_shard_failures, lease.token
         ) and isinstance(error, Exception):
             raise _failed_for_good(registry.shard(rid, paths.shard)) from error
         raise
     finally:
         lease.close()
-    return judge_shard_after_publish(summary, output_root, recipe, settings, registry, judge_sample, columns)
 
 
 def judge_shard_after_publish(
-    summary: dict, output_root: str, recipe: Recipe, settings: RunSettings, registry: Registry, sample: int,
-    columns: SourceColumns = DEFAULT_COLUMNS,
-) -> dict:
+    outcome: ShardOutcome, job: ShardJob, settings: RunSettings, registry: Registry, sample: int
+) -> ShardOutcome:
     """The judge's measurement of a just registered shard, recorded as quality suite
     "judge". Not a gate: the shard stays registered whatever the scores, and a judge
-    that cannot run is logged and named in the summary, never raised."""
-    if sample < 1 or summary.get("status") != "registered" or not summary.get("newly_registered"):
-        return summary
+    that cannot run is logged and named in the outcome, never raised."""
+    if sample < 1 or outcome.status != "registered" or outcome.newly_registered is not True:
+        return outcome
     from maga_tasks.method.judging import judge_committed_shard  # the judge path loads the tokenizer; only when asked
 
     try:
         report = judge_committed_shard(
-            summary["source_uri"], output_root, recipe, settings, sample=sample, shard=summary["shard"], columns=columns
+            job.source_uri, job.output_root, job.recipe, settings, sample=sample, shard=job.shard, columns=job.columns
         )
     except (ShardInputError, EndpointsUnavailable, StorageError) as error:
-        log.warning("shard %s: the judge could not run: %s", summary["shard"], error)
-        return summary | {"judge_error": clean_text(error)}
+        log.warning("shard %s: the judge could not run: %s", outcome.shard, error)
+        return outcome.but(judge_error=clean_text(error))
     record_judge(registry, report)
-    return summary | {"judge_pass_share": report.statistics()["pass_share"], "judge_scored": report.scored,
-                      "judge_uri": report.uri}
+    return outcome.but(
+        judge_pass_share=report.statistics()["pass_share"], judge_scored=report.scored, judge_uri=report.uri
+    )
 
 
 def record_judge(registry: Registry, report: "JudgeReport") -> None:
@@ -470,61 +414,6 @@ def record_judge(registry: Registry, report: "JudgeReport") -> None:
     low_scores = statistics["scores"]["1"] + statistics["scores"]["2"]
     counts = {"evaluated_expectations": report.scored, "unsuccessful_expectations": low_scores}
     registry.record_quality(report.recipe_id, report.shard, "judge", report.success, statistics | counts, [], report.uri)
-
-
-@_reading_source_once
-def trial_shard(
-    source_uri: str,
-    output_root: str,
-    recipe: Recipe,
-    settings: RunSettings,
-    *,
-    max_docs: int,
-    shard: str | None = None,
-    columns: SourceColumns = DEFAULT_COLUMNS,
-    progress: Callable[[dict], None] | None = None,
-    check_input: bool = True,
-) -> dict:
-    """A trial run: the first `max_docs` documents expanded under `trial_root` and put
-    through both gates, with nothing leased, registered or quarantined, so a later full
-    run still plans and publishes the whole shard. The summary's status is "trial";
-    `quality_success` tells whether the gates passed."""
-    s3 = settings.s3_endpoint_url
-    paths = shard_paths(trial_root(output_root, max_docs), recipe.recipe_id, shard or shard_name(source_uri))
-    trial = {"max_docs": max_docs}
-    docs_rate = settings.data_docs_sample_rate
-    try:
-        if check_input:
-            report = validate_input(
-                source_uri, recipe, paths, columns=columns, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate
-            )
-            if not report.success:
-                return _summary(
-                    paths, source_uri, "trial", **trial, quality_success=False, docs_uri=report.docs_uri,
-                    failed_expectations=report.failed_names, reason=report.reason(),
-                )
-        result = expand_shard(
-            source_uri, output_root, recipe, settings, max_docs=max_docs, columns=columns,
-            progress=progress, shard=paths.shard,
-        )
-    except ShardInputError as error:
-        reason = f"unusable source shard: {error}"
-        return _summary(paths, source_uri, "trial", **trial, quality_success=False, failed_expectations=[], reason=reason)
-    report = validate_output(
-        load_committed(paths, s3), recipe, result=result, s3_endpoint_url=s3, data_docs_sample_rate=docs_rate
-    )
-    log.info(
-        "trial of shard %s (first %d documents): %d accepted, %d rejected, gates %s; nothing registered, outputs under %s",
-        paths.shard, max_docs, result.accepted, result.rejected, "passed" if report.success else "failed",
-        paths.version_root,
-    )
-    return _summary(
-        paths, source_uri, "trial", **trial, **_summary_figures(result),
-        docs_uri=report.docs_uri,
-        quality_success=report.success,
-        failed_expectations=report.failed_names,
-        already_committed=result.already_committed,
-    )
 
 
 def _mark_failed(

@@ -22,11 +22,11 @@ from maga_tasks.data.committed import (
     local_files,
     read_measured,
 )
+from maga_tasks.data.figures import ShardFigures, figures_of_files
 from maga_tasks.data.layout import ShardPaths
 from maga_tasks.data.schema import DUPLICATE_ID, LINEAGE_COLUMNS, source_identity_of
 from maga_tasks.data.source import SourceColumns, measure_source, shard_format
 from maga_tasks.data.storage import StorageError, storage_for
-from maga_tasks.engine.figures import ShardFigures, figures_of_files
 from maga_tasks.errors import EXIT_BAD_INPUT, MagaError, ShardInputError
 from maga_tasks.quality.labels import LabelTally
 

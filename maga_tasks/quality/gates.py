@@ -27,7 +27,7 @@ from maga_tasks.quality.suites import input_checks, output_document_checks, outp
 from maga_tasks.recipe import Recipe
 
 if TYPE_CHECKING:
-    from maga_tasks.engine.figures import ShardFigures
+    from maga_tasks.data.figures import ShardFigures
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from maga_tasks.quality.frames import DEFAULT_COLUMNS, MEASURED_LINEAGE, source_
 from maga_tasks.recipe import Recipe
 
 if TYPE_CHECKING:
-    from maga_tasks.engine.figures import ShardFigures
+    from maga_tasks.data.figures import ShardFigures
 
 
 def _expectation(gxe, kind: str, check: str, sentence: str, **kwargs):

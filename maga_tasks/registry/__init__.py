@@ -12,7 +12,14 @@ from maga_tasks.registry.db import (
     url_from_connection,
     utc_now,
 )
-from maga_tasks.registry.errors import LeaseLost, RegistryConflict, RegistryError, RegistryNotFound, RegistryUnavailable, ShardBusy
+from maga_tasks.registry.errors import (
+    LeaseLost,
+    RegistryConflict,
+    RegistryError,
+    RegistryNotFound,
+    RegistryUnavailable,
+    ShardBusy,
+)
 from maga_tasks.registry.migrations import Migrations, default_migrations_dir
 from maga_tasks.registry.queries import STATUSES, WORKING_STATUSES
 from maga_tasks.registry.reads import RegistryReads, format_totals

@@ -36,7 +36,7 @@ from maga_tasks.registry.queries import COUNTERS, WORKING_STATUSES
 from maga_tasks.registry.reads import RegistryReads
 
 if TYPE_CHECKING:
-    from maga_tasks.engine.shard import ShardResult
+    from maga_tasks.data.outcome import ShardResult
     from maga_tasks.recipe import Recipe
 
 log = logging.getLogger(__name__)
