@@ -63,7 +63,8 @@ def test_the_digest_changes_with_anything_the_answer_depends_on():
     assert base != request_digest("other-model", [{"role": "user", "content": "a document"}], SAMPLING,
                                   {"seed": 1, "kind": "rewrite"})
     hotter = SAMPLING.model_copy(update={"temperature": 1.3})
-    assert base != request_digest("m", [{"role": "user", "content": "a document"}], hotter, {"seed": 1, "kind": "rewrite"})
+    assert base != request_digest("m", [{"role": "user", "content": "a document"}], hotter,
+                                  {"seed": 1, "kind": "rewrite"})
     # A lone surrogate from a jsonl source still hashes.
     assert digest_of("odd \ud800 text") != base
 
@@ -188,7 +189,8 @@ def test_a_journaled_chat_asks_only_what_the_journal_lacks(tmp_path, llm_server)
     async def ask(journal: AnswerJournal) -> Completion:
         async with LLMClient(settings, RECIPE.model) as client:
             chat = JournaledChat(client, journal, 7)
-            return await chat.chat(messages, SAMPLING, seed=5, request_id="doc7/rewrite/0", affinity="doc7", kind="rewrite")
+            return await chat.chat(messages, SAMPLING, seed=5, request_id="doc7/rewrite/0", affinity="doc7",
+                                   kind="rewrite")
 
     first = run_client(ask(AnswerJournal(LocalStorage(), work, max_entry_bytes=BOUND)))
     assert llm_server.stats()["requests_total"] == 1
@@ -259,7 +261,8 @@ def test_sigkill_mid_shard_then_rerun_asks_no_answered_request_again(tmp_path, l
     assert not work.exists()
     reference = expand_shard(str(source), str(tmp_path / "reference"), RECIPE,
                              RunSettings(endpoints=(server.url,), max_concurrency=64))
-    for got_uri, want_uri in ((summary["data_uri"], reference.data_uri), (summary["rejected_uri"], reference.rejected_uri)):
+    for got_uri, want_uri in ((summary["data_uri"], reference.data_uri),
+                              (summary["rejected_uri"], reference.rejected_uri)):
         got = pq.read_table(got_uri).drop_columns(["created_at"])
         want = pq.read_table(want_uri).drop_columns(["created_at"])
         assert got.equals(want)

@@ -59,7 +59,8 @@ def test_slot_count_read_from_the_metrics():
     totals = {"vllm:num_requests_running": 3.0, "vllm:num_requests_waiting": 1.0, "maga:max_num_seqs": 16.0}
     assert ServerLoad.from_metrics(totals).free_slots == 12
     assert ServerLoad.from_metrics({**totals, "maga:max_num_seqs": 0.0}).slots is None
-    assert ServerLoad.from_metrics({"vllm:num_requests_running": 3.0, "vllm:num_requests_waiting": 1.0}).free_slots is None
+    unsized = {"vllm:num_requests_running": 3.0, "vllm:num_requests_waiting": 1.0}
+    assert ServerLoad.from_metrics(unsized).free_slots is None
 
 
 # -- a client against the test server ----------------------------------------------------

@@ -174,7 +174,9 @@ class WindowController:
         """A request the endpoint answered, and how long its HTTP exchange took."""
         self._latencies.append(latency_s / max(1, completion_tokens))
         # Shrinks are spaced by this: the time the requests already sent take to leave.
-        self._typical_latency_s = 0.8 * self._typical_latency_s + 0.2 * latency_s if self._typical_latency_s else latency_s
+        self._typical_latency_s = (
+            0.8 * self._typical_latency_s + 0.2 * latency_s if self._typical_latency_s else latency_s
+        )
 
     def observe_timeout(self) -> None:
         self._timeouts += 1

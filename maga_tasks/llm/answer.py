@@ -119,7 +119,9 @@ def parse_answer(raw: bytes) -> Answer:
         if content is not None and not isinstance(content, str):
             raise MalformedAnswer(f"choices[0].message.content is {_kind(content)}, expected a string")
         finish_reason = choice.get("finish_reason")
-        if finish_reason is not None and not (isinstance(finish_reason, str) and _FINISH_REASON.fullmatch(finish_reason)):
+        if finish_reason is not None and not (
+            isinstance(finish_reason, str) and _FINISH_REASON.fullmatch(finish_reason)
+        ):
             raise MalformedAnswer(f"choices[0].finish_reason is {_kind(finish_reason)}, expected a short word")
     except MalformedAnswer as error:
         # The usage was valid: the server did the work, and its tokens count.
@@ -152,6 +154,5 @@ def _kind(value: object) -> str:
     """A value's JSON type for a message (never the value: it may be huge or hostile)."""
     if value is None:
         return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}.get(
-        type(value), type(value).__name__
-    )
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)

@@ -63,15 +63,15 @@ class Readiness:
         deadline = time.monotonic() + timeout_s
         while True:
             results = await asyncio.gather(*(fleet.probe(e) for e in endpoints))
-            for endpoint, ok in zip(endpoints, results):
+            for endpoint, ok in zip(endpoints, results, strict=True):
                 if ok and not endpoint.models_checked:
                     await self._check_models(endpoint, min_context_tokens)
                 endpoint.healthy = ok
                 endpoint.consecutive_failures = 0 if ok else fleet.settings.endpoint_failure_threshold
-            ready = [e.url for e, ok in zip(endpoints, results) if ok and not e.refused]
+            ready = [e.url for e, ok in zip(endpoints, results, strict=True) if ok and not e.refused]
             if ready and self._start_window is not None:
                 await asyncio.gather(*(
-                    self._start_window(e) for e, ok in zip(endpoints, results)
+                    self._start_window(e) for e, ok in zip(endpoints, results, strict=True)
                     if ok and not e.refused and not e.window_started
                 ))
             if ready:
@@ -79,7 +79,9 @@ class Readiness:
                     if endpoint.refused:
                         log.error("endpoint %s left the rotation: it %s", endpoint.label, endpoint.refused)
                 return ready
-            if any(e.refused for e in endpoints) and all(e.refused or not ok for e, ok in zip(endpoints, results)):
+            if any(e.refused for e in endpoints) and all(
+                e.refused or not ok for e, ok in zip(endpoints, results, strict=True)
+            ):
                 raise fleet.refusal_error()
             if time.monotonic() >= deadline:
                 raise EndpointsUnavailable(

@@ -155,7 +155,8 @@ def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "cond
         time.sleep(interval)
 
 
-def http_json(url: str, *, method: str = "GET", body: dict | None = None, token: str | None = None, timeout: float = 10):
+def http_json(url: str, *, method: str = "GET", body: dict | None = None, token: str | None = None,
+              timeout: float = 10):
     """(status, parsed JSON or text) of one HTTP request; never raises on 4xx/5xx."""
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method)

@@ -32,7 +32,8 @@ def _quantiles(values: list[float]) -> dict:
     if not values:
         return {"n": 0}
     pick = lambda q: round(percentile(values, q), 3)  # noqa: E731
-    return {"n": len(values), "p10": pick(0.1), "p50": pick(0.5), "p90": pick(0.9), "mean": round(statistics.fmean(values), 3)}
+    return {"n": len(values), "p10": pick(0.1), "p50": pick(0.5), "p90": pick(0.9),
+            "mean": round(statistics.fmean(values), 3)}
 
 
 def measure(rows: list[dict], rejected: list[dict], sources: dict[str, str], recipe) -> dict:

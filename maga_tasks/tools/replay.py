@@ -35,7 +35,8 @@ def engine_dataset(records: list[dict], tokenizer_dir: str, out: Path) -> tuple[
         for record in records:
             if record["completion_tokens"] <= 0:
                 continue
-            prompt = tokenizer.apply_chat_template(record["body"]["messages"], tokenize=False, add_generation_prompt=True)
+            prompt = tokenizer.apply_chat_template(record["body"]["messages"], tokenize=False,
+                                                   add_generation_prompt=True)
             handle.write(json.dumps({"prompt": prompt, "output_tokens": record["completion_tokens"]}) + "\n")
             count += 1
             prompt_tokens += record["prompt_tokens"]
@@ -69,7 +70,8 @@ async def _send_all(url: str, bodies: list[dict], concurrency: int, api_key: str
 def structured_output_cost(url: str, records: list[dict], concurrency: int, api_key: str | None = None) -> dict | None:
     """The recorded pairs calls with their grammar and without it; None when the stream
     had no structured pairs calls."""
-    pairs = [r for r in records if r["kind"] == "pairs" and "response_format" in r["body"] and r["completion_tokens"] > 0]
+    pairs = [r for r in records
+             if r["kind"] == "pairs" and "response_format" in r["body"] and r["completion_tokens"] > 0]
     if not pairs:
         return None
     grammar = asyncio.run(_send_all(url, [r["body"] for r in pairs], concurrency, api_key))

@@ -233,7 +233,8 @@ def fleet_suite(args, figures: Figures) -> dict:
                 figures.add(f"{mode}: client share spread (max/min completed)", max(done) / max(1, min(done)), "x")
                 log.info("fleet %s run %d: %.0f tok/s, %d timeouts, max waiting %d", mode, repeat + 1,
                          throughput[mode], sum(r["timeouts"] for r in reports), max(waiting, default=0))
-            figures.add("output tokens/s ratio adaptive / fixed", throughput["adaptive"] / max(throughput["fixed"], 1e-9), "x")
+            figures.add("output tokens/s ratio adaptive / fixed",
+                        throughput["adaptive"] / max(throughput["fixed"], 1e-9), "x")
     setup = {"clients": args.fleet_clients, "cap_per_client": args.fleet_concurrency,
              "seconds": args.fleet_seconds, "request_timeout_s": args.fleet_request_timeout,
              "queue_over_time": {"columns": ["s", "running", "waiting"], **queues}}

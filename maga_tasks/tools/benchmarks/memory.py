@@ -54,8 +54,9 @@ def synthesize_expanded_shard(work: Path, recipe, documents: int) -> str:
             rejected = p == recipe.pairs_per_document - 1
             rows.append({
                 "id": row_id(recipe.recipe_id, paths.shard, f"doc-{d:06d}", p), "source_id": f"doc-{d:06d}",
-                "source_shard": paths.shard, "pair_index": p, "genre": SAMPLE_GENRES[p % 5], "audience": SAMPLE_AUDIENCES[(p + d) % 5],
-                "text": f"Rewrite {p} of document {d}. " + rewrite, "recipe_id": recipe.recipe_id, "model": recipe.model,
+                "source_shard": paths.shard, "pair_index": p, "genre": SAMPLE_GENRES[p % 5],
+                "audience": SAMPLE_AUDIENCES[(p + d) % 5], "text": f"Rewrite {p} of document {d}. " + rewrite,
+                "recipe_id": recipe.recipe_id, "model": recipe.model,
                 "prompt_version": recipe.prompt_version, "prompt_tokens": 220, "completion_tokens": REWRITE_CHARS // 4,
                 "pairs_prompt_tokens": 180 if p == 0 else 0, "pairs_completion_tokens": 150 if p == 0 else 0,
                 "finish_reason": "stop", "keyword_coverage": 0.6, "source_chars": len(texts[d]),
@@ -92,7 +93,8 @@ def _gate_child(argv: list[str]) -> int:
     started = time.perf_counter()
     report = gate_and_commit(args.source, args.output_root, load_recipe(), args.registry)
     print(json.dumps({"seconds": time.perf_counter() - started,
-                      "status": "passed" if report.success else "failed", "reason": None if report.success else report.reason(),
+                      "status": "passed" if report.success else "failed",
+                      "reason": None if report.success else report.reason(),
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
     return 0
 
@@ -118,5 +120,7 @@ def memory_suite(sizes: dict, db: BenchDatabase, work: Path, figures: Figures) -
     few, many = sizes["docs"]
     figures.add(f"gate+commit peak RSS ratio, {many:,} / {few:,} documents",
                 runs[many]["peak_rss_mb"] / runs[few]["peak_rss_mb"], "x (mark <= 1.3)")
-    return {"documents": list(sizes["docs"]), "rewrite_chars": REWRITE_CHARS, "pairs_per_document": recipe.pairs_per_document,
-            "outcome": {str(d): r["status"] + (f" ({r['reason']})" if r.get("reason") else "") for d, r in runs.items()}}
+    return {"documents": list(sizes["docs"]), "rewrite_chars": REWRITE_CHARS,
+            "pairs_per_document": recipe.pairs_per_document,
+            "outcome": {str(d): r["status"] + (f" ({r['reason']})" if r.get("reason") else "")
+                        for d, r in runs.items()}}

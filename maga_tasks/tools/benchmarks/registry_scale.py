@@ -144,14 +144,16 @@ def registry_suite(sizes: dict, db: BenchDatabase, figures: Figures) -> dict:
     figures.add("lease+register operations/s, 1 worker", baseline["operations_per_s"], "ops/s")
     figures.add(f"lease+register operations/s, {workers} workers racing", raced["operations_per_s"], "ops/s")
     figures.add(f"shards published/s, {workers} workers racing", raced["published_per_s"], "shards/s")
-    figures.add(f"operations/s ratio, {workers} workers / 1", raced["operations_per_s"] / baseline["operations_per_s"], "x")
+    figures.add(f"operations/s ratio, {workers} workers / 1",
+                raced["operations_per_s"] / baseline["operations_per_s"], "x")
     figures.add(f"double registrations, {workers} workers", raced["double_registrations"], "shards")
     figures.add(f"shards registered, {workers} workers", raced["registered"], "shards")
     return {"workers": workers, "shards": shards, "race_seconds": round(raced["seconds"], 2),
             "double_registrations": raced["double_registrations"], "registered": raced["registered"]}
 
 
-SAMPLE_GENRES = ("A step-by-step tutorial.", "An analytical report.", "A friendly dialogue.", "A short story.", "A Q&A sheet.")
+SAMPLE_GENRES = ("A step-by-step tutorial.", "An analytical report.", "A friendly dialogue.", "A short story.",
+                 "A Q&A sheet.")
 
 
 SAMPLE_AUDIENCES = ("High-school students.", "Retired engineers.", "Busy parents.", "University students.", "Children.")
@@ -185,7 +187,8 @@ def seed_registered(registry, recipe_id: str, shards: list[tuple[str, str]]) -> 
         tallies = [("reason", reason, count) for reason, count in _REASONS.items()]
         tallies += [("genre", g, 8) for g in SAMPLE_GENRES] + [("audience", a, 8) for a in SAMPLE_AUDIENCES]
         conn.execute(queries.ADD_TO_TALLY, [
-            {"rid": recipe_id, "kind": kind, "label": label, "total": count * len(names)} for kind, label, count in tallies
+            {"rid": recipe_id, "kind": kind, "label": label, "total": count * len(names)}
+            for kind, label, count in tallies
         ])
         conn.execute(text(
             "INSERT INTO quality_results (result_id, recipe_id, shard, suite, success, evaluated, failed, statistics,"

@@ -117,8 +117,8 @@ def tiny_shard_bytes(rows: int = 2) -> bytes:
     import pyarrow.parquet as pq
 
     buffer = io.BytesIO()
-    pq.write_table(pa.table({"id": [f"d{i}" for i in range(rows)], "text": [f"Tiny document {i}." for i in range(rows)]}),
-                   buffer)
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(rows)],
+                             "text": [f"Tiny document {i}." for i in range(rows)]}), buffer)
     return buffer.getvalue()
 
 

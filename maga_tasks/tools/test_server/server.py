@@ -159,7 +159,8 @@ async def _fire_transient(fault: Fault, request: web.Request) -> web.StreamRespo
     if fault.kind == "disconnect":
         return _drop_connection(request)
     if fault.kind == "crash":
-        print(f"test LLM server: crash fault on {request.headers.get('X-Request-Id')}, exiting", file=sys.stderr, flush=True)
+        print(f"test LLM server: crash fault on {request.headers.get('X-Request-Id')}, exiting",
+              file=sys.stderr, flush=True)
         os._exit(1)
     await asyncio.sleep(fault.hang_s)  # timeout: hang, then answer as usual
     return None
@@ -185,7 +186,8 @@ async def _fire_hostile(fault: Fault, state: ServerState, req: ChatRequest, requ
         echoed = "".join(f"{name}: {value}\n" for name, value in request.headers.items())
         return web.Response(status=401, text=f"401 Unauthorized. Your request headers were:\n{echoed}")
     if fault.kind == "nul_5xx":
-        return web.Response(status=500, body=b"upstream \x00\x00 failed \x1b[31mred\x1b[0m \x00", content_type="text/plain")
+        return web.Response(status=500, body=b"upstream \x00\x00 failed \x1b[31mred\x1b[0m \x00",
+                            content_type="text/plain")
     if fault.kind == "huge_error":
         page = b"<html><body>" + b"Service Unavailable " * (HUGE_BODY_BYTES // 20) + b"</body></html>"
         return web.Response(status=503, body=page, content_type="text/html")
