@@ -198,7 +198,8 @@ class AnswerJournal:
             with self.storage.local_copy(uri) as path:
                 for entry in read_journal(path, self.max_entry_bytes, budget):
                     if entry.doc_index not in done:
-                        self._keep(entry.doc_index, _line_of(entry.doc_index, entry.request_id, entry.digest, entry.completion))
+                        line = _line_of(entry.doc_index, entry.request_id, entry.digest, entry.completion)
+                        self._keep(entry.doc_index, line)
                         self._stored.setdefault(entry.doc_index, {})[entry.request_id] = entry
         if budget[0] <= 0:
             log.warning("answer journal at %s: read stopped at %d bytes; the rest is asked again",

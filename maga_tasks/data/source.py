@@ -270,7 +270,8 @@ def _is_blank(line: bytes | _LongLine) -> bool:
 def _parse_line(line: bytes | _LongLine, limits: SourceLimits) -> tuple[dict | None, str | None, str | None]:
     """`(record, None, None)` for a line holding a JSON object, else `(None, reason, detail)`."""
     if isinstance(line, _LongLine):
-        return None, RejectReason.LINE_TOO_LONG, f"a line of {line.size:,} bytes, over max_line_bytes {limits.line_bytes:,}"
+        detail = f"a line of {line.size:,} bytes, over max_line_bytes {limits.line_bytes:,}"
+        return None, RejectReason.LINE_TOO_LONG, detail
     try:
         decoded = line.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -370,7 +371,7 @@ class ShardReader:
                 texts = _texts_of(batch.column(self.columns.text))
                 others = [n for n in batch.schema.names if n not in (self.columns.id, self.columns.text)]
                 other_values = {n: batch.column(n).to_pylist() for n in others}
-                for row, (raw_id, text) in enumerate(zip(ids, texts)):
+                for row, (raw_id, text) in enumerate(zip(ids, texts, strict=True)):
                     meta = {n: other_values[n][row] for n in others}
                     yield self._document(index, raw_id, text, meta)
                     index += 1
@@ -416,9 +417,13 @@ class ShardReader:
             return SourceDocument(index, source_id, text if isinstance(text, str) else None, meta, DUPLICATE_ID)
         self._seen_ids.add(digest)
         if isinstance(text, _Undecodable):
-            return SourceDocument(index, source_id, None, meta, RejectReason.INVALID_UTF8, f"the text is not UTF-8 (byte {text.start})")
+            return SourceDocument(
+                index, source_id, None, meta, RejectReason.INVALID_UTF8, f"the text is not UTF-8 (byte {text.start})"
+            )
         if text is not None and not isinstance(text, str):
-            return SourceDocument(index, source_id, None, meta, RejectReason.TEXT_NOT_A_STRING, f"a {type(text).__name__}")
+            return SourceDocument(
+                index, source_id, None, meta, RejectReason.TEXT_NOT_A_STRING, f"a {type(text).__name__}"
+            )
         if text is None:
             return SourceDocument(index, source_id, None, meta, RejectReason.MISSING_TEXT)
         if not text.strip():

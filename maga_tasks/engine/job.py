@@ -22,6 +22,8 @@ from maga_tasks.settings import RunSettings
 if TYPE_CHECKING:
     from maga_tasks.data.outcome import ShardResult
 
+_DEFAULT_COLUMNS = SourceColumns()  # frozen, so one instance can be every call's default
+
 
 @dataclass(frozen=True)
 class ShardJob:
@@ -42,7 +44,7 @@ class ShardJob:
         recipe: Recipe,
         *,
         shard: str | None = None,
-        columns: SourceColumns = SourceColumns(),
+        columns: SourceColumns = _DEFAULT_COLUMNS,
         settings: RunSettings | None = None,
         s3_endpoint_url: str | None = None,
         data_docs_sample_rate: float = DATA_DOCS_SAMPLE_RATE,

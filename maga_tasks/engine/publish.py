@@ -88,7 +88,8 @@ def _failure_name(item: dict | str) -> str:
 def result_from_committed(committed: CommittedShard, source_uri: str) -> ShardResult:
     """The ShardResult of committed files (when no expansion ran in this process)."""
     return ShardResult.of(
-        committed.paths, source_uri, committed.figures, already_committed=True, source_identity=committed.source_identity
+        committed.paths, source_uri, committed.figures,
+        already_committed=True, source_identity=committed.source_identity,
     )
 
 
@@ -413,7 +414,9 @@ def record_judge(registry: Registry, report: "JudgeReport") -> None:
     statistics = report.statistics()
     low_scores = statistics["scores"]["1"] + statistics["scores"]["2"]
     counts = {"evaluated_expectations": report.scored, "unsuccessful_expectations": low_scores}
-    registry.record_quality(report.recipe_id, report.shard, "judge", report.success, statistics | counts, [], report.uri)
+    registry.record_quality(
+        report.recipe_id, report.shard, "judge", report.success, statistics | counts, [], report.uri
+    )
 
 
 def _mark_failed(

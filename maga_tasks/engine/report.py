@@ -26,7 +26,9 @@ _ERROR_CHARS = 300
 
 def release_manifest(summaries: list[dict]) -> list[dict]:
     """The registered shards among a run's summaries, `{"shard", "data_uri", "checksum"}`."""
-    return [{name: item.get(name) for name in MANIFEST_FIELDS} for item in summaries if item.get("status") == "registered"]
+    return [
+        {name: item.get(name) for name in MANIFEST_FIELDS} for item in summaries if item.get("status") == "registered"
+    ]
 
 
 def failed_shards(planned: list[dict], summaries: list[dict], registry: Registry, recipe_id: str) -> list[dict]:

@@ -59,15 +59,16 @@ def requeue_shards(
         row = registry.shard(recipe_id, shard)
         status = row["status"] if row else None
         if status not in REQUEUABLE:
-            summaries.append({"shard": shard, "requeued": False, "status": status,
-                              "reason": "unknown shard" if row is None else f"status is {status}, not quarantined or failed"})
+            reason = "unknown shard" if row is None else f"status is {status}, not quarantined or failed"
+            summaries.append({"shard": shard, "requeued": False, "status": status, "reason": reason})
             continue
         paths = shard_paths(output_root, recipe_id, shard)
         aside = join(paths.version_root, "_quarantine", shard, stamp)
         moved = _move_aside(storage, [paths.data, paths.rejected, paths.export, paths.quality_docs, paths.work],
                             paths.version_root, aside)
         requeued = registry.requeue(recipe_id, shard, moved_to=aside if moved else None)
-        log.info("shard %s: %s, %d file(s) moved to %s", shard, "requeued" if requeued else "not requeued", moved, aside)
+        log.info("shard %s: %s, %d file(s) moved to %s",
+                 shard, "requeued" if requeued else "not requeued", moved, aside)
         summaries.append({"shard": shard, "requeued": requeued, "status": "planned" if requeued else status,
                           "previous_status": status, "moved_files": moved, "moved_to": aside if moved else None})
     return summaries

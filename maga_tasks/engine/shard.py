@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 # How often a shard looks whether its lease was lost (a flag, no database call).
 LEASE_POLL_S = 0.1
+_DEFAULT_COLUMNS = SourceColumns()  # frozen, so one instance can be every call's default
 
 
 def documents_in_flight(max_concurrency: int) -> int:
@@ -53,7 +54,7 @@ def expand_shard(
     settings: RunSettings,
     *,
     max_docs: int | None = None,
-    columns: SourceColumns = SourceColumns(),
+    columns: SourceColumns = _DEFAULT_COLUMNS,
     progress: Callable[[dict], None] | None = None,
     shard: str | None = None,
     fence: CommitFence | None = None,
@@ -63,7 +64,8 @@ def expand_shard(
     Idempotent: a committed shard is returned from its files without any LLM request; an
     interrupted one resumes from its checkpoint and never requests a finished document
     again, unless the source is another version than the checkpoint's (another
-    content hash): then the shard starts afresh (`data.checkpoint`). Raises `ShardInputError` for an unusable shard (nothing is committed) and
+    content hash): then the shard starts afresh (`data.checkpoint`). Raises
+    `ShardInputError` for an unusable shard (nothing is committed) and
     `EndpointsUnavailable` when every worker stays down (the checkpoint is kept).
     `shard` overrides the output name (default: from the file name), e.g. to keep
     daily drops that reuse file names apart. With `max_docs` it is a trial over the
@@ -130,7 +132,8 @@ def expand(
     if fence is None or fence.holds():
         checkpoint.clear()
     else:
-        log.warning("shard %s: lease %d no longer holds it; its checkpoint is left to the owner", paths.shard, fence.token)
+        log.warning("shard %s: lease %d no longer holds it; its checkpoint is left to the owner",
+                    paths.shard, fence.token)
     log.info(
         "shard %s committed: %d docs, %d accepted, %d rejected %s, %d+%d tokens, %.1fs",
         paths.shard, result.documents, result.accepted, result.rejected,
@@ -186,7 +189,9 @@ class _ShardRun:
             self.client = client
             todo = self.total - self.finished
             if todo:
-                await client.wait_ready(self.settings.all_down_timeout_s, min_context_tokens=self.recipe.required_context_tokens)
+                await client.wait_ready(
+                    self.settings.all_down_timeout_s, min_context_tokens=self.recipe.required_context_tokens
+                )
             structured = StructuredOutputSupport(self.recipe.pairs.structured_output)
             slots = asyncio.Semaphore(documents_in_flight(self.settings.max_concurrency))
             pending: set[asyncio.Task] = set()
@@ -257,15 +262,19 @@ class _ShardRun:
             *(rewrite(chat, self.recipe, doc_key, text, i, pair) for i, pair in enumerate(pairs.pairs))
         )
         out = []
-        for i, (pair, result) in enumerate(zip(pairs.pairs, results)):
+        for i, (pair, result) in enumerate(zip(pairs.pairs, results, strict=True)):
             usage = pairs.usage if i == 0 else None
             if result.completion is None:
                 out.append(rows.row(i, pair, None, None, usage, result.reject_reason, result.detail))
                 continue
+            completion = result.completion
             verdict = clean_rewrite(
-                text, result.completion.text, result.completion.finish_reason, self.recipe.cleaning, pair.genre, pair.audience
+                text, completion.text, completion.finish_reason, self.recipe.cleaning, pair.genre, pair.audience
             )
-            out.append(rows.row(i, pair, verdict.text, result.completion, usage, verdict.reject_reason, verdict.detail, verdict.keyword_coverage))
+            out.append(
+                rows.row(i, pair, verdict.text, completion, usage,
+                         verdict.reject_reason, verdict.detail, verdict.keyword_coverage)
+            )
         return out
 
     def _count(self, rows: list[dict]) -> None:

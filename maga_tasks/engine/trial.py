@@ -69,7 +69,8 @@ def _trial(
         )
     report = job.output_gate(job.load_committed(), result)
     log.info(
-        "trial of shard %s (first %d documents): %d accepted, %d rejected, gates %s; nothing registered, outputs under %s",
+        "trial of shard %s (first %d documents): %d accepted, %d rejected, gates %s;"
+        " nothing registered, outputs under %s",
         paths.shard, max_docs, result.accepted, result.rejected, "passed" if report.success else "failed",
         paths.version_root,
     )

@@ -79,7 +79,9 @@ class StructuredOutputSupport:
         self.required = mode == "json_schema"
 
 
-def falls_back_from_structured_outputs(failure: RequestFailure, structured: StructuredOutputSupport, *, required: bool) -> bool:
+def falls_back_from_structured_outputs(
+    failure: RequestFailure, structured: StructuredOutputSupport, *, required: bool
+) -> bool:
     """Whether `failure` is the fleet refusing `response_format` while `structured` asked
     for it: then structured outputs go off for this fleet and the caller asks again
     without them (True), or, when the grammar is `required`, `FleetRefused` is raised (the
@@ -302,7 +304,8 @@ async def rewrite(
             kind="rewrite",
         )
     except RequestFailed as error:
-        return RewriteResult(None, RejectReason.REWRITE_REQUEST.with_cause(error.failure.reason), error.failure.detail[:300])
+        failure = error.failure
+        return RewriteResult(None, RejectReason.REWRITE_REQUEST.with_cause(failure.reason), failure.detail[:300])
     return RewriteResult(completion)
 
 

@@ -223,7 +223,9 @@ class GateRun:
         return self.data_docs_uri or self.result_uri
 
 
-def _run_suites(gate: str, shard: str, suites: list[tuple[str, pd.DataFrame, list]], context) -> tuple[dict, list[dict]]:
+def _run_suites(
+    gate: str, shard: str, suites: list[tuple[str, pd.DataFrame, list]], context
+) -> tuple[dict, list[dict]]:
     """Validate each (name, frame, expectations); the results stay in the context's
     stores, from which Data Docs can be built afterwards."""
     gx, _ = import_gx()
@@ -246,11 +248,12 @@ def _run_suites(gate: str, shard: str, suites: list[tuple[str, pd.DataFrame, lis
         counts.update({k: v for k, v in outcome.statistics.items() if k != "success_percent"})
         entries.extend(_entry(suite_name, r) for r in outcome.results)
     evaluated = counts.get("evaluated_expectations", 0)
+    successful = counts.get("successful_expectations", 0)
     statistics = {
         "evaluated_expectations": evaluated,
-        "successful_expectations": counts.get("successful_expectations", 0),
+        "successful_expectations": successful,
         "unsuccessful_expectations": counts.get("unsuccessful_expectations", 0),
-        "success_percent": round(100.0 * counts.get("successful_expectations", 0) / evaluated, 2) if evaluated else None,
+        "success_percent": round(100.0 * successful / evaluated, 2) if evaluated else None,
         "suites": [f"{gate}.{name}" for name, _, _ in suites],
     }
     return statistics, entries

@@ -55,7 +55,10 @@ def airflow_task_of(owner: str | None) -> dict | None:
     task = match.groupdict()
     task["map_index"] = int(task["map_index"])
     task["try_number"] = int(task["try_number"]) if task["try_number"] else None
-    path = f"dags/{quote(task['dag_id'], safe='')}/runs/{quote(task['run_id'], safe='')}/tasks/{quote(task['task_id'], safe='')}"
+    path = (
+        f"dags/{quote(task['dag_id'], safe='')}/runs/{quote(task['run_id'], safe='')}"
+        f"/tasks/{quote(task['task_id'], safe='')}"
+    )
     if task["map_index"] >= 0:
         path += f"/mapped/{task['map_index']}"
     task["ui_path"] = path
@@ -184,7 +187,10 @@ def corpus_overview(
         shards = shard_rows(registry, rid, limit=shard_limit, corpus_root=corpus_root)
         versions.append(
             {
-                "recipe": {k: recipe.get(k) for k in ("recipe_id", "name", "prompt_version", "model", "pairs_per_document", "created_at")},
+                "recipe": {
+                    k: recipe.get(k)
+                    for k in ("recipe_id", "name", "prompt_version", "model", "pairs_per_document", "created_at")
+                },
                 "totals": totals,
                 "shards": shards,
                 "shards_not_shown": max(0, totals["shards"] - len(shards)),

@@ -272,7 +272,8 @@ def attention_shards(*, recipe_id: str | None, limit: int) -> tuple[TextClause, 
     where, params = _filters(recipe_id=recipe_id)
     where += (" AND " if where else " WHERE ") + f"status IN {_sql_list(ATTENTION_STATUSES)}"
     params["limit"] = int(limit)
-    return text(f"SELECT * FROM shards{where} ORDER BY updated_at DESC, recipe_id DESC, shard DESC LIMIT :limit"), params
+    sql = f"SELECT * FROM shards{where} ORDER BY updated_at DESC, recipe_id DESC, shard DESC LIMIT :limit"
+    return text(sql), params
 
 
 # Start of the registering try and its registration, most recently registered first.
@@ -324,7 +325,10 @@ def top_tallies(recipe_id: str | None, kind: str, limit: int | None) -> tuple[Te
     if recipe_id is not None:
         sql = f"SELECT label, total FROM registered_tallies{where} ORDER BY total DESC, label"
     else:
-        sql = f"SELECT label, SUM(total) AS total FROM registered_tallies{where} GROUP BY label ORDER BY total DESC, label"
+        sql = (
+            f"SELECT label, SUM(total) AS total FROM registered_tallies{where}"
+            " GROUP BY label ORDER BY total DESC, label"
+        )
     if limit is not None:
         sql += " LIMIT :limit"
         params["limit"] = int(limit)

@@ -183,7 +183,9 @@ class RegistryReads:
             by_status = dict(conn.execute(*queries.status_counts(recipe_id)).all())
             sums = conn.execute(*queries.registered_sums(recipe_id)).one()
             tallies = {
-                kind: [(label, int(total)) for label, total in conn.execute(*queries.top_tallies(recipe_id, kind, limit))]
+                kind: [
+                    (label, int(total)) for label, total in conn.execute(*queries.top_tallies(recipe_id, kind, limit))
+                ]
                 for kind, limit in (("reason", None), ("genre", top), ("audience", top))
             }
         figures = {name: int(getattr(sums, name)) for name in COUNTERS}

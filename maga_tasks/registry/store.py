@@ -193,7 +193,8 @@ class ShardStore:
         now = iso(utc_now())
         with self.db.write() as conn:
             conn.execute(
-                queries.PLAN_SHARD, [{"rid": recipe_id, "shard": shard, "uri": uri, "now": now} for uri, shard in shards]
+                queries.PLAN_SHARD,
+                [{"rid": recipe_id, "shard": shard, "uri": uri, "now": now} for uri, shard in shards],
             )
 
     def lease(
@@ -407,7 +408,8 @@ class ShardStore:
         params = {"rid": recipe_id, "shard": shard, "error": error, "owner": owner, "now": now,
                   "max_failures": max_failures, "token": token}
         with self.db.write() as conn:
-            changed = conn.execute(queries.mark_failed(by_owner=bool(owner), by_token=token is not None), params).rowcount
+            marking = queries.mark_failed(by_owner=bool(owner), by_token=token is not None)
+            changed = conn.execute(marking, params).rowcount
             if not changed:
                 return None
             status = conn.execute(queries.SHARD_STATUS, params).scalar_one()
