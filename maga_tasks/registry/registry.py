@@ -1,7 +1,8 @@
 """`Registry`, the metadata registry: which shards exist, who works on them, what was
 published, behind a SQLite file by default or a PostgreSQL database in production.
 
-It is the shard store (`store.py`) and its read model (`reads.py`) over one database
+It is the shard store (`store.py`, on the recipes and planned shards of `planned.py`) and
+its read model (`reads.py`) over one database
 handle (`db.py`), with the schema migrations of `sql/` (`migrations.py`) that
 `upgrade()` applies once each. All SQL lives in `queries.py`.
 """

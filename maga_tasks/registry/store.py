@@ -1,5 +1,6 @@
-"""The shard store: recipes, planning, leases, progress and the outcome of every shard,
-each change of hands written to the audit log (`shard_events`).
+"""The shard store: leases, progress and the outcome of every shard once planned (recipes
+and planning: `planned.py`), each change of hands written to the audit log
+(`shard_events`).
 
 Exactly-once publication rests on three statements, each atomic on both backends:
 - `lease`: one conditional UPDATE; of two racing workers exactly one changes the row,
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -30,14 +30,13 @@ from sqlalchemy.engine import Connection
 
 from maga_tasks.redaction import clean_text
 from maga_tasks.registry import queries
-from maga_tasks.registry.db import Database, from_json, iso, to_json, utc_now
+from maga_tasks.registry.db import from_json, iso, to_json, utc_now
 from maga_tasks.registry.errors import LeaseLost, RegistryConflict, RegistryError, ShardBusy
+from maga_tasks.registry.planned import PlanStore
 from maga_tasks.registry.queries import COUNTERS, WORKING_STATUSES
-from maga_tasks.registry.reads import RegistryReads
 
 if TYPE_CHECKING:
     from maga_tasks.data.outcome import ShardResult
-    from maga_tasks.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -138,64 +137,11 @@ def _refused(conn: Connection, recipe_id: str, shard: str, token: int | None, ac
     raise ShardBusy(f"cannot {action} {name}: it is leased by {row.lease_owner} until {row.lease_expires_at}")
 
 
-class ShardStore:
-    """Every write to the registry's recipes, shards, events and quality results."""
+class ShardStore(PlanStore):
+    """Every write to the registry's shards, events and quality results once a shard is
+    planned (recipes and planning: `PlanStore`)."""
 
-    def __init__(self, db: Database):
-        self.db = db
-
-    # -- recipes -----------------------------------------------------------------------
-
-    def ensure_recipe(self, recipe: Recipe) -> str:
-        """Record a recipe (a corpus version) once; return its id."""
-        with self.db.write() as conn:
-            conn.execute(
-                queries.INSERT_RECIPE,
-                {
-                    "rid": recipe.recipe_id,
-                    "name": recipe.name,
-                    "pv": recipe.prompt_version,
-                    "model": recipe.model,
-                    "pairs": recipe.pairs_per_document,
-                    "yaml": recipe.to_yaml(),
-                    "at": iso(utc_now()),
-                },
-            )
-        return recipe.recipe_id
-
-    # -- planning and leases -----------------------------------------------------------
-
-    def plan(
-        self,
-        shards: Iterable[tuple[str, str]],
-        recipe_id: str,
-        *,
-        limit: int | None = None,
-        include_quarantined: bool = False,
-        max_failures: int | None = None,
-    ) -> list[tuple[str, str]]:
-        """The `(source_uri, shard)` pairs that still need work, never-tried ones first,
-        at most `limit`: not registered, not failed for good and (unless asked) not
-        quarantined, since a quarantined shard waits for a person, not for the next run
-        (`RegistryReads.triage`). The pairs returned are recorded as planned; one query
-        reads the recipe's shards, so planning a corpus of many thousand shards stays cheap."""
-        triage = RegistryReads(self.db).triage(
-            shards, recipe_id, include_quarantined=include_quarantined, max_failures=max_failures
-        )
-        pending = triage.pending if limit is None else triage.pending[: max(limit, 0)]
-        self.record_planned(recipe_id, pending)
-        return pending
-
-    def record_planned(self, recipe_id: str, shards: list[tuple[str, str]]) -> None:
-        """Record `(source_uri, shard)` pairs as planned; shards already known keep their row."""
-        if not shards:
-            return
-        now = iso(utc_now())
-        with self.db.write() as conn:
-            conn.execute(
-                queries.PLAN_SHARD,
-                [{"rid": recipe_id, "shard": shard, "uri": uri, "now": now} for uri, shard in shards],
-            )
+    # -- leases -----------------------------------------------------------------------
 
     def lease(
         self,
