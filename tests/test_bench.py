@@ -27,6 +27,13 @@ def test_short_benchmark_prints_every_figure(vllm_server, tiny_model_dir, tmp_pa
                  "pairs calls with grammar: output tokens/s", "pairs calls without grammar: output tokens/s",
                  "grammar cost: pairs time with / without"):
         assert engine[name]["runs"] == 1 and engine[name]["median"] > 0, name
+    # The short sweep: two concurrencies, the pipeline's own (8) among them, and the best.
+    assert report["engine"]["setup"]["sweep"] == [4, 8]
+    for name in ("engine output tokens/s at concurrency 4", "engine output tokens/s at concurrency 8",
+                 "best engine output tokens/s (sweep)", "pipeline output tokens/s, default settings",
+                 "pipeline (default settings) / best engine"):
+        assert engine[name]["runs"] == 1 and engine[name]["median"] > 0, name
+    assert engine["best engine concurrency"]["median"] in (4, 8)
     # The replay is the recorded stream: the same prompt tokens, not an approximation.
     assert engine["replayed / recorded prompt tokens"]["median"] == pytest.approx(1.0, abs=0.01)
     assert client["peak RSS ratio, 10x documents"]["median"] > 0
