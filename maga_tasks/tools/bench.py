@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer dir/id for the replay (default: --model-dir)")
     parser.add_argument("--recipe", help="recipe for the engine suite (default: recipes/tiny.yaml)")
     parser.add_argument("--vllm-python", help="interpreter of the vLLM virtualenv")
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=32,
+                        help="engine suite: the pipeline's max_concurrency in the same-concurrency comparison")
     parser.add_argument("--sweep", type=concurrency_list,
                         help="engine suite: the replay's concurrencies, comma-separated (default 4,8,16,32,64,128;"
                         " short: half of --concurrency and --concurrency)")
@@ -93,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fleet-seconds", type=float, default=12.0, help="fleet suite: seconds per mode")
     parser.add_argument("--fleet-request-timeout", type=float, default=3.0, help="fleet suite: request timeout")
     parser.add_argument("--fleet-max-tokens", type=int, help="fleet suite: cap each rewrite's max_tokens")
-    parser.add_argument("--routing-docs", type=int, default=24, help="routing suite: documents (short: 4)")
+    parser.add_argument("--routing-docs", type=int, default=32, help="routing suite: documents (short: 4)")
     parser.add_argument("--routing-concurrency", type=int, default=16,
                         help="routing suite: fixed max_concurrency of the client, both modes")
     add_scale_arguments(parser)
