@@ -48,6 +48,7 @@ class RoundRobinBalancer:
         self.upstreams = list(upstreams)
         self.host, self.port = host, free_port(host)
         self.forwarded = [0] * len(self.upstreams)
+        self.failed = 0  # requests no upstream answered (502 to the client)
         self._turn = itertools.cycle(range(len(self.upstreams)))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="round-robin", daemon=True)
@@ -62,16 +63,22 @@ class RoundRobinBalancer:
         turn = next(self._turn)
         self.forwarded[turn] += 1
         headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
-        async with self._session.request(request.method, self.upstreams[turn] + request.path_qs,
-                                         data=await request.read(), headers=headers,
-                                         allow_redirects=False) as answer:
-            body = await answer.read()
-            kept = {name: answer.headers[name] for name in ("Content-Type",) if name in answer.headers}
-            return web.Response(status=answer.status, body=body, headers=kept)
+        try:
+            async with self._session.request(request.method, self.upstreams[turn] + request.path_qs,
+                                             data=await request.read(), headers=headers,
+                                             allow_redirects=False) as answer:
+                body = await answer.read()
+                kept = {name: answer.headers[name] for name in ("Content-Type",) if name in answer.headers}
+                return web.Response(status=answer.status, body=body, headers=kept)
+        except (aiohttp.ClientError, OSError) as error:  # as a balancer answers: Bad Gateway
+            self.failed += 1
+            return web.Response(status=502, text=f"upstream {turn + 1}: {error}")
 
     async def _open(self) -> None:
-        # No connection limit and no timeout: the client behind it owns both.
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+        # No connection limit and no timeout: the client behind it owns both. A fresh
+        # connection per request: reusing one the server's keep-alive timer has just
+        # closed reset a few requests a run in a first try (a loopback connect costs ~0.1 ms).
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True),
                                               timeout=aiohttp.ClientTimeout(total=None))
         app = web.Application(client_max_size=64 * 1024**2)
         app.router.add_route("*", "/{tail:.*}", self._forward)
@@ -168,10 +175,10 @@ def routing_suite(args, figures: Figures) -> dict:
                     after = [read_metrics(url) for url in urls]
                     tps[mode] = record_mode(figures, mode, run, before, after)
                 figures.add("output tokens/s ratio affine / round-robin", tps["affine"] / tps["round-robin"], "x")
-            forwarded = balancer.forwarded
+            forwarded, failed = balancer.forwarded, balancer.failed
     finally:
         for server in servers:
             server.stop()
     return {"servers": SERVERS, "documents": args.routing_docs, "concurrency": args.routing_concurrency,
-            "adaptive": False, "balancer_forwarded": forwarded, "served_model": served,
+            "adaptive": False, "balancer_forwarded": forwarded, "balancer_failed": failed, "served_model": served,
             "endpoint": "two local vLLM CPU servers (tiny random model)"}
