@@ -27,10 +27,49 @@ def test_short_benchmark_prints_every_figure(vllm_server, tiny_model_dir, tmp_pa
                  "pairs calls with grammar: output tokens/s", "pairs calls without grammar: output tokens/s",
                  "grammar cost: pairs time with / without"):
         assert engine[name]["runs"] == 1 and engine[name]["median"] > 0, name
+    # The short sweep: two concurrencies, the pipeline's own (8) among them, and the best.
+    assert report["engine"]["setup"]["sweep"] == [4, 8]
+    for name in ("engine output tokens/s at concurrency 4", "engine output tokens/s at concurrency 8",
+                 "best engine output tokens/s (sweep)", "pipeline output tokens/s, default settings",
+                 "pipeline (default settings) / best engine"):
+        assert engine[name]["runs"] == 1 and engine[name]["median"] > 0, name
+    assert engine["best engine concurrency"]["median"] in (4, 8)
     # The replay is the recorded stream: the same prompt tokens, not an approximation.
     assert engine["replayed / recorded prompt tokens"]["median"] == pytest.approx(1.0, abs=0.01)
     assert client["peak RSS ratio, 10x documents"]["median"] > 0
     assert "| pipeline / engine throughput ratio (x) |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.vllm
+def test_short_routing_benchmark_spreads_and_keeps_documents(tiny_model_dir, vllm_python, tmp_path):
+    """`--suite routing --short`: two vLLM servers (about a minute), the same 4 documents
+    once with affine routing and once through the round-robin balancer. No timings
+    asserted: both modes were answered, the balancer used both servers, and affine
+    routing computed fewer prompt tokens (each document's prefix once, not once per
+    server it met)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "maga_tasks.cli", "bench", "--suite", "routing", "--short",
+         "--model-dir", str(tiny_model_dir), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(done.stderr[-3000:])
+    report = json.loads((tmp_path / "bench.json").read_text())["routing"]
+    figures = report["figures"]
+
+    def median(name: str) -> float:
+        assert figures[name]["runs"] == 1, name
+        return figures[name]["median"]
+
+    answered = {mode: [median(f"{mode}: requests answered, server {n}") for n in (1, 2)]
+                for mode in ("affine", "round-robin")}
+    assert sum(answered["affine"]) > 0
+    assert min(answered["round-robin"]) > 0 and min(report["setup"]["balancer_forwarded"]) > 0
+    for mode in ("affine", "round-robin"):
+        assert median(f"{mode}: fleet output tokens/s") > 0
+        assert 0 <= median(f"{mode}: prefix-cache hit rate, fleet") <= 1
+    computed = {mode: median(f"{mode}: prompt tokens computed (not cached)") for mode in ("affine", "round-robin")}
+    assert computed["affine"] < computed["round-robin"]
 
 
 @pytest.mark.integration
