@@ -52,9 +52,12 @@ write_env() {
 import secrets
 from cryptography.fernet import Fernet
 # The S3 pair too: compose checks the variables of every profile, also the ones not run.
+# Hex: a URL-safe token starts with "-" one time in 64, and the Airflow entrypoints pass
+# the admin password as its own argument (`--password -x...` is read as an option: the
+# user is never created and every login fails).
 for name in ("AIRFLOW_JWT_SECRET", "AIRFLOW_ADMIN_PASSWORD", "POSTGRES_PASSWORD", "MAGA_DB_PASSWORD", "MAGA_API_KEY",
              "MAGA_S3_ACCESS_KEY", "MAGA_S3_SECRET_KEY"):
-    print(f"{name}={secrets.token_urlsafe(24)}")
+    print(f"{name}={secrets.token_hex(24)}")
 print(f"AIRFLOW_FERNET_KEY={Fernet.generate_key().decode()}")
 PY
         )

@@ -56,9 +56,10 @@ if [[ -n "${_AIRFLOW_WWW_USER_CREATE:-}" ]]; then
         exit 1
     fi
     # `|| true`: the user may exist already (the official entrypoint does the same).
+    # `--password=`: a password that starts with "-" is not read as an option.
     airflow users create --role "${_AIRFLOW_WWW_USER_ROLE:-Admin}" \
         --username "${_AIRFLOW_WWW_USER_USERNAME:-admin}" \
-        --password "${_AIRFLOW_WWW_USER_PASSWORD}" \
+        --password="${_AIRFLOW_WWW_USER_PASSWORD}" \
         --firstname "${_AIRFLOW_WWW_USER_FIRSTNAME:-Airflow}" \
         --lastname "${_AIRFLOW_WWW_USER_LASTNAME:-Admin}" \
         --email "${_AIRFLOW_WWW_USER_EMAIL:-airflowadmin@example.com}" || true
