@@ -59,6 +59,8 @@ class SourceColumns:
     text: str = "text"
 
 
+DEFAULT_COLUMNS = SourceColumns()  # frozen, so one instance can be every call's default
+
 @dataclass(frozen=True)
 class SourceLimits:
     """Bounds on what one source row may weigh, checked while reading."""

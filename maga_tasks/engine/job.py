@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from maga_tasks.data.layout import ShardPaths, shard_name, shard_paths
-from maga_tasks.data.source import SourceColumns
+from maga_tasks.data.source import DEFAULT_COLUMNS, SourceColumns
 from maga_tasks.data.storage import Storage, read_once, storage_for
 from maga_tasks.quality import CommittedShard, QualityReport, load_committed, validate_input, validate_output
 from maga_tasks.quality.datadocs import DATA_DOCS_SAMPLE_RATE
@@ -22,7 +22,6 @@ from maga_tasks.settings import RunSettings
 if TYPE_CHECKING:
     from maga_tasks.data.outcome import ShardResult
 
-_DEFAULT_COLUMNS = SourceColumns()  # frozen, so one instance can be every call's default
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class ShardJob:
         recipe: Recipe,
         *,
         shard: str | None = None,
-        columns: SourceColumns = _DEFAULT_COLUMNS,
+        columns: SourceColumns = DEFAULT_COLUMNS,
         settings: RunSettings | None = None,
         s3_endpoint_url: str | None = None,
         data_docs_sample_rate: float = DATA_DOCS_SAMPLE_RATE,

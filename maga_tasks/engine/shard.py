@@ -18,7 +18,7 @@ from maga_tasks.data.answer_journal import AnswerJournal, JournaledChat
 from maga_tasks.data.checkpoint import Checkpoint, manifest
 from maga_tasks.data.layout import trial_root
 from maga_tasks.data.outcome import ShardResult
-from maga_tasks.data.source import SourceColumns, SourceDocument, open_shard
+from maga_tasks.data.source import DEFAULT_COLUMNS, SourceColumns, SourceDocument, open_shard
 from maga_tasks.data.storage import ObjectNotFound
 from maga_tasks.engine.commit import CommitFence, committed_result, is_committed, source_limits, write_commit
 from maga_tasks.engine.job import ShardJob
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 # How often a shard looks whether its lease was lost (a flag, no database call).
 LEASE_POLL_S = 0.1
-_DEFAULT_COLUMNS = SourceColumns()  # frozen, so one instance can be every call's default
 
 
 def documents_in_flight(max_concurrency: int) -> int:
@@ -54,7 +53,7 @@ def expand_shard(
     settings: RunSettings,
     *,
     max_docs: int | None = None,
-    columns: SourceColumns = _DEFAULT_COLUMNS,
+    columns: SourceColumns = DEFAULT_COLUMNS,
     progress: Callable[[dict], None] | None = None,
     shard: str | None = None,
     fence: CommitFence | None = None,

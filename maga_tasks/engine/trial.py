@@ -9,11 +9,10 @@ from collections.abc import Callable
 
 from maga_tasks.data.layout import trial_root
 from maga_tasks.data.outcome import ShardOutcome, summary_figures
-from maga_tasks.data.source import SourceColumns
+from maga_tasks.data.source import DEFAULT_COLUMNS, SourceColumns
 from maga_tasks.engine.job import ShardJob, reading_source_once
 from maga_tasks.engine.shard import expand
 from maga_tasks.errors import ShardInputError
-from maga_tasks.quality import DEFAULT_COLUMNS
 from maga_tasks.recipe import Recipe
 from maga_tasks.settings import RunSettings
 

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from maga_tasks.data.layout import shard_name, shard_paths
-from maga_tasks.data.source import SourceColumns, open_shard
+from maga_tasks.data.source import DEFAULT_COLUMNS, SourceColumns, open_shard
 from maga_tasks.data.storage import ObjectNotFound, join, storage_for
 from maga_tasks.errors import ShardInputError
 from maga_tasks.llm.client import LLMClient, run_client
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 PASSING_SCORE = 3
 _SAMPLE_COLUMNS = ["id", "source_id", "pair_index", "genre", "audience", "text"]
-_DEFAULT_COLUMNS = SourceColumns()  # frozen, so one instance can be every call's default
 
 
 @dataclass
@@ -93,7 +92,7 @@ def judge_committed_shard(
     *,
     sample: int,
     shard: str | None = None,
-    columns: SourceColumns = _DEFAULT_COLUMNS,
+    columns: SourceColumns = DEFAULT_COLUMNS,
 ) -> JudgeReport:
     """Judge up to `sample` accepted rewrites of a committed shard; writes judge.json.
 

@@ -25,7 +25,7 @@ from maga_tasks.data.committed import (
 from maga_tasks.data.figures import ShardFigures, figures_of_files
 from maga_tasks.data.layout import ShardPaths
 from maga_tasks.data.schema import DUPLICATE_ID, LINEAGE_COLUMNS, source_identity_of
-from maga_tasks.data.source import SourceColumns, measure_source, shard_format
+from maga_tasks.data.source import DEFAULT_COLUMNS, SourceColumns, measure_source, shard_format
 from maga_tasks.data.storage import StorageError, storage_for
 from maga_tasks.errors import EXIT_BAD_INPUT, MagaError, ShardInputError
 from maga_tasks.quality.labels import LabelTally
@@ -33,7 +33,6 @@ from maga_tasks.quality.labels import LabelTally
 if TYPE_CHECKING:
     import pandas as pd
 
-DEFAULT_COLUMNS = SourceColumns()
 # The lineage columns as GX sees them: a measured text by its length (`text_chars`).
 MEASURED_LINEAGE = tuple(MEASURED.get(c, c) for c in LINEAGE_COLUMNS)
 # Output columns measured by GX.
