@@ -42,7 +42,9 @@ class _ShardFiles:
 class ShardResult(ShardFigures, _ShardFiles):
     """What one `expand_shard` call did; small enough to be an Airflow XCom."""
 
-    requests: int = 0
+    requests: int = 0  # attempts sent, retries included
+    # Attempts that got no answer, by cause (`disconnected`, `timeout`, `http_503`, ...).
+    failed_attempts: dict[str, int] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
     resumed_documents: int = 0
     already_committed: bool = False

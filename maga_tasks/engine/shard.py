@@ -126,6 +126,7 @@ def expand(
                 journal.close()
         result = write_commit(job, out, checkpoint, itertools.islice(iter(reader), total), identity, fence)
     result.requests = run.client_stats.get("requests", 0)
+    result.failed_attempts = run.client_stats.get("failures", {})
     result.resumed_documents = len(done & set(range(total)))
     result.seconds = round(time.monotonic() - started, 3)
     if fence is None or fence.holds():
@@ -134,9 +135,10 @@ def expand(
         log.warning("shard %s: lease %d no longer holds it; its checkpoint is left to the owner",
                     paths.shard, fence.token)
     log.info(
-        "shard %s committed: %d docs, %d accepted, %d rejected %s, %d+%d tokens, %.1fs",
-        paths.shard, result.documents, result.accepted, result.rejected,
-        result.rejects_by_reason, result.prompt_tokens, result.completion_tokens, result.seconds,
+        "shard %s committed: %d docs, %d accepted, %d rejected %s, %d+%d tokens, %d requests "
+        "(failed attempts %s), %.1fs",
+        paths.shard, result.documents, result.accepted, result.rejected, result.rejects_by_reason,
+        result.prompt_tokens, result.completion_tokens, result.requests, result.failed_attempts, result.seconds,
     )
     return result
 

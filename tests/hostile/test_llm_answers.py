@@ -18,6 +18,7 @@ with 20 MiB, beside an honest shard's, each in a fresh process.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -29,13 +30,14 @@ from urllib.parse import quote
 
 import pyarrow.parquet as pq
 import pytest
-from hostile_servers import RecordingServer
+from hostile_servers import IdleClosingServer, RecordingServer
 
 from maga_tasks.data.sample_corpus import write_sample_corpus
 from maga_tasks.engine.shard import expand_shard
 from maga_tasks.errors import EndpointsUnavailable, FleetRefused
 from maga_tasks.llm.answer import MAX_USAGE_TOKENS
-from maga_tasks.recipe import load_recipe
+from maga_tasks.llm.client import POOLED_CONNECTION_IDLE_S, LLMClient
+from maga_tasks.recipe import Sampling, load_recipe
 from maga_tasks.settings import RunSettings
 
 pytestmark = pytest.mark.integration
@@ -287,3 +289,23 @@ def test_peak_rss_with_20MiB_answers_stays_near_an_honest_shards(tmp_path, llm_s
           f" {oversized_rss / 1024:.1f} MiB, ratio {ratio:.3f}")
     assert fired == 24 * (1 + PAIRS) and oversized_rows == honest_rows == 24 * PAIRS
     assert ratio <= 1.3
+
+
+def test_a_pooled_connection_retires_before_the_servers_keep_alive_drops_it():
+    """vLLM's server closes a connection idle for 5 s; a request sent on it that instant is
+    lost (13 retried attempts in one CI shard). The client retires a pooled connection
+    first, so a request after an idle pause goes out on a fresh one and is answered at once."""
+    idle_s = POOLED_CONNECTION_IDLE_S + 0.5
+
+    async def two_requests_with_a_pause(url: str) -> dict:
+        async with LLMClient(settings(url, adaptive_concurrency=False), "maga-default") as client:
+            messages = [{"role": "user", "content": "hello"}]
+            await client.chat(messages, Sampling(max_tokens=4), request_id="first")
+            await asyncio.sleep(idle_s + 0.2)
+            await client.chat(messages, Sampling(max_tokens=4), request_id="second")
+            return client.stats.snapshot()
+
+    with IdleClosingServer(idle_s) as server:
+        stats = asyncio.run(two_requests_with_a_pause(server.url))
+    assert (stats["requests"], stats["failures"], server.dropped) == (2, {}, 0), (stats, server.dropped)
+    assert server.connections == 2
