@@ -89,11 +89,17 @@ class IdleClosingServer:
 
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self._answer(server.ANSWER)
+
+            def do_GET(self):  # /health: the server is alive, only its timer closed the connection
+                self._answer(b"{}")
+
+            def _answer(self, body: bytes):
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(server.ANSWER)))
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(server.ANSWER)
+                self.wfile.write(body)
 
             def log_message(self, *args):
                 pass
