@@ -38,8 +38,11 @@ HEAVY_MODULES = (
     "maga_tasks",
 )
 # ...except the run settings table, which the params are built from: pydantic models and
-# their translation to Params, no I/O (maga_tasks/settings.py, maga_tasks/knobs.py).
-PARSE_TIME_LIBRARY = {"maga_tasks", "maga_tasks.settings", "maga_tasks.knobs", "maga_tasks.redaction"}
+# their translation to Params, no I/O (maga_tasks/settings.py, maga_tasks/knobs.py,
+# maga_tasks/run_params.py).
+PARSE_TIME_LIBRARY = {
+    "maga_tasks", "maga_tasks.settings", "maga_tasks.knobs", "maga_tasks.run_params", "maga_tasks.redaction",
+}
 
 
 def _isolated_airflow_env() -> dict:
