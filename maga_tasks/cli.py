@@ -135,16 +135,17 @@ def _shard_args(args):
 
 
 def cmd_validate_shard(args) -> dict:
-    from maga_tasks.data.layout import shard_name, shard_paths
+    from maga_tasks.engine.job import ShardJob
     from maga_tasks.engine.publish import check_committed_shard
-    from maga_tasks.quality import validate_input
 
     recipe, source, root = _shard_args(args)
     registry = _registry(args, create=False) if args.registry else None
     # Someone asked for this shard: its Data Docs are rendered whatever the sample.
     if args.input:
-        paths = shard_paths(root, recipe.recipe_id, args.shard or shard_name(source))
-        report = validate_input(source, recipe, paths, s3_endpoint_url=args.s3_endpoint_url, data_docs_sample_rate=1.0)
+        job = ShardJob.of(
+            source, root, recipe, shard=args.shard, s3_endpoint_url=args.s3_endpoint_url, data_docs_sample_rate=1.0
+        )
+        report = job.input_gate()
     else:
         report = check_committed_shard(
             source, root, recipe, shard=args.shard, registry=registry, s3_endpoint_url=args.s3_endpoint_url,

@@ -56,6 +56,11 @@ class ShardResult(ShardFigures, _ShardFiles):
         """The result for a shard's `paths` with its figures (and `run` fields)."""
         return cls(paths.shard, source_uri, paths.recipe_id, paths.data, paths.rejected, **asdict(figures), **run)
 
+    @classmethod
+    def committed(cls, paths: ShardPaths, source_uri: str, figures: ShardFigures, identity: str | None) -> ShardResult:
+        """The result of a shard found committed: its files' figures, no expansion run here."""
+        return cls.of(paths, source_uri, figures, already_committed=True, source_identity=identity)
+
     def to_dict(self) -> dict:
         """The XCom and progress report: every field, the expansion ratio and the request rate."""
         out = asdict(self)

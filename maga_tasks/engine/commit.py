@@ -231,13 +231,12 @@ def staged_checksum(out: Storage, paths: ShardPaths, token: int) -> str:
 
 def committed_result(source_uri: str, paths: ShardPaths, out: Storage) -> ShardResult:
     """The ShardResult of an already committed shard, read from its files batch by
-    batch (texts measured, never kept)."""
+    batch (texts measured, never kept): the engine's light read, where the output gate
+    reads the same files whole (`quality.frames.load_committed`)."""
     with local_files(out, paths.data, paths.rejected) as (data, rejected):
         tables = [read_measured(data, FIGURE_COLUMNS), read_measured(rejected, FIGURE_COLUMNS)]
         identity = source_identity_of(data)
-    return ShardResult.of(
-        paths, source_uri, figures_of_files(*tables), already_committed=True, source_identity=identity
-    )
+    return ShardResult.committed(paths, source_uri, figures_of_files(*tables), identity)
 
 
 __all__ = [

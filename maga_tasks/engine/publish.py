@@ -37,7 +37,6 @@ from maga_tasks.engine.trial import trial_shard
 from maga_tasks.errors import EndpointsUnavailable, ShardFailedForGood, ShardInputError
 from maga_tasks.quality import (
     DEFAULT_COLUMNS,
-    CommittedShard,
     QualityReport,
 )
 from maga_tasks.quality.datadocs import DATA_DOCS_SAMPLE_RATE
@@ -83,14 +82,6 @@ def _failure_name(item: dict | str) -> str:
         return item
     column = f" ({item['column']})" if item.get("column") else ""
     return f"{item.get('check')}{column}: {item.get('observed')}"
-
-
-def result_from_committed(committed: CommittedShard, source_uri: str) -> ShardResult:
-    """The ShardResult of committed files (when no expansion ran in this process)."""
-    return ShardResult.of(
-        committed.paths, source_uri, committed.figures,
-        already_committed=True, source_identity=committed.source_identity,
-    )
 
 
 def _record(registry: Registry, report: QualityReport, recipe_id: str) -> None:
@@ -187,7 +178,7 @@ def _register(
     registry.ensure_recipe(job.recipe)
     committed = job.load_committed()
     if result is None:
-        result = result_from_committed(committed, job.source_uri)
+        result = ShardResult.committed(paths, job.source_uri, committed.figures, committed.source_identity)
     if expected_checksum is not None and committed.checksum != expected_checksum:
         raise RegistryConflict(
             f"shard {paths.shard}: data/ and rejected/ hold checksum {committed.checksum},"
@@ -458,6 +449,5 @@ __all__ = [
     "record_judge",
     "publish_shard",
     "register_committed_shard",
-    "result_from_committed",
     "trial_shard",
 ]

@@ -73,8 +73,8 @@ def _race_child(argv: list[str]) -> int:
     parser.add_argument("--name", required=True)
     parser.add_argument("--start-at", type=float, required=True)
     args = parser.parse_args(argv)
+    from maga_tasks.data.figures import ShardFigures
     from maga_tasks.data.layout import shard_paths
-    from maga_tasks.engine.figures import ShardFigures
     from maga_tasks.engine.shard import ShardResult
     from maga_tasks.registry import Registry
 
