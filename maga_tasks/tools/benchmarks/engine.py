@@ -54,6 +54,7 @@ def _child(argv: list[str]) -> int:
     parser.add_argument("--served-model")
     parser.add_argument("--concurrency", type=int, help="max_concurrency (default: RunSettings' default)")
     parser.add_argument("--fixed", action="store_true", help="a fixed max_concurrency, no adaptive windows")
+    parser.add_argument("--server-slots", type=int, help="the engine's max_num_seqs, as a deployment sets it")
     parser.add_argument("--cpu", type=int, help="pin this process to one core")
     parser.add_argument("--request-log", help="record every answered request here (the stream to replay)")
     args = parser.parse_args(argv)
@@ -66,6 +67,8 @@ def _child(argv: list[str]) -> int:
     chosen = {"max_concurrency": args.concurrency} if args.concurrency is not None else {}
     if args.fixed:
         chosen["adaptive_concurrency"] = False
+    if args.server_slots is not None:
+        chosen["server_slots"] = args.server_slots
     settings = RunSettings(
         endpoints=tuple(args.endpoint), served_model=args.served_model, progress_interval_s=60,
         request_timeout_s=600, request_log=args.request_log, **chosen,
@@ -91,9 +94,10 @@ def _child(argv: list[str]) -> int:
 def measure_expansion(shard: Path, endpoint: str | Sequence[str], concurrency: int | None, *,
                       recipe: str | None = None, tokenizer: str | None = None, served_model: str | None = None,
                       cpu: int | None = None, output_root: Path | None = None, request_log: Path | None = None,
-                      fixed: bool = False) -> dict:
+                      fixed: bool = False, server_slots: int | None = None) -> dict:
     """One shard expansion in a child process; `concurrency` None keeps RunSettings' default
-    (adaptive windows under a ceiling of 128), `fixed` turns the adaptive windows off."""
+    (adaptive windows under a ceiling of 128), `fixed` turns the adaptive windows off,
+    `server_slots` tells the client the engine's slots (as MAGA_SERVER_SLOTS does)."""
     output_root = output_root or Path(tempfile.mkdtemp(prefix="maga-bench-out-"))
     endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
     command = [sys.executable, "-m", "maga_tasks.tools.bench", "_child", str(shard), str(output_root)]
@@ -102,7 +106,8 @@ def measure_expansion(shard: Path, endpoint: str | Sequence[str], concurrency: i
     if fixed:
         command.append("--fixed")
     for flag, value in (("--concurrency", concurrency), ("--recipe", recipe), ("--tokenizer", tokenizer),
-                        ("--served-model", served_model), ("--cpu", cpu), ("--request-log", request_log)):
+                        ("--served-model", served_model), ("--cpu", cpu), ("--request-log", request_log),
+                        ("--server-slots", server_slots)):
         if value is not None:
             command += [flag, str(value)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
@@ -159,6 +164,7 @@ def engine_suite(args, figures: Figures) -> dict:
     defaults = {name: RunSettings.model_fields[name].default for name in ("max_concurrency", "adaptive_concurrency")}
     levels = sweep_levels(args)
     server = None
+    slots = None  # the engine's slots, known when this suite starts it
     url = args.endpoint
     model_dir = args.model_dir or str(REPO / "var" / "models" / "maga-tiny")
     served = args.served_model or "maga-tiny"
@@ -196,7 +202,9 @@ def engine_suite(args, figures: Figures) -> dict:
             middle = read_metrics(url)
             ours = measure_expansion(shard, url, args.concurrency, output_root=work / f"run-{repeat}", **expand)
             after = read_metrics(url)
-            default = measure_expansion(shard, url, None, output_root=work / f"default-{repeat}", **expand)
+            # The defaults as deployed: a worker's slots are configured beside it (compose, Helm).
+            default = measure_expansion(shard, url, None, output_root=work / f"default-{repeat}",
+                                        server_slots=slots, **expand)
             ours_tps = ours["completion_tokens"] / ours["seconds"]
             default_tps = default["completion_tokens"] / default["seconds"]
             figures.add("best engine output tokens/s (sweep)", swept[best], "tok/s")
