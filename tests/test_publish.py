@@ -212,6 +212,29 @@ def test_publish_expands_validates_and_registers_then_costs_nothing(tmp_path, re
 
 
 @pytest.mark.integration
+def test_a_repeated_id_counts_once_against_the_input_gate(tmp_path, registry, llm_server):
+    """41 rows, one of them repeating an earlier id: the expansion keeps the first row and
+    rejects the later one (duplicate_id), so the input gate counts one unusable row in
+    41 (2.4%), not the two GX's uniqueness check flags (4.9%). With 97% required valid
+    rows the shard is registered and the repeat is in rejected/ with its reason."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(write_sample_corpus(tmp_path / "sample", 1, 40)[0]).to_pylist()
+    rows.append({**rows[7], "text": "Another text that arrived under an id already used in this shard."})
+    source = write_source_shard(tmp_path / "source" / "part-0000.parquet", rows)
+    out = str(tmp_path / "out")
+    recipe = RECIPE.model_copy(update={"quality": RECIPE.quality.model_copy(update={"min_valid_source_share": 0.97})})
+    summary = publish_shard(source, out, recipe, live(llm_server.url), registry, owner="w1")
+    assert summary["status"] == "registered", summary
+    rejected = pq.read_table(shard_paths(out, recipe.recipe_id, "part-0000").rejected).to_pylist()
+    repeats = [r for r in rejected if r["reject_reason"] == "duplicate_id"]
+    # The later row's pair slots, each rejected with the reason; the first row was expanded.
+    assert sorted((r["source_id"], r["pair_index"]) for r in repeats) == [(rows[7]["id"], i) for i in range(PAIRS)]
+    accepted = pq.read_table(shard_paths(out, recipe.recipe_id, "part-0000").data).to_pylist()
+    assert rows[7]["id"] in {r["source_id"] for r in accepted}
+
+
+@pytest.mark.integration
 def test_a_trial_run_registers_nothing_and_leaves_the_full_shard_to_publish(tmp_path, registry, llm_server):
     source = str(write_sample_corpus(tmp_path / "source", 1, 12)[0])
     out = str(tmp_path / "out")

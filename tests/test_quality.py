@@ -219,7 +219,7 @@ def test_input_gate_reads_jsonl_gz_with_configured_columns(tmp_path):
     path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
     columns = SourceColumns(id="doc_id", text="body")
     report = validate_input(str(path), RECIPE, shard_paths(str(tmp_path / "out"), RID, "drop"), columns=columns)
-    assert [(item["check"], item["column"]) for item in report.failed] == [("source_id_unique", "doc_id")]
+    assert [(item["check"], item["column"]) for item in report.failed] == [("source_id_unique", "doc_id_repeated")]
 
 
 def test_input_gate_reports_missing_columns(tmp_path):

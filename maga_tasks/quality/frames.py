@@ -145,9 +145,9 @@ def read_source_frame(
     source_uri: str, columns: SourceColumns = DEFAULT_COLUMNS, s3_endpoint_url: str | None = None
 ) -> pd.DataFrame:
     """The id and text length of every source row, as columns `{id}` and `{text}_chars`
-    (named after the configured columns); a column absent from the file is absent from
-    the frame and the gate reports it. Raises `ShardInputError` when the file cannot be
-    read at all."""
+    (named after the configured columns), and `{id}_repeated` (the id again on a later
+    occurrence of it); a column absent from the file is absent from the frame and the
+    gate reports it. Raises `ShardInputError` when the file cannot be read at all."""
 
     fmt = shard_format(source_uri)
     storage = storage_for(source_uri, s3_endpoint_url)
@@ -156,7 +156,20 @@ def read_source_frame(
             table = measure_source(path, fmt, columns, source_length_column(columns))
     except StorageError as error:
         raise ShardInputError(f"cannot read source shard {source_uri}: {error}") from None
-    return table.to_pandas()
+    frame = table.to_pandas()
+    if columns.id in frame:
+        # The expansion keeps the first row of an id and rejects the later ones
+        # (`duplicate_id`): only those are unusable rows, not every occurrence.
+        # The column holds the id on those rows (shown in the report), null elsewhere.
+        ids = frame[columns.id].astype(object)  # an integer id stays an integer beside nulls
+        frame[repeated_id_column(columns)] = ids.where(ids.notna() & ids.duplicated(keep="first"))
+    return frame
+
+
+def repeated_id_column(columns: SourceColumns) -> str:
+    """The input frame's column that holds the id of a later occurrence of it (null on
+    a first one)."""
+    return f"{columns.id}_repeated"
 
 
 def source_length_column(columns: SourceColumns) -> str:
