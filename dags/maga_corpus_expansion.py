@@ -70,7 +70,7 @@ from airflow.sdk import (
     task,
 )
 
-# The run settings table: pydantic only, no I/O (tests/test_dags.py keeps parsing light).
+# The run settings table: pydantic only, no I/O (tests/unit/test_dags.py keeps parsing light).
 from maga_tasks.knobs import param_kwargs as run_setting_params
 from maga_tasks.settings import setting_default
 

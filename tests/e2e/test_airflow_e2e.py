@@ -27,10 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from maga_tasks.engine.shard import documents_in_flight
-
-# Imported after this call, so that pytest rewrites the helpers' asserts (E402).
-pytest.register_assert_rewrite("airflow_fixtures")
-from airflow_fixtures import (  # noqa: E402
+from tests.support.airflow import (
     DAG_ID,
     PROGRESS_LINE,
     STACK_MAX_MAP_LENGTH,
@@ -40,9 +37,7 @@ from airflow_fixtures import (  # noqa: E402
     task_instances,
     wait_for,
 )
-
-# Session fixtures (isolated Airflow, the scheduler stack) shared by every Airflow test.
-pytest_plugins = ["airflow_fixtures"]
+from tests.support.shards import write_source_shard
 
 pytestmark = [pytest.mark.airflow, pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -191,8 +186,6 @@ def test_dags_test_publishes_every_shard_then_reruns_as_noop(
 def test_dags_test_publishes_a_whole_partition_and_names_the_shard_that_failed(
     airflow_env, af_llm_server_factory, postgres_registry_url, tmp_path
 ):
-    from conftest import write_source_shard
-
     from maga_tasks.data.sample_corpus import write_sample_corpus
     from maga_tasks.registry import Registry
 

@@ -1,4 +1,6 @@
-"""The short benchmarks run end to end so they never rot; they print figures, assert no timings."""
+"""The short benchmarks on the vLLM CPU engine and through Airflow run end to end so they
+never rot; they print figures, assert no timings (the others:
+tests/integration/test_bench.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+
+from tests.support.bench import run_short_scale
 
 
 @pytest.mark.vllm
@@ -70,70 +74,6 @@ def test_short_routing_benchmark_spreads_and_keeps_documents(tiny_model_dir, vll
         assert 0 <= median(f"{mode}: prefix-cache hit rate, fleet") <= 1
     computed = {mode: median(f"{mode}: prompt tokens computed (not cached)") for mode in ("affine", "round-robin")}
     assert computed["affine"] < computed["round-robin"]
-
-
-@pytest.mark.integration
-def test_short_fleet_benchmark_prints_every_figure(tmp_path):
-    """The shared-fleet suite on the capacity-limited test server (4 clients, fixed cap
-    vs adaptive): every figure printed, the queue over time kept; no timing asserts."""
-    done = subprocess.run(
-        [sys.executable, "-m", "maga_tasks.cli", "bench", "--suite", "fleet", "--short", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    print(done.stderr[-4000:])
-    report = json.loads((tmp_path / "bench.json").read_text())["fleet"]
-    for mode in ("fixed", "adaptive"):
-        for figure in ("output tokens/s (all clients)", "p50 latency, whole call", "p99 latency, whole call",
-                       "timeouts (all clients)", "max server waiting queue"):
-            assert report["figures"][f"{mode}: {figure}"]["runs"] == 1, (mode, figure)
-        assert report["setup"]["queue_over_time"][f"{mode}-0"], mode
-    assert report["figures"]["output tokens/s ratio adaptive / fixed"]["median"] > 0
-
-
-SCALE_FIGURES = {
-    "planning": ("plan_run, 2,000 objects", "S3 requests, 2,000 objects", "plan time ratio, 10x objects",
-                 "plan_run, 2,000 objects, all but 8 registered"),
-    "registry": ("lease+register operations/s, 1 worker", "lease+register operations/s, 4 workers racing",
-                 "operations/s ratio, 4 workers / 1", "double registrations, 4 workers",
-                 "shards registered, 4 workers"),
-    "dashboard": ("dashboard overview, 200 shards", "maga status, 200 shards", "dashboard time ratio, 200 / 20 shards",
-                  "maga status time ratio, 200 / 20 shards"),
-    "memory": ("gate+commit peak RSS, 100 documents", "gate+commit peak RSS, 1,000 documents",
-               "gate+commit peak RSS ratio, 1,000 / 100 documents"),
-    "airflow": ("shard phase wall time, 20 shard tasks", "scheduler overhead per shard task (shard phase wall / tasks)",
-                "scheduler CPU per shard task", "Celery worker CPU per shard task", "shard task duration, median",
-                "API server peak RSS", "API: dashboard overview (/maga/api/overview)",
-                "shards registered after the run"),
-}
-
-
-def run_short_scale(tmp_path, sections: str) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-m", "maga_tasks.cli", "bench", "--scale", "--short", "--scale-sections", sections,
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=900, check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    print(done.stderr[-6000:])  # the markdown tables, for the CI log
-    report = json.loads((tmp_path / "scale.json").read_text())
-    for section in sections.split(","):
-        figures = report[section]["figures"]
-        for name in SCALE_FIGURES[section]:
-            assert figures[name]["runs"] >= 1 and figures[name]["median"] is not None, (section, name)
-    return report
-
-
-@pytest.mark.integration
-def test_short_scale_benchmark_prints_every_figure(tmp_path):
-    """`maga bench --scale --short` on PostgreSQL, moto S3 and the test LLM server:
-    every figure printed, no shard registered twice, the expanded shards pass their gate."""
-    report = run_short_scale(tmp_path, "planning,registry,dashboard,memory")
-    assert report["registry"]["figures"]["double registrations, 4 workers"]["median"] == 0
-    assert report["registry"]["figures"]["shards registered, 4 workers"]["median"] == 200
-    assert report["planning"]["figures"]["S3 requests, 2,000 objects"]["median"] >= 2  # 1,000 keys a page
-    assert report["memory"]["setup"]["outcome"] == {"100": "passed", "1000": "passed"}
-    assert "| double registrations, 4 workers (shards) | 0.000 |" in (tmp_path / "scale.md").read_text()
 
 
 @pytest.mark.integration

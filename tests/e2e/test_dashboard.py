@@ -13,22 +13,16 @@ import sys
 import urllib.parse
 
 import pytest
-from browser import chrome, open_dashboard, require_browser
 
-# Imported after this call, so that pytest rewrites the helpers' asserts (E402).
-pytest.register_assert_rewrite("airflow_fixtures")
-from airflow_fixtures import ARTIFACTS, REPO, http_json, wait_for  # noqa: E402
-
-# Session fixtures (isolated Airflow, the scheduler stack) shared by every Airflow test.
-pytest_plugins = ["airflow_fixtures"]
+from tests.support.airflow import ARTIFACTS, REPO, http_json, start_llm_server, wait_for
+from tests.support.browser import chrome, open_dashboard, require_browser
 
 pytestmark = [pytest.mark.airflow, pytest.mark.integration, pytest.mark.timeout(600)]
+
 
 @pytest.fixture(scope="module")
 def published(airflow_stack, tmp_path_factory):
     """Two shards published by the library into the stack's registry, new recipe."""
-    from airflow_fixtures import start_llm_server
-
     from maga_tasks.data.sample_corpus import write_sample_corpus
     from maga_tasks.engine.publish import publish_shard
     from maga_tasks.recipe import load_recipe, recipe_from_dict

@@ -19,7 +19,6 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -28,16 +27,14 @@ from maga_tasks.data.layout import shard_paths
 from maga_tasks.llm.vllm_local import start_vllm_server
 from maga_tasks.method.detectors import language_of
 from maga_tasks.registry import Registry
-
-pytest_plugins = ["vllm_fixtures"]
+from tests.support.paths import REPO
 
 pytestmark = [pytest.mark.vllm, pytest.mark.airflow, pytest.mark.timeout(1500)]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MODELS_DIR = REPO_ROOT / "var" / "models"
+MODELS_DIR = REPO / "var" / "models"
 SMOLLM2_DIR = MODELS_DIR / "smollm2-135m-instruct"
 SERVED_NAME = "smollm2-135m-instruct"
-DEMO_SCRIPT = REPO_ROOT / "scripts" / "demo.sh"
+DEMO_SCRIPT = REPO / "scripts" / "demo.sh"
 DEMO_SHARDS, DEMO_DOCS_PER_SHARD = 1, 4
 
 # What an accepted rewrite must never hold: our prompts' task lines and delimiters, and
@@ -70,7 +67,7 @@ def smollm2_server(vllm_python, vllm_api_key, tmp_path_factory):
 
 def run_demo(env: dict) -> tuple[str, float]:
     started = time.monotonic()
-    done = subprocess.run(["bash", str(DEMO_SCRIPT)], check=False, cwd=REPO_ROOT, env=env, capture_output=True,
+    done = subprocess.run(["bash", str(DEMO_SCRIPT)], check=False, cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=1200)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-8000:]

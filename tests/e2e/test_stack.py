@@ -30,10 +30,10 @@ import pytest
 
 from maga_tasks.method.detectors import language_of
 from maga_tasks.tools.airflow_stack import free_port, http_json, wait_for
+from tests.support.paths import REPO
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(2400)]
 
-REPO = Path(__file__).resolve().parents[1]
 STACK = REPO / "scripts" / "stack.sh"
 SMOLLM2_DIR = REPO / "var" / "models" / "smollm2-135m-instruct"
 DAG_ID = "maga_corpus_expansion"

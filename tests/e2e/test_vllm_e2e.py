@@ -40,14 +40,10 @@ from maga_tasks.llm.vllm_local import (
 from maga_tasks.method.judging import judge_committed_shard
 from maga_tasks.recipe import load_recipe
 from maga_tasks.settings import RunSettings
-
-# Registers the session fixtures (tiny_model_dir, vllm_python, vllm_api_key, vllm_server).
-pytest_plugins = ["vllm_fixtures"]
+from tests.support.vllm import TINY_RECIPE
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TINY_RECIPE = REPO_ROOT / "maga_tasks" / "recipes" / "tiny.yaml"
 ARTICLES_PER_DOCUMENT = 3  # three summaries make a document of ~400 tokens (211-617 here)
 
 

@@ -1,6 +1,7 @@
-"""The flat night's budget derived from the fleet, on SQLite and PostgreSQL: pool slots x
-run hours / hours per shard, the hours per shard from the median wall time of the
-recipe's latest registered shards (a fallback before there are enough of them)."""
+"""The flat night's budget derived from the fleet, on SQLite and PostgreSQL: the hours per
+shard from the median wall time of the recipe's latest registered shards (a fallback
+before there are enough of them), the budget a given or derived number (pool slots x run
+hours / hours per shard on its own: tests/unit/engine/test_budget.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from maga_tasks.engine.budget import (
-    AUTO,
-    FALLBACK_SHARD_HOURS,
-    BudgetError,
-    estimate_shard_hours,
-    fleet_budget,
-    night_budget,
-)
+from maga_tasks.engine.budget import AUTO, FALLBACK_SHARD_HOURS, BudgetError, estimate_shard_hours, night_budget
 from maga_tasks.engine.shard import ShardResult
 from maga_tasks.registry import iso
 
@@ -41,16 +35,6 @@ def _register(registry, minutes: list[float], recipe_id: str = RID) -> None:
                 text("UPDATE shards SET started_at = :s, registered_at = :r WHERE recipe_id = :rid AND shard = :shard"),
                 {"s": iso(started_at), "r": iso(registered_at), "rid": recipe_id, "shard": f"part-{i:04d}"},
             )
-
-
-def test_the_fleet_budget_is_slots_times_hours_over_hours_per_shard():
-    # docs/operations.md's example fleet: 64 GPU workers, 0.3 h per 10,000-document shard, 8 h a night.
-    assert fleet_budget(64, 8, 0.3) == 1706  # 20,000 shards in 12 nights
-    assert fleet_budget(8, 8, 1.0) == 64
-    assert fleet_budget(1, 1, 5.0) == 1  # a shard longer than the night still gets one
-    for slots, hours, per_shard in ((0, 8, 1), (8, 0, 1), (8, 8, 0), (8, 8, -1)):
-        with pytest.raises(BudgetError):
-            fleet_budget(slots, hours, per_shard)
 
 
 def test_a_new_recipe_uses_the_fallback_and_a_given_budget_is_kept(registry):

@@ -4,13 +4,13 @@ that last held it, and reading it costs the same few queries however many shards
 
 from __future__ import annotations
 
-from conftest import write_committed_shard
 from sqlalchemy import event
 
 from maga_tasks.engine.publish import publish_shard
 from maga_tasks.recipe import load_recipe
 from maga_tasks.registry.dashboard import corpus_overview
 from maga_tasks.settings import RunSettings
+from tests.support.shards import write_committed_shard
 
 RECIPE = load_recipe()
 RID = RECIPE.recipe_id

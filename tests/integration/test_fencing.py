@@ -20,7 +20,6 @@ from urllib.parse import parse_qs, quote, urlparse
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import PG_TEST_DSN, _pg_test_user, write_committed_shard
 
 from maga_tasks.data.layout import shard_paths
 from maga_tasks.data.sample_corpus import write_sample_corpus
@@ -39,6 +38,8 @@ from maga_tasks.registry import (
     utc_now,
 )
 from maga_tasks.settings import RunSettings
+from tests.support.servers import PG_TEST_DSN, pg_test_user
+from tests.support.shards import write_committed_shard
 
 RECIPE = load_recipe()
 RID = RECIPE.recipe_id
@@ -296,7 +297,7 @@ def pg_worker_url(pg_schema_url):
 
     schema = parse_qs(urlparse(pg_schema_url).query)["options"][0].split("=", 1)[1]
     role = f"maga_fence_{secrets.token_hex(4)}"
-    admin = psycopg.connect(user=_pg_test_user(), autocommit=True, **PG_TEST_DSN)
+    admin = psycopg.connect(user=pg_test_user(), autocommit=True, **PG_TEST_DSN)
     admin.execute(f'CREATE ROLE "{role}" LOGIN')
     admin.execute(f'GRANT ALL ON SCHEMA "{schema}" TO "{role}"')
     url = (

@@ -71,7 +71,7 @@ def test_truncated_file_and_missing_file(tmp_path, llm_server):
 def test_bad_rows_are_rejected_with_reasons(tmp_path, llm_server, sample_articles, tiny_tokenizer_dir):
     good = [a["text"] for a in sample_articles[:3]]
     # Long enough to be cut to the context budget, within max_source_chars (a longer one is
-    # a rejected row: tests/hostile/test_source_files.py).
+    # a rejected row: tests/integration/hostile/test_source_files.py).
     huge = (" ".join(a["text"] for a in sample_articles[:200]) + " ") * 12
     assert 1_000_000 < len(huge) <= RECIPE.quality.max_source_chars
     texts = pa.array(
@@ -161,7 +161,7 @@ def test_unusable_shard_raises_shard_input_error(tmp_path, llm_server):
 
 
 def test_unreachable_endpoints_exit_3_with_one_line(tmp_path, sample_articles):
-    from conftest import free_port
+    from tests.support.servers import free_port
 
     shard = tmp_path / "s.jsonl"
     shard.write_text(json.dumps({"id": "a", "text": sample_articles[0]["text"]}) + "\n")

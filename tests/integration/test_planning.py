@@ -1,26 +1,18 @@
 """Planning on SQLite and PostgreSQL: flat budgets in name order, dated partitions with
 date-prefixed shard names taken whole (in further runs past a run's limit), registered,
 quarantined and failed-for-good shards left out, never-tried shards first, and
-`maga plan` as a dry run."""
+`maga plan` as a dry run (what needs no registry: tests/unit/engine/test_planning.py)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import write_committed_shard, write_source_shard
 
 from maga_tasks.cli import main as maga
 from maga_tasks.data.sample_corpus import write_sample_corpus
-from maga_tasks.engine.continuation import continuation, should_continue
-from maga_tasks.engine.planning import (
-    PlanningError,
-    RunPlan,
-    dated_shard_name,
-    plan_run,
-    plan_shards,
-    source_shards,
-)
+from maga_tasks.engine.continuation import continuation
+from maga_tasks.engine.planning import PlanningError, plan_run, plan_shards
 from maga_tasks.engine.publish import publish_shard
 from maga_tasks.engine.report import run_report
 from maga_tasks.engine.requeue import requeue_shards
@@ -29,6 +21,7 @@ from maga_tasks.errors import ShardFailedForGood, TokenizerUnavailable
 from maga_tasks.recipe import load_recipe
 from maga_tasks.registry.dashboard import corpus_overview
 from maga_tasks.settings import RunSettings
+from tests.support.shards import write_committed_shard, write_source_shard
 
 RECIPE = load_recipe()
 RID = RECIPE.recipe_id
@@ -96,20 +89,6 @@ def test_planning_parameters_are_checked(tmp_path, registry):
         plan_shards(str(tmp_path / "drops"), RID, registry, mode="flat", ds=None, budget=-1)
 
 
-def test_two_files_with_one_shard_name_are_skipped_and_the_rest_planned(tmp_path, caplog):
-    write_sample_corpus(tmp_path / "mixed", 1, 1, fmt="parquet")
-    write_sample_corpus(tmp_path / "mixed", 1, 1, fmt="jsonl")
-    write_sample_corpus(tmp_path / "other", 2, 1, fmt="parquet")
-    (tmp_path / "other" / "part-0001.parquet").rename(tmp_path / "mixed" / "part-0001.parquet")
-    assert source_shards(str(tmp_path / "mixed")) == [(str(tmp_path / "mixed" / "part-0001.parquet"), "part-0001")]
-    skipped = [r.getMessage() for r in caplog.records if "give the shard name part-0000" in r.getMessage()]
-    assert len(skipped) == 2
-
-
-def test_dated_shard_names():
-    assert dated_shard_name("2026-11-01", "s3://b/drops/2026-11-01/part-0003.jsonl.gz") == "2026-11-01_part-0003"
-
-
 @pytest.mark.integration
 def test_dated_planning_on_s3(s3_env, registry, tmp_path):
     import boto3
@@ -159,7 +138,7 @@ def _publish(plan, out, recipe, settings, registry) -> list[dict]:
 @pytest.mark.integration
 def test_a_dated_partition_is_published_whole_in_as_many_runs_as_it_needs(tmp_path, registry, llm_server):
     """The continuation the DAG does past Airflow's max_map_length, with the library's
-    functions (tests/test_airflow_e2e.py runs such a partition through Airflow)."""
+    functions (tests/e2e/test_airflow_e2e.py runs such a partition through Airflow)."""
     write_sample_corpus(tmp_path / "drops", 7, 1, partitions=["2026-11-01"])
     source, out = str(tmp_path / "drops" / "{ds}"), str(tmp_path / "out")
     settings = RunSettings(endpoints=(llm_server.url,), max_concurrency=8)
@@ -187,43 +166,6 @@ def test_a_dated_partition_is_published_whole_in_as_many_runs_as_it_needs(tmp_pa
     assert plan_run(source, RID, registry, **options, record=False).left == 0
 
 
-def test_a_run_continues_only_past_its_limit_after_progress_and_within_the_budget():
-    def after(pending: list[str], mode: str = "dated") -> RunPlan:
-        return RunPlan(mode=mode, ds="2026-11-01" if mode == "dated" else None, recipe_id=RID, candidates=4,
-                       shards=[], held_back=pending, retried=0, registered=0, quarantined=0, failed=[])
-
-    planned = [{"source_uri": f"/drops/{name}.parquet", "shard": name} for name in ("a", "b")]
-    assert should_continue(planned, after(["b", "c"]))  # c was held back, a got done
-    assert not should_continue(planned, after(["a", "b", "c"]))  # every try failed: a chain would not end
-    assert not should_continue(planned, after(["b"]))  # nothing held back: the partition is all planned
-    # Flat: the same, and only while the night's budget lasts.
-    assert should_continue(planned, after(["b", "c"], mode="flat"), budget_left=3)
-    assert not should_continue(planned, after(["b", "c"], mode="flat"), budget_left=0)  # budget spent
-    assert not should_continue(planned, after(["b", "c"], mode="flat"))  # no budget: nothing to go on with
-    assert not should_continue(planned, after(["a", "b", "c"], mode="flat"), budget_left=3)  # no progress
-    assert not should_continue(planned, after([], mode="flat"), budget_left=3)  # the corpus is done
-
-
-def test_a_continuation_is_named_after_its_run_and_carries_what_is_left():
-    params = {"planning_mode": "flat", "shards_per_run": 0, "requeue": ["part-0001"], "partition_ds": None}
-    flat = {"continue": True, "mode": "flat", "ds": None, "budget_left": 1200, "pending": 5000}
-    first = continuation(flat, params, "scheduled__2026-11-01T02:00:00+00:00")
-    # A retry of the asking task asks for the same run (Airflow then skips it: it exists).
-    assert first == continuation(flat, params, "scheduled__2026-11-01T02:00:00+00:00")
-    assert first.run_id.startswith("continue__flat__") and len(first.run_id) == len("continue__flat__") + 12
-    # The rest of the night's budget, as a number (not auto again), and nothing requeued twice.
-    assert first.conf == {**params, "shards_per_run": 1200, "requeue": []}
-    assert "1200 shard(s) left" in first.note and "5000 shard(s) to publish" in first.note
-    # Its own continuation is another run.
-    assert continuation(flat, first.conf, first.run_id).run_id != first.run_id
-
-    dated = {"continue": True, "mode": "dated", "ds": "2026-11-01", "budget_left": None, "pending": 30}
-    further = continuation(dated, {**params, "planning_mode": "dated"}, "manual__x")
-    assert further.run_id.startswith("continue__2026-11-01__")
-    assert further.conf["partition_ds"] == "2026-11-01" and further.conf["shards_per_run"] == 0
-    assert continuation({**dated, "continue": False}, params, "manual__x") is None
-
-
 def _register_as_a_task_does(registry, descriptor: dict) -> dict:
     """A mapped task's registry writes (lease, register under its token), without the
     expansion and gates; its summary as the task's XCom has it."""
@@ -236,8 +178,9 @@ def _register_as_a_task_does(registry, descriptor: dict) -> dict:
 
 def test_a_flat_budget_above_the_run_limit_is_published_in_continuations_and_no_more(tmp_path, registry):
     """The DAG's flat night with the library's functions: a budget of 5 over a corpus of 7,
-    at most 2 shards a run; every plan records only the shards it maps (tests/test_airflow_e2e.py
-    runs such a night through Airflow, with the whole publish path)."""
+    at most 2 shards a run; every plan records only the shards it maps
+    (tests/e2e/test_airflow_e2e.py runs such a night through Airflow, with the whole
+    publish path)."""
     files = [str(f) for f in write_sample_corpus(tmp_path / "corpus", 7, 1)]
     source = str(tmp_path / "corpus")
     params, run_id, reports = {"shards_per_run": 5, "requeue": []}, "scheduled__night", []

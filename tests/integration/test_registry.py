@@ -10,14 +10,8 @@ import pytest
 
 from maga_tasks.engine.shard import ShardResult
 from maga_tasks.recipe import load_recipe
-from maga_tasks.registry import (
-    STATUSES,
-    Registry,
-    RegistryConflict,
-    RegistryError,
-    database_url,
-    format_totals,
-)
+from maga_tasks.registry import STATUSES, Registry, RegistryConflict, RegistryError, format_totals
+from tests.support.registry import race_upgrades
 
 RECIPE = load_recipe()
 RID = RECIPE.recipe_id
@@ -47,17 +41,7 @@ def result_for(shard: str, **figures) -> ShardResult:
     )
 
 
-# -- URLs and migrations -------------------------------------------------------------------
-
-
-def test_database_url_forms(tmp_path):
-    assert database_url(str(tmp_path / "a" / "reg.db")) == f"sqlite:///{tmp_path}/a/reg.db"
-    assert (tmp_path / "a").is_dir()
-    assert database_url("sqlite:////x/y.db") == "sqlite:////x/y.db"
-    assert database_url("postgresql://u@h:5432/db") == "postgresql+psycopg://u@h:5432/db"
-    assert database_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
-    with pytest.raises(RegistryError):
-        database_url("mysql://u@h/db")
+# -- migrations ------------------------------------------------------------------------------
 
 
 def test_upgrade_applies_each_migration_once(registry_url):
@@ -75,43 +59,13 @@ def test_upgrade_applies_each_migration_once(registry_url):
     registry.close()
 
 
-def _upgrade_worker(url: str, start, results) -> None:
-    registry = Registry(url)
-    start.wait()
-    results.put(registry.upgrade())
-    registry.close()
-
-
-def _race_upgrades(url: str, processes: int) -> list[list[int]]:
-    """`upgrade()` from several processes released at the same moment; what each applied."""
-    ctx = multiprocessing.get_context("spawn")
-    start, results = ctx.Barrier(processes), ctx.Queue()
-    workers = [ctx.Process(target=_upgrade_worker, args=(url, start, results)) for _ in range(processes)]
-    for worker in workers:
-        worker.start()
-    applied = [results.get(timeout=120) for _ in workers]
-    for worker in workers:
-        worker.join(timeout=60)
-        assert worker.exitcode == 0
-    return applied
-
-
 def test_concurrent_upgrades_apply_each_migration_once(registry_url):
-    applied = _race_upgrades(registry_url, 3)
+    applied = race_upgrades(registry_url, 3)
     registry = Registry(registry_url)
     every = [version for version, _, _ in registry.migrations()]
     assert sorted(v for batch in applied for v in batch) == every
     assert registry.schema_version() == every[-1]
     registry.close()
-
-
-def test_processes_racing_to_open_a_new_sqlite_registry_all_succeed(tmp_path):
-    # The first connection switches the file to WAL, which SQLite refuses at once (no busy
-    # wait) while another process holds it; seen as "database is locked" in 2 of 15 rounds.
-    for round_ in range(4):
-        url = str(tmp_path / f"race-{round_}.db")
-        applied = _race_upgrades(url, 6)
-        assert sorted(v for batch in applied for v in batch) == [v for v, _, _ in Registry(url).migrations()]
 
 
 def test_a_database_newer_than_the_code_is_refused(registry, tmp_path):
@@ -382,35 +336,6 @@ def test_the_totals_migration_sums_shards_registered_before_it_as_register_does(
             conn.execute(text(statement))
     assert registry.upgrade() == [v for v, _, _ in registry.migrations() if v >= 6]
     assert (registry.totals(RID), registry.totals("r-other"), registry.totals()) == kept
-
-
-def test_a_migration_is_one_portable_file_or_one_per_dialect(tmp_path):
-    from maga_tasks.registry import Registry
-
-    folder = tmp_path / "sql"
-    folder.mkdir()
-    (folder / "0001_core.sql").write_text(
-        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name TEXT, checksum TEXT, applied_at TEXT);\n"
-        "CREATE TABLE core (id INTEGER);"
-    )
-    (folder / "0002_fill.sqlite.sql").write_text("CREATE TABLE fill_sqlite (id INTEGER);")
-    (folder / "0002_fill.postgresql.sql").write_text("CREATE TABLE fill_postgresql (id INTEGER);")
-    registry = Registry(str(tmp_path / "r.db"), migrations_dir=folder)
-    assert [(v, name) for v, name, _ in registry.migrations()] == [(1, "core"), (2, "fill")]
-    assert registry.upgrade() == [1, 2]
-    with registry.engine.connect() as conn:
-        from sqlalchemy import inspect
-
-        assert {"core", "fill_sqlite"} <= set(inspect(conn).get_table_names())
-        assert "fill_postgresql" not in inspect(conn).get_table_names()
-    (folder / "0002_fill.sql").write_text("SELECT 1;")
-    with pytest.raises(RegistryError, match="given twice"):
-        registry.migrations()
-    (folder / "0002_fill.sql").unlink()
-    (folder / "0002_fill.sqlite.sql").unlink()
-    with pytest.raises(RegistryError, match="no file for sqlite"):
-        registry.migrations()
-    registry.close()
 
 
 def test_status_lists_a_bounded_page_and_totals_cover_every_shard(registry, registry_url, capsys):

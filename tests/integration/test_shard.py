@@ -254,9 +254,9 @@ def test_s3_lost_mid_shard_ends_the_shard_with_a_storage_error(tmp_path, llm_ser
     import threading
 
     import boto3
-    from conftest import free_port, stop_process, wait_http
 
     from maga_tasks.data.storage import StorageError
+    from tests.support.servers import free_port, stop_process, wait_http
 
     port = free_port()
     moto = subprocess.Popen(

@@ -1,4 +1,5 @@
-"""Tests of the deterministic test LLM server, run as real processes on loopback.
+"""Tests of the deterministic test LLM server, run as real processes on loopback (its
+fault specs and pairs without a server: tests/unit/tools/test_test_server.py).
 
 Every server configuration the tests need is started at once (module scope) and torn
 down by PID in the finalizer; requests go over HTTP with urllib, nothing is patched.
@@ -17,14 +18,9 @@ import pytest
 
 from maga_tasks.method import prompts
 from maga_tasks.recipe import default_recipe_path, load_recipe
-from maga_tasks.tools.test_server import (
-    CLOSERS,
-    PREAMBLES,
-    make_pairs,
-    parse_fault,
-    profile_document,
-)
+from maga_tasks.tools.test_server import CLOSERS, PREAMBLES, parse_fault
 from maga_tasks.tools.test_server_process import TestServerProcess
+from tests.support.texts import BEES, PRESS, TIDES
 
 # Read by path: the package may be imported through an editable-install finder.
 RECIPE = load_recipe(default_recipe_path())
@@ -58,31 +54,6 @@ SERVER_ARGS = {
     "die": faults("die_after:2"),
 }
 
-BEES = (
-    "Honeybees live in colonies of up to sixty thousand workers, a few hundred drones and "
-    "a single queen. Workers forage for nectar and pollen within about three kilometres of "
-    "the hive, and they tell nestmates where flowers are through the waggle dance, whose "
-    "angle points relative to the sun and whose duration encodes distance. Nectar is turned "
-    "into honey by evaporation and enzymes, then stored in wax cells that workers secrete "
-    "from glands on their abdomen. In winter the colony forms a tight cluster and shivers "
-    "its flight muscles to keep the queen warm. Beekeepers inspect frames for brood, "
-    "disease and varroa mites, which weaken colonies and spread viruses."
-)
-TIDES = (
-    "Ocean tides come from the gravitational pull of the moon and, to a lesser degree, the "
-    "sun. Because the pull is stronger on the side of Earth facing the moon, water bulges "
-    "there and on the opposite side, giving most coasts two high tides a day. When sun and "
-    "moon line up at new and full moon, spring tides bring the largest range; at quarter "
-    "moons the neap tides are weakest. Coastline shape matters too: the Bay of Fundy funnels "
-    "water into ranges above fifteen metres, while the Mediterranean barely moves."
-)
-PRESS = (
-    "Johannes Gutenberg combined movable metal type, an oil-based ink and a screw press "
-    "adapted from wine making around 1450 in Mainz. His Bible, printed in roughly 180 "
-    "copies, showed that books could be produced far faster than by scribes. Within fifty "
-    "years printing shops spread to more than two hundred European towns, prices of books "
-    "fell sharply, and pamphlets carried the debates of the Reformation to wide audiences."
-)
 # Function words the keyword check below ignores (its own short list, on purpose).
 STOPWORDS = set(
     """the and for that with from are was were this these those its their there which whose
@@ -183,76 +154,6 @@ def copy_ratio(source: str, rewrite: str, n: int = 8) -> float:
 
     mine = shingles(rewrite)
     return len(mine & shingles(source)) / len(mine) if mine else 0.0
-
-
-# ---------------------------------------------------------------------------------------
-# Fault specs (no server needed)
-
-
-@pytest.mark.parametrize(
-    "spec, expected",
-    [
-        ("http500", {"kind": "http500", "rate": 1.0, "times": 1}),
-        ("http429:0.25:3", {"kind": "http429", "rate": 0.25, "times": 3}),
-        ("timeout:0.1:1:hang=5", {"kind": "timeout", "rate": 0.1, "times": 1, "hang_s": 5.0}),
-        ("timeout:hang=0.5", {"kind": "timeout", "rate": 1.0, "hang_s": 0.5}),
-        (
-            "bad_json",
-            {
-                "kind": "bad_json",
-                "rate": 1.0,
-                "times": float("inf"),
-                "stages": frozenset({"pairs"}),
-            },
-        ),
-        (
-            "truncate:rate=0.5:stage=rewrite+judge",
-            {"rate": 0.5, "stages": frozenset({"rewrite", "judge"})},
-        ),
-        ("off_topic:0.3:2", {"kind": "off_topic", "rate": 0.3, "times": 2}),
-        ("disconnect:1:inf", {"times": float("inf")}),
-        ("die_after:3", {"kind": "die_after", "after": 3}),
-    ],
-)
-def test_parse_fault_accepts(spec, expected):
-    fault = parse_fault(spec)
-    for name, value in expected.items():
-        assert getattr(fault, name) == value, name
-
-
-@pytest.mark.parametrize(
-    "spec, says",
-    [
-        ("explode", "unknown kind"),
-        ("http500:1.5", "RATE"),
-        ("http500:x", "RATE"),
-        ("http500:1:0", "TIMES"),
-        ("http500:1:1:1", "too many"),
-        ("http500:hang=3", "unknown option 'hang'"),
-        ("timeout:hang=-1", "hang"),
-        ("wrong_count:stage=rewrite", "stage"),
-        ("die_after", "die_after:N"),
-        ("die_after:0.5", "die_after:N"),
-    ],
-)
-def test_parse_fault_rejects(spec, says):
-    with pytest.raises(ValueError, match=re.escape(says)) as caught:
-        parse_fault(spec)
-    assert "\n" not in str(caught.value) and spec in str(caught.value)
-
-
-def test_pairs_fit_the_recipe_bounds_for_any_count():
-    profile = profile_document("Supercalifragilisticexpialidocious" * 3 + " words. " + PRESS)
-    low_g, high_g = RECIPE.pairs.genre_chars
-    low_a, high_a = RECIPE.pairs.audience_chars
-    for seed in range(20):
-        pairs = make_pairs(profile, 20, seed)
-        assert len({(p["genre"], p["audience"]) for p in pairs}) == 20
-        assert len({p["genre"] for p in pairs[:5]}) == 5  # the usual five differ in genre
-        for pair in pairs:
-            assert (
-                low_g <= len(pair["genre"]) <= high_g and low_a <= len(pair["audience"]) <= high_a
-            )
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,22 +1,9 @@
-"""Fixtures for tests that run the pipeline through Airflow itself.
-
-Registered as a plugin with `pytest_plugins = ["airflow_fixtures"]` (the Airflow test modules
-do it; `tests/` is on sys.path through its conftest).
-
-- `airflow_env` (session): an isolated AIRFLOW_HOME in a temp dir, Airflow's metadata DB
-  in a fresh PostgreSQL database (dropped afterwards), `airflow db migrate`, the
-  `maga_llm` pool, a SimpleAuthManager user with a known password, free ports, and a
-  registry database given to the tasks as `AIRFLOW_CONN_MAGA_REGISTRY`.
-- `airflow_stack` (session): a real scheduler (CeleryExecutor, Redis broker on
-  127.0.0.1:6379) + two Celery workers + dag-processor + api-server on that environment,
-  started on first use and stopped (by PID) at the end; its `core.max_map_length` is
-  `STACK_MAX_MAP_LENGTH` (4). The workers stand for two machines (`CeleryWorker`): each
-  its own process group, Celery hostname, log server port and vLLM endpoint (a test LLM
-  server of its own, `MAGA_ENDPOINTS` in its environment), each consuming the session's
-  shared queue (every task goes there) plus a queue of its own.
-- `af_llm_server_factory` (function): starts `python -m maga_tasks.tools.test_server` processes on
-  free loopback ports; `.stats()` reads `/_stats`.
-- `postgres_registry_url` (function): an empty PostgreSQL database for the registry.
+"""Helpers for tests that run the pipeline through Airflow itself: the pieces of
+`maga_tasks.tools.airflow_stack` (shared with the scale benchmark), the stack's settings,
+its Celery workers (each standing for a machine), and reading DAG runs, task instances
+and task logs. The fixtures built from them (`airflow_env`, `airflow_stack`,
+`af_llm_server_factory`, `postgres_registry_url`) are in tests/conftest.py: one stack per
+test session, whatever tier asks for it.
 
 Every process started here is stopped by its own PID, never by name.
 """
@@ -27,8 +14,6 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 # Shared with the scale benchmark; DAGS_FOLDER, POOL, REPO and http_json are re-exported
 # for the test modules.
@@ -70,38 +55,11 @@ WORKER_LLM_LATENCY_MS = 150
 STACK_HEARTBEAT_TIMEOUT_S = 15
 
 
-# -- PostgreSQL databases -------------------------------------------------------------
-
-
-@pytest.fixture
-def postgres_registry_url():
-    name = create_pg_database("maga_registry")
-    yield pg_url(name)
-    drop_pg_database(name)
-
-
-# -- processes ------------------------------------------------------------------------
-
-
 # -- the test LLM server --------------------------------------------------------------
 
 
 def start_llm_server(log_dir: Path, *, latency_ms: float = 0, faults: tuple[str, ...] = ()) -> TestServerProcess:
     return TestServerProcess(faults=faults, latency_ms=latency_ms, log_dir=log_dir).start().wait_ready()
-
-
-@pytest.fixture
-def af_llm_server_factory(tmp_path):
-    started: list[TestServerProcess] = []
-
-    def factory(**kwargs) -> TestServerProcess:
-        server = start_llm_server(tmp_path / "llm-logs", **kwargs)
-        started.append(server)
-        return server
-
-    yield factory
-    for server in started:
-        server.stop()
 
 
 # -- Airflow --------------------------------------------------------------------------
@@ -125,72 +83,6 @@ class CeleryWorker:
         """Its current process is connected and consuming (Celery's `ready.` line)."""
         own_output = self.process.log_path.read_bytes()[self.process.log_offset :]
         return f"{self.hostname} ready.".encode() in own_output
-
-
-@pytest.fixture(scope="session")
-def airflow_env():
-    af = new_airflow_env(
-        pool_slots=4,
-        # A lost worker's tasks are failed and retried within seconds, not minutes.
-        AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT=str(STACK_HEARTBEAT_TIMEOUT_S),
-        AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL="2",
-        AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL="3",
-    )
-    try:
-        yield af
-    finally:
-        remove_airflow_env(af)
-
-
-@pytest.fixture(scope="session")
-def airflow_stack(airflow_env):
-    """Scheduler + dag-processor + api-server + two Celery workers on `airflow_env`; returns the env."""
-    af = airflow_env
-    log_dir = af.home / "process-logs"
-    # The DAG must be unpaused for the scheduler to start backfill runs; unpaused, it also
-    # gets its latest scheduled run. Point that run's defaults at a healthy test LLM
-    # server and an empty dated source, so it publishes nothing and finishes. (On the
-    # workers, the `endpoints` default is each worker's own server: see below.)
-    default_llm = start_llm_server(log_dir)
-    af.processes.append(default_llm)
-    af.env.update(
-        MAGA_ENDPOINTS=default_llm.url,
-        MAGA_PLANNING_MODE="dated",
-        MAGA_SOURCE=str(af.home / "no-drops" / "{ds}"),
-        MAGA_OUTPUT_ROOT=str(af.home / "expanded"),
-    )
-    # A small map limit, so that a partition or a flat budget of a few shards takes
-    # several runs (the DAG continues past it); no other stack test maps more in a run.
-    af.env["AIRFLOW__CORE__MAX_MAP_LENGTH"] = str(STACK_MAX_MAP_LENGTH)
-    # The production executor: Celery with Redis as the broker (as in docker-compose). A
-    # queue of this session's own keeps two test sessions on one Redis apart; every task
-    # goes to it (`default_queue`) and both workers consume it, so shards spread over both
-    # and a retry lands on whichever worker is alive.
-    queue = use_celery(af, concurrency=WORKER_CONCURRENCY)
-    for name, argv in (
-        ("api-server", [AIRFLOW, "api-server", "--port", str(af.api_port), "--host", "127.0.0.1"]),
-        ("dag-processor", [AIRFLOW, "dag-processor"]),
-        ("scheduler", [AIRFLOW, "scheduler"]),
-    ):
-        af.processes.append(start_process(name, argv, af.env, log_dir))
-    servers = [TestServerProcess(latency_ms=WORKER_LLM_LATENCY_MS, log_dir=log_dir).start() for _ in WORKER_NAMES]
-    for name, llm in zip(WORKER_NAMES, servers, strict=True):
-        af.processes.append(llm.wait_ready())
-        worker = CeleryWorker(
-            name,
-            hostname=f"{name}@{queue}",
-            queues=(queue, f"{queue}.{name}"),
-            llm=llm,
-            # What differs from machine to machine: its endpoint and its log server's port.
-            env=dict(af.env, MAGA_ENDPOINTS=llm.url, AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port())),
-        )
-        start_celery_worker(af, worker, log_dir)
-        af.workers.append(worker)
-
-    wait_stack_ready(af)
-    wait_for(lambda: all(w.ready() for w in af.workers), 60, 0.5, "both Celery workers to be ready")
-    af.cli("dags", "unpause", DAG_ID)
-    yield af
 
 
 def start_celery_worker(af: AirflowEnv, worker: CeleryWorker, log_dir: Path | None = None) -> ManagedProcess:

@@ -1,5 +1,4 @@
-"""Hostile hosts on loopback, shared by the hostile-edge tests (imported by name: this
-folder is on the path of its test modules)."""
+"""Hostile hosts on loopback, shared by the hostile-edge tests (tests/integration/hostile/)."""
 
 from __future__ import annotations
 

@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-# Imported after this call, so that pytest rewrites the helpers' asserts (E402).
-pytest.register_assert_rewrite("airflow_fixtures")
-from airflow_fixtures import DAG_ID, DAGS_FOLDER, POOL  # noqa: E402
+from tests.support.airflow import DAG_ID, DAGS_FOLDER, POOL
 
 pytestmark = pytest.mark.airflow
 
@@ -183,7 +181,8 @@ def test_params_reject_bad_values(nightly):
 
 def test_endpoints_and_recipe_are_not_taken_at_parse_time(monkeypatch):
     """The operator's endpoints and recipe are read when a task runs (run_conf checks a
-    conf against them, tests/hostile/test_run_conf.py): the params only carry a choice."""
+    conf against them, tests/integration/hostile/test_run_conf.py): the params only carry
+    a choice."""
     monkeypatch.setenv("MAGA_ENDPOINTS", "http://w1:8000, http://w2:8000/v1")
     monkeypatch.setenv("MAGA_RECIPE", "tiny")
     spec = importlib.util.spec_from_file_location("maga_dag_env_probe", DAG_FILE)

@@ -4,7 +4,7 @@ columns, reject reasons) are generated from the code or checked against it.
 
 Generated blocks in docs/reference.md sit between `<!-- generated: NAME -->` and
 `<!-- end generated -->`; after a change to the parser or the DAG's Params rewrite them
-with `python tests/test_docs.py` and commit the diff.
+with `python tests/unit/test_docs.py` and commit the diff.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 REFERENCE = DOCS / "reference.md"
 ARCHITECTURE = DOCS / "architecture.md"
@@ -263,7 +263,7 @@ def test_generated_reference_blocks_match_the_code():
     blocks = {m.group(2): m.group(3) for m in GENERATED.finditer(REFERENCE.read_text())}
     assert set(blocks) == set(RENDERERS)
     stale = [name for name, body in blocks.items() if body != render_in_clean_env(name)]
-    assert stale == [], f"docs/reference.md is stale in {stale}: run `python tests/test_docs.py`"
+    assert stale == [], f"docs/reference.md is stale in {stale}: run `python tests/unit/test_docs.py`"
 
 
 def test_the_command_table_lists_every_command_of_the_parser():

@@ -88,7 +88,7 @@ def test_cli_options_have_the_settings_defaults_and_types():
 
 
 def dag_module(monkeypatch):
-    from airflow_fixtures import DAGS_FOLDER
+    from tests.support.airflow import DAGS_FOLDER
 
     for variable in ("MAGA_SERVED_MODEL", "MAGA_LEASE_TTL_SECONDS"):
         monkeypatch.delenv(variable, raising=False)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "maga_tasks"
+from tests.support.paths import REPO
+
+PACKAGE = REPO / "maga_tasks"
 BELOW_THE_ENGINE = ("maga_tasks.quality", "maga_tasks.registry")
 FORBIDDEN = "maga_tasks.engine"
 

@@ -30,7 +30,6 @@ from urllib.parse import quote
 
 import pyarrow.parquet as pq
 import pytest
-from hostile_servers import IdleClosingServer, RecordingServer
 
 from maga_tasks.data.sample_corpus import write_sample_corpus
 from maga_tasks.engine.shard import expand_shard
@@ -39,6 +38,8 @@ from maga_tasks.llm.answer import MAX_USAGE_TOKENS
 from maga_tasks.llm.client import POOLED_CONNECTION_IDLE_S, LLMClient
 from maga_tasks.recipe import Sampling, load_recipe
 from maga_tasks.settings import RunSettings
+from tests.support.hostile_servers import IdleClosingServer, RecordingServer
+from tests.support.paths import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +47,6 @@ RECIPE = load_recipe()
 PAIRS = RECIPE.pairs_per_document
 DOCUMENTS = 12
 API_KEY = "hostile-test-key-7f3a91c2"
-REPO = Path(__file__).resolve().parents[2]
 USAGE_COLUMNS = ("prompt_tokens", "completion_tokens", "pairs_prompt_tokens", "pairs_completion_tokens")
 FINISH_REASONS = {"stop", "length", "eos", None}
 DETAIL_BOUND = 400  # reject_detail: the stage keeps 300 characters of the client's reason
@@ -57,12 +57,6 @@ def settings(*urls: str, **extra) -> RunSettings:
                   progress_interval_s=1)
     values.update(extra)
     return RunSettings(**values)
-
-
-@pytest.fixture
-def hostile_server():
-    with RecordingServer() as server:
-        yield server
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hostile_servers import RecordingServer
 
 from maga_tasks.identifiers import IdentifierError, check_identifier
 from maga_tasks.recipe import MAX_RECIPE_BYTES, RecipeError, builtin_recipe_path, load_recipe
@@ -34,20 +33,15 @@ from maga_tasks.run_conf import (
     connection_endpoints,
     operator_data_roots,
 )
+from tests.support.airflow import DAG_ID
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SECRET_KEY = "sk-hostile-test-0123456789abcdef"
 # What a credentials file holds; none of it may come back in an error.
 CREDENTIALS = (
     "[default]\naws_access_key_id = AKIAEXAMPLEKEYID0000\naws_secret_access_key = wJalrXUtnFEMIexamplesecret\n"
 )
 CREDENTIAL_WORDS = ("AKIAEXAMPLEKEYID0000", "wJalrXUtnFEMIexamplesecret", "aws_secret_access_key")
-
-
-@pytest.fixture
-def hostile_server():
-    with RecordingServer() as server:
-        yield server
 
 
 def run_maga(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -206,11 +200,6 @@ def test_the_operators_data_roots_come_from_its_environment(tmp_path):
 
 # -- through the DAG's own tasks --------------------------------------------------------
 
-pytest.register_assert_rewrite("airflow_fixtures")
-from airflow_fixtures import DAG_ID  # noqa: E402
-
-pytest_plugins = ["airflow_fixtures"]
-
 
 @pytest.mark.airflow
 @pytest.mark.integration
@@ -294,7 +283,7 @@ def test_maga_recipe_refuses_a_bad_recipe_in_one_line(tmp_path, name, content, e
 @pytest.fixture
 def closed_port_url():
     """A PostgreSQL URL (with a password) to a loopback port nothing listens on."""
-    from conftest import free_port
+    from tests.support.servers import free_port
 
     return f"postgresql://maga:pg-secret-77@127.0.0.1:{free_port()}/maga"
 
@@ -400,7 +389,7 @@ def test_a_malformed_output_root_is_one_line_and_creates_nothing(tmp_path, root,
 
 @pytest.mark.integration
 def test_a_file_url_output_root_writes_under_its_absolute_path(tmp_path, llm_server, sample_articles):
-    from conftest import write_source_shard
+    from tests.support.shards import write_source_shard
 
     source = tmp_path / "part-0000.parquet"
     write_source_shard(source, [{"id": f"d{i}", "text": a["text"]} for i, a in enumerate(sample_articles[:2])])

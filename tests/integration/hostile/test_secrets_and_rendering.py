@@ -21,7 +21,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import free_port, write_source_shard
 
 from maga_tasks.data.layout import shard_paths
 from maga_tasks.data.sample_corpus import write_sample_corpus
@@ -32,6 +31,8 @@ from maga_tasks.recipe import load_recipe
 from maga_tasks.registry import Registry
 from maga_tasks.registry.store import MAX_STORED_TEXT
 from maga_tasks.settings import RunSettings
+from tests.support.servers import free_port
+from tests.support.shards import write_source_shard
 
 RECIPE = load_recipe()
 RID = RECIPE.recipe_id
@@ -271,9 +272,8 @@ def dashboard(tmp_path_factory):
     registry on PostgreSQL holding a leaked-key failure, a shard quarantined for hostile
     ids with its Data Docs, and rows whose names, owner and links are markup."""
     pytest.importorskip("airflow")
-    from airflow_fixtures import AIRFLOW, new_airflow_env, remove_airflow_env, start_process, wait_for
-
     from maga_tasks.tools.test_server_process import TestServerProcess
+    from tests.support.airflow import AIRFLOW, new_airflow_env, remove_airflow_env, start_process, wait_for
 
     work = tmp_path_factory.mktemp("dashboard")
     af = new_airflow_env()
@@ -317,7 +317,7 @@ def dashboard(tmp_path_factory):
 @pytest.mark.airflow
 @pytest.mark.integration
 def test_the_overview_api_serves_no_secret_and_no_foreign_link(dashboard):
-    from airflow_fixtures import http_json
+    from tests.support.airflow import http_json
 
     af, quarantined = dashboard
     status, overview = http_json(f"{af.api_url}/maga/api/overview", token=af.token())
@@ -337,9 +337,10 @@ def test_the_overview_api_serves_no_secret_and_no_foreign_link(dashboard):
 @pytest.mark.integration
 @pytest.mark.browser
 def test_the_page_and_the_data_docs_run_no_markup_from_data(dashboard, tmp_path):
-    from airflow_fixtures import wait_for
-    from browser import chrome, open_dashboard, require_browser
     from selenium.webdriver.common.by import By
+
+    from tests.support.airflow import wait_for
+    from tests.support.browser import chrome, open_dashboard, require_browser
 
     require_browser()
     af, quarantined = dashboard

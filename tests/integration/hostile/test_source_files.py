@@ -34,13 +34,13 @@ from maga_tasks.engine.shard import expand_shard
 from maga_tasks.errors import EndpointsUnavailable
 from maga_tasks.recipe import load_recipe
 from maga_tasks.settings import RunSettings
+from tests.support.paths import REPO
 
 pytestmark = pytest.mark.integration
 
 RECIPE = load_recipe()
 PAIRS = RECIPE.pairs_per_document
 MAX_CHARS = RECIPE.quality.max_source_chars
-REPO = Path(__file__).resolve().parents[2]
 
 
 def settings(url: str, **extra) -> RunSettings:

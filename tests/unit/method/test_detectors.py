@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re._constants as re_constants  # the parser's tree: where a pattern's match can start
 import re._parser as re_parser
-from pathlib import Path
 
 import pytest
 
@@ -20,8 +19,9 @@ from maga_tasks.method import detectors
 from maga_tasks.method.cleaning import clean_rewrite, strip_boilerplate
 from maga_tasks.method.stages import validate_pairs
 from maga_tasks.recipe import builtin_recipe_path, load_recipe
+from tests.support.paths import FIXTURES_DIR
 
-FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_outputs.jsonl"
+FIXTURE = FIXTURES_DIR / "smollm2_outputs.jsonl"
 ROWS = [json.loads(line) for line in FIXTURE.read_text().splitlines() if line.strip()]
 REWRITES = [r for r in ROWS if r["kind"] == "rewrite"]
 PAIRS = [r for r in ROWS if r["kind"] == "pairs"]
