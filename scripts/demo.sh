@@ -86,7 +86,8 @@ else
     --max-num-seqs 64 --api-key-env MAGA_API_KEY 2>>"$DEMO/logs/vllm-start.log" | tail -n 1)" \
     || die "the vLLM worker did not start; see $DEMO/logs/vllm-start.log and $VLLM_STATE/demo.log"
   echo "healthy at $ENDPOINT (log $VLLM_STATE/demo.log)"
-  SERVER_SLOTS=64
+  # Told to the tasks as a deployment tells them (0 measures windows that start at 8).
+  SERVER_SLOTS=${MAGA_DEMO_SERVER_SLOTS:-64}
 fi
 
 # -- 4. Airflow, isolated, on SQLite ----------------------------------------------------

@@ -80,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="engine suite: the replay's concurrencies, comma-separated (default 4,8,16,32,64,128;"
                         " short: half of --concurrency and --concurrency)")
     parser.add_argument("--engine-docs", type=int, default=64)
+    parser.add_argument("--server-slots", type=int,
+                        help="engine and fleet suites: the --endpoint server's --max-num-seqs, told to the clients"
+                        " (engine: its default-settings run) as a deployment tells them (default: the suite's own"
+                        " server's; unknown for --endpoint)")
     parser.add_argument("--client-docs", type=int, default=1000)
     parser.add_argument("--client-concurrency", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)

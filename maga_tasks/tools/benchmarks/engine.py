@@ -164,7 +164,7 @@ def engine_suite(args, figures: Figures) -> dict:
     defaults = {name: RunSettings.model_fields[name].default for name in ("max_concurrency", "adaptive_concurrency")}
     levels = sweep_levels(args)
     server = None
-    slots = None  # the engine's slots, known when this suite starts it
+    slots = args.server_slots  # the engine's slots: given for --endpoint, known when this suite starts it
     url = args.endpoint
     model_dir = args.model_dir or str(REPO / "var" / "models" / "maga-tiny")
     served = args.served_model or "maga-tiny"

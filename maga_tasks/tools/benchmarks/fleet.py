@@ -38,6 +38,7 @@ def _fleet_child(argv: list[str]) -> int:
     parser.add_argument("--recipe", help="recipe whose rewrite prompt and sampling the requests use")
     parser.add_argument("--served-model")
     parser.add_argument("--max-tokens", type=int, help="cap the rewrite's max_tokens (short requests)")
+    parser.add_argument("--server-slots", type=int, default=0, help="the server's --max-num-seqs (0: unknown)")
     args = parser.parse_args(argv)
     print(json.dumps(asyncio.run(_drive_fleet_client(args))))
     return 0
@@ -63,6 +64,7 @@ async def _drive_fleet_client(args) -> dict:
         max_concurrency=args.concurrency, adaptive_concurrency=not args.fixed,
         adaptive_interval_s=args.interval, request_timeout_s=args.request_timeout,
         max_attempts=1,  # every timeout is counted once, not hidden by a retry
+        server_slots=args.server_slots,
     )
     calls, exchanges, errors, windows = [], [], Counter(), []
     stopping = asyncio.Event()
@@ -196,7 +198,7 @@ def fleet_suite(args, figures: Figures) -> dict:
     work = Path(tempfile.mkdtemp(prefix="maga-bench-fleet-"))
     extra = []
     for flag, value in (("--recipe", args.recipe), ("--served-model", args.served_model),
-                        ("--max-tokens", args.fleet_max_tokens)):
+                        ("--max-tokens", args.fleet_max_tokens), ("--server-slots", args.server_slots)):
         if value:
             extra += [flag, str(value)]
     throughput, queues = {}, {}
