@@ -54,7 +54,7 @@ tiny-model: install
 # The whole suite: unit tests, integration tests against real servers on loopback
 # (PostgreSQL, moto S3, the test LLM server, the vLLM CPU engine with the tiny model and
 # with SmolLM2-135M-Instruct), Airflow end to end, and the compose stack of docker/ built
-# and run on podman (tests/test_stack.py).
+# and run on podman (tests/e2e/test_stack.py).
 # A missing vLLM venv, browser, container tool or linter fails the tests here, never skips
 # them: this is the same run as CI's.
 test: install vllm-venv system-packages container-tools smollm2-model

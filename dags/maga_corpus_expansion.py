@@ -70,8 +70,8 @@ from airflow.sdk import (
     task,
 )
 
-# The params and the run settings table: pydantic only, no I/O (tests/test_dags.py keeps
-# parsing light).
+# The params and the run settings table: pydantic only, no I/O (tests/unit/test_dags.py
+# keeps parsing light).
 from maga_tasks.run_params import DEFAULT_OUTPUT_ROOT, DEFAULT_SOURCE, dag_params
 from maga_tasks.settings import setting_default
 

@@ -6,7 +6,7 @@ shard- or server-level: the shard (or task) fails and the scheduler's retries ta
 
 Every exception the package defines is a `MagaError` and carries, as class attributes,
 the exit code the CLI ends with (`exit_code`) and whether trying again can help
-(`retryable`); `tests/test_errors.py` walks the package and holds every class to that.
+(`retryable`); `tests/unit/test_errors.py` walks the package and holds every class to that.
 """
 
 from typing import ClassVar

@@ -92,7 +92,7 @@ def argparse_kwargs(name: str) -> tuple[str, dict[str, Any]]:
 
 
 def add_run_setting(parser: argparse.ArgumentParser, name: str) -> argparse.Action:
-    """Add a run setting's option to `parser`, marked as one (tests/test_knobs.py checks
+    """Add a run setting's option to `parser`, marked as one (tests/unit/test_knobs.py checks
     that no option stands for a run setting without coming from here)."""
     option, kwargs = argparse_kwargs(name)
     action = parser.add_argument(option, **kwargs)

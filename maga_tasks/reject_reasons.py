@@ -12,7 +12,7 @@ cause is the client's (`llm.client.RequestFailed.reason`).
 
 This module stands apart from `data/schema.py` (the columns) because reasons are made in
 four packages (data, method, engine's duplicate handling, the judge) and each must import
-it without pulling pyarrow or each other in; `tests/test_reject_reasons.py` checks that no
+it without pulling pyarrow or each other in; `tests/unit/test_reject_reasons.py` checks that no
 module of maga_tasks spells a reason as a literal of its own.
 """
 

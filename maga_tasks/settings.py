@@ -5,7 +5,7 @@ Nothing here changes what is written, so nothing here takes part in the recipe_i
 `RunSettings` is the one table of run settings: each field is declared here once, with
 its type, default, bounds and help (`description`). A field marked `Knob(...)` is also
 a `maga` option and/or a DAG param, built from the field by `maga_tasks.knobs`, so the
-three cannot disagree (tests/test_knobs.py).
+three cannot disagree (tests/unit/test_knobs.py).
 """
 
 from __future__ import annotations

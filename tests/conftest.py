@@ -1,56 +1,50 @@
-"""Shared fixtures: real servers on loopback (test LLM server, moto S3) and sample shards."""
+"""The fixtures every tier shares: real servers on loopback (the test LLM server, moto S3,
+PostgreSQL schemas, the vLLM CPU engine, an isolated Airflow and its scheduler stack) and
+sample data. Session-scoped servers are defined here only, so one of each serves a whole
+run whatever tiers it collects. Helpers live in `tests.support`: tests import them from
+there, never from a conftest."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
+import secrets
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from maga_tasks.llm.vllm_local import VllmServer, default_vllm_python, start_vllm_server
 from maga_tasks.tools.test_server_process import TestServerProcess
 
-pytest_plugins = ["vllm_fixtures"]
+# Before the helpers are imported, so that pytest rewrites their asserts.
+pytest.register_assert_rewrite("tests.support")
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.airflow import (  # noqa: E402
+    AIRFLOW,
+    DAG_ID,
+    STACK_HEARTBEAT_TIMEOUT_S,
+    STACK_MAX_MAP_LENGTH,
+    WORKER_CONCURRENCY,
+    WORKER_LLM_LATENCY_MS,
+    WORKER_NAMES,
+    CeleryWorker,
+    create_pg_database,
+    drop_pg_database,
+    new_airflow_env,
+    pg_url,
+    remove_airflow_env,
+    start_celery_worker,
+    start_llm_server,
+    start_process,
+    use_celery,
+    wait_for,
+    wait_stack_ready,
+)
+from tests.support.servers import PG_TEST_DSN, free_port, pg_test_user, stop_process, wait_http  # noqa: E402
+from tests.support.vllm import BUILD_TINY_MODEL, TINY_SERVED_NAME, VLLM_MAX_MODEL_LEN  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status < 500:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+# -- the test LLM server, moto S3, sample data ------------------------------------------
 
 
 @pytest.fixture
@@ -125,32 +119,15 @@ def tiny_tokenizer_dir(tmp_path_factory, sample_articles) -> Path:
     return out
 
 
-# -- registry and committed shards (registry / quality / publish tests) ------------------
-
-PG_TEST_DSN = {"host": "127.0.0.1", "port": 5432, "dbname": "test"}
-
-
-def _pg_test_user() -> str:
-    """The PostgreSQL role for tests: the OS user `root` when it exists, else `postgres`."""
-    import psycopg
-
-    for user in ("root", "postgres"):
-        try:
-            with psycopg.connect(user=user, connect_timeout=5, **PG_TEST_DSN):
-                return user
-        except psycopg.OperationalError:
-            continue
-    pytest.fail("no PostgreSQL at 127.0.0.1:5432 (database 'test', role root or postgres)")
+# -- registries on SQLite and PostgreSQL -------------------------------------------------
 
 
 @pytest.fixture
 def pg_schema_url():
     """A registry URL on the test PostgreSQL server, in a fresh schema dropped afterwards."""
-    import secrets
-
     import psycopg
 
-    user = _pg_test_user()
+    user = pg_test_user()
     schema = f"maga_t_{secrets.token_hex(5)}"
     with psycopg.connect(user=user, autocommit=True, **PG_TEST_DSN) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
@@ -180,109 +157,139 @@ def registry(registry_url):
     reg.close()
 
 
-GENRES = (
-    "A step-by-step tutorial that teaches the topic in plain language. It builds from basics to details.",
-    "An analytical report with headings and evidence. The tone is neutral and precise.",
-    "A friendly dialogue between a teacher and a curious student. It explains by questions and answers.",
-    "A short story that carries the facts through characters. The tone is warm.",
-    "A Q&A sheet for quick revision. Each answer is short and direct.",
-)
-AUDIENCES = (
-    "High-school students preparing for exams. They know little about the subject.",
-    "Retired engineers who read for pleasure. They like precise numbers.",
-    "Busy parents with no background in the field. They want the essentials.",
-    "University students in history. They want context and sources.",
-    "Curious children aged ten to twelve. They like vivid examples.",
-)
+# -- the vLLM CPU engine (tests marked vllm) ---------------------------------------------
 
 
-def write_committed_shard(
-    output_root,
-    recipe,
-    shard: str,
-    *,
-    documents: int = 6,
-    accepted_per_document: int | None = None,
-    defects: tuple[str, ...] = (),
-) -> "tuple[str, str]":
-    """Write a realistic committed shard (`data/` + `rejected/` parquet with the output
-    schemas) as expand_shard would; `defects` injects faults:
-    duplicate_ids, empty_texts, low_coverage, low_yield, truncated."""
-    from datetime import datetime, timezone
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from maga_tasks.data.layout import shard_paths
-    from maga_tasks.data.schema import ACCEPTED_SCHEMA, REJECTED_SCHEMA, row_id
-
-    pairs = recipe.pairs_per_document
-    keep = accepted_per_document if accepted_per_document is not None else pairs - 1
-    if "low_yield" in defects:
-        keep = 1
-    now = datetime(2026, 11, 1, 2, 0, tzinfo=timezone.utc)
-    accepted, rejected = [], []
-    for d in range(documents):
-        source_id = f"doc-{d:04d}"
-        source = (
-            f"Document {d} explains how river deltas form where sediment settles as the current slows. "
-            "Deltas shift over centuries, feed wetlands and farms, and are threatened by dams and rising seas. "
-        ) * 2
-        for p in range(pairs):
-            text = (
-                f"[{GENRES[p % len(GENRES)].split('.')[0]}] Rewrite {p} of document {d}: river deltas form where "
-                "a slowing current drops its sediment. Over centuries they shift, feed wetlands and farmland, "
-                "and today dams and rising seas threaten them. "
-            ) * 2
-            row = {
-                "id": row_id(recipe.recipe_id, shard, source_id, p),
-                "source_id": source_id,
-                "source_shard": shard,
-                "pair_index": p,
-                "genre": GENRES[p % len(GENRES)],
-                "audience": AUDIENCES[(p + d) % len(AUDIENCES)],
-                "text": text,
-                "recipe_id": recipe.recipe_id,
-                "model": recipe.model,
-                "prompt_version": recipe.prompt_version,
-                "prompt_tokens": 220,
-                "completion_tokens": len(text) // 4,
-                "pairs_prompt_tokens": 180 if p == 0 else 0,
-                "pairs_completion_tokens": 150 if p == 0 else 0,
-                "finish_reason": "stop",
-                "keyword_coverage": 0.6,
-                "source_chars": len(source),
-                "source_truncated_tokens": None,
-                "source_meta": '{"title": "River deltas"}',
-                "created_at": now,
-            }
-            if p < keep:
-                accepted.append(row)
-            else:
-                rejected.append(row | {"reject_reason": "low_keyword_coverage", "reject_detail": "coverage 0.05"})
-    if "duplicate_ids" in defects:
-        accepted[1]["id"] = accepted[0]["id"]
-    if "empty_texts" in defects:
-        for row in accepted[:3]:
-            row["text"] = ""
-    if "low_coverage" in defects:
-        for row in accepted[: len(accepted) // 2]:
-            row["keyword_coverage"] = 0.05
-    if "truncated" in defects:
-        accepted[0]["finish_reason"] = "length"
-    paths = shard_paths(str(output_root), recipe.recipe_id, shard)
-    for uri, rows, schema in ((paths.data, accepted, ACCEPTED_SCHEMA), (paths.rejected, rejected, REJECTED_SCHEMA)):
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), uri)
-    return paths.data, paths.rejected
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly built maga-tiny (random weights, real tokenizer); ~3 s."""
+    out_dir = tmp_path_factory.mktemp("models") / TINY_SERVED_NAME
+    subprocess.run([sys.executable, str(BUILD_TINY_MODEL), str(out_dir)], check=True,
+                   capture_output=True, text=True)
+    return out_dir
 
 
-def write_source_shard(path, rows: list[dict]) -> str:
-    """A source parquet shard from explicit rows (id/text and any other columns)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    python = default_vllm_python()
+    if not python.exists():
+        message = f"no vLLM virtualenv at {python} (scripts/setup_vllm_venv.sh)"
+        if os.environ.get("MAGA_REQUIRE_VLLM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return str(path)
+
+@pytest.fixture(scope="session")
+def vllm_api_key() -> str:
+    """A fresh key per run: tests can then look for it in logs."""
+    return "maga-test-" + secrets.token_hex(12)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_dir, vllm_python, vllm_api_key, tmp_path_factory):
+    """One vLLM CPU server for the session, serving maga-tiny with an API key."""
+    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
+    server: VllmServer = start_vllm_server(
+        tiny_model_dir,
+        python=vllm_python,
+        served_model_name=TINY_SERVED_NAME,
+        max_model_len=VLLM_MAX_MODEL_LEN,
+        api_key=vllm_api_key,
+        log_path=log_path,
+    )
+    try:
+        server.wait_healthy(timeout=300)
+        yield server
+    finally:
+        server.stop()
+
+
+# -- Airflow (tests marked airflow) ------------------------------------------------------
+
+
+@pytest.fixture
+def postgres_registry_url():
+    name = create_pg_database("maga_registry")
+    yield pg_url(name)
+    drop_pg_database(name)
+
+
+@pytest.fixture
+def af_llm_server_factory(tmp_path):
+    started: list[TestServerProcess] = []
+
+    def factory(**kwargs) -> TestServerProcess:
+        server = start_llm_server(tmp_path / "llm-logs", **kwargs)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def airflow_env():
+    af = new_airflow_env(
+        pool_slots=4,
+        # A lost worker's tasks are failed and retried within seconds, not minutes.
+        AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT=str(STACK_HEARTBEAT_TIMEOUT_S),
+        AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL="2",
+        AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL="3",
+    )
+    try:
+        yield af
+    finally:
+        remove_airflow_env(af)
+
+
+@pytest.fixture(scope="session")
+def airflow_stack(airflow_env):
+    """Scheduler + dag-processor + api-server + two Celery workers on `airflow_env`; returns the env."""
+    af = airflow_env
+    log_dir = af.home / "process-logs"
+    # The DAG must be unpaused for the scheduler to start backfill runs; unpaused, it also
+    # gets its latest scheduled run. Point that run's defaults at a healthy test LLM
+    # server and an empty dated source, so it publishes nothing and finishes. (On the
+    # workers, the `endpoints` default is each worker's own server: see below.)
+    default_llm = start_llm_server(log_dir)
+    af.processes.append(default_llm)
+    af.env.update(
+        MAGA_ENDPOINTS=default_llm.url,
+        MAGA_PLANNING_MODE="dated",
+        MAGA_SOURCE=str(af.home / "no-drops" / "{ds}"),
+        MAGA_OUTPUT_ROOT=str(af.home / "expanded"),
+    )
+    # A small map limit, so that a partition or a flat budget of a few shards takes
+    # several runs (the DAG continues past it); no other stack test maps more in a run.
+    af.env["AIRFLOW__CORE__MAX_MAP_LENGTH"] = str(STACK_MAX_MAP_LENGTH)
+    # The production executor: Celery with Redis as the broker (as in docker-compose). A
+    # queue of this session's own keeps two test sessions on one Redis apart; every task
+    # goes to it (`default_queue`) and both workers consume it, so shards spread over both
+    # and a retry lands on whichever worker is alive.
+    queue = use_celery(af, concurrency=WORKER_CONCURRENCY)
+    for name, argv in (
+        ("api-server", [AIRFLOW, "api-server", "--port", str(af.api_port), "--host", "127.0.0.1"]),
+        ("dag-processor", [AIRFLOW, "dag-processor"]),
+        ("scheduler", [AIRFLOW, "scheduler"]),
+    ):
+        af.processes.append(start_process(name, argv, af.env, log_dir))
+    servers = [TestServerProcess(latency_ms=WORKER_LLM_LATENCY_MS, log_dir=log_dir).start() for _ in WORKER_NAMES]
+    for name, llm in zip(WORKER_NAMES, servers, strict=True):
+        af.processes.append(llm.wait_ready())
+        worker = CeleryWorker(
+            name,
+            hostname=f"{name}@{queue}",
+            queues=(queue, f"{queue}.{name}"),
+            llm=llm,
+            # What differs from machine to machine: its endpoint and its log server's port.
+            env=dict(af.env, MAGA_ENDPOINTS=llm.url, AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port())),
+        )
+        start_celery_worker(af, worker, log_dir)
+        af.workers.append(worker)
+
+    wait_stack_ready(af)
+    wait_for(lambda: all(w.ready() for w in af.workers), 60, 0.5, "both Celery workers to be ready")
+    af.cli("dags", "unpause", DAG_ID)
+    yield af

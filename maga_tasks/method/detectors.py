@@ -173,7 +173,7 @@ _TASK_TALK = (
 
 
 # The letters a phrase of those patterns starts with: a look-ahead for them lets re pass
-# the other word starts quickly (40% off the scan). tests/test_detectors.py reads them
+# the other word starts quickly (40% off the scan). tests/unit/method/test_detectors.py reads them
 # off the patterns, so a phrase starting with another letter fails it.
 PHRASE_STARTS = "acfhimnoprtwy"
 

@@ -3,8 +3,8 @@
 isolated AIRFLOW_HOME at a metadata database on PostgreSQL, and a scheduler +
 dag-processor + api-server + Celery worker on it.
 
-The scale benchmark runs it without pytest; `tests/airflow_fixtures.py` builds the test
-session's stack (two workers standing for two machines) from the same pieces.
+The scale benchmark runs it without pytest; the `airflow_stack` fixture of tests/conftest.py
+builds the test session's stack (two workers standing for two machines) from the same pieces.
 """
 
 from __future__ import annotations
