@@ -114,6 +114,7 @@ class Cleaning(_Strict):
         Literal[
             RejectReason.PROMPT_ECHO, RejectReason.PAIR_LABEL_ECHO, RejectReason.REFUSAL, RejectReason.TASK_TALK,
             RejectReason.REPETITION, RejectReason.OTHER_LANGUAGE, RejectReason.INVENTED_FACTS,
+            RejectReason.OFF_GENRE,
         ],
         ...,
     ] = DETECTOR_REASONS

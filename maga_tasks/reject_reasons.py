@@ -64,6 +64,7 @@ class RejectReason(StrEnum):
     # ... and by the fidelity checks (method/fidelity.py)
     PAIR_LABEL_ECHO = "pair_label_echo"
     INVENTED_FACTS = "invented_facts"
+    OFF_GENRE = "off_genre"
 
     # -- the judge's rows without a score (method/judging.py; not in rejected/) ----------
     JUDGE_INVALID_ANSWER = "judge_invalid_answer"

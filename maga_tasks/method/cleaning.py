@@ -158,6 +158,7 @@ _DETECTORS = {
     RejectReason.INVENTED_FACTS: lambda text, source, rules, genre, audience: fidelity.invented_facts_finding(
         text, source, genre, audience, rules.max_invented_numbers, rules.max_invented_names
     ),
+    RejectReason.OFF_GENRE: lambda text, source, rules, genre, audience: fidelity.off_genre(text, genre),
 }
 
 

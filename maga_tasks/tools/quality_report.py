@@ -68,6 +68,7 @@ def measure(rows: list[dict], rejected: list[dict], sources: dict[str, str], rec
     """The figures of one expanded shard (rows as dicts of data/ and rejected/)."""
     from maga_tasks.method.cleaning import copy_ratio, keyword_coverage
     from maga_tasks.method.detectors import junk_description, rewrite_findings
+    from maga_tasks.method.fidelity import genre_kept
 
     pairs = recipe.pairs_per_document
     documents = {r["source_id"] for r in rows + rejected}
@@ -89,6 +90,7 @@ def measure(rows: list[dict], rejected: list[dict], sources: dict[str, str], rec
     )
     numbers = sum(_audit_invented_number(r["text"], sources[r["source_id"]]) for r in rows)
     counts = [r["invented_fact_count"] for r in rows if r.get("invented_fact_count") is not None]
+    cues = [kept for r in rows if (kept := genre_kept(r["text"], r["genre"] or "")) is not None]
     return {
         "documents": len(documents),
         "accepted": len(rows),
@@ -107,6 +109,8 @@ def measure(rows: list[dict], rejected: list[dict], sources: dict[str, str], rec
         "accepted_label_echo_share": round(echoes / max(1, len(rows)), 4),
         "accepted_invented_number_share": round(numbers / max(1, len(rows)), 4),
         "accepted_invented_fact_count": _quantiles(counts),
+        # Of the accepted rows whose genre has a form cue (method/fidelity.py), those showing it.
+        "genre_kept": {"rows": len(cues), "kept": sum(cues)},
         "samples": [
             {"genre": r["genre"], "audience": r["audience"], "text": r["text"][:400]} for r in rows[:3]
         ],
@@ -132,6 +136,8 @@ def markdown(figures: dict) -> str:
         f"| accepted rows with an invented number of 2+ digits (audit) | "
         f"{figures['accepted_invented_number_share']:.1%} |",
         f"| invented facts per accepted row p10 / p50 / p90 | {_band(figures['accepted_invented_fact_count'])} |",
+        f"| accepted rows showing their genre's form (of those with a cue) | {figures['genre_kept']['kept']} of "
+        f"{figures['genre_kept']['rows']} |",
         f"| judge pass share (score >= 3) | {figures.get('judge_pass_share')} |",
         "",
         "Reject reasons: " + ", ".join(f"{k} {v}" for k, v in figures["rejects_by_reason"].items()),

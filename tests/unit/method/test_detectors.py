@@ -74,10 +74,10 @@ def test_every_real_junk_rewrite_of_a_rejected_kind_is_rejected(row):
 # word checks cannot see them (docs/real-model.md); these ceilings keep what they do see.
 # The held-out column was read once, after the tune split had decided the checks.
 ACCEPTED_AT_MOST = {
-    "invented_facts": (21, 10),
+    "invented_facts": (18, 9),
     "pair_label_echo": (4, 5),
-    "task_talk": (5, 4),
-    "off_genre": (9, 4),
+    "task_talk": (5, 3),
+    "off_genre": (5, 3),
     "drift": (1, 1),
     "near_copy": (2, 0),
 }
@@ -159,6 +159,19 @@ def test_label_echo_keeps_a_genre_named_as_a_heading_and_a_natural_address():
     # Words the source itself holds are the topic, not an echo.
     assert fidelity.label_echo("Children aged seven to ten swim.", "Children aged seven to ten swim here.",
                                genre, audience) is None
+
+
+def test_a_question_and_answer_sheet_must_answer_questions():
+    genre = "a question-and-answer sheet with short questions and clear answers"
+    assert fidelity.off_genre("What is a river? Water that flows to the sea. Why? Rain.", genre) is None
+    assert fidelity.off_genre("Rivers carry water to the sea.", genre)  # no question
+    assert fidelity.off_genre("Rivers flow. What is a river? Where does it go?", genre)  # unanswered
+    # Other genres' cues are measured, not enforced.
+    letter = "a letter to a friend that explains why the topic matters"
+    assert fidelity.off_genre("Rivers carry water.", letter) is None
+    assert fidelity.genre_kept("Rivers carry water.", letter) is False
+    assert fidelity.genre_kept("Dear Sam,\nrivers carry water.\nLove,\nAna", "a letter to a friend") is True
+    assert fidelity.genre_kept("Rivers carry water.", "a short news report for a general newspaper") is None
 
 
 def test_invented_facts_normalise_numbers_and_ignore_the_sources_own():
