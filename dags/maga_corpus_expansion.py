@@ -25,7 +25,9 @@ them as a new corpus version `{output_root}/{recipe_id}/`.
 4. **summarize** (also when shards failed): logs the run report (failed shards by name,
    shards left in the corpus or partition) and emits an asset event
    `maga://corpus/{recipe_id}` (through the `maga-corpus` alias) carrying it, with the
-   release manifest of the registered shards (data URI and checksum of each).
+   release manifest of the registered shards (data URI and checksum of each); rewrites
+   the corpus's dataset card `{output_root}/{recipe_id}/README.md` (each registration
+   does too).
 5. **continue_run**: when the flat budget or the dated partition held more shards than
    one run maps, triggers a further run of this DAG (`continue__{ds|flat}__...`, named
    after this run) for the rest: the same partition, or the budget left; skipped
@@ -363,7 +365,9 @@ def maga_corpus_expansion():
     # runs creating it at once (a backfill) fail one of them on the unique key.
     @task(trigger_rule="all_done", outlets=[CORPUS_ALIAS], max_active_tis_per_dag=1)
     def summarize(results, planned: list[dict], budget: dict, params: dict, ds: str | None = None):
-        """Log the run report and emit the corpus asset event carrying it."""
+        """Log the run report, rewrite the corpus's dataset card and emit the corpus asset
+        event carrying the report."""
+        from maga_tasks.engine.card import refresh_card
         from maga_tasks.engine.report import run_report
         from maga_tasks.registry import Registry
 
@@ -379,6 +383,8 @@ def maga_corpus_expansion():
         )
         if params["max_docs_per_shard"]:  # a trial run leaves the corpus unchanged: no asset event
             return extra
+        # The card's figures as the run leaves them (a later registration may have raced it).
+        refresh_card(params["output_root"], recipe, registry, s3_endpoint_url=_s3_endpoint_url())
         yield Metadata(Asset(f"maga://corpus/{recipe.recipe_id}", group="maga"), extra=extra, alias=CORPUS_ALIAS)
         return extra
 

@@ -147,6 +147,18 @@ class Quality(_Strict):
     min_judge_pass_share: float = Field(0.9, ge=0.0, le=1.0)
 
 
+class CardFields(_Strict):
+    """What the corpus version's dataset card says that the rows cannot tell (engine/card.py).
+    Not part of the id: a card is rewritten, never the rows."""
+
+    # The Hugging Face license id (`odc-by`, `apache-2.0`...); unset, the card says `other`.
+    license: str | None = Field(None, min_length=1, max_length=100)
+    # Hub ids of the source corpus (e.g. `HuggingFaceFW/fineweb-edu`).
+    source_datasets: tuple[str, ...] = ()
+    # ISO 639-1 codes of the rows: the rewrites keep the source's language.
+    language: tuple[str, ...] = ("en",)
+
+
 class Recipe(_Strict):
     name: str = "default"
     model: str = Field(..., min_length=1)
@@ -169,6 +181,7 @@ class Recipe(_Strict):
     judge_sampling: Sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=512)
     cleaning: Cleaning = Cleaning()
     quality: Quality = Quality()
+    card: CardFields = CardFields()
 
     @model_validator(mode="after")
     def _all_prompts(self) -> "Recipe":
@@ -189,7 +202,8 @@ class Recipe(_Strict):
     @cached_property
     def recipe_id(self) -> str:
         """Stable 12-hex-digit hash of everything that shapes the rows: every field that is
-        set but `_NOT_IN_RECIPE_ID` (where the tokenizer lies, the publish gate's thresholds)."""
+        set but `_NOT_IN_RECIPE_ID` (where the tokenizer lies, the publish gate's thresholds,
+        the card's fields)."""
         shaping = _without_unset(self.model_dump(mode="json", exclude=set(_NOT_IN_RECIPE_ID)))
         canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
         return "r-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
@@ -235,9 +249,10 @@ def _check_placeholders(prompt: str, template: str) -> None:
 
 
 # Fields that do not shape the rows, so changing them keeps the corpus version: the
-# tokenizer's location (a local copy of the served model's tokenizer cuts the same) and
-# the publish gate's thresholds (`quality`: a shard is re-checked, not re-expanded).
-_NOT_IN_RECIPE_ID = ("tokenizer", "quality")
+# tokenizer's location (a local copy of the served model's tokenizer cuts the same), the
+# publish gate's thresholds (`quality`: a shard is re-checked, not re-expanded) and what
+# the dataset card says (`card`: the card is rewritten).
+_NOT_IN_RECIPE_ID = ("tokenizer", "quality", "card")
 
 
 def _without_unset(value):

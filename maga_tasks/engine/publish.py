@@ -29,6 +29,7 @@ from maga_tasks.data.layout import ShardPaths
 from maga_tasks.data.outcome import SUMMARY_FIGURES, ShardOutcome, ShardResult, summary_figures
 from maga_tasks.data.source import SourceColumns
 from maga_tasks.data.storage import StorageError
+from maga_tasks.engine.card import refresh_card
 from maga_tasks.engine.commit import commit_checkpoint, publish_earlier_commit
 from maga_tasks.engine.job import ShardJob, reading_source_once
 from maga_tasks.engine.lease import LeaseKeeper, lease_within
@@ -243,6 +244,8 @@ def _decide(
         paths.shard, "registered" if newly else "was already registered", result.documents,
         result.accepted, result.rejected, result.expansion_ratio, checksum[:12],
     )
+    # The card's figures now include this shard; a failure to write it is only logged.
+    refresh_card(job.output_root, job.recipe, registry, s3_endpoint_url=job.s3_endpoint_url)
     return outcome.but(newly_registered=newly)
 
 

@@ -71,6 +71,10 @@ def test_recipe_id_names_the_weights_not_where_files_lie_nor_the_gate(tmp_path):
     quality = default_data()
     quality["quality"] = {"min_accepted_per_document": 1.0, "max_text_chars": 9_999}
     assert load_recipe(write(tmp_path, quality)).recipe_id == base.recipe_id
+    # Nor does what the dataset card says (engine/card.py).
+    card = default_data()
+    card["card"] = {"license": "odc-by", "source_datasets": ["HuggingFaceFW/fineweb-edu"], "language": ["en"]}
+    assert load_recipe(write(tmp_path, card)).recipe_id == base.recipe_id
     # New weights behind the same served name are a new corpus version.
     first = load_recipe(model_revision="3f1c2a9")
     assert first.recipe_id != base.recipe_id
@@ -86,7 +90,7 @@ def test_an_option_left_unset_takes_no_part_in_the_id(tmp_path):
     unset["rewrite"]["sampling"]["frequency_penalty"] = 0.5
     assert load_recipe(write(tmp_path, unset)).recipe_id != base.recipe_id
     # The id of a recipe that uses neither option is what it was before they existed.
-    dumped = base.model_dump(mode="json", exclude={"tokenizer", "quality"})
+    dumped = base.model_dump(mode="json", exclude={"tokenizer", "quality", "card"})
     del dumped["rewrite"]["sampling"]["frequency_penalty"], dumped["pairs"]["sampling"]["frequency_penalty"]
     del dumped["judge_sampling"]["frequency_penalty"], dumped["pairs"]["catalogue"], dumped["model_revision"]
     canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
