@@ -112,8 +112,9 @@ class Cleaning(_Strict):
     # A random-weight test model trips them all, so its recipe switches them off.
     detectors: tuple[
         Literal[
-            RejectReason.PROMPT_ECHO, RejectReason.REFUSAL, RejectReason.TASK_TALK, RejectReason.REPETITION,
-            RejectReason.OTHER_LANGUAGE,
+            RejectReason.PROMPT_ECHO, RejectReason.PAIR_LABEL_ECHO, RejectReason.REFUSAL, RejectReason.TASK_TALK,
+            RejectReason.REPETITION, RejectReason.OTHER_LANGUAGE, RejectReason.INVENTED_FACTS,
+            RejectReason.OFF_GENRE,
         ],
         ...,
     ] = DETECTOR_REASONS
@@ -121,6 +122,10 @@ class Cleaning(_Strict):
     max_repeated_share: float = Field(0.6, gt=0.0, le=1.0)
     # other_language: how sure the language identifier must be before it rejects.
     min_language_confidence: float = Field(0.8, ge=0.0, le=1.0)
+    # invented_facts: numbers and names a rewrite states that its source does not hold
+    # (method/fidelity.py), each kind allowed up to this many.
+    max_invented_numbers: int = Field(0, ge=0)
+    max_invented_names: int = Field(1, ge=0)
 
 
 class Quality(_Strict):

@@ -61,6 +61,10 @@ class RejectReason(StrEnum):
     TASK_TALK = "task_talk"
     REPETITION = "repetition"
     OTHER_LANGUAGE = "other_language"
+    # ... and by the fidelity checks (method/fidelity.py)
+    PAIR_LABEL_ECHO = "pair_label_echo"
+    INVENTED_FACTS = "invented_facts"
+    OFF_GENRE = "off_genre"
 
     # -- the judge's rows without a score (method/judging.py; not in rejected/) ----------
     JUDGE_INVALID_ANSWER = "judge_invalid_answer"
@@ -87,7 +91,9 @@ class RejectReason(StrEnum):
         return f"{self.value}{cause}"
 
 
-# The detectors a recipe may list (recipe.Cleaning.detectors), in their default order.
+# The detectors a recipe runs by default (recipe.Cleaning.detectors), in their order. The
+# fidelity checks (PAIR_LABEL_ECHO, INVENTED_FACTS) are measured on SmolLM2's answers only:
+# its recipe turns them on; a recipe for another model does after measuring on its labels.
 DETECTOR_REASONS = (
     RejectReason.PROMPT_ECHO,
     RejectReason.REFUSAL,

@@ -40,6 +40,8 @@ ACCEPTED_SCHEMA = pa.schema(
         ("pairs_completion_tokens", pa.int64()),
         ("finish_reason", pa.string()),
         ("keyword_coverage", pa.float64()),
+        # Numbers and names the rewrite states that its source does not hold (method/fidelity.py).
+        ("invented_fact_count", pa.int32()),
         ("source_chars", pa.int64()),
         ("source_truncated_tokens", pa.int64()),  # set when the source was cut to the budget
         ("source_meta", pa.string()),  # JSON of the source row's other columns

@@ -31,7 +31,9 @@ class RowMaker:
         self.source_truncated_tokens = None
         self.created_at = datetime.now(timezone.utc).isoformat()
 
-    def row(self, pair_index, pair, text, completion, pairs_usage, reason=None, detail="", coverage=None) -> dict:
+    def row(
+        self, pair_index, pair, text, completion, pairs_usage, reason=None, detail="", coverage=None, invented=None
+    ) -> dict:
         recipe, doc = self.recipe, self.doc
         return {
             # A repeated source id's rows carry the row's position: ids stay unique.
@@ -54,6 +56,7 @@ class RowMaker:
             "pairs_completion_tokens": pairs_usage.completion_tokens if pairs_usage else 0,
             "finish_reason": completion.finish_reason if completion else None,
             "keyword_coverage": coverage,
+            "invented_fact_count": invented,
             "source_chars": len(doc.text) if isinstance(doc.text, str) else 0,
             "source_truncated_tokens": self.source_truncated_tokens,
             "source_meta": json.dumps(doc.meta, ensure_ascii=False, default=str) if doc.meta else None,

@@ -273,8 +273,8 @@ class _ShardRun:
                 text, completion.text, completion.finish_reason, self.recipe.cleaning, pair.genre, pair.audience
             )
             out.append(
-                rows.row(i, pair, verdict.text, completion, usage,
-                         verdict.reject_reason, verdict.detail, verdict.keyword_coverage)
+                rows.row(i, pair, verdict.text, completion, usage, verdict.reject_reason, verdict.detail,
+                         verdict.keyword_coverage, verdict.invented_facts)
             )
         return out
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from maga_tasks.data.schema import ACCEPTED_FINISH_REASONS
-from maga_tasks.method import detectors
+from maga_tasks.method import detectors, fidelity
 from maga_tasks.method.text import vocabulary, words
 from maga_tasks.recipe import Cleaning
 from maga_tasks.reject_reasons import RejectReason
@@ -139,6 +139,7 @@ class Verdict:
     reject_reason: str | None = None
     detail: str = ""
     boilerplate_removed: int = 0
+    invented_facts: int | None = None  # numbers and names the source lacks (None: no text)
 
 
 _DETECTORS = {
@@ -151,6 +152,13 @@ _DETECTORS = {
     RejectReason.OTHER_LANGUAGE: lambda text, source, rules, genre, audience: detectors.other_language(
         text, source, min_confidence=rules.min_language_confidence
     ),
+    RejectReason.PAIR_LABEL_ECHO: lambda text, source, rules, genre, audience: fidelity.label_echo(
+        text, source, genre, audience
+    ),
+    RejectReason.INVENTED_FACTS: lambda text, source, rules, genre, audience: fidelity.invented_facts_finding(
+        text, source, genre, audience, rules.max_invented_numbers, rules.max_invented_names
+    ),
+    RejectReason.OFF_GENRE: lambda text, source, rules, genre, audience: fidelity.off_genre(text, genre),
 }
 
 
@@ -171,9 +179,11 @@ def clean_rewrite(
     """Clean one rewrite and decide whether it is accepted."""
     text, removed = strip_boilerplate(rewrite or "")
     coverage = keyword_coverage(source, text, rules.keyword_count) if text else 0.0
+    # Counted on every row with a text, so users can filter stricter than the recipe.
+    facts = fidelity.invented_fact_count(text, source, genre, audience) if text.strip() else None
 
     def reject(reason: RejectReason, detail: str = "") -> Verdict:
-        return Verdict(text, coverage, reason, detail, removed)
+        return Verdict(text, coverage, reason, detail, removed, facts)
 
     if finish_reason == "length":
         return reject(RejectReason.TRUNCATED, "the model hit max_tokens before finishing")
@@ -196,4 +206,4 @@ def clean_rewrite(
     finding = first_detector_finding(source, text, rules, genre, audience)
     if finding:
         return reject(*finding)
-    return Verdict(text, coverage, None, "", removed)
+    return Verdict(text, coverage, None, "", removed, facts)

@@ -5,7 +5,9 @@ served locally by vLLM CPU in float32; or `--endpoint URL --served-model NAME`):
 yield (accepted / documents x pairs), reject reasons, pairs validity, the collapse band
 (keyword coverage and 8-word copy ratio of every rewrite: near copies at one end, drift
 at the other), the detectors run again over the accepted rows, independently of the
-accept decision (their hits must be 0), the judge's pass share, and 3 sample rows.
+accept decision (their hits must be 0), an audit of the accepted rows for label echoes
+and invented numbers written apart from the fidelity checks, the judge's pass share, and
+3 sample rows.
 
 A 135M judge measures mechanics (the score parses, the prompt fits), not quality.
 """
@@ -13,6 +15,7 @@ A 135M judge measures mechanics (the score parses, the prompt fits), not quality
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import tempfile
 from collections import Counter
@@ -36,10 +39,36 @@ def _quantiles(values: list[float]) -> dict:
             "mean": round(statistics.fmean(values), 3)}
 
 
+# An audit of the accepted rows that shares no code with the cleaning's fidelity checks
+# (method/fidelity.py): plain word splitting and a plain number pattern, so a bug in one
+# does not hide in the other.
+_AUDIT_NUMBER = re.compile(r"\d[\d,]*\d|\d")
+
+
+def _audit_label_echo(text: str, source: str, description: str, run: int = 5) -> bool:
+    """Whether `run` words in a row of the description (case folded, punctuation
+    dropped) occur in the text and not in the source."""
+    def tokens(value: str) -> list[str]:
+        return ["".join(ch for ch in word if ch.isalnum()) for word in value.lower().split()]
+
+    said, seen, label = " ".join(tokens(text)), " ".join(tokens(source)), [t for t in tokens(description) if t]
+    return any(
+        f" {' '.join(label[i:i + run])} " in f" {said} " and f" {' '.join(label[i:i + run])} " not in f" {seen} "
+        for i in range(len(label) - run + 1)
+    )
+
+
+def _audit_invented_number(text: str, source: str) -> bool:
+    """Whether the text writes a number of 2+ digits (commas dropped) that the source does not."""
+    known = {n.replace(",", "") for n in _AUDIT_NUMBER.findall(source)}
+    return any(len(n.replace(",", "")) >= 2 and n.replace(",", "") not in known for n in _AUDIT_NUMBER.findall(text))
+
+
 def measure(rows: list[dict], rejected: list[dict], sources: dict[str, str], recipe) -> dict:
     """The figures of one expanded shard (rows as dicts of data/ and rejected/)."""
     from maga_tasks.method.cleaning import copy_ratio, keyword_coverage
     from maga_tasks.method.detectors import junk_description, rewrite_findings
+    from maga_tasks.method.fidelity import genre_kept
 
     pairs = recipe.pairs_per_document
     documents = {r["source_id"] for r in rows + rejected}
@@ -54,6 +83,14 @@ def measure(rows: list[dict], rejected: list[dict], sources: dict[str, str], rec
         for value, label in ((row["genre"], "genre"), (row["audience"], "audience")):
             if junk_description(value, label):
                 hits[RejectReason.PAIRS_JUNK] += 1
+    echoes = sum(
+        _audit_label_echo(r["text"], sources[r["source_id"]], r["genre"] or "")
+        or _audit_label_echo(r["text"], sources[r["source_id"]], r["audience"] or "")
+        for r in rows
+    )
+    numbers = sum(_audit_invented_number(r["text"], sources[r["source_id"]]) for r in rows)
+    counts = [r["invented_fact_count"] for r in rows if r.get("invented_fact_count") is not None]
+    cues = [kept for r in rows if (kept := genre_kept(r["text"], r["genre"] or "")) is not None]
     return {
         "documents": len(documents),
         "accepted": len(rows),
@@ -68,6 +105,12 @@ def measure(rows: list[dict], rejected: list[dict], sources: dict[str, str], rec
             "rewrites_with_text": len(written),
         },
         "detector_hits_on_accepted": dict(hits),
+        # The audit's share of accepted rows with a label echo / an invented 2+ digit number.
+        "accepted_label_echo_share": round(echoes / max(1, len(rows)), 4),
+        "accepted_invented_number_share": round(numbers / max(1, len(rows)), 4),
+        "accepted_invented_fact_count": _quantiles(counts),
+        # Of the accepted rows whose genre has a form cue (method/fidelity.py), those showing it.
+        "genre_kept": {"rows": len(cues), "kept": sum(cues)},
         "samples": [
             {"genre": r["genre"], "audience": r["audience"], "text": r["text"][:400]} for r in rows[:3]
         ],
@@ -89,6 +132,12 @@ def markdown(figures: dict) -> str:
         f"| near copies / drifted / rewrites with text | {figures['collapse_band']['near_copies']} / "
         f"{figures['collapse_band']['drifted']} / {figures['collapse_band']['rewrites_with_text']} |",
         f"| detector hits on accepted rows | {sum(figures['detector_hits_on_accepted'].values())} |",
+        f"| accepted rows with a label echo (audit) | {figures['accepted_label_echo_share']:.1%} |",
+        f"| accepted rows with an invented number of 2+ digits (audit) | "
+        f"{figures['accepted_invented_number_share']:.1%} |",
+        f"| invented facts per accepted row p10 / p50 / p90 | {_band(figures['accepted_invented_fact_count'])} |",
+        f"| accepted rows showing their genre's form (of those with a cue) | {figures['genre_kept']['kept']} of "
+        f"{figures['genre_kept']['rows']} |",
         f"| judge pass share (score >= 3) | {figures.get('judge_pass_share')} |",
         "",
         "Reject reasons: " + ", ".join(f"{k} {v}" for k, v in figures["rejects_by_reason"].items()),
