@@ -11,10 +11,11 @@ Chosen over
 - hook-level lineage: it carries datasets only, no facets of ours;
 - the provider's `emit_dataset_lineage`: it sends an extra RUNNING event from the task's
   own code path; here the COMPLETE event itself carries inputs, outputs and facets.
-The provider builds the events in a child process after the task's code finished, bounded
-by `[openlineage] execution_timeout` and with every error logged, never raised: lineage
-cannot fail a shard. With no transport configured the provider is disabled and none of
-this runs (`remember_shard` does not even read the registry).
+The provider calls these methods and sends the events in a child process it forks at the
+task's start and end, bounded by `[openlineage] execution_timeout` (10 s) and with every
+error logged, never raised: a lineage backend that is down cannot fail a shard (tested
+with one that answers 500). With no transport configured the provider is disabled and
+none of this runs (`remember_shard` does not even read the registry).
 
 The figures come from the registry (what the shard's row and the recipe say once the
 task decided it), read by the task itself through `remember_shard`, where its registry

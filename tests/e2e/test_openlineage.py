@@ -27,6 +27,8 @@ pytestmark = [pytest.mark.airflow, pytest.mark.integration, pytest.mark.timeout(
 
 SHARDS, DOCS = 2, 4
 PUBLISH_JOB = f"{DAG_ID}.publish_shard"
+# Logical dates of their own (after the DAG's start_date): dags_test_env runs other cases' dates too.
+FIRST_DATE, SECOND_DATE = "2024-07-01", "2024-07-02"
 
 
 def write_recipe(folder: Path, name: str):
@@ -74,7 +76,7 @@ def test_shard_tasks_emit_their_datasets_and_figures(dags_test_env, af_llm_serve
     llm = af_llm_server_factory()
     recipe, source, output_root, output = run_dag(
         dags_test_env, tmp_path, llm.url, postgres_registry_url,
-        {"type": "file", "log_file_path": str(events_file), "append": True}, "2025-01-01",
+        {"type": "file", "log_file_path": str(events_file), "append": True}, FIRST_DATE,
     )
     assert "state=success" in output, output[-5000:]
     rows = registered(postgres_registry_url, recipe.recipe_id)
@@ -90,7 +92,7 @@ def test_shard_tasks_emit_their_datasets_and_figures(dags_test_env, af_llm_serve
     for event in publish:
         by_run.setdefault(event["run"]["runId"], {})[event["eventType"]] = event
     assert len(by_run) == SHARDS, {run: sorted(types) for run, types in by_run.items()}
-    (run_id, *_), = [r for r in dag_runs(dags_test_env) if str(r[1]).startswith("2025-01-01")]
+    (run_id, *_), = [r for r in dag_runs(dags_test_env) if str(r[1]).startswith(FIRST_DATE)]
     shard_of_index = {ti[1]: ti[2] for ti in task_instances(dags_test_env, run_id) if ti[0] == "publish_shard"}
     seen_indexes = set()
     for pair in by_run.values():
@@ -155,7 +157,7 @@ def test_a_lineage_backend_that_fails_fails_no_task(dags_test_env, af_llm_server
     llm = af_llm_server_factory()
     with RecordingServer(status=500) as backend:
         transport = {"type": "http", "url": backend.url, "timeout": 5, "retry": {"total": 1, "backoff_factor": 0}}
-        recipe, _, _, output = run_dag(dags_test_env, tmp_path, llm.url, postgres_registry_url, transport, "2025-02-01")
+        recipe, _, _, output = run_dag(dags_test_env, tmp_path, llm.url, postgres_registry_url, transport, SECOND_DATE)
         requests = list(backend.requests)
     assert "state=success" in output, output[-5000:]
     assert sorted(registered(postgres_registry_url, recipe.recipe_id)) == ["part-0000", "part-0001"]
