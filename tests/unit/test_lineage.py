@@ -9,6 +9,7 @@ import pytest
 from maga_tasks import lineage_facets
 from maga_tasks.recipe import load_recipe
 from tests.support.lineage import validate_facet
+from tests.support.paths import REPO
 
 pytestmark = pytest.mark.airflow  # the OpenLineage provider and client: the `airflow` extra
 
@@ -76,3 +77,25 @@ def test_a_shard_without_files_has_no_outputs_and_start_has_only_the_source():
     start = lineage_facets.shard_lineage({"source_uri": "/in/part-0007.parquet"}, None)
     assert [(d.namespace, d.name) for d in start.inputs] == [("file", "/in/part-0007.parquet")]
     assert start.outputs == [] and start.run_facets == {}
+
+
+def _lineage_active(**env: str) -> bool:
+    """`lineage_active()` in a fresh interpreter (the provider caches its decision) whose
+    environment has no OpenLineage setting but `env`."""
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if "OPENLINEAGE" not in k}
+    done = subprocess.run(
+        [sys.executable, "-c", "from maga_tasks.lineage import lineage_active; print(lineage_active())"],
+        env={**clean, "PYTHONPATH": str(REPO), **env}, capture_output=True, text=True, timeout=120, check=True,
+    )
+    return done.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_lineage_is_off_until_a_transport_is_configured(tmp_path):
+    assert _lineage_active() is False
+    transport = '{"type": "file", "log_file_path": "%s"}' % (tmp_path / "events.jsonl")
+    assert _lineage_active(AIRFLOW__OPENLINEAGE__TRANSPORT=transport) is True
+    assert _lineage_active(AIRFLOW__OPENLINEAGE__TRANSPORT=transport, AIRFLOW__OPENLINEAGE__DISABLED="True") is False
