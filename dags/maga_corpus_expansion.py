@@ -74,6 +74,7 @@ from airflow.sdk import (
 
 # The params and the run settings table: pydantic only, no I/O (tests/unit/test_dags.py
 # keeps parsing light).
+from maga_tasks.lineage import remember_shard, shard_task  # OpenLineage of the shard tasks
 from maga_tasks.run_params import DEFAULT_OUTPUT_ROOT, DEFAULT_SOURCE, dag_params
 from maga_tasks.settings import setting_default
 
@@ -319,7 +320,7 @@ def maga_corpus_expansion():
         log.info("recipe %s: %d shard(s) to publish: %s", recipe.recipe_id, len(names), names)
         return [{**s, "recipe_id": recipe.recipe_id} for s in plan.shards]
 
-    @task(
+    @shard_task(
         pool=POOL,
         map_index_template="{{ task.op_kwargs['shard']['shard'] }}",
         execution_timeout=SHARD_TIMEOUT,
@@ -343,13 +344,14 @@ def maga_corpus_expansion():
         # One owner per try: a retry never shares the lease of a try that may still run
         # (a zombie); it takes the shard over once that lease expires, fencing it out.
         owner = f"airflow:{ti.dag_id}/{ti.task_id}/{ti.map_index}/{ti.run_id}/try-{ti.try_number}"
+        registry = Registry(_registry_url(params["output_root"]))
         try:
-            return publish(
+            summary = publish(
                 shard["source_uri"],
                 params["output_root"],
                 recipe,
                 _run_settings(params, s3_endpoint_url=_s3_endpoint_url()),
-                Registry(_registry_url(params["output_root"])),
+                registry,
                 owner=owner,
                 lease_ttl_s=LEASE_TTL_SECONDS,
                 lease_wait_s=LEASE_TTL_SECONDS,
@@ -359,6 +361,8 @@ def maga_corpus_expansion():
             )
         except ShardFailedForGood as error:  # retrying will not help: fail without retries
             raise AirflowFailException(str(error)) from error
+        remember_shard(context, summary, recipe, registry)  # for its OpenLineage events, when configured
+        return summary
 
     # all_done: the report names the shards that failed and the others are still released.
     # One at a time across runs: the first event of a new recipe's asset creates it, and two

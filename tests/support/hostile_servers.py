@@ -11,10 +11,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class RecordingServer:
     """A host on loopback that records every request (path and Authorization header).
-    It answers 200 to everything, or with `redirect_to`, a 307 to that URL plus the path
-    (a configured endpoint that sends its callers elsewhere)."""
+    It answers 200 to everything (or `status`: 500, a backend that is down), or with
+    `redirect_to`, a 307 to that URL plus the path (a configured endpoint that sends its
+    callers elsewhere)."""
 
-    def __init__(self, redirect_to: str | None = None):
+    def __init__(self, redirect_to: str | None = None, status: int = 200):
         self.requests: list[dict] = []
         recorder = self
 
@@ -23,7 +24,7 @@ class RecordingServer:
                 recorder.requests.append({"path": self.path, "authorization": self.headers.get("Authorization")})
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 body = b"" if redirect_to else b'{"data": [{"id": "maga-default"}]}'
-                self.send_response(307 if redirect_to else 200)
+                self.send_response(307 if redirect_to else status)
                 if redirect_to:
                     self.send_header("Location", f"{redirect_to}{self.path}")
                 self.send_header("Content-Type", "application/json")

@@ -33,13 +33,16 @@ HEAVY_MODULES = (
     "psycopg",
     "transformers",
     "tokenizers",
+    "openlineage",
     "maga_tasks",
 )
 # ...except the run settings table, which the params are built from: pydantic models and
 # their translation to Params, no I/O (maga_tasks/settings.py, maga_tasks/knobs.py,
-# maga_tasks/run_params.py).
+# maga_tasks/run_params.py), and the shard tasks' decorator (maga_tasks/lineage.py:
+# Airflow's own modules only; the OpenLineage client is imported when an event is built).
 PARSE_TIME_LIBRARY = {
     "maga_tasks", "maga_tasks.settings", "maga_tasks.knobs", "maga_tasks.run_params", "maga_tasks.redaction",
+    "maga_tasks.lineage",
 }
 
 
@@ -118,6 +121,13 @@ def test_shard_task_is_mapped_pooled_retried_and_bounded(nightly):
     assert publish.retry_exponential_backoff and publish.retry_exponential_backoff > 1
     assert publish.max_retry_delay is not None
     assert publish.execution_timeout is not None and publish.execution_timeout >= timedelta(minutes=10)
+
+
+def test_shard_task_describes_its_lineage(nightly):
+    """The shard task's operator has the OpenLineage provider's methods (maga_tasks/lineage.py)."""
+    operator = nightly.get_task("publish_shard").operator_class  # mapped: the class each shard's task is
+    for method in ("get_openlineage_facets_on_start", "get_openlineage_facets_on_complete"):
+        assert callable(getattr(operator, method, None)), method
 
 
 def test_every_task_has_retries_and_a_timeout(nightly):
