@@ -9,9 +9,9 @@ the data and rejected URIs, the checksum and the shard's figures.
 
 **count_tokens** reads the shard's files, checks their checksum against the announced
 one (a shard requeued since fails the task, without retries) and writes
-`{counts_root}/{recipe_id}/{shard}.json`: rows and tokens of the published rewrites
-(`text_tokens`) and every completion token spent on the shard (`completion_tokens`, the
-registry's figure). `counts_root` is `MAGA_TOKEN_COUNTS_ROOT`, else `_token_counts`
+`{counts_root}/{recipe_id}/{shard}.json`: the published rows, the completion tokens of
+their rewrite calls (`accepted_completion_tokens`) and every completion token spent on the
+shard (`completion_tokens`, the registry's figure). `counts_root` is `MAGA_TOKEN_COUNTS_ROOT`, else `_token_counts`
 beside the corpus versions. S3 as for the nightly DAG's library: `MAGA_S3_ENDPOINT_URL`
 and boto3's credentials.
 

@@ -3,8 +3,8 @@
 `maga://corpus/shards` (`engine.assets`).
 
 It reads what the announcement names, checks that the bytes are the ones registered
-(the checksum) and writes `{counts_root}/{recipe_id}/{shard}.json`: the rows and
-completion tokens of the published data, the figures a training mix is sized by.
+(the checksum) and writes `{counts_root}/{recipe_id}/{shard}.json`: the published rows
+and the completion tokens they and the whole shard cost.
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ def count_shard_tokens(extra: dict, *, counts_root: str | None = None, s3_endpoi
         "checksum": checksum,
         "data_uri": extra["data_uri"],
         "rows": sums["data"]["rows"],
-        # The tokens of the published rewrites: what a mix takes from this shard.
-        "text_tokens": sums["data"].get("completion_tokens", 0),
+        # Completion tokens of the accepted rows' rewrite calls (every attempt and every
+        # sample drawn for them): what this shard's published rows cost.
+        "accepted_completion_tokens": sums["data"].get("completion_tokens", 0),
         # Everything generated for the shard (rejected rows and pairs calls too): the
         # registry's `completion_tokens`.
         "completion_tokens": sum(sum(v for k, v in part.items() if k != "rows") for part in sums.values()),

@@ -131,7 +131,7 @@ def test_token_count_matches_the_registry_and_refuses_changed_files(registry, co
     assert json.loads(Path(count["uri"]).read_text())["completion_tokens"] == row["completion_tokens"] > 0
     assert count["rows"] == row["accepted"] and count["checksum"] == row["checksum"]
     data = pq.read_table(row["data_uri"])
-    assert count["text_tokens"] == sum(data.column("completion_tokens").to_pylist()) > 0
+    assert count["accepted_completion_tokens"] == sum(data.column("completion_tokens").to_pylist()) > 0
 
     elsewhere = count_shard_tokens(extra, counts_root=str(tmp_path / "counts"))
     assert elsewhere["uri"] == str(tmp_path / "counts" / RID / f"{SHARD}.json")
