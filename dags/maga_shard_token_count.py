@@ -12,8 +12,8 @@ one (a shard requeued since fails the task, without retries) and writes
 `{counts_root}/{recipe_id}/{shard}.json`: the published rows, the completion tokens of
 their rewrite calls (`accepted_completion_tokens`) and every completion token spent on the
 shard (`completion_tokens`, the registry's figure). `counts_root` is
-`MAGA_TOKEN_COUNTS_ROOT`, else `_token_counts` beside the corpus versions. S3 as for the nightly DAG's library: `MAGA_S3_ENDPOINT_URL`
-and boto3's credentials.
+`MAGA_TOKEN_COUNTS_ROOT`, else `_token_counts` beside the corpus versions. S3 as for the
+nightly DAG's library: `MAGA_S3_ENDPOINT_URL` and boto3's credentials.
 
 A template for your own per-shard consumers (tokenize, mix, train): docs/operations.md,
 "Downstream DAGs per shard". The logic is in `maga_tasks.engine.token_count`.
