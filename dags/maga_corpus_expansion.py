@@ -21,7 +21,10 @@ them as a new corpus version `{output_root}/{recipe_id}/`.
 3. **publish_shard** (mapped, one task per shard, named after the shard): expand
    (checkpointed, resumes after a crash) -> validate (Great Expectations gate) ->
    register or quarantine. Runs in the `maga_llm` pool; retried with exponential
-   backoff; a shard that was already registered is a no-op.
+   backoff; a shard that was already registered is a no-op. A shard it registers is
+   announced once: an event on `maga://corpus/shards` with the shard's name as its
+   partition key and its files, checksum and figures as extra (docs/operations.md,
+   "Downstream DAGs per shard").
 4. **summarize** (also when shards failed): logs the run report (failed shards by name,
    shards left in the corpus or partition) and emits an asset event
    `maga://corpus/{recipe_id}` (through the `maga-corpus` alias) carrying it, with the
@@ -72,8 +75,10 @@ from airflow.sdk import (
     task,
 )
 
-# The params and the run settings table: pydantic only, no I/O (tests/unit/test_dags.py
+# The shards asset's name, the shard tasks' decorator, and the params and the run settings
+# table: constants, Airflow's own modules and pydantic only, no I/O (tests/unit/test_dags.py
 # keeps parsing light).
+from maga_tasks.engine.assets import SHARDS_ASSET_NAME, SHARDS_ASSET_URI
 from maga_tasks.lineage import remember_shard, shard_task  # OpenLineage of the shard tasks
 from maga_tasks.run_params import DEFAULT_OUTPUT_ROOT, DEFAULT_SOURCE, dag_params
 from maga_tasks.settings import setting_default
@@ -84,6 +89,10 @@ REGISTRY_CONN_ID = "maga_registry"
 S3_CONN_ID = "maga_s3"
 LLM_CONN_ID = "maga_llm"
 CORPUS_ALIAS = AssetAlias("maga-corpus")
+# One event per registered shard, partition key = shard name (maga_tasks/engine/assets.py
+# says why one asset for every corpus version); downstream DAGs schedule on it with
+# PartitionedAssetTimetable (dags/maga_shard_token_count.py).
+CORPUS_SHARDS = Asset(name=SHARDS_ASSET_NAME, uri=SHARDS_ASSET_URI, group="maga")
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +231,16 @@ def _plan_run(params: dict, ds: str | None, registry, recipe_id: str, **options)
     )
 
 
+def _announced_by_task_instance(since: datetime) -> bool:
+    """Whether Airflow holds an event on CORPUS_SHARDS from this task instance (any try)
+    since `since`: a try's outlet events are recorded only when it succeeds."""
+    context = get_current_context()
+    ti = context["ti"]
+    this = (ti.dag_id, ti.run_id, ti.task_id, ti.map_index)
+    events = context["inlet_events"][CORPUS_SHARDS].after(since)
+    return any((e.source_dag_id, e.source_run_id, e.source_task_id, e.source_map_index) == this for e in events)
+
+
 def _show_library_logs() -> None:
     """Route the library's progress lines (stdlib logger "maga_tasks") to the task log."""
     logging.getLogger("maga_tasks").setLevel(logging.INFO)
@@ -324,11 +343,17 @@ def maga_corpus_expansion():
         pool=POOL,
         map_index_template="{{ task.op_kwargs['shard']['shard'] }}",
         execution_timeout=SHARD_TIMEOUT,
+        # The shard it registers is announced on CORPUS_SHARDS; the inlet only lets a
+        # retry read back whether an earlier try of this task instance already did.
+        inlets=[CORPUS_SHARDS],
+        outlets=[CORPUS_SHARDS],
     )
     def publish_shard(shard: dict, params: dict) -> dict:
-        """Expand -> validate -> register one shard; returns its summary (no text)."""
+        """Expand -> validate -> register one shard and announce it (an asset event,
+        partition key = shard name) when registered; returns its summary (no text)."""
         from airflow.sdk.exceptions import AirflowFailException
 
+        from maga_tasks.engine.assets import announcement, task_instance_owner
         from maga_tasks.engine.publish import publish_shard as publish
         from maga_tasks.errors import ShardFailedForGood
         from maga_tasks.registry import Registry
@@ -343,7 +368,7 @@ def maga_corpus_expansion():
         ti = context["ti"]
         # One owner per try: a retry never shares the lease of a try that may still run
         # (a zombie); it takes the shard over once that lease expires, fencing it out.
-        owner = f"airflow:{ti.dag_id}/{ti.task_id}/{ti.map_index}/{ti.run_id}/try-{ti.try_number}"
+        owner = task_instance_owner(ti.dag_id, ti.task_id, ti.map_index, ti.run_id, ti.try_number)
         registry = Registry(_registry_url(params["output_root"]))
         try:
             summary = publish(
@@ -362,6 +387,18 @@ def maga_corpus_expansion():
         except ShardFailedForGood as error:  # retrying will not help: fail without retries
             raise AirflowFailException(str(error)) from error
         remember_shard(context, summary, recipe, registry)  # for its OpenLineage events, when configured
+        extra = announcement(
+            summary, output_root=params["output_root"], registry=registry, owner=owner,
+            announced_before=_announced_by_task_instance,
+        )
+        if extra is None:
+            # Airflow records an event (without partition) for every outlet of a task that
+            # succeeds: a try that announces nothing (a no-op, a quarantine) has no outlet.
+            context["task"].outlets = []
+        else:
+            events = context["outlet_events"][CORPUS_SHARDS]
+            events.extra.update(extra)
+            events.add_partitions(summary["shard"])
         return summary
 
     # all_done: the report names the shards that failed and the others are still released.

@@ -38,12 +38,15 @@ HEAVY_MODULES = (
 )
 # ...except the run settings table, which the params are built from: pydantic models and
 # their translation to Params, no I/O (maga_tasks/settings.py, maga_tasks/knobs.py,
-# maga_tasks/run_params.py), and the shard tasks' decorator (maga_tasks/lineage.py:
-# Airflow's own modules only; the OpenLineage client is imported when an event is built).
+# maga_tasks/run_params.py), the shards asset's name (maga_tasks/engine/assets.py) and the
+# shard tasks' decorator (maga_tasks/lineage.py: Airflow's own modules only; the OpenLineage
+# client is imported when an event is built).
 PARSE_TIME_LIBRARY = {
     "maga_tasks", "maga_tasks.settings", "maga_tasks.knobs", "maga_tasks.run_params", "maga_tasks.redaction",
-    "maga_tasks.lineage",
+    "maga_tasks.engine", "maga_tasks.engine.assets", "maga_tasks.lineage",
 }
+CONSUMER_DAG_ID = "maga_shard_token_count"
+CONSUMER_DAG_FILE = DAGS_FOLDER / f"{CONSUMER_DAG_ID}.py"
 
 
 def _isolated_airflow_env() -> dict:
@@ -75,8 +78,27 @@ def nightly(dagbag):
 
 def test_all_dags_import_without_errors(dagbag):
     assert dagbag.import_errors == {}, dagbag.import_errors
-    assert DAG_ID in dagbag.dags
-    assert dagbag.size() >= 1
+    assert DAG_ID in dagbag.dags and CONSUMER_DAG_ID in dagbag.dags
+    assert dagbag.size() >= 2
+
+
+def test_shard_task_announces_on_the_asset_the_consumer_is_scheduled_on(dagbag, nightly):
+    """publish_shard's outlet is the partitioned shards asset; the example consumer runs
+    per partition of it (identity mapping: one run per shard name)."""
+    from airflow.sdk import Asset, IdentityMapper, PartitionedAssetTimetable
+
+    from maga_tasks.engine.assets import SHARDS_ASSET_NAME, SHARDS_ASSET_URI
+
+    shards = Asset(name=SHARDS_ASSET_NAME, uri=SHARDS_ASSET_URI, group="maga")
+    publish = nightly.get_task("publish_shard")
+    assert publish.outlets == [shards] and publish.inlets == [shards]
+    assert nightly.get_task("summarize").outlets[0].name == "maga-corpus"  # the run-level event stays
+    consumer = dagbag.dags[CONSUMER_DAG_ID]
+    assert isinstance(consumer.timetable, PartitionedAssetTimetable)
+    assert consumer.timetable.asset_condition == shards
+    assert isinstance(consumer.timetable.default_partition_mapper, IdentityMapper)
+    assert consumer.task_ids == ["count_tokens"] and "maga" in consumer.tags and consumer.doc_md
+    assert all(t.retries >= 1 and t.execution_timeout for t in consumer.tasks)
 
 
 def test_schedule_tags_and_docs(nightly):
@@ -241,11 +263,11 @@ _PARSE_PROBE = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def parse_probe():
+@pytest.fixture(scope="module", params=[DAG_FILE, CONSUMER_DAG_FILE], ids=lambda path: path.stem)
+def parse_probe(request):
     env = _isolated_airflow_env()
     env["AIRFLOW_CONN_MAGA_REGISTRY"] = "postgresql://nobody:secret@127.0.0.1:9/nothing"
-    return json.loads(_run_probe(_PARSE_PROBE, env, str(DAG_FILE))[-1])
+    return json.loads(_run_probe(_PARSE_PROBE, env, str(request.param))[-1])
 
 
 def test_parse_is_fast(parse_probe):
