@@ -29,9 +29,14 @@ _MEASURED_FROM = {length: text for text, length in MEASURED.items()}
 
 
 def _genre_kept(batch: pa.RecordBatch) -> pa.Array:
-    """Whether each row's text shows its genre's form cue (null: the genre has none)."""
+    """Whether each row's text shows its genre's form cue (null: the genre has none, or a
+    file of another writer holds no string there)."""
     texts, genres = batch.column("text").to_pylist(), batch.column("genre").to_pylist()
-    return pa.array([genre_kept(t or "", g or "") for t, g in zip(texts, genres, strict=True)], pa.bool_())
+    return pa.array(
+        [genre_kept(t, g) if isinstance(t, str) and isinstance(g, str) else None
+         for t, g in zip(texts, genres, strict=True)],
+        pa.bool_(),
+    )
 
 
 # Figures a reader measures on several columns of a batch: name -> (columns, measure).

@@ -145,7 +145,7 @@ class FigureTally:
         """The fidelity counts of one row. `invented_fact_count` is set on every row with
         a text since the fidelity checks exist: a row without it was not measured."""
         facts = row.get("invented_fact_count")
-        if facts is not None:
+        if isinstance(facts, int) and not isinstance(facts, bool):  # a file of another writer may hold anything
             self._fidelity["fact_checked_rows"] += 1
             self._fidelity["invented_fact_rows"] += facts > 0
             reason = row.get("reject_reason") if rejected else None
@@ -156,8 +156,8 @@ class FigureTally:
             return
         if "genre_kept" in row:
             kept = row["genre_kept"]
-        elif "text" in row and "genre" in row:
-            kept = genre_kept(row["text"] or "", row["genre"] or "")
+        elif isinstance(row.get("text"), str) and isinstance(row.get("genre"), str):
+            kept = genre_kept(row["text"], row["genre"])
         else:  # a reader that kept neither: not measured
             kept = None
         if kept is not None:
