@@ -293,7 +293,7 @@ def status_counts(recipe_id: str | None) -> tuple[TextClause, dict]:
     return text(f"SELECT status, COUNT(*) FROM shards{where} GROUP BY status"), params
 
 
-# -- running totals of registered shards (migrations 0006-0007) ---------------------------
+# -- running totals of registered shards (migrations 0006-0007, 0010) ----------------------
 
 _TOTALS = ("shards", *COUNTERS, "seconds", *FIDELITY_COUNTS)
 # A shard's figures, as it was just registered, added to its recipe's running totals
