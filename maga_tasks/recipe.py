@@ -96,6 +96,14 @@ class PairsStage(_Strict):
 
 class RewriteStage(_Strict):
     sampling: Sampling = Sampling(temperature=0.7, top_p=0.95, max_tokens=1536)
+    # Rewrites drawn at most per pair: one the cleaning rejects is drawn again with the next
+    # seed, and the pair keeps the first accepted (else the last) one. Unset is 1, the
+    # paper's single draw; a small model that invents facts needs more (smollm2 recipe).
+    samples: int | None = Field(None, ge=1, le=8)
+
+    @property
+    def draws(self) -> int:
+        return self.samples or 1
 
 
 class Cleaning(_Strict):

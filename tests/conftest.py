@@ -230,7 +230,22 @@ def af_llm_server_factory(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def dags_test_env():
+    """An Airflow environment that no scheduler ever runs on, for every `airflow dags test`
+    case: `dags test` runs each task in-process, but a scheduler on the same metadata DB
+    (the e2e stack's) would also queue the test run's tasks to its Celery workers, and
+    `dags test` would wait for them (a refused run waited 500 s for its summarize)."""
+    af = new_airflow_env(pool_slots=4)
+    try:
+        yield af
+    finally:
+        remove_airflow_env(af)
+
+
+@pytest.fixture(scope="session")
 def airflow_env():
+    """The environment of the scheduler stack (`airflow_stack`); `dags test` runs on
+    `dags_test_env` instead."""
     af = new_airflow_env(
         pool_slots=4,
         # A lost worker's tasks are failed and retried within seconds, not minutes.

@@ -31,9 +31,11 @@ ACCEPTED_SCHEMA = pa.schema(
         ("recipe_id", pa.string()),
         ("model", pa.string()),
         ("prompt_version", pa.string()),
-        # Usage of this pair's rewrite call (all attempts).
+        # Usage of this pair's rewrite calls: every attempt of every sample drawn.
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
+        # Samples drawn for the pair (recipe `rewrite.samples`); null: no rewrite was asked.
+        ("rewrite_samples", pa.int32()),
         # Usage of the document's pairs call, carried once, on its pair_index 0 row, so
         # that summing both pairs of columns over data + rejected gives the shard's usage.
         ("pairs_prompt_tokens", pa.int64()),

@@ -5,6 +5,7 @@ them through."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -13,11 +14,24 @@ import pyarrow.parquet as pq
 
 from maga_tasks.data.schema import DUPLICATE_ID, row_id
 from maga_tasks.data.source import SourceDocument
-from maga_tasks.method.stages import Usage
+from maga_tasks.method.cleaning import Verdict
+from maga_tasks.method.stages import RewriteResult, Usage
 from maga_tasks.recipe import Recipe
 
 # Rows buffered before they are written: a commit's memory follows this, not the shard.
 COMMIT_BATCH_ROWS = 500
+
+
+@dataclass
+class Draws:
+    """The samples drawn for one pair: the one it keeps (`result`, its cleaning `verdict`:
+    None when no sample got an answer), how many were drawn, and the usage of the samples
+    the cleaning rejected before the kept one (spent, so counted on the pair's row)."""
+
+    result: RewriteResult | None = None
+    verdict: Verdict | None = None
+    samples: int = 1
+    discarded: Usage = field(default_factory=Usage)
 
 
 class RowMaker:
@@ -32,9 +46,11 @@ class RowMaker:
         self.created_at = datetime.now(timezone.utc).isoformat()
 
     def row(
-        self, pair_index, pair, text, completion, pairs_usage, reason=None, detail="", coverage=None, invented=None
+        self, pair_index, pair, text, completion, pairs_usage, reason=None, detail="", coverage=None, invented=None,
+        draws: Draws | None = None,
     ) -> dict:
         recipe, doc = self.recipe, self.doc
+        discarded = draws.discarded if draws else Usage()
         return {
             # A repeated source id's rows carry the row's position: ids stay unique.
             "id": row_id(
@@ -50,8 +66,9 @@ class RowMaker:
             "recipe_id": recipe.recipe_id,
             "model": self.model,
             "prompt_version": recipe.prompt_version,
-            "prompt_tokens": completion.prompt_tokens if completion else 0,
-            "completion_tokens": completion.completion_tokens if completion else 0,
+            "prompt_tokens": (completion.prompt_tokens if completion else 0) + discarded.prompt_tokens,
+            "completion_tokens": (completion.completion_tokens if completion else 0) + discarded.completion_tokens,
+            "rewrite_samples": draws.samples if draws else None,
             "pairs_prompt_tokens": pairs_usage.prompt_tokens if pairs_usage else 0,
             "pairs_completion_tokens": pairs_usage.completion_tokens if pairs_usage else 0,
             "finish_reason": completion.finish_reason if completion else None,
@@ -104,4 +121,4 @@ class BatchedWriter:
         self.writer.close()
 
 
-__all__ = ["COMMIT_BATCH_ROWS", "BatchedWriter", "RowMaker"]
+__all__ = ["COMMIT_BATCH_ROWS", "BatchedWriter", "Draws", "RowMaker"]

@@ -22,7 +22,7 @@ from maga_tasks.data.source import DEFAULT_COLUMNS, SourceColumns, SourceDocumen
 from maga_tasks.data.storage import ObjectNotFound
 from maga_tasks.engine.commit import CommitFence, committed_result, is_committed, source_limits, write_commit
 from maga_tasks.engine.job import ShardJob
-from maga_tasks.engine.rows import RowMaker
+from maga_tasks.engine.rows import Draws, RowMaker
 from maga_tasks.errors import ShardInputError
 from maga_tasks.llm.client import LLMClient, run_client
 from maga_tasks.method.cleaning import clean_rewrite
@@ -259,24 +259,41 @@ class _ShardRun:
         pairs = await generate_pairs(chat, self.recipe, doc_key, text, structured)
         if not pairs.pairs:
             return rows.all_rejected(pairs.reject_reason, pairs.detail, pairs.usage)
-        results = await asyncio.gather(
-            *(rewrite(chat, self.recipe, doc_key, text, i, pair) for i, pair in enumerate(pairs.pairs))
-        )
+        drawn = await asyncio.gather(*(self._draw(chat, doc_key, text, i, pair) for i, pair in enumerate(pairs.pairs)))
         out = []
-        for i, (pair, result) in enumerate(zip(pairs.pairs, results, strict=True)):
+        for i, (pair, kept) in enumerate(zip(pairs.pairs, drawn, strict=True)):
             usage = pairs.usage if i == 0 else None
-            if result.completion is None:
-                out.append(rows.row(i, pair, None, None, usage, result.reject_reason, result.detail))
+            result, verdict = kept.result, kept.verdict
+            if verdict is None:
+                out.append(rows.row(i, pair, None, None, usage, result.reject_reason, result.detail, draws=kept))
                 continue
-            completion = result.completion
-            verdict = clean_rewrite(
-                text, completion.text, completion.finish_reason, self.recipe.cleaning, pair.genre, pair.audience
-            )
             out.append(
-                rows.row(i, pair, verdict.text, completion, usage, verdict.reject_reason, verdict.detail,
-                         verdict.keyword_coverage, verdict.invented_facts)
+                rows.row(i, pair, verdict.text, result.completion, usage, verdict.reject_reason, verdict.detail,
+                         verdict.keyword_coverage, verdict.invented_facts, draws=kept)
             )
         return out
+
+    async def _draw(self, chat, doc_key: str, text: str, index: int, pair) -> Draws:
+        """The pair's rewrite: drawn again (next seed) while the cleaning rejects it, up to
+        the recipe's `rewrite.samples`; the first accepted one is kept, else the last.
+        A request the fleet failed ends the drawing: another draw would meet the same fleet."""
+        draws = Draws()
+        for sample in range(self.recipe.rewrite.draws):
+            result = await rewrite(chat, self.recipe, doc_key, text, index, pair, sample)
+            if result.completion is None:
+                if draws.result is None:  # no answer at all: the row carries the request's failure
+                    draws.result, draws.samples = result, sample + 1
+                return draws
+            if draws.result is not None:  # the one drawn before is discarded: its tokens were spent
+                draws.discarded.add(draws.result.completion.prompt_tokens, draws.result.completion.completion_tokens)
+            completion = result.completion
+            draws.result, draws.samples = result, sample + 1
+            draws.verdict = clean_rewrite(
+                text, completion.text, completion.finish_reason, self.recipe.cleaning, pair.genre, pair.audience
+            )
+            if draws.verdict.reject_reason is None:
+                return draws
+        return draws
 
     def _count(self, rows: list[dict]) -> None:
         self.finished += 1

@@ -292,14 +292,16 @@ class RewriteResult:
 
 
 async def rewrite(
-    client: LLMClient, recipe: Recipe, doc_key: str, document: str, pair_index: int, pair: Pair
+    client: LLMClient, recipe: Recipe, doc_key: str, document: str, pair_index: int, pair: Pair, sample: int = 0
 ) -> RewriteResult:
+    """One sample of the pair's rewrite (`sample` > 0: a further draw, its own seed)."""
     try:
         completion = await client.chat(
             rewrite_messages(recipe, document, pair.genre, pair.audience),
             recipe.rewrite.sampling,
-            seed=derive_seed(doc_key, "rewrite", pair_index, 0),
-            request_id=request_id(doc_key, "rewrite", pair_index),
+            seed=derive_seed(doc_key, "rewrite", pair_index, sample),
+            # The first sample keeps the id it always had (journals of earlier runs match).
+            request_id=request_id(doc_key, "rewrite", pair_index) + (f".{sample}" if sample else ""),
             affinity=doc_key,
             kind="rewrite",
         )

@@ -94,10 +94,17 @@ def measure(rows: list[dict], rejected: list[dict], sources: dict[str, str], rec
     numbers = sum(_audit_invented_number(r["text"], sources[r["source_id"]]) for r in rows)
     counts = [r["invented_fact_count"] for r in rows if r.get("invented_fact_count") is not None]
     cues = [kept for r in rows if (kept := genre_kept(r["text"], r["genre"] or "")) is not None]
+    drawn = [r["rewrite_samples"] for r in rows + rejected if r.get("rewrite_samples")]
     return {
         "documents": len(documents),
         "accepted": len(rows),
         "yield": round(len(rows) / max(1, len(documents) * pairs), 4),
+        # What the yield costs: rewrites drawn per pair asked (recipe rewrite.samples) and
+        # completion tokens spent (every draw, the pairs calls too) per accepted rewrite.
+        "draws_per_pair": round(sum(drawn) / max(1, len(drawn)), 3),
+        "completion_tokens_per_accepted": round(
+            sum((r.get("completion_tokens") or 0) + (r.get("pairs_completion_tokens") or 0) for r in rows + rejected)
+            / max(1, len(rows)), 1),
         "pairs_valid_share": round(1 - len(pairs_failed) / max(1, len(documents)), 4),
         "rejects_by_reason": dict(Counter(r["reject_reason"] for r in rejected).most_common()),
         "keyword_coverage": _quantiles(coverage),
@@ -174,6 +181,8 @@ def markdown(figures: dict) -> str:
         f"| documents | {figures['documents']} |",
         f"| accepted rewrites | {figures['accepted']} |",
         f"| yield (accepted / documents x pairs) | {figures['yield']:.1%} |",
+        f"| rewrites drawn per pair / completion tokens per accepted rewrite | {figures['draws_per_pair']} / "
+        f"{figures['completion_tokens_per_accepted']} |",
         f"| documents with valid pairs | {figures['pairs_valid_share']:.1%} |",
         f"| keyword coverage p10 / p50 / p90 | {_band(figures['keyword_coverage'])} |",
         f"| copy ratio p10 / p50 / p90 | {_band(figures['copy_ratio'])} |",

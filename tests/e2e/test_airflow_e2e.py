@@ -122,7 +122,7 @@ def assert_output_clean(output_root: str, recipe_id: str, shards: dict[str, dict
 
 
 def test_dags_test_publishes_every_shard_then_reruns_as_noop(
-    airflow_env, af_llm_server_factory, postgres_registry_url, tmp_path
+    dags_test_env, af_llm_server_factory, postgres_registry_url, tmp_path
 ):
     from maga_tasks.data.sample_corpus import write_sample_corpus
 
@@ -137,7 +137,7 @@ def test_dags_test_publishes_every_shard_then_reruns_as_noop(
 
     # A trial run first: gated outputs apart from the corpus, nothing registered, no asset event.
     trial_conf = {**conf, "max_docs_per_shard": 2}
-    trial = airflow_env.cli(
+    trial = dags_test_env.cli(
         "dags", "test", DAG_ID, "2024-12-31", "-c", json.dumps(trial_conf), extra_env=registry_env, timeout=400
     )
     assert "state=success" in trial.stdout + trial.stderr, (trial.stdout + trial.stderr)[-5000:]
@@ -145,10 +145,10 @@ def test_dags_test_publishes_every_shard_then_reruns_as_noop(
     trial_files = sorted(p.name for p in (Path(output_root) / "_trials" / "first-2" / recipe_id / "data").iterdir())
     assert trial_files == ["part-0000.parquet", "part-0001.parquet", "part-0002.parquet"]
     assert not (Path(output_root) / recipe_id).exists()
-    assert airflow_env.query(corpus_events_sql, {"u": f"maga://corpus/{recipe_id}"}) == []
+    assert dags_test_env.query(corpus_events_sql, {"u": f"maga://corpus/{recipe_id}"}) == []
 
     started = time.monotonic()
-    first = airflow_env.cli(
+    first = dags_test_env.cli(
         "dags", "test", DAG_ID, "2025-01-01", "-c", json.dumps(conf), extra_env=registry_env, timeout=400
     )
     first_seconds = time.monotonic() - started
@@ -163,17 +163,17 @@ def test_dags_test_publishes_every_shard_then_reruns_as_noop(
     assert any(PROGRESS_LINE.search(line) and "maga_tasks" in line for line in output.splitlines()), output[-5000:]
 
     # One mapped task per shard, named after its shard.
-    (run_id, *_), = [r for r in dag_runs(airflow_env) if str(r[1]).startswith("2025-01-01")]
-    publish = [ti for ti in task_instances(airflow_env, run_id) if ti[0] == "publish_shard"]
+    (run_id, *_), = [r for r in dag_runs(dags_test_env) if str(r[1]).startswith("2025-01-01")]
+    publish = [ti for ti in task_instances(dags_test_env, run_id) if ti[0] == "publish_shard"]
     assert sorted(ti[2] for ti in publish) == sorted(shards)
     assert all(ti[3] == "success" for ti in publish)
     # The summary's asset event carries the recipe's totals.
-    events = airflow_env.query(corpus_events_sql, {"u": f"maga://corpus/{recipe_id}"})
+    events = dags_test_env.query(corpus_events_sql, {"u": f"maga://corpus/{recipe_id}"})
     assert events and events[-1][0]["totals"]["registered_shards"] == 3
 
     requests_after_first = llm.stats()["requests_total"]
     assert requests_after_first > 0
-    second = airflow_env.cli(
+    second = dags_test_env.cli(
         "dags", "test", DAG_ID, "2025-01-02", "-c", json.dumps(conf), extra_env=registry_env, timeout=400
     )
     assert "state=success" in second.stdout + second.stderr
@@ -184,7 +184,7 @@ def test_dags_test_publishes_every_shard_then_reruns_as_noop(
 
 
 def test_dags_test_publishes_a_whole_partition_and_names_the_shard_that_failed(
-    airflow_env, af_llm_server_factory, postgres_registry_url, tmp_path
+    dags_test_env, af_llm_server_factory, postgres_registry_url, tmp_path
 ):
     from maga_tasks.data.sample_corpus import write_sample_corpus
     from maga_tasks.registry import Registry
@@ -208,7 +208,7 @@ def test_dags_test_publishes_a_whole_partition_and_names_the_shard_that_failed(
     run_env = {"AIRFLOW_CONN_MAGA_REGISTRY": postgres_registry_url, "AIRFLOW__CORE__MAX_MAP_LENGTH": "1024",
                **operator_env(recipe_path, llm.url)}
 
-    done = airflow_env.cli(
+    done = dags_test_env.cli(
         "dags", "test", DAG_ID, ds, "-c", json.dumps(conf), extra_env=run_env, timeout=600, check=False
     )
     output = done.stdout + done.stderr
@@ -222,20 +222,20 @@ def test_dags_test_publishes_a_whole_partition_and_names_the_shard_that_failed(
     assert poisoned["status"] == "failed" and poisoned["attempts"] == 3, poisoned  # max_shard_failures
     assert "cannot load tokenizer" in poisoned["last_error"]
 
-    (run_id, *_), = [r for r in dag_runs(airflow_env) if str(r[1]).startswith(ds)]
-    states = {(ti[0], ti[2] or ti[1]): (ti[3], ti[4]) for ti in task_instances(airflow_env, run_id)}
+    (run_id, *_), = [r for r in dag_runs(dags_test_env) if str(r[1]).startswith(ds)]
+    states = {(ti[0], ti[2] or ti[1]): (ti[3], ti[4]) for ti in task_instances(dags_test_env, run_id)}
     assert states[("publish_shard", poisoned_shard)] == ("failed", 3)  # no retry after the third failure
     assert sum(state == ("success", 1) for (task, _), state in states.items() if task == "publish_shard") == good
     assert states[("summarize", -1)][0] == "success" and states[("continue_run", -1)][0] == "skipped"
     assert states[("fail_if_shards_failed", -1)] == ("failed", 1)
 
-    report = task_xcom(airflow_env, run_id, "summarize")
+    report = task_xcom(dags_test_env, run_id, "summarize")
     assert report["failed"] == 1 and [f["shard"] for f in report["failed_shards"]] == [poisoned_shard]
     assert report["failed_shards"][0]["status"] == "failed"
     assert (report["left"], report["pending"], report["failed_for_good"]) == (1, 0, 1)
     assert not report["complete"] and not report["continue"]
     # The asset event releases the others: shard, data URI and checksum of each.
-    (extra,), = airflow_env.query(
+    (extra,), = dags_test_env.query(
         "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE a.uri = %(u)s",
         {"u": f"maga://corpus/{recipe_id}"},
     )

@@ -194,6 +194,40 @@ def test_each_fault_ends_as_retry_or_reasoned_rejection(tmp_path, llm_server_fac
     assert set(rejected["reject_reason"].to_pylist()) <= allowed
 
 
+def test_a_rejected_rewrite_is_drawn_again_and_every_draw_is_counted(tmp_path, llm_server_factory):
+    """`rewrite.samples: 3`: a pair whose rewrite the cleaning rejects is asked again with the
+    next seed; the tokens of every draw are on the pair's row, and its draws are counted."""
+    from maga_tasks.recipe import recipe_from_dict
+
+    server = llm_server_factory("off_topic:0.5")  # aimed by seed: a new draw may escape
+    shard = write_sample_corpus(tmp_path / "source", 1, 30)[0]
+    once = expand_shard(str(shard), str(tmp_path / "once"), RECIPE, settings(server.url))
+    server.reset()
+    dumped = RECIPE.model_dump(mode="json")
+    thrice = recipe_from_dict({**dumped, "rewrite": {**dumped["rewrite"], "samples": 3}})
+    result = expand_shard(str(shard), str(tmp_path / "thrice"), thrice, settings(server.url))
+    stats = server.stats()
+
+    assert_accounts_for_every_pair(result, 30)
+    off_once = once.rejects_by_reason.get("low_keyword_coverage", 0)
+    off_thrice = result.rejects_by_reason.get("low_keyword_coverage", 0)
+    print(f"\noff-topic rejections: one draw {off_once}, up to three {off_thrice}")
+    assert off_once > 20 and off_thrice < off_once / 2, (off_once, off_thrice)
+    assert result.accepted > once.accepted
+    data, rejected = read_output(result)
+    drawn = data["rewrite_samples"].to_pylist() + rejected["rewrite_samples"].to_pylist()
+    assert sum(drawn) == stats["by_stage"]["rewrite"]
+    assert max(data["rewrite_samples"].to_pylist()) > 1
+    reasons = rejected["reject_reason"].to_pylist()
+    assert {n for n, r in zip(rejected["rewrite_samples"].to_pylist(), reasons, strict=True) if r} == {3}
+    spent = sum(
+        sum(v or 0 for v in table[column].to_pylist())
+        for table in (data, rejected)
+        for column in ("completion_tokens", "pairs_completion_tokens")
+    )
+    assert spent == stats["completion_tokens_total"] == result.completion_tokens
+
+
 def test_one_of_two_endpoints_dying_mid_shard(tmp_path, llm_server_factory, shard_200):
     healthy = llm_server_factory()
     dying = llm_server_factory("die_after:150")

@@ -205,7 +205,7 @@ def test_the_operators_data_roots_come_from_its_environment(tmp_path):
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", ["foreign-endpoint", "recipe-path"])
-def test_the_dag_refuses_a_hostile_conf_before_any_request(case, quiet_airflow_env, hostile_server, recipes, tmp_path):
+def test_the_dag_refuses_a_hostile_conf_before_any_request(case, dags_test_env, hostile_server, recipes, tmp_path):
     """One `airflow dags test` per case: the run fails, the refusal is one line naming what
     was refused, and the hostile server received no request, so never the key."""
     from maga_tasks.data.sample_corpus import write_sample_corpus
@@ -226,7 +226,7 @@ def test_the_dag_refuses_a_hostile_conf_before_any_request(case, quiet_airflow_e
         conf |= {"recipe": str(recipes.parent / "secrets" / "credentials.yaml")}
         env["MAGA_ENDPOINTS"] = hostile_server.url
         expected = "is not a recipe name"
-    done = quiet_airflow_env.cli("dags", "test", DAG_ID, "2025-01-01", "-c", json.dumps(conf), extra_env=env,
+    done = dags_test_env.cli("dags", "test", DAG_ID, "2025-01-01", "-c", json.dumps(conf), extra_env=env,
                            timeout=500, check=False)
     output = done.stdout + done.stderr
     assert "state=failed" in output, output[-5000:]
