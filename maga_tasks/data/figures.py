@@ -20,6 +20,9 @@ measured (a shard written before the fidelity checks, a recipe that does not run
   share that shows it. Genres without a cue (a news report, a story) are not counted.
   Only the question-and-answer cue rejects rows (`off_genre`); the others are measured.
 
+Each counts rows, one per pair: with `rewrite.samples` > 1 the draw a pair kept, not the
+draws the cleaning discarded before it.
+
 They are kept as counts (`fact_checked_rows`, `invented_fact_rows`, `echo_checked_rows`,
 `label_echo_rows`, `genre_cue_rows`, `genre_kept_rows`) so that shards add up: a
 recipe's rate is the sum of its shards' numerators over the sum of their denominators,
