@@ -1,7 +1,8 @@
 """Reading a shard's committed `data/` and `rejected/` files with memory flat in their
 size: the checksum is streamed over the bytes, and the parquet files are read batch by
 batch, only the columns asked for, each text column replaced by its length
-(`text` -> `text_chars`) before the next batch is read. No text is ever held whole.
+(`text` -> `text_chars`), or by a figure measured on it (`genre_kept`, from `text` and
+`genre`), before the next batch is read. No text is ever held whole.
 
 On S3 each file is downloaded to a temporary file first (to disk, not to memory).
 """
@@ -18,12 +19,28 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from maga_tasks.data.storage import Storage
+from maga_tasks.method.fidelity import genre_kept
 
 # Rows read at once: bounds the memory of one batch (with 5 KB rewrites about 5 MB).
 BATCH_ROWS = 1024
 # Texts a reader measures instead of keeping: column -> the column of its lengths.
 MEASURED = {"text": "text_chars", "genre": "genre_chars", "audience": "audience_chars"}
 _MEASURED_FROM = {length: text for text, length in MEASURED.items()}
+
+
+def _genre_kept(batch: pa.RecordBatch) -> pa.Array:
+    """Whether each row's text shows its genre's form cue (null: the genre has none, or a
+    file of another writer holds no string there)."""
+    texts, genres = batch.column("text").to_pylist(), batch.column("genre").to_pylist()
+    return pa.array(
+        [genre_kept(t, g) if isinstance(t, str) and isinstance(g, str) else None
+         for t, g in zip(texts, genres, strict=True)],
+        pa.bool_(),
+    )
+
+
+# Figures a reader measures on several columns of a batch: name -> (columns, measure).
+DERIVED = {"genre_kept": (("text", "genre"), _genre_kept)}
 # Few distinct values per shard: read dictionary-encoded, a byte or two a row.
 _DICTIONARY = ("source_shard", "recipe_id", "model", "prompt_version", "finish_reason", "reject_reason")
 _CHUNK = 1 << 20
@@ -57,7 +74,11 @@ def measure_batch(batch: pa.RecordBatch, wanted: tuple[str, ...]) -> pa.Table:
     columns = {}
     for name in wanted:
         source = _MEASURED_FROM.get(name)
-        if source is not None and source in batch.schema.names:
+        if name in DERIVED:
+            needs, derive = DERIVED[name]
+            if all(column in batch.schema.names for column in needs):
+                columns[name] = derive(batch)
+        elif source is not None and source in batch.schema.names:
             column = batch.column(source)
             if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
                 column = column.cast(pa.large_string())
@@ -79,6 +100,7 @@ def read_measured(
     (for figures that need a text, e.g. labels). Raises arrow's errors for a bad file."""
     names = pq.read_schema(path).names
     sources = {_MEASURED_FROM.get(name, name) for name in wanted}
+    sources.update(column for name in wanted if name in DERIVED for column in DERIVED[name][0])
     read = [c for c in names if c in sources]
     # Without pre-buffering (and with a small read buffer) arrow reads a row group's
     # column chunks as it decodes them: memory follows the batch, not the row group.
@@ -98,6 +120,7 @@ def read_measured(
 
 __all__ = [
     "BATCH_ROWS",
+    "DERIVED",
     "MEASURED",
     "file_digest",
     "files_checksum",

@@ -20,7 +20,7 @@ import enum
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from maga_tasks.data.figures import ShardFigures
+from maga_tasks.data.figures import ShardFigures, fidelity_rates
 from maga_tasks.data.layout import ShardPaths
 from maga_tasks.redaction import clean_text
 
@@ -62,9 +62,11 @@ class ShardResult(ShardFigures, _ShardFiles):
         return cls.of(paths, source_uri, figures, already_committed=True, source_identity=identity)
 
     def to_dict(self) -> dict:
-        """The XCom and progress report: every field, the expansion ratio and the request rate."""
+        """The XCom and progress report: every field, the expansion ratio, the request
+        rate and the fidelity rates."""
         out = asdict(self)
         out["expansion_ratio"] = self.expansion_ratio
+        out |= fidelity_rates(out)
         out["requests_per_s"] = round(self.requests / self.seconds, 2) if self.seconds else 0.0
         return out
 

@@ -183,7 +183,16 @@ def _figures(totals: dict) -> list[str]:
             ("source characters", f"{totals['source_chars']:,}"),
             ("accepted output characters", f"{totals['output_chars']:,}"),
             ("expansion ratio (output / source characters)", f"{totals['expansion_ratio']:.2f}"),
+            *((name, _rate(totals.get(key))) for name, key in FIDELITY_FIGURES),
         )),
+        "",
+        "The fidelity rates compare words, not meaning: the invented-fact rate is the share of the",
+        "model's rewrites (accepted or rejected) stating a number or a capitalised name their source",
+        "does not hold (each accepted row's `invented_fact_count` lets you filter stricter); the",
+        "label-echo rate the share of the rewrites the label-echo check judged that repeat five words",
+        "of their own genre or audience description; the genre-kept rate the share of accepted rows",
+        "whose genre has a form a word check can see (a question-and-answer sheet, a letter, steps)",
+        "that show it. Not measured: shards made before these checks, or a recipe without them.",
         "",
     ]
     if waiting:
@@ -202,6 +211,18 @@ def _figures(totals: dict) -> list[str]:
             lines += [f"Most frequent {what} labels (opening words of the description):", "",
                       *_counted_block(totals[key][:_TOP_LABELS]), ""]
     return lines
+
+
+# The card's names of the registry's fidelity rates (`data.figures`).
+FIDELITY_FIGURES = (
+    ("rewrites with an invented fact (invented-fact rate)", "invented_fact_rate"),
+    ("rewrites echoing their pair's label (label-echo rate)", "label_echo_rate"),
+    ("accepted rows keeping their genre's form (genre-kept rate)", "genre_kept_rate"),
+)
+
+
+def _rate(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.1%}"
 
 
 def _columns() -> list[str]:
@@ -250,4 +271,4 @@ def _loading() -> list[str]:
     ]
 
 
-__all__ = ["CARD_NAME", "CONFIGS", "card_uri", "refresh_card", "render_card", "write_card"]
+__all__ = ["CARD_NAME", "CONFIGS", "FIDELITY_FIGURES", "card_uri", "refresh_card", "render_card", "write_card"]

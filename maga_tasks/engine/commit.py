@@ -42,7 +42,7 @@ from typing import Protocol
 
 from maga_tasks.data.checkpoint import Checkpoint
 from maga_tasks.data.committed import files_checksum, local_files, read_measured
-from maga_tasks.data.figures import FIGURE_COLUMNS, FigureTally, figures_of_files
+from maga_tasks.data.figures import ACCEPTED_FIGURE_COLUMNS, FIGURE_COLUMNS, FigureTally, figures_of_files
 from maga_tasks.data.layout import ShardPaths
 from maga_tasks.data.outcome import ShardResult
 from maga_tasks.data.schema import (
@@ -58,6 +58,7 @@ from maga_tasks.data.storage import Storage
 from maga_tasks.engine.job import ShardJob
 from maga_tasks.engine.rows import BatchedWriter
 from maga_tasks.errors import MagaError
+from maga_tasks.method.cleaning import echo_judged_by
 from maga_tasks.recipe import Recipe
 from maga_tasks.registry import RegistryConflict
 from maga_tasks.settings import RunSettings
@@ -111,7 +112,7 @@ def write_commit(
     """
     paths = job.paths
     identity = {SOURCE_IDENTITY_KEY: source_identity.encode()}
-    tally = FigureTally()
+    tally = FigureTally(echo_judged_by(job.recipe.cleaning))
     with checkpoint.local_segments() as segments, tempfile.TemporaryDirectory(prefix="maga-commit-") as tmp:
         locations = Checkpoint.index(segments)
         data_path, rejected_path = Path(tmp) / "data.parquet", Path(tmp) / "rejected.parquet"
@@ -229,14 +230,16 @@ def staged_checksum(out: Storage, paths: ShardPaths, token: int) -> str:
         return files_checksum(data, rejected)
 
 
-def committed_result(source_uri: str, paths: ShardPaths, out: Storage) -> ShardResult:
+def committed_result(source_uri: str, paths: ShardPaths, out: Storage, recipe: Recipe) -> ShardResult:
     """The ShardResult of an already committed shard, read from its files batch by
     batch (texts measured, never kept): the engine's light read, where the output gate
-    reads the same files whole (`quality.frames.load_committed`)."""
+    reads the same files whole (`quality.frames.load_committed`). The `recipe` says
+    which rows its label-echo check judged (`cleaning.echo_judged_by`)."""
     with local_files(out, paths.data, paths.rejected) as (data, rejected):
-        tables = [read_measured(data, FIGURE_COLUMNS), read_measured(rejected, FIGURE_COLUMNS)]
+        tables = [read_measured(data, ACCEPTED_FIGURE_COLUMNS), read_measured(rejected, FIGURE_COLUMNS)]
         identity = source_identity_of(data)
-    return ShardResult.committed(paths, source_uri, figures_of_files(*tables), identity)
+    figures = figures_of_files(*tables, echo_judged_by(recipe.cleaning))
+    return ShardResult.committed(paths, source_uri, figures, identity)
 
 
 __all__ = [

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from maga_tasks.data.layout import ShardPaths, shard_name, shard_paths
 from maga_tasks.data.source import DEFAULT_COLUMNS, SourceColumns
 from maga_tasks.data.storage import Storage, read_once, storage_for
+from maga_tasks.method.cleaning import echo_judged_by
 from maga_tasks.quality import CommittedShard, QualityReport, load_committed, validate_input, validate_output
 from maga_tasks.quality.datadocs import DATA_DOCS_SAMPLE_RATE
 from maga_tasks.recipe import Recipe
@@ -77,7 +78,7 @@ class ShardJob:
 
     def load_committed(self) -> CommittedShard:
         """The job's committed `data/` and `rejected/` files, read for the output gate."""
-        return load_committed(self.paths, self.s3_endpoint_url)
+        return load_committed(self.paths, self.s3_endpoint_url, echo_judged_by=echo_judged_by(self.recipe.cleaning))
 
     def input_gate(self) -> QualityReport:
         """The input gate on the job's source shard."""

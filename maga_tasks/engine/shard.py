@@ -96,7 +96,7 @@ def expand(
     out = job.storage()
     if is_committed(out, paths):
         log.info("shard %s already committed at %s; nothing to do", paths.shard, paths.data)
-        return committed_result(source_uri, paths, out)
+        return committed_result(source_uri, paths, out, recipe)
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         try:

@@ -173,6 +173,21 @@ def first_detector_finding(
     return None
 
 
+def judged_by(detector: str, rules: Cleaning) -> frozenset[str] | None:
+    """The reject reasons of rows that `detector` judged before they were rejected:
+    its own and those of the recipe's detectors after it (`clean_rewrite` stops at a
+    row's first failed check, and the detectors run last, in the recipe's order; every
+    accepted row was judged too). None when the recipe does not run `detector`."""
+    if detector not in rules.detectors:
+        return None
+    return frozenset(rules.detectors[rules.detectors.index(detector) :])
+
+
+def echo_judged_by(rules: Cleaning) -> frozenset[str] | None:
+    """`judged_by` of the label-echo check: the reasons behind a shard's label-echo rate."""
+    return judged_by(RejectReason.PAIR_LABEL_ECHO, rules)
+
+
 def clean_rewrite(
     source: str, rewrite: str, finish_reason: str, rules: Cleaning, genre: str = "", audience: str = ""
 ) -> Verdict:

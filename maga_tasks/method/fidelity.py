@@ -205,11 +205,17 @@ GENRE_CUES = (
 )
 
 
+def _names(genre: str, phrase: str) -> bool:
+    """Whether a genre description names `phrase` (or its plural) as whole words: a
+    "newsletter feature" is no letter."""
+    low = (genre or "").lower().replace("question and answer", "question-and-answer")
+    return re.search(rf"(?<![\w-]){re.escape(phrase)}s?(?![\w-])", low) is not None
+
+
 def genre_kept(text: str, genre: str) -> bool | None:
     """Whether the text shows the cue of its genre's form; None for a genre without one."""
-    low = (genre or "").lower().replace("question and answer", "question-and-answer")
     for phrase, _, shows in GENRE_CUES:
-        if phrase in low:
+        if _names(genre, phrase):
             return shows(text)
     return None
 
@@ -223,8 +229,7 @@ ENFORCED_GENRE_CUES = ("question-and-answer",)
 
 def off_genre(text: str, genre: str):
     """(reason, detail) when a genre with an enforced cue shows none of it."""
-    low = (genre or "").lower().replace("question and answer", "question-and-answer")
     for phrase, cue, shows in GENRE_CUES:
-        if phrase in low and phrase in ENFORCED_GENRE_CUES and not shows(text):
+        if phrase in ENFORCED_GENRE_CUES and _names(genre, phrase) and not shows(text):
             return RejectReason.OFF_GENRE, f"a {phrase} text without {cue}"
     return None

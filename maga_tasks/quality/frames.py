@@ -9,6 +9,7 @@ handed to GX, which keeps memory near the size of the ids, whatever the texts we
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +44,9 @@ _ROW_COLUMNS = MEASURED_LINEAGE + (
     "completion_tokens",
     "pairs_prompt_tokens",
     "pairs_completion_tokens",
+    # For the figures' fidelity counts (`data.figures`), not checked by GX.
+    "invented_fact_count",
+    "genre_kept",
 )
 _REJECTED_COLUMNS = (
     "source_id",
@@ -53,6 +57,7 @@ _REJECTED_COLUMNS = (
     "completion_tokens",
     "pairs_prompt_tokens",
     "pairs_completion_tokens",
+    "invented_fact_count",
 )
 _LABEL_COLUMNS = ("genre", "audience", "pair_index")
 
@@ -115,10 +120,12 @@ def _read(path: Path, uri: str, wanted: tuple[str, ...], batch_rows: int, labels
 
 
 def load_committed(
-    paths: ShardPaths, s3_endpoint_url: str | None = None, *, batch_rows: int = BATCH_ROWS
+    paths: ShardPaths, s3_endpoint_url: str | None = None, *, batch_rows: int = BATCH_ROWS,
+    echo_judged_by: Collection[str] | None = None,
 ) -> CommittedShard:
     """Read a shard's committed `data/` and `rejected/` files (each read once, batch by
-    batch of `batch_rows`)."""
+    batch of `batch_rows`). `echo_judged_by`: the recipe's reasons behind the
+    label-echo rate (`cleaning.judged_by`; None: the rate is not measured)."""
     storage = storage_for(paths.data, s3_endpoint_url)
     missing = [uri for uri in (paths.data, paths.rejected) if not storage.exists(uri)]
     if missing:
@@ -132,7 +139,7 @@ def load_committed(
             identity = source_identity_of(data_path)
     except (StorageError, OSError) as error:
         raise QualityError(f"cannot read shard {paths.shard}: {error}") from None
-    figures = figures_of_files(rows, rejected)
+    figures = figures_of_files(rows, rejected, echo_judged_by)
     return CommittedShard(
         paths, rows.to_pandas(), rejected.to_pandas(), checksum, figures, labels.summary(), identity
     )

@@ -1,8 +1,8 @@
 """What the corpus dashboard shows, computed from the registry (no web framework here).
 
 `corpus_overview` answers the dashboard's JSON API: per recipe the totals (shards by
-status, documents, tokens in and out, expansion ratio, rejection reasons, the
-genre/audience distribution) and a page of shards with their quality gate results and
+status, documents, tokens in and out, expansion ratio, the fidelity rates, rejection
+reasons, the genre/audience distribution) and a page of shards with their quality gate results and
 the Airflow task that last worked on each. It reads through the `Registry` API only.
 
 What it serves passes `served`: every text redacted and without control characters
@@ -37,6 +37,11 @@ _SHARD_FIELDS = (
     "prompt_tokens",
     "completion_tokens",
     "expansion_ratio",
+    # Shares in 0..1, None when not measured (`data.figures`): computed by the registry's
+    # reads from the shard's fidelity counts.
+    "invented_fact_rate",
+    "label_echo_rate",
+    "genre_kept_rate",
     "rejects_by_reason",
     "failed_expectations",
     "attempts",

@@ -14,6 +14,8 @@ from collections.abc import Collection, Sequence
 from sqlalchemy import bindparam, text
 from sqlalchemy.sql.elements import TextClause
 
+from maga_tasks.data.fidelity_rates import FIDELITY_COUNTS
+
 STATUSES = (
     "planned",
     "leased",
@@ -98,7 +100,8 @@ _RESULT_ASSIGNMENTS = (
     " accepted = :accepted, rejected = :rejected, requests = :requests,"
     " prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens,"
     " source_chars = :source_chars, output_chars = :output_chars,"
-    " expansion_ratio = :ratio, rejects_by_reason = :reasons, source_identity = :source_identity"
+    " expansion_ratio = :ratio, rejects_by_reason = :reasons, source_identity = :source_identity, "
+    + ", ".join(f"{name} = :{name}" for name in FIDELITY_COUNTS)
 )
 
 SHARD = text("SELECT * FROM shards" + _ONE_SHARD)
@@ -290,13 +293,15 @@ def status_counts(recipe_id: str | None) -> tuple[TextClause, dict]:
     return text(f"SELECT status, COUNT(*) FROM shards{where} GROUP BY status"), params
 
 
-# -- running totals of registered shards (migrations 0006-0007) ---------------------------
+# -- running totals of registered shards (migrations 0006-0007, 0010) ----------------------
 
-_TOTALS = ("shards", *COUNTERS, "seconds")
-# A shard's figures, as it was just registered, added to its recipe's running totals.
+_TOTALS = ("shards", *COUNTERS, "seconds", *FIDELITY_COUNTS)
+# A shard's figures, as it was just registered, added to its recipe's running totals
+# (fidelity counts of a shard without them, migration 0010, add 0).
 ADD_TO_TOTALS = text(
     f"INSERT INTO registered_totals (recipe_id, {', '.join(_TOTALS)})"
-    f" SELECT recipe_id, 1, {', '.join(COUNTERS)}, COALESCE(seconds, 0) FROM shards"
+    f" SELECT recipe_id, 1, {', '.join(COUNTERS)}, COALESCE(seconds, 0),"
+    f" {', '.join(f'COALESCE({name}, 0)' for name in FIDELITY_COUNTS)} FROM shards"
     " WHERE recipe_id = :rid AND shard = :shard"
     " ON CONFLICT (recipe_id) DO UPDATE SET "
     + ", ".join(f"{name} = registered_totals.{name} + excluded.{name}" for name in _TOTALS)

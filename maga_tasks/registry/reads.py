@@ -13,6 +13,7 @@ from datetime import datetime
 
 from sqlalchemy.sql.elements import TextClause
 
+from maga_tasks.data.fidelity_rates import FIDELITY_COUNTS, fidelity_rates
 from maga_tasks.redaction import clean_text, strip_control
 from maga_tasks.registry import queries
 from maga_tasks.registry.db import Database, row_dict
@@ -36,6 +37,13 @@ class PlanTriage:
 _ATTENTION_FIELDS = ("recipe_id", "shard", "status", "attempts", "last_error", "updated_at")
 
 
+def shard_dict(row) -> dict:
+    """A shard row as a dict, with its fidelity rates (None where the counts are NULL:
+    a shard registered before migration 0010, or not measured)."""
+    shard = row_dict(row)
+    return shard | fidelity_rates(shard)
+
+
 class RegistryReads:
     """What the registry holds, as plain dicts (JSON columns decoded)."""
 
@@ -56,7 +64,7 @@ class RegistryReads:
     def shard(self, recipe_id: str, shard: str) -> dict | None:
         with self.db.read() as conn:
             row = conn.execute(queries.SHARD, {"rid": recipe_id, "shard": shard}).one_or_none()
-        return row_dict(row) if row is not None else None
+        return shard_dict(row) if row is not None else None
 
     def shards(
         self, recipe_id: str | None = None, status: str | None = None, *, newest_first: bool = False,
@@ -68,7 +76,7 @@ class RegistryReads:
         query, params = queries.shards(recipe_id=recipe_id, status=status, newest_first=newest_first, limit=limit)
         with self.db.read() as conn:
             rows = conn.execute(query, params).all()
-        return [row_dict(row) for row in rows]
+        return [shard_dict(row) for row in rows]
 
     def _of_shards(self, query: TextClause, recipe_id: str, shards: list[str]) -> dict[str, list[dict]]:
         """Rows of a `queries.*_OF` query for these shards, oldest first, grouped by shard."""
@@ -140,7 +148,7 @@ class RegistryReads:
         """The `limit` most recently updated quarantined or failed shards, newest first."""
         with self.db.read() as conn:
             rows = conn.execute(*queries.attention_shards(recipe_id=recipe_id, limit=limit)).all()
-        return [row_dict(row) for row in rows]
+        return [shard_dict(row) for row in rows]
 
     def status(self, recipe_id: str | None = None, *, limit: int = 20) -> dict:
         """What `maga status` shows: `totals` over every shard, and the `limit` newest
@@ -189,6 +197,8 @@ class RegistryReads:
                 for kind, limit in (("reason", None), ("genre", top), ("audience", top))
             }
         figures = {name: int(getattr(sums, name)) for name in COUNTERS}
+        # Weighted by rows: the shards' counts summed, then divided (`fidelity_rates`).
+        fidelity = fidelity_rates({name: int(getattr(sums, name)) for name in FIDELITY_COUNTS})
         return {
             "recipe_id": recipe_id,
             "shards": sum(by_status.values()),
@@ -202,10 +212,21 @@ class RegistryReads:
             "accepted_per_document": round(figures["accepted"] / figures["documents"], 4)
             if figures["documents"]
             else 0.0,
+            **fidelity,
             "rejects_by_reason": dict(tallies["reason"]),
             "genres": tallies["genre"],
             "audiences": tallies["audience"],
         }
+
+
+# The fidelity rates as `maga status` names them.
+FIDELITY_RATE_NAMES = {
+    "invented_fact_rate": "invented facts", "label_echo_rate": "label echo", "genre_kept_rate": "genre kept",
+}
+
+
+def _share(rate: float | None) -> str:
+    return "not measured" if rate is None else f"{rate:.1%}"
 
 
 def format_totals(totals: dict) -> str:
@@ -225,6 +246,11 @@ def format_totals(totals: dict) -> str:
             f" (expansion x{totals['expansion_ratio']:.2f})"
         ),
     ]
+    if any(totals.get(rate) is not None for rate in FIDELITY_RATE_NAMES):
+        lines.append(
+            "fidelity: "
+            + ", ".join(f"{label} {_share(totals.get(rate))}" for rate, label in FIDELITY_RATE_NAMES.items())
+        )
     if totals["rejects_by_reason"]:
         lines.append(
             "rejects: " + ", ".join(f"{reason}={count}" for reason, count in totals["rejects_by_reason"].items())

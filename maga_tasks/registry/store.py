@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Connection
 
+from maga_tasks.data.fidelity_rates import FIDELITY_COUNTS
 from maga_tasks.redaction import clean_text
 from maga_tasks.registry import queries
 from maga_tasks.registry.db import from_json, iso, to_json, utc_now
@@ -75,7 +76,7 @@ def _result_params(result: ShardResult) -> dict:
         "ratio": float(result.expansion_ratio),
         "reasons": to_json(dict(sorted(result.rejects_by_reason.items()))),
         "source_identity": result.source_identity,
-    }
+    } | {name: int(getattr(result, name)) for name in FIDELITY_COUNTS}
 
 
 def _insert_planned(conn: Connection, recipe_id: str, shard: str, source_uri: str, now: str) -> None:

@@ -89,6 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "artifacts" / "bench"))
     parser.add_argument("--quality-docs", type=int, default=40, help="quality suite: documents (short: 6)")
+    parser.add_argument("--quality-shards", type=int, default=1,
+                        help="quality suite: shards the documents are split into (a row each in the per-shard table)")
     parser.add_argument("--judge-sample", type=int, default=20, help="quality suite: rewrites the judge scores")
     parser.add_argument("--first-article", type=int, default=0, help="quality suite: first sample article")
     parser.add_argument("--fleet-clients", type=int, default=4, help="fleet suite: client processes")

@@ -6,8 +6,10 @@ yield (accepted / documents x pairs), reject reasons, pairs validity, the collap
 (keyword coverage and 8-word copy ratio of every rewrite: near copies at one end, drift
 at the other), the detectors run again over the accepted rows, independently of the
 accept decision (their hits must be 0), an audit of the accepted rows for label echoes
-and invented numbers written apart from the fidelity checks, the judge's pass share, and
-3 sample rows.
+and invented numbers written apart from the fidelity checks, the judge's pass share,
+3 sample rows, and a table per shard (`--quality-shards`): yield and the collapse band
+beside the shard's fidelity rates as the registry keeps them (`data.figures`: the
+invented-fact, label-echo and genre-kept rates of its `ShardResult`).
 
 A 135M judge measures mechanics (the score parses, the prompt fits), not quality.
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from maga_tasks.data.fidelity_rates import FIDELITY_COUNTS, FIDELITY_RATES, fidelity_rates
 from maga_tasks.reject_reasons import RejectReason
 from maga_tasks.tools.benchmarks.figures import percentile
 
@@ -124,6 +127,51 @@ def measure(rows: list[dict], rejected: list[dict], sources: dict[str, str], rec
     }
 
 
+def shard_row(shard: str, measured: dict, result) -> dict:
+    """One row of the per-shard table: the shard's yield and collapse band (`measure`)
+    beside its fidelity rates as the pipeline computed them at commit (`result`, a
+    `ShardFigures`: what the registry, the dashboard and the card show)."""
+    return {
+        "shard": shard,
+        "documents": measured["documents"],
+        "accepted": measured["accepted"],
+        "yield": measured["yield"],
+        **measured["collapse_band"],
+        **{name: getattr(result, name) for name in FIDELITY_COUNTS},
+        **fidelity_rates({name: getattr(result, name) for name in FIDELITY_COUNTS}),
+    }
+
+
+_BAND = ("near_copies", "drifted", "rewrites_with_text")
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def shard_table(rows: list[dict]) -> list[str]:
+    """The per-shard table, then a row over all shards (rates weighted by rows)."""
+    lines = [
+        "| shard | documents | accepted | yield | near copies / drifted / with text | invented-fact rate |"
+        " label-echo rate | genre-kept rate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['shard']} | {row['documents']} | {row['accepted']} | {row['yield']:.1%} |"
+            f" {row['near_copies']} / {row['drifted']} / {row['rewrites_with_text']} |"
+            + "".join(f" {_rate(row[rate])} |" for rate in FIDELITY_RATES)
+        )
+    if len(rows) > 1:
+        sums = {name: sum(row[name] for row in rows) for name in FIDELITY_COUNTS}
+        band = " / ".join(str(sum(row[key] for row in rows)) for key in _BAND)
+        lines.append(
+            f"| all | {sum(r['documents'] for r in rows)} | {sum(r['accepted'] for r in rows)} | | {band} |"
+            + "".join(f" {_rate(value)} |" for value in fidelity_rates(sums).values())
+        )
+    return lines
+
+
 def markdown(figures: dict) -> str:
     lines = [
         "### Quality report (real model)",
@@ -151,6 +199,13 @@ def markdown(figures: dict) -> str:
         "",
         "Reject reasons: " + ", ".join(f"{k} {v}" for k, v in figures["rejects_by_reason"].items()),
     ]
+    if figures.get("shards"):
+        lines += [
+            "",
+            "Per shard (the fidelity rates as the registry keeps them; `-`: nothing measured):",
+            "",
+            *shard_table(figures["shards"]),
+        ]
     return "\n".join(lines)
 
 
@@ -179,19 +234,28 @@ def run_quality(args) -> dict:
         url = server.url
     try:
         work = Path(tempfile.mkdtemp(prefix="maga-quality-"))
-        source = write_sample_corpus(work / "source", 1, documents, offset=args.first_article)[0]
+        shards = max(1, min(getattr(args, "quality_shards", 1), documents))
+        sources = write_sample_corpus(work / "source", shards, documents // shards, offset=args.first_article)
         settings = RunSettings(endpoints=(url,), served_model=args.served_model or (SERVED_NAME if server else None),
                                max_concurrency=args.concurrency, api_key=server.api_key if server else None)
-        result = expand_shard(str(source), str(work / "out"), recipe, settings)
-        paths = shard_paths(str(work / "out"), recipe.recipe_id, result.shard)
-        rows, rejected = pq.read_table(paths.data).to_pylist(), pq.read_table(paths.rejected).to_pylist()
-        texts = pq.read_table(source, columns=["id", "text"]).to_pylist()
-        figures = measure(rows, rejected, {t["id"]: t["text"] for t in texts}, recipe)
+        rows, rejected, texts, table, seconds, tokens = [], [], {}, [], 0.0, 0
+        for source in sources:
+            result = expand_shard(str(source), str(work / "out"), recipe, settings)
+            paths = shard_paths(str(work / "out"), recipe.recipe_id, result.shard)
+            data, dropped = pq.read_table(paths.data).to_pylist(), pq.read_table(paths.rejected).to_pylist()
+            shard_texts = {t["id"]: t["text"] for t in pq.read_table(source, columns=["id", "text"]).to_pylist()}
+            table.append(shard_row(result.shard, measure(data, dropped, shard_texts, recipe), result))
+            rows, rejected, texts = rows + data, rejected + dropped, texts | shard_texts
+            seconds, tokens = seconds + result.seconds, tokens + result.completion_tokens
+        figures = measure(rows, rejected, texts, recipe)
+        figures["shards"] = table
+        figures |= fidelity_rates({name: sum(row[name] for row in table) for name in FIDELITY_COUNTS})
         figures["model"] = settings.served_model or recipe.model
-        figures["seconds"] = result.seconds
-        figures["completion_tokens"] = result.completion_tokens
-        if rows and args.judge_sample:
-            report = judge_committed_shard(str(source), str(work / "out"), recipe, settings, sample=args.judge_sample)
+        figures["seconds"] = seconds
+        figures["completion_tokens"] = tokens
+        if rows and args.judge_sample:  # a sample of the first shard's rewrites
+            report = judge_committed_shard(str(sources[0]), str(work / "out"), recipe, settings,
+                                           sample=args.judge_sample)
             figures["judge_pass_share"] = report.pass_share
             figures["judge_scores"] = report.scores
     finally:

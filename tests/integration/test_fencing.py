@@ -261,7 +261,7 @@ def test_a_worker_paused_past_its_lease_is_fenced_out(tmp_path, registry, llm_se
     assert not any(e[2] == 1 for e in events[2:])  # nothing of the stale token got in
     paths = shard_paths(out, RID, SHARD)
     with pytest.raises(LeaseLost, match="token 1 is stale"):  # the stale writer's register, refused by token
-        registry.register(RID, SHARD, committed_result(source, paths, LocalStorage()), row["checksum"], token=1)
+        registry.register(RID, SHARD, committed_result(source, paths, LocalStorage(), RECIPE), row["checksum"], token=1)
     assert registry.shard(RID, SHARD)["checksum"] == row["checksum"]
     # The stale worker's extra requests are bounded by what it had in flight when it resumed.
     assert server.stats()["requests_total"] <= (documents + 2 * documents_in_flight(CONCURRENCY)) * (1 + PAIRS)

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from maga_tasks.data.fidelity_rates import FIDELITY_COUNTS
 from maga_tasks.engine.shard import ShardResult
 from maga_tasks.recipe import load_recipe
 from maga_tasks.registry import STATUSES, Registry, RegistryConflict, RegistryError, format_totals
@@ -332,10 +333,84 @@ def test_the_totals_migration_sums_shards_registered_before_it_as_register_does(
     with registry.engine.begin() as conn:
         for statement in ("DROP TABLE registered_tallies", "DROP TABLE registered_totals",
                           "ALTER TABLE shards DROP COLUMN source_identity",  # 0009 runs again too
+                          *FIDELITY_DROPS,  # and 0010
                           "DELETE FROM schema_version WHERE version >= 6"):
             conn.execute(text(statement))
     assert registry.upgrade() == [v for v, _, _ in registry.migrations() if v >= 6]
     assert (registry.totals(RID), registry.totals("r-other"), registry.totals()) == kept
+
+
+# What migration 0010 adds to `shards` (`registered_totals` is dropped whole).
+FIDELITY_DROPS = tuple(f"ALTER TABLE shards DROP COLUMN {name}" for name in FIDELITY_COUNTS)
+RATES = ("invented_fact_rate", "label_echo_rate", "genre_kept_rate")
+
+
+def test_fidelity_rates_are_stored_per_shard_and_summed_by_rows(registry):
+    from maga_tasks.registry.dashboard import corpus_overview
+
+    registry.ensure_recipe(RECIPE)
+    small = {"fact_checked_rows": 2, "invented_fact_rows": 1, "echo_checked_rows": 2, "label_echo_rows": 0,
+             "genre_cue_rows": 1, "genre_kept_rows": 1}
+    large = {"fact_checked_rows": 98, "invented_fact_rows": 0, "echo_checked_rows": 50, "label_echo_rows": 5,
+             "genre_cue_rows": 0, "genre_kept_rows": 0}
+    registry.register(RID, "a", result_for("a", **small), "x")
+    registry.register(RID, "b", result_for("b", **large), "y")
+    registry.quarantine(RID, "q", "bad", [], result=result_for("q", fact_checked_rows=10, invented_fact_rows=10))
+    a, b = registry.shard(RID, "a"), registry.shard(RID, "b")
+    assert (a["invented_fact_rate"], a["label_echo_rate"], a["genre_kept_rate"]) == (0.5, 0.0, 1.0)
+    assert (b["invented_fact_rate"], b["label_echo_rate"], b["genre_kept_rate"]) == (0.0, 0.1, None)
+    totals = registry.totals(RID)
+    # Weighted by rows (1 of 100, 5 of 52, 1 of 1), not a mean of shard rates; the
+    # quarantined shard is not published and not counted.
+    assert (totals["invented_fact_rate"], totals["label_echo_rate"], totals["genre_kept_rate"]) == (
+        0.01, round(5 / 52, 4), 1.0)
+    page = corpus_overview(registry, recipe_id=RID)
+    assert {name: page["recipes"][0]["totals"][name] for name in RATES} == {name: totals[name] for name in RATES}
+    rows = {row["shard"]: row for row in page["recipes"][0]["shards"]}
+    assert {name: rows["b"][name] for name in RATES} == {"invented_fact_rate": 0.0, "label_echo_rate": 0.1,
+                                                        "genre_kept_rate": None}
+    assert rows["q"]["invented_fact_rate"] == 1.0  # a quarantined shard's own figures are shown
+    assert "fidelity: invented facts 1.0%, label echo 9.6%, genre kept 100.0%" in format_totals(totals)
+
+
+def test_a_registry_at_0009_with_registered_shards_upgrades_and_reads_null_rates(registry):
+    """Shards registered before migration 0010 have no fidelity counts: their rates and
+    the totals over them read as null, and a shard registered after counts alone."""
+    from sqlalchemy import text
+
+    from maga_tasks.registry.dashboard import corpus_overview
+
+    registry.ensure_recipe(RECIPE)
+    # A registry as 0009 left it, with its shards registered by the code of that time.
+    with registry.engine.begin() as conn:
+        for statement in (*FIDELITY_DROPS, *(f"ALTER TABLE registered_totals DROP COLUMN {name}"
+                                             for name in FIDELITY_COUNTS),
+                          "DELETE FROM schema_version WHERE version >= 10"):
+            conn.execute(text(statement))
+        conn.execute(text(
+            "INSERT INTO shards (recipe_id, shard, source_uri, status, documents, accepted, rejected,"
+            " source_chars, output_chars, checksum, registered_at, created_at, updated_at)"
+            " VALUES (:rid, 'old', '/src/old.parquet', 'registered', 10, 40, 10, 100, 300, 'c',"
+            " '2026-11-01T02:00:00.000000Z', '2026-11-01T02:00:00.000000Z', '2026-11-01T02:00:00.000000Z')"
+        ), {"rid": RID})
+        conn.execute(text(
+            "INSERT INTO registered_totals (recipe_id, shards, documents, accepted, rejected, source_chars,"
+            " output_chars) VALUES (:rid, 1, 10, 40, 10, 100, 300)"
+        ), {"rid": RID})
+    assert registry.schema_version() == 9
+    assert registry.upgrade() == [10]
+
+    old = registry.shard(RID, "old")
+    assert old["fact_checked_rows"] is None and all(old[name] is None for name in RATES)
+    totals = registry.totals(RID)
+    assert totals["accepted"] == 40 and all(totals[name] is None for name in RATES)
+    page = corpus_overview(registry, recipe_id=RID)
+    assert all(page["recipes"][0]["shards"][0][name] is None for name in RATES)
+    assert "fidelity:" not in format_totals(totals)
+
+    registry.register(RID, "new", result_for("new", fact_checked_rows=4, invented_fact_rows=1), "n")
+    totals = registry.totals(RID)
+    assert totals["accepted"] == 82 and totals["invented_fact_rate"] == 0.25 and totals["label_echo_rate"] is None
 
 
 def test_status_lists_a_bounded_page_and_totals_cover_every_shard(registry, registry_url, capsys):

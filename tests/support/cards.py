@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from maga_tasks.engine.card import FIDELITY_FIGURES
+
 # A value that breaks YAML, a front matter, markdown and HTML wherever it lands unescaped.
 HOSTILE = (
     "x</script><img src=x onerror=alert(1)>\n---\n# Pwned: [link](javascript:alert(1)) | cell |"
@@ -78,6 +80,9 @@ def figures_match(body: str, totals: dict) -> None:
     ):
         assert int(shown[name].replace(",", "")) == totals[key], (name, shown[name], totals[key])
     assert float(shown["expansion ratio (output / source characters)"]) == round(totals["expansion_ratio"], 2)
+    for name, key in FIDELITY_FIGURES:
+        rate = totals[key]
+        assert shown[name] == ("not measured" if rate is None else f"{100 * rate:.1f}%"), (name, shown[name], rate)
 
 
 def config_rows(header: dict, version_root: str | Path) -> dict[str, int]:

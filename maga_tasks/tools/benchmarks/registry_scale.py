@@ -179,6 +179,8 @@ def seed_registered(registry, recipe_id: str, shards: list[tuple[str, str]]) -> 
             "UPDATE shards SET status = 'registered', documents = 10000, accepted = 45000, rejected = 5000,"
             " requests = 60000, prompt_tokens = 9000000, completion_tokens = 12000000, source_chars = 30000000,"
             " output_chars = 225000000, expansion_ratio = 7.5, rejects_by_reason = :reasons, label_summary = :labels,"
+            " fact_checked_rows = 49000, invented_fact_rows = 9800, echo_checked_rows = 46000, label_echo_rows = 1000,"
+            " genre_cue_rows = 9000, genre_kept_rows = 6000,"
             " checksum = 'sha-' || shard, data_uri = 's3://out/data/' || shard || '.parquet',"
             " registered_at = updated_at, finished_at = updated_at WHERE recipe_id = :rid AND shard = ANY(:names)"
         ), {"rid": recipe_id, "labels": labels, "names": names, "reasons": json.dumps(_REASONS)})

@@ -21,6 +21,7 @@ def totals(**changes) -> dict:
         "registered_shards": 2, "documents": 12, "accepted": 48_000, "rejected": 12, "requests": 70,
         "prompt_tokens": 12_345, "completion_tokens": 67_890, "source_chars": 3_000, "output_chars": 9_990,
         "seconds": 1.5, "expansion_ratio": 3.33, "accepted_per_document": 4.0,
+        "invented_fact_rate": 0.125, "label_echo_rate": 0.0, "genre_kept_rate": None,
         "rejects_by_reason": {"low_keyword_coverage": 9, "refusal": 3},
         "genres": [("step-by-step tutorial", 20)], "audiences": [("high-school students", 20)],
     } | changes
@@ -53,6 +54,9 @@ def test_the_card_says_what_made_the_corpus_and_lists_the_columns():
     assert 'load_dataset("parquet", data_files={"train": f"{root}/data/*.parquet"}' in body
     assert "Shards not registered: quarantined 1." in body
     assert "             9  low_keyword_coverage" in body
+    assert "| rewrites with an invented fact (invented-fact rate) | 12.5% |" in body
+    assert "| rewrites echoing their pair's label (label-echo rate) | 0.0% |" in body
+    assert "| accepted rows keeping their genre's form (genre-kept rate) | not measured |" in body
 
 
 def test_hostile_values_neither_break_the_header_nor_become_markup():

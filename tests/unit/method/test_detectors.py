@@ -172,6 +172,9 @@ def test_a_question_and_answer_sheet_must_answer_questions():
     assert fidelity.genre_kept("Rivers carry water.", letter) is False
     assert fidelity.genre_kept("Dear Sam,\nrivers carry water.\nLove,\nAna", "a letter to a friend") is True
     assert fidelity.genre_kept("Rivers carry water.", "a short news report for a general newspaper") is None
+    # A newsletter is no letter; letters are.
+    assert fidelity.genre_kept("Rivers carry water.", "A newsletter feature for a general magazine") is None
+    assert fidelity.genre_kept("Rivers carry water.", "Letters between two friends") is False
 
 
 def test_invented_facts_normalise_numbers_and_ignore_the_sources_own():
