@@ -31,6 +31,7 @@ EXPECTED = {
     "maga_tasks.data.storage.BadStorageURI": (EXIT_BAD_INPUT, False),
     "maga_tasks.engine.budget.BudgetError": (EXIT_BAD_INPUT, False),
     "maga_tasks.engine.planning.PlanningError": (EXIT_BAD_INPUT, False),
+    "maga_tasks.engine.token_count.ShardChanged": (EXIT_BAD_INPUT, False),
     "maga_tasks.identifiers.IdentifierError": (EXIT_BAD_INPUT, False),
     "maga_tasks.llm.answer.MalformedAnswer": (EXIT_REFUSED, True),
     "maga_tasks.llm.failure.RequestFailed": (EXIT_REFUSED, False),
