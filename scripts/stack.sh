@@ -4,7 +4,8 @@
 #
 #   scripts/stack.sh up      build what is missing (scripts/build_images.sh), start the
 #                            stack, wait until every service is healthy
-#   scripts/stack.sh seed    put sample shards, the SmolLM2 recipe and its tokenizer into
+#   scripts/stack.sh seed [SHARDS] [DOCS] [SAMPLES]   put sample shards, the SmolLM2 recipe
+#                            (SAMPLES: its draws per pair, if given) and its tokenizer into
 #                            the stack's data volume (/data/maga)
 #   scripts/stack.sh down    remove every container, network and volume of the stack
 #   scripts/stack.sh compose ARGS...   docker-compose with the stack's settings
@@ -189,8 +190,8 @@ cmd_up() {
         "password in $STATE/secrets.env)"
 }
 
-cmd_seed() {  # [SHARDS] [DOCS_PER_SHARD]
-    local shards="${1:-2}" docs="${2:-4}" seed="$STATE/seed" scheduler
+cmd_seed() {  # [SHARDS] [DOCS_PER_SHARD] [REWRITE_SAMPLES]
+    local shards="${1:-2}" docs="${2:-4}" samples="${3:-}" seed="$STATE/seed" scheduler
     scheduler="$(container_of airflow-scheduler)"
     [[ -n "$scheduler" ]] || die "the stack is not up"
     rm -rf "$seed" && mkdir -p "$seed/source" "$seed/tokenizer"
@@ -198,11 +199,16 @@ cmd_seed() {  # [SHARDS] [DOCS_PER_SHARD]
     local models
     models="$(grep '^MAGA_MODELS_DIR=' "$STATE/stack.env" | cut -d= -f2)"
     cp "$models/$SMOLLM2/tokenizer.json" "$seed/tokenizer/"
-    "$PY" - "$seed/recipe.yaml" "$(grep '^MAGA_VLLM_SERVED_NAME=' "$STATE/stack.env" | cut -d= -f2)" <<'PY'
+    # REWRITE_SAMPLES, when given, replaces the recipe's draws per pair (the stack test
+    # asks 1: it tests the containers, not the yield, and each draw costs CPU minutes).
+    "$PY" - "$seed/recipe.yaml" "$(grep '^MAGA_VLLM_SERVED_NAME=' "$STATE/stack.env" | cut -d= -f2)" "$samples" <<'PY'
 import sys
 from pathlib import Path
-from maga_tasks.recipe import builtin_recipe_path, load_recipe
+from maga_tasks.recipe import builtin_recipe_path, load_recipe, recipe_from_dict
 recipe = load_recipe(builtin_recipe_path("smollm2-135m"), model=sys.argv[2], tokenizer="/data/maga/tokenizer")
+if sys.argv[3]:
+    fields = recipe.model_dump(mode="json")
+    recipe = recipe_from_dict({**fields, "rewrite": {**fields["rewrite"], "samples": int(sys.argv[3])}})
 Path(sys.argv[1]).write_text(recipe.to_yaml())
 print(recipe.recipe_id)
 PY
