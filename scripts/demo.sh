@@ -181,10 +181,11 @@ echo "metadata DB migrated, pool maga_llm ready"
 # The operator's side: the endpoint and the recipes folder (a run's conf only names a
 # recipe in it and may choose among the configured endpoints; it cannot add one).
 export MAGA_ENDPOINTS="$ENDPOINT" MAGA_RECIPES_DIR="$(dirname "$RECIPE")" MAGA_DATA_ROOTS="$DEMO"
+# Every shard keeps its Data Docs site here (production keeps a sample of passing ones).
 CONF="$("$PY" -c 'import json, sys; print(json.dumps({
     "source": sys.argv[1], "output_root": sys.argv[2], "recipe": sys.argv[3],
     "planning_mode": "flat", "shards_per_run": int(sys.argv[4]), "max_concurrency": 32, "progress_interval_s": 5,
-    "server_slots": int(sys.argv[5])}))' \
+    "server_slots": int(sys.argv[5]), "data_docs_sample_rate": 1.0}))' \
   "$SOURCE" "$OUTPUT_ROOT" "$(basename "$RECIPE" .yaml)" "$SHARDS" "$SERVER_SLOTS")"
 DAG_LOG="$DEMO/logs/dags-test-$(date -u +%Y%m%dT%H%M%SZ).log"
 step "Airflow execution API for the run's tasks on 127.0.0.1:$EXEC_PORT"
