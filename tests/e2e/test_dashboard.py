@@ -116,14 +116,14 @@ def test_api_returns_the_registry_figures(airflow_stack, published):
         assert task["ui_path"].startswith("dags/maga_corpus_expansion/runs/")
 
 
-def fetch(url: str, token: str | None = None) -> tuple[int, dict, bytes]:
-    """(status, headers, body) of a GET; never raises on 4xx/5xx."""
+def fetch(url: str, token: str | None = None):
+    """(status, headers (case-insensitive), body) of a GET; never raises on 4xx/5xx."""
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, response.headers, response.read()
     except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read()
+        return error.code, error.headers, error.read()
 
 
 def test_reports_are_served_behind_the_login_with_safe_headers(airflow_stack, published):
