@@ -22,7 +22,8 @@
 # var/models), MAGA_DEMO_MODEL_DIR (a local model directory instead),
 # MAGA_DEMO_ENDPOINT, MAGA_DEMO_SHARDS / MAGA_DEMO_DOCS_PER_SHARD (2 / 4: about 5 minutes
 # of generation at the ~100 output tok/s SmolLM2 makes on 2 CPU cores), MAGA_PYTHON (the
-# project venv's python), MAGA_VLLM_PYTHON / MAGA_VLLM_VENV (the vLLM venv).
+# project venv's python), MAGA_VLLM_PYTHON / MAGA_VLLM_VENV (the vLLM venv),
+# MAGA_DEMO_PARALLELISM (shard tasks at once, 2), MAGA_DEMO_UI_PORT (the UI's port, 8080).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
