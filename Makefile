@@ -7,7 +7,7 @@ VENV_VLLM := .venv-vllm
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: lint install vllm-venv system-packages container-tools images stack-up stack-seed stack-down tiny-model smollm2-model test test-stack test-fast demo bench clean
+.PHONY: lint install vllm-venv system-packages container-tools images stack-up stack-seed stack-down tiny-model smollm2-model test test-stack test-fast demo demo-ui bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -74,6 +74,10 @@ test-fast: install
 
 demo: install vllm-venv
 	bash scripts/demo.sh
+
+# The Airflow UI on the demo's home (its run, task logs, the corpus dashboard) until Ctrl-C.
+demo-ui: install
+	bash scripts/demo.sh ui
 
 bench: install vllm-venv
 	$(PY) -m maga_tasks.cli bench

@@ -8,6 +8,7 @@
 - `snapshot`: records what the registry and the vLLM server's counters hold before the run.
 - `report`: what the run added (shards, rows, tokens, prefix-cache hit rate from /metrics),
   where the outputs are, and one sample row.
+- `wait-http`: waits until an Airflow api-server the script started answers.
 
 Messages go to stderr; only `prepare` writes to stdout (the assignments).
 """
@@ -222,6 +223,27 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_wait_http(args) -> int:
+    """Until `url` answers 200, or the server process (`--pid`) has exited, or time is up."""
+    import time
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            with opener.open(args.url, timeout=3) as response:
+                if response.status == 200:
+                    return 0
+        except OSError:
+            pass
+        if args.pid and not Path(f"/proc/{args.pid}").exists():
+            say(f"the server (pid {args.pid}) exited before {args.url} answered")
+            return 1
+        time.sleep(0.5)
+    say(f"{args.url} did not answer within {args.timeout:.0f}s")
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -245,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--airflow-logs", required=True)
             sub.add_argument("--model-kind", required=True)
         sub.set_defaults(func=func)
+
+    wait = commands.add_parser("wait-http")
+    wait.add_argument("url")
+    wait.add_argument("--pid", type=int, help="the server's process: give up when it exits")
+    wait.add_argument("--timeout", type=float, default=120)
+    wait.set_defaults(func=cmd_wait_http)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -14,18 +14,31 @@ if TYPE_CHECKING:
 _WORD = re.compile(r"[a-z0-9][a-z0-9'\-]*")
 _CLAUSE_END = re.compile(r"[.,;:!?\n(]|\s[-\u2013\u2014]\s")
 _ARTICLES = {"a", "an", "the"}
+# Words a label must not end on when it is cut: "radio script read aloud by a" reads as a
+# label of its own; "radio script read aloud…" says it goes on.
+_DANGLING = _ARTICLES | {
+    "about", "and", "as", "at", "by", "for", "from", "in", "into", "of", "on", "or", "than", "that",
+    "the", "their", "to", "who", "with", "which", "whose",
+}
 
 
-def short_label(description: str | None, words: int = 6) -> str:
-    """A genre or audience description cut to its opening words, for counting:
-    'A step-by-step tutorial, friendly in tone...' -> 'step-by-step tutorial'."""
+def short_label(description: str | None, words: int = 12) -> str:
+    """A genre or audience description cut to its first clause, for counting:
+    'A step-by-step tutorial, friendly in tone...' -> 'step-by-step tutorial'. A clause
+    longer than `words` is cut between words, never after a dangling article or
+    preposition, and ends in '…' (a recipe's catalogue entries fit whole)."""
     if not description or not description.strip():
         return "(none)"
     first = _CLAUSE_END.split(description.strip().lstrip(string.punctuation + " "), maxsplit=1)[0]
     tokens = _WORD.findall(first.lower())
     while tokens and tokens[0] in _ARTICLES:
         tokens.pop(0)
-    return " ".join(tokens[:words]) or "(none)"
+    if len(tokens) <= words:
+        return " ".join(tokens) or "(none)"
+    kept = tokens[:words]
+    while len(kept) > 1 and kept[-1] in _DANGLING:
+        kept.pop()
+    return " ".join(kept) + "…"
 
 
 class LabelTally:

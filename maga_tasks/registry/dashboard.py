@@ -92,10 +92,15 @@ def served(value: Any) -> Any:
     return value
 
 
-def report_link(uri: str | None, recipe_id: str, shard: str, corpus_root: str | None = None) -> dict | None:
+def report_link(
+    uri: str | None, recipe_id: str, shard: str, corpus_root: str | None = None, serve_prefix: str | None = None
+) -> dict | None:
     """A quality result's link for the page: its kind ("data_docs" for a Data Docs
-    site, "json" for a compact result) and an href a browser can follow (`file://`
-    for a local path; an `s3://` URI stays as it is, for the S3 console or CLI).
+    site, "json" for a compact result) and an href a browser can follow: for a local
+    file, `{serve_prefix}/{recipe_id}/{shard}/{report}` when the dashboard serves reports
+    (`reports.report_file`; a browser refuses `file://` links from an http page; a Data
+    Docs site at its folder, `{gate}/`, where the dashboard lists its pages), else a
+    `file://` URL; an `s3://` URI stays as it is, for the S3 console or CLI.
 
     None unless `uri` is a gate's report in this shard's quality folder
     (`{root}/{recipe_id}/quality/{shard}/...`), a local path or an s3/file URL, or any
@@ -114,6 +119,10 @@ def report_link(uri: str | None, recipe_id: str, shard: str, corpus_root: str | 
     if corpus_root is not None and (scheme not in _LINK_SCHEMES or root.rstrip("/") != corpus_root.rstrip("/")):
         return None
     kind = "data_docs" if match["kind"].endswith(".html") else "json"
+    if serve_prefix is not None and scheme == "file":
+        # A Data Docs site opens at its contents (`reports.data_docs_pages`), the folder.
+        served = report.removesuffix("index.html") if kind == "data_docs" else report
+        href = f"{serve_prefix}/{quote(recipe_id, safe='')}/{quote(shard, safe='')}/{quote(served)}"
     return {"kind": kind, "label": {"data_docs": "Data Docs", "json": "result JSON"}[kind], "href": href}
 
 
@@ -121,7 +130,7 @@ def _last_owner(events: list[dict]) -> str | None:
     return events[-1]["owner"] if events else None
 
 
-def _quality_summary(results: list[dict], corpus_root: str | None) -> dict | None:
+def _quality_summary(results: list[dict], corpus_root: str | None, serve_prefix: str | None) -> dict | None:
     """The latest result of each suite (input, output) of a shard."""
     latest: dict[str, dict] = {}
     for result in results:  # oldest first
@@ -136,7 +145,9 @@ def _quality_summary(results: list[dict], corpus_root: str | None) -> dict | Non
             "failed_expectations": result.get("failed_expectations") or [],
             "docs_uri": result.get("docs_uri"),
             # What to open: the Data Docs site when the gate wrote one, else its JSON.
-            "report": report_link(result.get("docs_uri"), result["recipe_id"], result["shard"], corpus_root),
+            "report": report_link(
+                result.get("docs_uri"), result["recipe_id"], result["shard"], corpus_root, serve_prefix
+            ),
             "created_at": result.get("created_at"),
             # The judge's headline figure: share of sampled rewrites scoring >= 3.
             "pass_share": (result.get("statistics") or {}).get("pass_share") if suite == "judge" else None,
@@ -152,7 +163,8 @@ DEFAULT_SHARD_LIMIT = 50
 
 
 def shard_rows(
-    registry: Registry, recipe_id: str, *, limit: int = DEFAULT_SHARD_LIMIT, corpus_root: str | None = None
+    registry: Registry, recipe_id: str, *, limit: int = DEFAULT_SHARD_LIMIT, corpus_root: str | None = None,
+    serve_prefix: str | None = None,
 ) -> list[dict]:
     """The `limit` most recently updated shards of a recipe and up to `limit` quarantined
     or failed ones, newest first, with quality and task (four queries, however many
@@ -167,7 +179,7 @@ def shard_rows(
     rows = []
     for shard in shards:
         row = {name: shard.get(name) for name in _SHARD_FIELDS}
-        row["quality"] = _quality_summary(quality[shard["shard"]], corpus_root)
+        row["quality"] = _quality_summary(quality[shard["shard"]], corpus_root, serve_prefix)
         row["airflow_task"] = airflow_task_of(shard.get("lease_owner") or _last_owner(owners[shard["shard"]]))
         rows.append(row)
     return rows
@@ -175,11 +187,12 @@ def shard_rows(
 
 def corpus_overview(
     registry: Registry, *, recipe_id: str | None = None, shard_limit: int = DEFAULT_SHARD_LIMIT,
-    corpus_root: str | None = None,
+    corpus_root: str | None = None, serve_prefix: str | None = None,
 ) -> dict:
     """Everything the dashboard page shows, for one recipe or for all of them: totals over
     every shard (summed by the database), a bounded page of shards per recipe; `served`,
-    with report links only into `corpus_root` when given (`report_link`)."""
+    with report links only into `corpus_root` when given, local ones through
+    `serve_prefix` when the caller serves them (`report_link`)."""
     recipes = registry.recipes()
     known = {recipe["recipe_id"] for recipe in recipes}
     # Shards may be planned before their recipe row exists; show those versions too.
@@ -189,7 +202,7 @@ def corpus_overview(
     for recipe in selected:
         rid = recipe["recipe_id"]
         totals = registry.totals(rid)
-        shards = shard_rows(registry, rid, limit=shard_limit, corpus_root=corpus_root)
+        shards = shard_rows(registry, rid, limit=shard_limit, corpus_root=corpus_root, serve_prefix=serve_prefix)
         versions.append(
             {
                 "recipe": {

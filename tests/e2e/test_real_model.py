@@ -5,7 +5,10 @@ pointed at a server of this module: it ends with real English text in its sample
 no accepted row of its shards holds a task line, a delimiter of our prompts, a chat-template
 role token or another language than English (checked here with plain string tests and the
 language identifier, not with the cleaning's detectors, so the test does not grade the
-cleaning by itself). A second run registers nothing new.
+cleaning by itself). A second run registers nothing new. Then the demo's UI command
+(`scripts/demo.sh ui`, `make demo-ui`) serves the run in the Airflow UI: its grid, a shard
+task's log with the library's progress line, and the corpus dashboard with every link
+followed, in headless Chromium (screenshots in `artifacts/`).
 
 The model folder is the one `make smollm2-model` prepares (CI prepares it). This module's
 server starts after the tiny-model tests stopped theirs (test_vllm_e2e's kill test) or while
@@ -27,6 +30,8 @@ from maga_tasks.data.layout import shard_paths
 from maga_tasks.llm.vllm_local import start_vllm_server
 from maga_tasks.method.detectors import language_of
 from maga_tasks.registry import Registry
+from tests.support.browser import require_browser
+from tests.support.demo_ui import check_demo_ui, start_demo_ui
 from tests.support.paths import REPO
 
 pytestmark = [pytest.mark.vllm, pytest.mark.airflow, pytest.mark.timeout(1500)]
@@ -74,22 +79,28 @@ def run_demo(env: dict) -> tuple[str, float]:
     return output, time.monotonic() - started
 
 
-def test_demo_writes_real_english_rewrites_with_nothing_of_the_prompt(smollm2_server, vllm_api_key, tmp_path):
-    demo_dir = tmp_path / "var"
+@pytest.fixture(scope="module")
+def demo(smollm2_server, vllm_api_key, tmp_path_factory):
+    """The demo's first run: (its folder, its environment, its output, seconds)."""
+    demo_dir = tmp_path_factory.mktemp("demo") / "var"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__", "MAGA_"))}
     env.update(
         MAGA_DEMO_DIR=str(demo_dir),
         MAGA_DEMO_MODELS_DIR=str(MODELS_DIR),  # the model `make smollm2-model` prepared: a no-op here
         MAGA_DEMO_ENDPOINT=smollm2_server.url,
-        # One shard of the default 4 documents, not two: `airflow dags test` runs mapped
-        # shards one after another, so a second shard costs about 80 s on 2 cores and
-        # checks nothing the first does not.
+        # One shard of the default 4 documents, not two: a second shard costs about 80 s
+        # of CPU on 2 cores and checks nothing the first does not.
         MAGA_DEMO_SHARDS=str(DEMO_SHARDS),
         MAGA_DEMO_DOCS_PER_SHARD=str(DEMO_DOCS_PER_SHARD),
         MAGA_API_KEY=vllm_api_key,
         MAGA_PYTHON=sys.executable,
     )
     first, first_seconds = run_demo(env)
+    return demo_dir, env, first, first_seconds
+
+
+def test_demo_writes_real_english_rewrites_with_nothing_of_the_prompt(demo, vllm_api_key):
+    demo_dir, env, first, first_seconds = demo
     assert "demo finished" in first and f"registered {DEMO_SHARDS} new shard(s)" in first, first[-4000:]
     assert "text is random" not in first
     sample = re.search(r"^\s*text:\s+(.+)$", first, re.MULTILINE)
@@ -126,3 +137,16 @@ def test_demo_writes_real_english_rewrites_with_nothing_of_the_prompt(smollm2_se
     print(f"\nreal-model demo: {len(accepted)} accepted rewrites of {DEMO_SHARDS * DEMO_DOCS_PER_SHARD} documents; "
           f"first run {first_seconds:.0f}s, "
           f"second {second_seconds:.0f}s")
+
+
+@pytest.mark.browser
+def test_the_demo_ends_in_the_ui(demo, tmp_path):
+    require_browser()
+    demo_dir, env, _, _ = demo
+    process, url, password = start_demo_ui(env, tmp_path / "logs")
+    try:
+        followed = check_demo_ui(url, password, tmp_path / "chromium-profile")
+    finally:
+        process.stop()
+    assert not process.alive()
+    print(f"\ndemo UI: {len(followed)} links followed from the dashboard")

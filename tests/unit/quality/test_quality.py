@@ -52,7 +52,7 @@ def test_a_good_shard_passes_with_figures_and_labels(tmp_path):
     assert figures["accepted_per_document"] == 4.0
     assert RECIPE.quality.min_expansion_ratio < figures["expansion_ratio"] < RECIPE.quality.max_expansion_ratio
     assert len(stats["checksum"]) == 64
-    assert report.labels["genres"][0] == ["step-by-step tutorial that teaches the topic", 6]
+    assert report.labels["genres"][0] == ["step-by-step tutorial that teaches the topic in plain language", 6]
     assert report.labels["distinct_audiences"] == 5
     # A passing shard outside the Data Docs sample: the compact JSON result only.
     assert report.data_docs_uri is None
@@ -241,12 +241,23 @@ def test_unreadable_source_raises_shard_input_error(tmp_path):
 # -- labels ----------------------------------------------------------------------------------
 
 
-def test_short_labels_count_genres_by_their_opening_words():
+def test_short_labels_count_genres_by_their_first_clause():
     assert short_label("A step-by-step tutorial, friendly. It goes deep.") == "step-by-step tutorial"
     assert short_label("An analytical report with headings and evidence and more words") == (
-        "analytical report with headings and evidence"
+        "analytical report with headings and evidence and more words"
+    )
+    # A catalogue entry is kept whole (it was cut to "radio script read aloud by a").
+    assert short_label("a radio script read aloud by a presenter") == "radio script read aloud by a presenter"
+    assert short_label("a step-by-step explainer that goes through the main points in order") == (
+        "step-by-step explainer that goes through the main points in order"
     )
     assert short_label("") == "(none)" and short_label(None) == "(none)"
+
+
+def test_a_long_label_is_cut_between_words_and_never_after_a_dangling_word():
+    label = short_label("a long story told by a narrator of the old times for the children of the village")
+    assert label == "long story told by a narrator of the old times…"
+    assert short_label("one two three", words=2) == "one two…"
 
 
 def test_label_summary_of_rows():
