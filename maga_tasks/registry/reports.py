@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from maga_tasks.errors import EXIT_BAD_INPUT, MagaError
 from maga_tasks.registry.dashboard import report_link
 from maga_tasks.registry.registry import Registry
 
@@ -37,9 +38,12 @@ SERVED_TYPES = {
 MAX_RELATIVE_PATH = 400
 
 
-class ReportNotServed(LookupError):
+class ReportNotServed(MagaError):
     """The request names no report file of this shard: answered 404, whatever the reason,
     so a probe learns nothing about the files around the corpus."""
+
+    exit_code = EXIT_BAD_INPUT
+    retryable = False
 
 
 def shard_quality_folder(registry: Registry, recipe_id: str, shard: str) -> Path | None:

@@ -45,6 +45,7 @@ EXPECTED = {
     "maga_tasks.registry.errors.RegistryConflict": (EXIT_CONFLICT, False),
     "maga_tasks.registry.errors.ShardBusy": (EXIT_CONFLICT, True),
     "maga_tasks.registry.errors.LeaseLost": (EXIT_CONFLICT, True),
+    "maga_tasks.registry.reports.ReportNotServed": (EXIT_BAD_INPUT, False),
     "maga_tasks.run_conf.ConfRefused": (EXIT_BAD_INPUT, False),
 }
 
