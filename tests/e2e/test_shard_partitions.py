@@ -2,7 +2,12 @@
 run registering N shards (and quarantining one) gives exactly N runs of the example
 consumer DAG `maga_shard_token_count`, one per partition key = shard name, each
 successful, whose token counts are the registry's; clearing the run's shard tasks (they
-re-run as no-ops) announces nothing more."""
+re-run as no-ops) announces nothing more.
+
+The stack is the session's: the other stack tests' runs announce their shards on the same
+asset (named `part-NNNN`), and the consumer, once unpaused, runs for those too. This test's
+shards have names of their own, and it counts only the events, partitions and consumer
+runs of those names."""
 
 from __future__ import annotations
 
@@ -24,29 +29,37 @@ pytestmark = [pytest.mark.airflow, pytest.mark.integration, pytest.mark.timeout(
 CONSUMER = "maga_shard_token_count"
 
 
+# This test's shard names: no other test names a shard so.
+SHARDS = [f"asset-{i:04d}" for i in range(4)]
+
+
 def consumer_runs(af) -> list[tuple]:
-    """(run_id, partition_key, state) of the consumer's runs."""
-    return af.query(
+    """(run_id, partition_key, state) of the consumer's runs for this test's shards."""
+    found = af.query(
         "SELECT run_id, partition_key, state FROM dag_run WHERE dag_id = %(d)s ORDER BY id", {"d": CONSUMER}
     )
+    return [run for run in found if run[1] in SHARDS]
 
 
 def shard_events(af) -> list[tuple]:
-    """(partition_key, extra, source_run_id, source_map_index) of every event on the shards asset."""
-    return af.query(
+    """(partition_key, extra, source_run_id, source_map_index) of the events on the shards
+    asset for this test's shards."""
+    found = af.query(
         "SELECT e.partition_key, e.extra, e.source_run_id, e.source_map_index FROM asset_event e"
         " JOIN asset a ON a.id = e.asset_id WHERE a.uri = %(u)s ORDER BY e.id",
         {"u": SHARDS_ASSET_URI},
     )
+    return [event for event in found if event[0] in SHARDS or event[2] == "partition-asset-test"]
 
 
 def queued_partitions(af) -> list[tuple]:
-    """(partition_key, created_dag_run_id) of the consumer's partition runs: Airflow adds
-    one with the event that asks for it, in the same transaction."""
-    return af.query(
+    """(partition_key, created_dag_run_id) of the consumer's partition runs for this test's
+    shards: Airflow adds one with the event that asks for it, in the same transaction."""
+    found = af.query(
         "SELECT partition_key, created_dag_run_id FROM asset_partition_dag_run WHERE target_dag_id = %(d)s",
         {"d": CONSUMER},
     )
+    return [row for row in found if row[0] in SHARDS]
 
 
 def clear_shard_tasks(af, run_id: str) -> None:
@@ -69,9 +82,10 @@ def test_each_registered_shard_runs_the_consumer_once(
     af = airflow_stack
     started = time.monotonic()
     source = tmp_path / "corpus"
-    write_sample_corpus(source, shards=3, docs_per_shard=2, offset=800)
+    for index, path in enumerate(sorted(write_sample_corpus(source, shards=3, docs_per_shard=2, offset=800))):
+        path.rename(source / f"{SHARDS[index]}.parquet")
     # A fourth shard fails the input gate (a repeated id): quarantined, not announced.
-    write_source_shard(source / "part-0003.parquet", [{"id": "a", "text": "Deltas."}, {"id": "a", "text": "Again."}])
+    write_source_shard(source / f"{SHARDS[3]}.parquet", [{"id": "a", "text": "Deltas."}, {"id": "a", "text": "Again."}])
     output_root = str(tmp_path / "expanded")
     recipe_path, recipe_id = write_recipe(tmp_path, "partition-asset-test")
     llm = af_llm_server_factory()
@@ -85,7 +99,7 @@ def test_each_registered_shard_runs_the_consumer_once(
         runs = wait_for_runs_finished(af, {"partition-asset-test"}, timeout=300)
         assert [r[2] for r in runs] == ["success"], failure_report(af, runs)
         shards = registered(af.registry_url, recipe_id)
-        assert sorted(shards) == ["part-0000", "part-0001", "part-0002"]
+        assert sorted(shards) == SHARDS[:3]
         phases = {"nightly run": time.monotonic() - started}
 
         # One event per registered shard, its name the partition key: none for the
