@@ -328,7 +328,8 @@ def test_the_overview_api_serves_no_secret_and_no_foreign_link(dashboard):
     rows = {row["shard"]: row for row in versions[RID]["shards"]}
     assert "127.0.0.1" in rows["part-0000"]["last_error"]  # the failure is there, its key is not
     docs = rows["part-0001"]["quality"]["input"]["report"]
-    assert docs["kind"] == "data_docs" and docs["href"] == "file://" + quarantined["docs_uri"]
+    # Served by the plugin behind the login, never as a file:// link.
+    assert docs["kind"] == "data_docs" and docs["href"] == f"maga/reports/{RID}/part-0001/input/"
     (hostile,) = versions[HOSTILE_RECIPE]["shards"]
     assert {suite: result["report"] for suite, result in hostile["quality"].items()} == {"input": None, "output": None}
 
@@ -357,12 +358,17 @@ def test_the_page_and_the_data_docs_run_no_markup_from_data(dashboard, tmp_path)
         )
         assert shown.startswith("0")
         hrefs = [a.get_attribute("href") for a in driver.find_elements(By.TAG_NAME, "a")]
-        assert "file://" + quarantined["docs_uri"] in hrefs
-        assert all(h.startswith((af.api_url + "/", "file://", "s3://")) for h in hrefs), hrefs
+        contents = f"{af.api_url}/maga/reports/{RID}/part-0001/input/"
+        assert contents in hrefs
+        assert all(h.startswith((af.api_url + "/", "s3://")) for h in hrefs), hrefs
 
-        # The quarantined shard's Data Docs, as the page links them.
-        validation_page = next(Path(quarantined["docs_uri"]).parent.glob("validations/**/*.html"))
-        driver.get(validation_page.as_uri())
+        # The quarantined shard's Data Docs, as the page links them: their contents, then a
+        # validation page (served by the plugin, in a CSP sandbox).
+        driver.get(contents)
+        wait_for(lambda: driver.execute_script("return document.readyState") == "complete", 60, 0.5, "contents")
+        pages = [a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "a.page")]
+        validation_page = next(h for h in pages if "/validations/" in h)
+        driver.get(validation_page)
         wait_for(lambda: driver.execute_script("return document.readyState") == "complete", 60, 0.5, "Data Docs")
         assert "window.__pwned=1" in driver.find_element(By.TAG_NAME, "body").text
         assert driver.execute_script("return window.__pwned") is None
