@@ -94,14 +94,28 @@ def test_a_journaled_chat_asks_only_what_the_journal_lacks(tmp_path, llm_server)
 # -- a real shard killed with SIGKILL and rerun --------------------------------------------
 
 
+# One draw per pair (the default recipe), or up to 3 with half the rewrites spoiled: the
+# journal keys each draw, so a rerun asks none of them again either.
+DRAWS = {"one draw": (1, ()), "redrawn rewrites": (3, ("off_topic:0.5",))}
+
+
 @pytest.mark.integration
-def test_sigkill_mid_shard_then_rerun_asks_no_answered_request_again(tmp_path, llm_server_factory):
-    server = llm_server_factory(latency_ms=150)
+@pytest.mark.parametrize("draws", DRAWS)
+def test_sigkill_mid_shard_then_rerun_asks_no_answered_request_again(tmp_path, llm_server_factory, draws):
+    from maga_tasks.recipe import recipe_from_dict
+
+    samples, faults = DRAWS[draws]
+    dumped = RECIPE.model_dump(mode="json")
+    redrawn = {**dumped, "rewrite": {**dumped["rewrite"], "samples": samples}}
+    recipe = RECIPE if samples == 1 else recipe_from_dict(redrawn)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(recipe.to_yaml(), encoding="utf-8")
+    server = llm_server_factory(*faults, latency_ms=150)
     source = write_sample_corpus(tmp_path / "source", 1, 120)[0]
     out = tmp_path / "out"
-    work = Path(shard_paths(str(out), RECIPE.recipe_id, "part-0000").work)
+    work = Path(shard_paths(str(out), recipe.recipe_id, "part-0000").work)
     command = [sys.executable, "-m", "maga_tasks.cli", "expand-shard", str(source), "--output-root", str(out),
-               "--endpoint", server.url, "--concurrency", "16"]
+               "--endpoint", server.url, "--concurrency", "16", "--recipe", str(recipe_file)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -131,6 +145,8 @@ def test_sigkill_mid_shard_then_rerun_asks_no_answered_request_again(tmp_path, l
     received = {key for key in first_run if key.split("/")[0] in doc_keys} | {request for _, request in journaled}
     journal_only = {request for doc, request in journaled if doc not in finished}
     assert journal_only, "the kill must leave answers of unfinished documents for the test to mean anything"
+    if samples > 1:  # answers of further draws were among them
+        assert any(key.split("/")[2].endswith((".1", ".2")) for key in received), sorted(received)[:10]
     asked_again = sorted(key for key in received if second_run.get(key))
     assert asked_again == [], asked_again
     # Each request reached the server once per run at most; across both runs exactly once,
@@ -148,7 +164,7 @@ def test_sigkill_mid_shard_then_rerun_asks_no_answered_request_again(tmp_path, l
     # The journal's answers give the very rows a clean run gives, and the journal is gone.
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert not work.exists()
-    reference = expand_shard(str(source), str(tmp_path / "reference"), RECIPE,
+    reference = expand_shard(str(source), str(tmp_path / "reference"), recipe,
                              RunSettings(endpoints=(server.url,), max_concurrency=64))
     for got_uri, want_uri in ((summary["data_uri"], reference.data_uri),
                               (summary["rejected_uri"], reference.rejected_uri)):
