@@ -18,7 +18,8 @@ measured (a shard written before the fidelity checks, a recipe that does not run
 - `genre_kept_rate`: of the accepted rows whose genre has a form cue a word check can
   see (`method.fidelity.GENRE_CUES`: a question-and-answer sheet, a letter, ...), the
   share that shows it. Genres without a cue (a news report, a story) are not counted.
-  Only the question-and-answer cue rejects rows (`off_genre`); the others are measured.
+  Only the question-and-answer and the letter cues reject rows (`off_genre`); the others
+  are measured.
 
 Each counts rows, one per pair: with `rewrite.samples` > 1 the draw a pair kept, not the
 draws the cleaning discarded before it.

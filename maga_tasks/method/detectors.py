@@ -162,13 +162,40 @@ def refusal(text: str) -> Finding:
 # the model describing its rewriting ("Rewritten text:", "In this rewritten text, the
 # events were reorganized", "Rewrite this text in plain language:"), addressing the text
 # it was given ("the original text", "my previous response") or announcing its answer
-# ("Here's an edited version", "here is a radio script read aloud by a presenter:").
+# ("Here's an edited version", "here is a radio script read aloud by a presenter:"); and
+# in forms a rewording word does not show: its own revisions, the requester's piece, the
+# text described ("This article includes ..."), the genre as an assignment. Each family
+# is judged against the source on its own: a source that says "This article covers the
+# art of Persia" lets its rewrites describe the article, not talk of their revisions.
+# (The last four fire on 3 of 9,356 Wikipedia summaries, all "this article" hatnotes.)
 _TASK_TALK = (
     re.compile(r"\b(?:rewrit\w*|rewrote|rephras\w*|reword\w*|paraphras\w*)\b"),
     re.compile(r"\b(?:the|this|your|my) (?:original |given |provided |source |above |following )?"
                r"(?:text|passage|document|response)\b"),
     re.compile(r"\bhere(?:'s|\u2019s| is| are) (?:a|an|the|my|some)\b[^.:\n]{0,60}?"
                r"\b(?:version|rewording|edit|revision|script|text)\b"),
+    # The writer on its own work: "I made additional revisions", "I've made a few changes",
+    # "the story I'm writing about". (Not a letter: "this letter I am writing" is its form.)
+    re.compile(r"\b(?:i(?:'ve| have)? (?:made|make|did|added|add) (?:\w+ ){0,3}?"
+               r"(?:revisions?|changes|edits|adjustments|tweaks|improvements|corrections)\b"
+               r"|(?:the|this|my) (?:\w+ )?(?:story|article|piece|report|summary|script|post|column|text|version|draft)"
+               r" (?:that )?i(?:'m| am|'ve| have)? (?:writ|wrote|creat|prepar|draft))"),
+    # The requester's piece, or the writer's own, by a name for a draft: "Your piece has
+    # already provided", "your article highlights", "my version". ("Your essay" is left:
+    # students writing an essay are one of the catalogue's readers.)
+    re.compile(r"\b(?:your|my) (?:piece|article|draft|paragraph|version|revisions?|edits)\b"),
+    # The text described instead of written: "This article includes a brief overview",
+    # "The article also provides details", "In this article, you will find".
+    re.compile(r"\b(?:(?:(?:this|the) article|this (?:piece|summary|report|overview))"
+               r"(?: also| will| aims to| tries to| is going to)?"
+               r" (?:includ|provid|cover|offer|explor|discuss|describ|present|giv|contain|highlight|outlin|focus|"
+               r"go into|explain|introduc|look)|in this (?:article|piece|summary)\b)"),
+    # The genre as an assignment: "The news report would be written by a general
+    # newspaper", "This article is tailored to". (Not a letter or a lesson plan, whose own
+    # words these can be: "This lesson plan is designed for one class period".)
+    re.compile(r"\b(?:the|this) (?:\w+ )?(?:report|article|story|piece|summary|script|text|post|column|sheet|explainer)"
+               r" (?:would|will|should|could|can|is going to|is|has been) (?:be )?"
+               r"(?:written|aimed|targeted|tailored|designed|intended|meant|adapted) (?:by|for|to|at)\b"),
 )
 
 

@@ -69,16 +69,18 @@ def test_every_real_junk_rewrite_of_a_rejected_kind_is_rejected(row):
     assert _verdict(row).reject_reason is not None, row["note"]
 
 
-# The accepted rows of each kind, tune / held-out, as measured on 2026-12-07 (good: of
-# 17 / 8). A fact changed in words, a genre ignored, drift that keeps the keywords: the
-# word checks cannot see them (docs/real-model.md); these ceilings keep what they do see.
-# The held-out column was read once, after the tune split had decided the checks.
+# The accepted rows of each kind, tune / held-out, as measured on 2026-12-07 with the
+# letter cue enforced and task talk in forms without a rewording word (good: of 17 / 8).
+# A fact changed in words, a genre ignored, drift that keeps the keywords: the word
+# checks cannot see them (docs/real-model.md); these ceilings keep what they do see.
+# The held-out column was read once (counts only), after the tune split had decided the
+# checks.
 ACCEPTED_AT_MOST = {
-    "invented_facts": (18, 9),
+    "invented_facts": (17, 8),
     "pair_label_echo": (4, 5),
-    "task_talk": (5, 3),
-    "off_genre": (5, 3),
-    "drift": (1, 1),
+    "task_talk": (0, 3),
+    "off_genre": (4, 2),
+    "drift": (0, 1),
     "near_copy": (2, 0),
 }
 
@@ -167,14 +169,32 @@ def test_a_question_and_answer_sheet_must_answer_questions():
     assert fidelity.off_genre("Rivers carry water to the sea.", genre)  # no question
     assert fidelity.off_genre("Rivers flow. What is a river? Where does it go?", genre)  # unanswered
     # Other genres' cues are measured, not enforced.
+    radio = "a radio script read aloud by a presenter"
+    assert fidelity.off_genre("Rivers carry water.", radio) is None
+    assert fidelity.genre_kept("Rivers carry water.", radio) is False
     letter = "a letter to a friend that explains why the topic matters"
-    assert fidelity.off_genre("Rivers carry water.", letter) is None
     assert fidelity.genre_kept("Rivers carry water.", letter) is False
     assert fidelity.genre_kept("Dear Sam,\nrivers carry water.\nLove,\nAna", "a letter to a friend") is True
     assert fidelity.genre_kept("Rivers carry water.", "a short news report for a general newspaper") is None
     # A newsletter is no letter; letters are.
     assert fidelity.genre_kept("Rivers carry water.", "A newsletter feature for a general magazine") is None
     assert fidelity.genre_kept("Rivers carry water.", "Letters between two friends") is False
+
+
+def test_a_letter_must_greet_or_sign_off():
+    letter = "a letter to a friend that explains why the topic matters"
+    # Encyclopedia sentences with no one addressed are no letter (the real rows it rejects).
+    assert fidelity.off_genre("Crux is a constellation of the southern sky.", letter)
+    assert fidelity.off_genre("Hello is a word people say. Rivers carry water.", letter) is None  # a "Hello" line
+    for kept in ("Dear Sam,\nrivers carry water.", "My dear friend,\nrivers carry water.",
+                 "Cheri,\n\nRivers carry water.", "Aunt May,\nRivers carry water.",
+                 "Rivers carry water.\nTake care,\nAna", "Rivers carry water.\n(Signed) Cheri"):
+        assert fidelity.off_genre(kept, letter) is None, kept
+    # Near misses: a first line that is a sentence, a lower-case word or a connective with
+    # more after it, and a "Warm" sentence, are neither greeting nor sign-off.
+    for missed in ("Rivers carry water,\nand the sea.", "however,\nrivers carry water.",
+                   "However, rivers carry water.", "Rivers flow.\nWarm days follow in May."):
+        assert fidelity.off_genre(missed, letter), missed
 
 
 def test_invented_facts_normalise_numbers_and_ignore_the_sources_own():
@@ -218,6 +238,47 @@ def test_task_talk_is_judged_against_the_source():
     assert detectors.task_talk("Ladies and gentlemen, here is a radio script read aloud:", "A radio station.")
 
 
+SOURCE = "Lizards are reptiles found on every continent except Antarctica."
+
+
+@pytest.mark.parametrize("caught, near_miss", [
+    # the writer on its own revisions or draft
+    ("Lizards live everywhere.\n\nI made additional revisions to enhance clarity.",
+     "I made a nest for the lizards in the garden."),
+    ("Lizards live everywhere. I've made a few small changes to the wording.",
+     "Lizards have made big changes to their habitats."),
+    ("The story I'm writing about lizards is for children.", "The story of lizards is for children."),
+    # the requester's piece, or the writer's own by a name for a draft
+    ("Your piece has already provided a fine explanation; I'll just need to add more.",
+     "Your pet lizard needs a warm piece of rock."),
+    ("Lizards live everywhere. Let me know what you think of my version.", "My lizard is called Rex."),
+    # the text described instead of written
+    ("This article includes a brief overview of lizard species.", "This lizard includes insects in its diet."),
+    ("Lizards live everywhere. The article also provides details about the Komodo dragon.",
+     "The Komodo dragon provides a home for many parasites."),
+    ("In this article, you will find more information on lizards.", "In this desert, you will find lizards."),
+    # the genre as an assignment
+    ("The news report would be written by a general newspaper in English.",
+     "The report was written by a zoologist in 1820."),
+    ("This summary is written for busy adults.", "This lizard is adapted to dry land."),
+])
+def test_task_talk_in_forms_without_a_rewording_word(caught, near_miss):
+    assert detectors.task_talk(caught, SOURCE), caught
+    assert detectors.task_talk(near_miss, SOURCE) is None, near_miss
+    # judged against the source: a source that itself talks so lets its rewrites do it
+    assert detectors.task_talk(caught, caught) is None
+
+
+def test_task_talk_leaves_a_letter_and_a_lesson_plan_their_own_words():
+    assert detectors.task_talk("Dear Sam, I am writing this letter to tell you about lizards.", SOURCE) is None
+    assert detectors.task_talk("This lesson plan is designed for one class period.", SOURCE) is None
+    assert detectors.task_talk("Good luck with your essay on lizards!", SOURCE) is None
+    # a source that describes itself as an article lets its rewrites describe the article
+    hatnote = "This article covers the lizards of Europe. Lizards are reptiles."
+    assert detectors.task_talk("This article covers the lizards of Europe.", hatnote) is None
+    assert detectors.task_talk("This article covers the lizards of Europe. I made some edits.", hatnote)
+
+
 # -- the quick looks that keep cleaning cheap --------------------------------------------
 
 # One phrase or line per alternative of the echo, refusal and task-talk patterns.
@@ -230,6 +291,8 @@ PLANTED = [
     "I'm ready to help", "Would you like me to", "What genre would you like?", "Is there a line missing?",
     "please provide feedback", "It was rewritten.", "rephrased", "paraphrasing", "the original text",
     "my previous response", "Here's an edited version", "here is a radio script",
+    "I made several changes", "the story I'm writing", "your piece", "this article includes", "in this summary",
+    "the report would be written by",
     "<|im_start|>assistant", "[INST] hi [/INST]", "<<SYS>>", "\nassistant\n", "\nTASK: do it\n", "\nTask - do it\n",
     "\n<<<\n", " the end >>>\n", "\nGenre: a report\n", "\n**Audience**: pupils\n", "\nSource document: x\n",
     "\nLanguage: English\n",
