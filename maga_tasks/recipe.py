@@ -223,6 +223,13 @@ class Recipe(_Strict):
         return self.context_budget_tokens + max(self.rewrite.sampling.max_tokens, self.pairs.sampling.max_tokens)
 
     @property
+    def judge_asks_genre(self) -> bool:
+        """Whether the judge's task names the rewrite's genre, and so asks whether the
+        rewrite keeps it (`genre_kept` in the judge's answer)."""
+        fields = {field for _, field, _, _ in string.Formatter().parse(self.prompts["judge"]) if field}
+        return "genre" in fields
+
+    @property
     def tokenizer_name(self) -> str:
         return self.tokenizer or self.model
 
@@ -236,7 +243,8 @@ PLACEHOLDERS = {
     "system": {"n_pairs"},
     "pairs": {"n_pairs"},
     "rewrite": {"genre", "audience"},
-    "judge": {"rewrite"},
+    # {genre} in the judge's task asks its genre question too (`Recipe.judge_asks_genre`).
+    "judge": {"rewrite", "genre", "audience"},
 }
 
 

@@ -122,6 +122,7 @@ class ShardOutcome:
     resumed_documents: int | _Absent = ABSENT
     newly_registered: bool | _Absent = ABSENT
     judge_pass_share: float | _Absent = ABSENT
+    judge_genre_kept_share: float | None | _Absent = ABSENT  # None: the recipe's judge asks no genre question
     judge_scored: int | _Absent = ABSENT
     judge_uri: str | _Absent = ABSENT
     judge_error: str | _Absent = ABSENT

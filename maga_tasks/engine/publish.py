@@ -398,8 +398,10 @@ def judge_shard_after_publish(
         log.warning("shard %s: the judge could not run: %s", outcome.shard, error)
         return outcome.but(judge_error=clean_text(error))
     record_judge(registry, report)
+    statistics = report.statistics()
     return outcome.but(
-        judge_pass_share=report.statistics()["pass_share"], judge_scored=report.scored, judge_uri=report.uri
+        judge_pass_share=statistics["pass_share"], judge_genre_kept_share=statistics["genre_kept_share"],
+        judge_scored=report.scored, judge_uri=report.uri,
     )
 
 

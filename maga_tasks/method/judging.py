@@ -8,6 +8,11 @@ beside the gates, not a gate: the shard's status does not depend on it; the resu
 to `quality/{shard}/judge.json` and, through the caller, to the registry (suite "judge")
 where the dashboard shows it.
 
+Where the recipe's judge task names the rewrite's genre (`{genre}`), the judge also says
+whether the rewrite takes that genre's form (`genre_kept`): the genre check for genres a
+model wrote, which no word check knows (`method/fidelity.py` checks the catalogue's). Its
+share is reported beside the pass share, a flag on the sample, never a reject.
+
 The sample is deterministic: the accepted rows with the smallest ids (ids are hashes, so
 this is a uniform sample that a rerun picks again). Source documents are streamed and cut
 to the context budget exactly as the expansion cut them.
@@ -48,6 +53,8 @@ class JudgeReport:
     sampled: int
     scores: dict[int, int] = field(default_factory=dict)  # score -> rows
     failures: dict[str, int] = field(default_factory=dict)  # reason -> rows without a score
+    # The genre question's answers (recipes whose judge asks it): "kept" / "not_kept".
+    genre_answers: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     min_pass_share: float = 0.0
@@ -65,6 +72,12 @@ class JudgeReport:
         return sum(n for score, n in self.scores.items() if score >= PASSING_SCORE) / self.scored
 
     @property
+    def genre_kept_share(self) -> float | None:
+        """Share of the genre question's answers that say the rewrite keeps its genre."""
+        answered = sum(self.genre_answers.values())
+        return self.genre_answers.get("kept", 0) / answered if answered else None
+
+    @property
     def success(self) -> bool:
         return self.pass_share is not None and self.pass_share >= self.min_pass_share
 
@@ -79,6 +92,8 @@ class JudgeReport:
             "mean_score": None if mean is None else round(mean, 3),
             "scores": {str(score): self.scores.get(score, 0) for score in range(1, 6)},
             "failures": dict(self.failures),
+            "genre_kept_share": None if self.genre_kept_share is None else round(self.genre_kept_share, 4),
+            "genre_answers": dict(self.genre_answers),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
         }
@@ -114,10 +129,11 @@ def judge_committed_shard(
     document = {"shard": paths.shard, "recipe_id": recipe.recipe_id, **report.statistics(), "samples": samples}
     storage_for(report.uri, s3).put_bytes(report.uri, json.dumps(document, indent=1, ensure_ascii=False).encode())
     log.info(
-        "judge of shard %s: %d of %d samples scored, %s score >= %d (threshold %.0f%%), scores %s",
+        "judge of shard %s: %d of %d samples scored, %s score >= %d (threshold %.0f%%), scores %s, genre kept %s",
         paths.shard, report.scored, report.sampled,
         "n/a" if report.pass_share is None else f"{report.pass_share:.1%}", PASSING_SCORE,
         100 * report.min_pass_share, report.statistics()["scores"],
+        "n/a" if report.genre_kept_share is None else f"{report.genre_kept_share:.1%}",
     )
     return report
 
@@ -158,6 +174,7 @@ class _Verdict:
     score: int | None
     analysis: str
     failure: str | None
+    genre_kept: bool | None = None
 
 
 async def _judge_rows(rows, sources, recipe, settings, shard, report: JudgeReport) -> list[_Verdict]:
@@ -170,15 +187,19 @@ async def _judge_rows(rows, sources, recipe, settings, shard, report: JudgeRepor
             if source is None:
                 return _Verdict(None, "", RejectReason.JUDGE_SOURCE_MISSING)
             result = await judge(
-                client, recipe, f"{shard}:{row['source_id']}", source, row["text"], row["pair_index"], structured
+                client, recipe, f"{shard}:{row['source_id']}", source, row["text"], row["pair_index"], structured,
+                row["genre"], row["audience"],
             )
-            return _Verdict(result.score, result.analysis, result.reject_reason)
+            return _Verdict(result.score, result.analysis, result.reject_reason, result.genre_kept)
 
         verdicts = await asyncio.gather(*(one(row) for row in rows))
         usage = client.stats.snapshot()
     report.prompt_tokens, report.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
     report.scores = dict(Counter(v.score for v in verdicts if v.score is not None))
     report.failures = dict(Counter(v.failure for v in verdicts if v.score is None))
+    report.genre_answers = dict(
+        Counter("kept" if v.genre_kept else "not_kept" for v in verdicts if v.genre_kept is not None)
+    )
     return verdicts
 
 

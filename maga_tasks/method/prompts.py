@@ -53,8 +53,8 @@ def rewrite_messages(recipe: Recipe, document: str, genre: str, audience: str) -
     return _messages(recipe, document, task)
 
 
-def judge_messages(recipe: Recipe, document: str, rewrite: str) -> Messages:
-    task = recipe.prompts["judge"].format(rewrite=rewrite)
+def judge_messages(recipe: Recipe, document: str, rewrite: str, genre: str = "", audience: str = "") -> Messages:
+    task = recipe.prompts["judge"].format(rewrite=rewrite, genre=genre, audience=audience)
     return _messages(recipe, document, task)
 
 
@@ -117,3 +117,12 @@ JUDGE_JSON_SCHEMA = {
     "required": ["analysis", "score"],
     "additionalProperties": False,
 }
+
+
+def judge_json_schema(asks_genre: bool) -> dict:
+    """The judge's answer; with the genre question, `genre_kept` comes last, after the
+    analysis that leads up to it."""
+    if not asks_genre:
+        return JUDGE_JSON_SCHEMA
+    properties = {**JUDGE_JSON_SCHEMA["properties"], "genre_kept": {"type": "boolean"}}
+    return {**JUDGE_JSON_SCHEMA, "properties": properties, "required": [*JUDGE_JSON_SCHEMA["required"], "genre_kept"]}

@@ -20,7 +20,7 @@ from maga_tasks.llm.client import Completion, LLMClient
 from maga_tasks.llm.failure import RequestFailed, RequestFailure
 from maga_tasks.method.detectors import junk_description
 from maga_tasks.method.prompts import (
-    JUDGE_JSON_SCHEMA,
+    judge_json_schema,
     judge_messages,
     pair_choice_json_schema,
     pairs_json_schema,
@@ -316,6 +316,9 @@ class JudgeResult:
     score: int | None
     analysis: str = ""
     reject_reason: str | None = None
+    # The genre question's answer: None when the recipe's judge does not ask it, or the
+    # answer (without the grammar) leaves it out.
+    genre_kept: bool | None = None
 
 
 async def judge(
@@ -326,14 +329,18 @@ async def judge(
     rewritten: str,
     pair_index: int,
     structured: StructuredOutputSupport | None = None,
+    genre: str = "",
+    audience: str = "",
 ) -> JudgeResult:
-    """Score limited consistency (1-5) of a rewrite against its source."""
+    """Score limited consistency (1-5) of a rewrite against its source; where the recipe's
+    judge names the genre, also whether the rewrite keeps it."""
     structured = structured or StructuredOutputSupport("auto")
-    schema = {"type": "json_schema", "json_schema": {"name": "judge", "schema": JUDGE_JSON_SCHEMA}}
+    asks_genre = recipe.judge_asks_genre
+    schema = {"type": "json_schema", "json_schema": {"name": "judge", "schema": judge_json_schema(asks_genre)}}
     for _ in range(2):  # a second try only when the fleet refuses structured outputs
         try:
             completion = await client.chat(
-                judge_messages(recipe, document, rewritten),
+                judge_messages(recipe, document, rewritten, genre, audience),
                 recipe.judge_sampling,
                 seed=derive_seed(doc_key, "judge", pair_index, 0),
                 request_id=request_id(doc_key, "judge", pair_index),
@@ -348,8 +355,11 @@ async def judge(
             return JudgeResult(None, "", RejectReason.JUDGE_REQUEST.with_cause(error.failure.reason))
         answer = parse_json_object(completion.text) or {}
         score = answer.get("score")
-        if isinstance(score, int) and 1 <= score <= 5:
+        # (A JSON true is an int to Python, not a score.)
+        if isinstance(score, int) and not isinstance(score, bool) and 1 <= score <= 5:
             analysis = answer.get("analysis")
-            return JudgeResult(score, analysis[:800] if isinstance(analysis, str) else "")
+            kept = answer.get("genre_kept") if asks_genre else None
+            analysis = analysis[:800] if isinstance(analysis, str) else ""
+            return JudgeResult(score, analysis, genre_kept=kept if isinstance(kept, bool) else None)
         return JudgeResult(None, "", RejectReason.JUDGE_INVALID_ANSWER)
     return JudgeResult(None, "", RejectReason.JUDGE_STRUCTURED_OUTPUTS_REFUSED)

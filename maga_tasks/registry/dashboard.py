@@ -149,8 +149,10 @@ def _quality_summary(results: list[dict], corpus_root: str | None, serve_prefix:
                 result.get("docs_uri"), result["recipe_id"], result["shard"], corpus_root, serve_prefix
             ),
             "created_at": result.get("created_at"),
-            # The judge's headline figure: share of sampled rewrites scoring >= 3.
+            # The judge's headline figure: share of sampled rewrites scoring >= 3; and,
+            # where its recipe asks, the share it says keep their genre.
             "pass_share": (result.get("statistics") or {}).get("pass_share") if suite == "judge" else None,
+            "genre_kept_share": (result.get("statistics") or {}).get("genre_kept_share") if suite == "judge" else None,
         }
         for suite, result in sorted(latest.items())
     }

@@ -93,6 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="quality suite: shards the documents are split into (a row each in the per-shard table)")
     parser.add_argument("--judge-sample", type=int, default=20, help="quality suite: rewrites the judge scores")
     parser.add_argument("--first-article", type=int, default=0, help="quality suite: first sample article")
+    parser.add_argument("--judge-labels", help="quality suite: also judge every labelled rewrite of this JSON-lines"
+                        " file (tests/fixtures/smollm2_outputs.jsonl) and count the genre answers by label")
     parser.add_argument("--fleet-clients", type=int, default=4, help="fleet suite: client processes")
     parser.add_argument("--fleet-concurrency", type=int, default=128, help="fleet suite: cap per client")
     parser.add_argument("--fleet-max-running", type=int, default=8, help="fleet suite: server capacity")

@@ -6,7 +6,8 @@ yield (accepted / documents x pairs), reject reasons, pairs validity, the collap
 (keyword coverage and 8-word copy ratio of every rewrite: near copies at one end, drift
 at the other), the detectors run again over the accepted rows, independently of the
 accept decision (their hits must be 0), an audit of the accepted rows for label echoes
-and invented numbers written apart from the fidelity checks, the judge's pass share,
+and invented numbers written apart from the fidelity checks, the judge's pass share and
+genre-kept share (and with `--judge-labels FILE`, its genre answers on labelled rows),
 3 sample rows, and a table per shard (`--quality-shards`): yield and the collapse band
 beside the shard's fidelity rates as the registry keeps them (`data.figures`: the
 invented-fact, label-echo and genre-kept rates of its `ShardResult`).
@@ -196,9 +197,15 @@ def markdown(figures: dict) -> str:
         f"| accepted rows showing their genre's form (of those with a cue) | {figures['genre_kept']['kept']} of "
         f"{figures['genre_kept']['rows']} |",
         f"| judge pass share (score >= 3) | {figures.get('judge_pass_share')} |",
+        f"| judge: share of judged rows keeping their genre | {figures.get('judge_genre_kept_share')} |",
         "",
         "Reject reasons: " + ", ".join(f"{k} {v}" for k, v in figures["rejects_by_reason"].items()),
     ]
+    if figures.get("judge_genre_on_labels"):
+        from maga_tasks.tools.judge_labels import markdown_lines
+
+        lines += ["", "The judge's genre question on the labelled answers:", "",
+                  *markdown_lines(figures["judge_genre_on_labels"])]
     if figures.get("shards"):
         lines += [
             "",
@@ -258,6 +265,11 @@ def run_quality(args) -> dict:
                                            sample=args.judge_sample)
             figures["judge_pass_share"] = report.pass_share
             figures["judge_scores"] = report.scores
+            figures["judge_genre_kept_share"] = report.genre_kept_share
+        if getattr(args, "judge_labels", None):
+            from maga_tasks.tools.judge_labels import genre_answers_by_label
+
+            figures["judge_genre_on_labels"] = genre_answers_by_label(args.judge_labels, recipe, settings)
     finally:
         if server:
             server.stop()

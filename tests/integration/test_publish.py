@@ -256,11 +256,15 @@ def test_judge_measures_a_newly_registered_shard_once(tmp_path, registry, llm_se
     # The test server scores by the source keywords a rewrite keeps; accepted rewrites keep many.
     assert summary["judge_pass_share"] == 1.0
     assert llm_server.stats()["by_stage"]["judge"] == 8
+    # Every sample answered the genre question (its share: tests/integration/test_judging.py).
+    assert 0.0 <= summary["judge_genre_kept_share"] <= 1.0
 
     (judged,) = [r for r in registry.quality_results(RID, "part-0000") if r["suite"] == "judge"]
     assert judged["success"] and judged["evaluated"] == 8 and judged["statistics"]["pass_share"] == 1.0
     document = json.loads(Path(summary["judge_uri"]).read_text())
-    assert len(document["samples"]) == 8 and all(3 <= s["score"] <= 5 and s["analysis"] for s in document["samples"])
+    assert len(document["samples"]) == 8
+    samples = document["samples"]
+    assert all(3 <= s["score"] <= 5 and s["analysis"] and isinstance(s["genre_kept"], bool) for s in samples)
     assert document["prompt_tokens"] > 0 and sum(document["scores"].values()) == 8
     assert registry.shard(RID, "part-0000")["prompt_tokens"] == summary["prompt_tokens"]  # judge tokens kept apart
 

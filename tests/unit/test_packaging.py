@@ -8,6 +8,7 @@ entry (not its `.pth` files, so the editable install of the checkout stays out o
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -53,19 +54,22 @@ def test_installed_wheel_upgrades_a_new_database_outside_the_checkout(wheel, tmp
     )
     site = Path(purelib.strip())
     (site / "borrowed_dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    # Outside the checkout means without a PYTHONPATH that points into it, too (with one,
+    # pip finds the checkout's package "already installed" and installs nothing).
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps", str(wheel)],
-        check=True, capture_output=True, text=True, timeout=300,
+        check=True, capture_output=True, text=True, timeout=300, env=env,
     )
     where = subprocess.check_output(
-        [str(python), "-c", "import maga_tasks; print(maga_tasks.__file__)"], cwd=tmp_path, text=True
+        [str(python), "-c", "import maga_tasks; print(maga_tasks.__file__)"], cwd=tmp_path, text=True, env=env
     )
     assert where.startswith(str(site)), where
 
     database = tmp_path / "new.sqlite"
     done = subprocess.run(
         [str(env_dir / "bin" / "maga"), "db", "upgrade", "--registry", str(database)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env,
     )
     assert done.returncode == 0, done.stderr
     rows = sqlite3.connect(database).execute("SELECT version FROM schema_version ORDER BY version")

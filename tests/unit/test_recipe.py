@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from maga_tasks.recipe import RecipeError, default_recipe_path, load_recipe
+from maga_tasks.recipe import RecipeError, builtin_recipe_path, default_recipe_path, load_recipe
 
 
 def write(tmp_path, data: dict):
@@ -96,3 +96,15 @@ def test_an_option_left_unset_takes_no_part_in_the_id(tmp_path):
     del dumped["rewrite"]["samples"]
     canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     assert base.recipe_id == "r-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+@pytest.mark.parametrize("name", ["default", "tiny", "smollm2-135m"])
+def test_the_built_in_judges_ask_the_genre_question(name):
+    assert load_recipe(builtin_recipe_path(name)).judge_asks_genre
+
+
+def test_a_judge_task_without_the_genre_asks_no_genre_question(tmp_path):
+    data = default_data()
+    data["prompts"]["judge"] = data["prompts"]["judge"].replace("Genre: {genre}\n", "")
+    recipe = load_recipe(write(tmp_path, data))
+    assert "{genre}" not in recipe.prompts["judge"] and not recipe.judge_asks_genre

@@ -309,7 +309,7 @@ def _intro(genre: str, audience: str, keywords: tuple[str, ...], salt: int) -> s
     reader = " ".join(_first_sentence(audience, 70).split()[:6]).rstrip(",;:")
     subjects = ", ".join(keywords[:3]) or "its subject"
     if salt % 2:
-        return f"Presented as {shape}, this piece is meant for {reader}. It is about {subjects}."
+        return f"Presented as {shape} for {reader}, it is about {subjects}."
     return f"Written for {reader}, this piece takes the form of {shape}. Its subjects: {subjects}."
 
 
@@ -368,11 +368,14 @@ def _join_paragraphs(sentences: list[str]) -> str:
 # Judge
 
 
-def judge_answer(profile: DocumentProfile, rewrite: str | None) -> str:
-    """Score limited consistency by the share of the document's keywords kept."""
+def judge_answer(profile: DocumentProfile, rewrite: str | None, genre: str = "") -> str:
+    """Score limited consistency by the share of the document's keywords kept; asked about
+    a genre (a `Genre:` line), say it is kept when the rewrite names the genre's first
+    word of four letters or more."""
+    asked = {"genre_kept": genre_named(genre, rewrite or "")} if genre else {}
     if not rewrite or not rewrite.strip():
         analysis = "No rewritten text was given, so nothing derives from the document."
-        return json.dumps({"analysis": analysis, "score": 1})
+        return json.dumps({"analysis": analysis, "score": 1, **asked})
     words = {w.lower() for w in WORD_RE.findall(rewrite)}
     keywords = profile.keywords
     kept = sum(1 for word in keywords if word in words)
@@ -384,7 +387,13 @@ def judge_answer(profile: DocumentProfile, rewrite: str | None) -> str:
         f"The rewrite keeps {kept} of the document's {len(keywords)} main keywords "
         f"({share:.0%}), so it is {_VERDICTS[score]}."
     )
-    return json.dumps({"analysis": analysis, "score": score})
+    return json.dumps({"analysis": analysis, "score": score, **asked})
+
+
+def genre_named(genre: str, rewrite: str) -> bool:
+    """The test server's genre rule: the genre's first word of 4+ letters is in the text."""
+    word = next((w.lower() for w in WORD_RE.findall(genre) if len(w) >= 4), None)
+    return word is not None and word in {w.lower() for w in WORD_RE.findall(rewrite)}
 
 
 _VERDICTS = {
@@ -436,5 +445,5 @@ def answer_for(req: ChatRequest, answer_stage: str, profile: DocumentProfile) ->
         genre, audience = _task_field(req.task, "Genre"), _task_field(req.task, "Audience")
         return make_rewrite(profile, genre, audience, (req.document, req.seed))
     if answer_stage == "judge":
-        return judge_answer(profile, rewrite_in_judge_task(req.task))
+        return judge_answer(profile, rewrite_in_judge_task(req.task), _task_field(req.task, "Genre"))
     return "Understood. " + " ".join(profile.keywords[:10])

@@ -29,7 +29,9 @@ source) and ``eos`` (rewrite: the honest answer, with finish reason "eos" instea
 "stop", as servers other than vLLM say a natural end).
 
 ``deep_json`` is a content fault too: the answer (pairs or judge; default pairs) is JSON
-nested 50,000 levels deep.
+nested 50,000 levels deep. ``loose_types`` (judge) keeps the verdict's fields but not
+their types: the score ``true``, ``genre_kept`` the string "yes" (JSON allows both; a
+grammar-less model writes them).
 
 Hostile faults are what a broken server or a proxy that rewrites bodies sends instead of
 a chat completion. They are aimed like transient faults (the request key without the
@@ -68,7 +70,9 @@ from maga_tasks.tools.test_server.answers import (
 )
 
 TRANSIENT_KINDS = ("http500", "http429", "timeout", "disconnect", "crash")
-CONTENT_KINDS = ("bad_json", "wrong_count", "truncate", "boilerplate", "empty", "off_topic", "eos", "deep_json")
+CONTENT_KINDS = (
+    "bad_json", "wrong_count", "truncate", "boilerplate", "empty", "off_topic", "eos", "deep_json", "loose_types"
+)
 ENVELOPE_KINDS = ("usage_huge", "usage_negative", "usage_string", "finish_list", "content_number", "content_object")
 HOSTILE_KINDS = (*ENVELOPE_KINDS, "huge_answer", "endless_answer", "echo_auth", "nul_5xx", "huge_error")
 # Stages each kind may apply to, and the default when the spec names none. Content
@@ -77,6 +81,7 @@ ALLOWED_STAGES = {
     **{kind: frozenset(STAGES) for kind in (*TRANSIENT_KINDS, *HOSTILE_KINDS)},
     "bad_json": frozenset({"pairs", "judge"}),
     "deep_json": frozenset({"pairs", "judge"}),
+    "loose_types": frozenset({"judge"}),
     "wrong_count": frozenset({"pairs"}),
     "truncate": frozenset(STAGES),
     "boilerplate": frozenset({"rewrite"}),
@@ -88,6 +93,7 @@ DEFAULT_STAGES = {
     **{kind: frozenset(STAGES) for kind in (*TRANSIENT_KINDS, *HOSTILE_KINDS)},
     "bad_json": frozenset({"pairs"}),
     "deep_json": frozenset({"pairs"}),
+    "loose_types": frozenset({"judge"}),
     "wrong_count": frozenset({"pairs"}),
     "truncate": frozenset({"rewrite"}),
     "boilerplate": frozenset({"rewrite"}),
@@ -295,6 +301,8 @@ def spoil(
         return answer, False
     if kind == "deep_json":
         return '{"pairs": ' + "[" * DEEP_JSON_LEVELS + "]" * DEEP_JSON_LEVELS + "}", False
+    if kind == "loose_types":
+        return json.dumps({**json.loads(answer), "score": True, "genre_kept": "yes"}), False
     raise AssertionError(kind)
 
 

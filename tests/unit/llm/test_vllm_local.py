@@ -119,7 +119,7 @@ def test_tiny_recipe_fits_the_server_context(tiny_model_dir):
         + document + recipe.pairs.sampling.max_tokens,
         "rewrite": _prompt_tokens(tokenizer, rewrite_messages(recipe, "", genre, audience))
         + document + rewrite_tokens,
-        "judge": _prompt_tokens(tokenizer, judge_messages(recipe, "", ""))
+        "judge": _prompt_tokens(tokenizer, judge_messages(recipe, "", "", genre, audience))
         + document + int(1.25 * rewrite_tokens) + recipe.judge_sampling.max_tokens,
     }
     assert all(n <= VLLM_MAX_MODEL_LEN for n in needs.values()), needs

@@ -21,6 +21,14 @@ def test_pass_share_counts_scores_of_three_and_more():
     assert nothing.pass_share is None and not nothing.success and nothing.statistics()["mean_score"] is None
 
 
+def test_the_genre_kept_share_counts_the_genre_questions_answers_only():
+    report = JudgeReport("s", "r", sampled=5, scores={4: 5}, genre_answers={"kept": 3, "not_kept": 1})
+    statistics = report.statistics()
+    assert statistics["genre_kept_share"] == 0.75 and statistics["genre_answers"] == {"kept": 3, "not_kept": 1}
+    assert report.success  # a flag beside the pass share, never part of the verdict
+    assert JudgeReport("s", "r", sampled=5, scores={4: 5}).statistics()["genre_kept_share"] is None
+
+
 def test_judge_shard_of_an_uncommitted_shard_is_a_one_line_error(tmp_path):
     source = str(write_sample_corpus(tmp_path / "source", 1, 2)[0])
     result = maga("-q", "judge-shard", source, "--output-root", str(tmp_path / "out"), "--endpoint", "http://127.0.0.1:9")

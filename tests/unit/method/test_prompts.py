@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import os
 
-from maga_tasks.method.prompts import document_from_messages, judge_messages, pairs_messages, rewrite_messages
+from maga_tasks.method.prompts import (
+    JUDGE_JSON_SCHEMA,
+    document_from_messages,
+    judge_json_schema,
+    judge_messages,
+    pairs_messages,
+    rewrite_messages,
+)
 from maga_tasks.recipe import load_recipe
 
 RECIPE = load_recipe()
@@ -46,3 +53,11 @@ def test_a_recipe_can_frame_the_document_its_own_way():
     data["prompts"]["document"] = "SOURCE:\n"
     with pytest.raises(RecipeError, match="exactly once"):
         recipe_from_dict(data)
+
+
+def test_the_judge_is_told_the_genre_it_asks_about_and_must_answer_it():
+    task = judge_messages(RECIPE, DOC, "a rewrite", "GENRE-X", "AUDIENCE-Y")[-1]["content"].split(DOC)[1]
+    assert RECIPE.judge_asks_genre and "GENRE-X" in task and task.index("GENRE-X") < task.index("a rewrite")
+    schema = judge_json_schema(True)
+    assert schema["required"] == ["analysis", "score", "genre_kept"] and list(schema["properties"])[-1] == "genre_kept"
+    assert judge_json_schema(False) is JUDGE_JSON_SCHEMA and "genre_kept" not in JUDGE_JSON_SCHEMA["properties"]
