@@ -128,3 +128,17 @@ def test_a_missing_registry_shows_the_apis_hint_as_text(driver, page_server):
     error = driver.find_element(By.ID, "registry-error")
     assert error.text == f"registry unavailable: HTTP 503: {HINT}"
     assert not error.find_elements(By.TAG_NAME, "b")
+
+
+@pytest.mark.parametrize("genre_kept_share, shown", [(0.5, "50.0% kept their genre"), (None, None)])
+def test_the_judges_genre_share_is_shown_beside_its_pass_share(driver, page_server, genre_kept_share, shown):
+    from selenium.webdriver.common.by import By
+
+    judged = {"success": False, "evaluated": 10, "failed": 2, "failed_expectations": [], "docs_uri": None,
+              "report": None, "created_at": None, "pass_share": 0.8, "genre_kept_share": genre_kept_share}
+    shard = {**SHARD, "quality": {"judge": judged}}
+    page_server.answer = (200, {**OVERVIEW, "recipes": [{**OVERVIEW["recipes"][0], "shards": [shard]}]})
+    load(driver, page_server)
+    text = driver.find_element(By.CSS_SELECTOR, 'tr[data-shard="part-0000"]').text
+    assert "80.0% of 10 judged scored ≥ 3" in text
+    assert (shown in text) if shown else "kept their genre" not in text
