@@ -20,17 +20,49 @@ from maga_tasks.method.stages import StructuredOutputSupport, judge
 from maga_tasks.recipe import Recipe
 from maga_tasks.settings import RunSettings
 
+# What each labelled rewrite must carry, all strings.
+LABELLED_FIELDS = ("source", "genre", "audience", "output", "label", "split")
+
 
 def labelled_rewrites(path: str | Path) -> list[dict]:
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [row for row in rows if row.get("kind") == "rewrite"]
+    """The file's rewrite rows, each checked for its fields: a ValueError naming the file
+    and line otherwise (the operator's file; the benchmark refuses it before it starts)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"labels file {path}: cannot be read ({type(error).__name__})") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"labels file {path}, line {number}: not JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"labels file {path}, line {number}: not a JSON object")
+        if row.get("kind") != "rewrite":
+            continue
+        missing = [name for name in LABELLED_FIELDS if not isinstance(row.get(name), str)]
+        if missing:
+            raise ValueError(f"labels file {path}, line {number}: no text for {', '.join(missing)}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"labels file {path}: no labelled rewrite (rows of kind \"rewrite\")")
+    return rows
 
 
-def genre_answers_by_label(path: str | Path, recipe: Recipe, settings: RunSettings) -> dict:
-    """{label: {split: {"rows", "answered", "kept"}}} of the judge's genre answers."""
+def check_judge_labels(path: str | Path, recipe: Recipe) -> list[dict]:
+    """The labelled rewrites, once the recipe is known to ask the genre question: both
+    refused in one line before any model runs."""
     if not recipe.judge_asks_genre:
         raise ValueError(f"recipe {recipe.name}: its judge task does not name {{genre}}, so it asks no genre question")
-    rows = labelled_rewrites(path)
+    return labelled_rewrites(path)
+
+
+def genre_answers_by_label(rows: list[dict], recipe: Recipe, settings: RunSettings) -> dict:
+    """{label: {split: {"rows", "answered", "kept"}}} of the judge's genre answers on
+    `rows` (from `check_judge_labels`)."""
 
     async def judge_all():
         structured = StructuredOutputSupport(recipe.pairs.structured_output)

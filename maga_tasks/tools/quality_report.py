@@ -233,6 +233,11 @@ def run_quality(args) -> dict:
     documents = min(args.quality_docs, 6) if args.short else args.quality_docs
     model_dir = Path(args.model_dir) if args.model_dir else DEFAULT_MODEL_DIR
     recipe = load_recipe(args.recipe or builtin_recipe_path("smollm2-135m"), tokenizer=str(model_dir))
+    labelled = None
+    if getattr(args, "judge_labels", None):  # refused before the expansion, not 20 minutes into it
+        from maga_tasks.tools.judge_labels import check_judge_labels
+
+        labelled = check_judge_labels(args.judge_labels, recipe)
     server, url = None, args.endpoint
     if url is None:
         server = start_vllm_server(model_dir, served_model_name=SERVED_NAME, dtype="float32",
@@ -266,10 +271,10 @@ def run_quality(args) -> dict:
             figures["judge_pass_share"] = report.pass_share
             figures["judge_scores"] = report.scores
             figures["judge_genre_kept_share"] = report.genre_kept_share
-        if getattr(args, "judge_labels", None):
+        if labelled:
             from maga_tasks.tools.judge_labels import genre_answers_by_label
 
-            figures["judge_genre_on_labels"] = genre_answers_by_label(args.judge_labels, recipe, settings)
+            figures["judge_genre_on_labels"] = genre_answers_by_label(labelled, recipe, settings)
     finally:
         if server:
             server.stop()

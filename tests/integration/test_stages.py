@@ -7,10 +7,13 @@ import asyncio
 import pytest
 
 from maga_tasks.llm.client import LLMClient
+from maga_tasks.method.cleaning import strip_boilerplate
 from maga_tasks.method.stages import StructuredOutputSupport, generate_pairs, judge, rewrite
 from maga_tasks.recipe import load_recipe, recipe_from_dict
 from maga_tasks.settings import RunSettings
+from maga_tasks.tools.judge_labels import check_judge_labels, genre_answers_by_label
 from maga_tasks.tools.test_server.answers import genre_named
+from tests.support.paths import FIXTURES_DIR
 
 pytestmark = pytest.mark.integration
 
@@ -56,3 +59,18 @@ def test_a_judge_task_that_names_no_genre_gets_no_genre_answer(llm_server, sampl
         _pairs_rewrite_judge(llm_server.url, sample_articles[7]["text"], recipe)
     )
     assert related.score >= 3 and related.genre_kept is None and unrelated.genre_kept is None
+
+
+def test_the_judge_labels_bench_counts_the_genre_answers_by_label(llm_server):
+    """`maga bench --suite quality --judge-labels`'s count: every labelled rewrite judged
+    as a committed row would be, its genre answer counted under its label and split."""
+    rows = check_judge_labels(FIXTURES_DIR / "smollm2_outputs.jsonl", RECIPE)[:24]
+    table = genre_answers_by_label(rows, RECIPE, RunSettings(endpoints=(llm_server.url,)))
+    expected: dict = {}
+    for row in rows:
+        cell = expected.setdefault(row["label"], {}).setdefault(row["split"], {"rows": 0, "answered": 0, "kept": 0})
+        cell["rows"] += 1
+        cell["answered"] += 1
+        cell["kept"] += genre_named(row["genre"], strip_boilerplate(row["output"])[0])
+    assert table == expected
+    assert 0 < sum(c["kept"] for cells in table.values() for c in cells.values()) < len(rows)
