@@ -70,14 +70,14 @@ def test_every_real_junk_rewrite_of_a_rejected_kind_is_rejected(row):
 
 
 # The accepted rows of each kind, tune / held-out, as measured on 2026-12-07 with the
-# letter cue enforced and task talk in forms without a rewording word (good: of 17 / 8).
-# A fact changed in words, a genre ignored, drift that keeps the keywords: the word
-# checks cannot see them (docs/real-model.md); these ceilings keep what they do see.
-# The held-out column was read once (counts only), after the tune split had decided the
-# checks.
+# letter cue enforced, task talk in forms without a rewording word, and talk about the
+# reader in fewer than five words in a row (good: of 17 / 8). A fact changed in words, a
+# genre ignored, drift that keeps the keywords: the word checks cannot see them
+# (docs/real-model.md); these ceilings keep what they do see. The held-out column was
+# read (counts only) after the tune split had decided each check.
 ACCEPTED_AT_MOST = {
-    "invented_facts": (17, 8),
-    "pair_label_echo": (4, 5),
+    "invented_facts": (15, 7),
+    "pair_label_echo": (2, 3),
     "task_talk": (0, 3),
     "off_genre": (4, 2),
     "drift": (0, 1),
@@ -132,7 +132,7 @@ def test_each_detector_names_its_own_real_failures(label, detector):
 
 def test_the_fidelity_checks_on_real_answers():
     """label_echo and invented_facts on the rows labelled with what they look for (tune
-    split: 10 of 18 echoes, 25 of 48 invented facts found by words alone) and on none
+    split: 14 of 18 echoes, 25 of 48 invented facts found by words alone) and on none
     of the good ones."""
     tune = [r for r in REWRITES if r["split"] == "tune"]
 
@@ -144,7 +144,7 @@ def test_the_fidelity_checks_on_real_answers():
         text, row["source"], row["genre"], row["audience"],
         RECIPE.cleaning.max_invented_numbers, RECIPE.cleaning.max_invented_names,
     )
-    assert sum(found(r, echo) for r in tune if r["label"] == "pair_label_echo") >= 10
+    assert sum(found(r, echo) for r in tune if r["label"] == "pair_label_echo") >= 14
     assert sum(found(r, facts) for r in tune if r["label"] == "invented_facts") >= 25
     assert not [r["output"][:60] for r in tune if r["label"] == "good" and (found(r, echo) or found(r, facts))]
 
@@ -161,6 +161,22 @@ def test_label_echo_keeps_a_genre_named_as_a_heading_and_a_natural_address():
     # Words the source itself holds are the topic, not an echo.
     assert fidelity.label_echo("Children aged seven to ten swim.", "Children aged seven to ten swim here.",
                                genre, audience) is None
+
+
+def test_label_echo_sees_a_text_that_talks_about_its_reader_in_fewer_words():
+    source = "A crystal is a solid whose atoms are arranged in a lattice."
+    tourists = "tourists planning a visit to the region"
+    found = fidelity.label_echo("Tourists planning a trip to the region focus on crystals.", source, "a summary",
+                                tourists)
+    assert found and found[1] == "the text talks about its reader: 'tourists, planning, region'"
+    # Across sentences too: the reader named, and what they do.
+    assert fidelity.reader_named("Teachers are tasked with it. When preparing, use crystals.", source,
+                                 "teachers preparing material for a class") == ("teachers", "preparing")
+    # One word is an address, not talk about the reader.
+    assert fidelity.label_echo("Dear tourists, a crystal is a solid lattice.", source, "a letter", tourists) is None
+    # Words the source holds are its topic; words past the reader's own name need it too.
+    assert fidelity.reader_named("Tourists love the region.", "Tourists visit the region.", tourists) == ()
+    assert fidelity.reader_named("A region to visit: a solid lattice.", source, tourists) == ()
 
 
 def test_a_question_and_answer_sheet_must_answer_questions():
