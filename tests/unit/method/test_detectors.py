@@ -6,6 +6,8 @@ of the prompt, loops, refusals, talk about the task, other languages, near copie
 drift, truncation, echoes of the pair's own labels, invented facts, ignored genres, and
 genre/audience pairs that are or are not descriptions. Each row carries a `split`
 (`tune`, `held_out`, by document, fixed before labelling): thresholds are tuned on `tune`.
+`fresh` is a later batch of new documents, labelled blind after every check here was
+fixed: what the cleaning does on answers nobody tuned it on.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def test_the_fixture_holds_every_failure_mode_it_claims():
         "pair_label_echo", "invented_facts", "off_genre", "too_short",
     } <= labels
     assert {"junk_pair", "good_pair"} <= {r["label"] for r in PAIRS}
-    assert len(ROWS) >= 400 and {r["split"] for r in ROWS} == {"tune", "held_out"}
+    assert len(ROWS) >= 480 and {r["split"] for r in ROWS} == {"tune", "held_out", "fresh"}
     # The split is by document, fixed before labelling: a source's rows share their split.
     by_source = {}
     for row in ROWS:
@@ -69,19 +71,21 @@ def test_every_real_junk_rewrite_of_a_rejected_kind_is_rejected(row):
     assert _verdict(row).reject_reason is not None, row["note"]
 
 
-# The accepted rows of each kind, tune / held-out, as measured on 2026-12-07 with the
-# letter cue enforced, task talk in forms without a rewording word, and talk about the
-# reader in fewer than five words in a row (good: of 17 / 8). A fact changed in words, a
-# genre ignored, drift that keeps the keywords: the word checks cannot see them
+# The accepted rows of each kind, tune / held-out / fresh, as measured on 2026-12-07 with
+# the letter cue enforced, task talk in forms without a rewording word, and talk about the
+# reader in fewer than five words in a row (good: of 17 / 8 / 3). A fact changed in words,
+# a genre ignored, drift that keeps the keywords: the word checks cannot see them
 # (docs/real-model.md); these ceilings keep what they do see. The held-out column was
-# read (counts only) after the tune split had decided each check.
+# read (counts only) after the tune split had decided each check; the fresh one once,
+# after its blind labels.
+SPLITS = ("tune", "held_out", "fresh")
 ACCEPTED_AT_MOST = {
-    "invented_facts": (15, 7),
-    "pair_label_echo": (2, 3),
-    "task_talk": (0, 3),
-    "off_genre": (4, 2),
-    "drift": (0, 1),
-    "near_copy": (2, 0),
+    "invented_facts": (15, 7, 13),
+    "pair_label_echo": (2, 3, 1),
+    "task_talk": (0, 3, 0),
+    "off_genre": (4, 2, 1),
+    "drift": (0, 1, 2),
+    "near_copy": (2, 0, 1),
 }
 
 
@@ -102,12 +106,15 @@ def test_the_confusion_matrix_on_real_answers():
         print(f"  {label:16s} {split:8s} {rows:3d} {accepted:3d}")
     assert table[("good", "tune")] == [17, 17]
     assert table[("good", "held_out")][1] >= 6  # 2 close calls lost to the length and coverage rules
+    assert table[("good", "fresh")] == [3, 3]
     for label, ceilings in ACCEPTED_AT_MOST.items():
-        for split, ceiling in zip(("tune", "held_out"), ceilings, strict=True):
+        for split, ceiling in zip(SPLITS, ceilings, strict=True):
             assert table[(label, split)][1] <= ceiling, (label, split, table[(label, split)])
-    junk = [cell for (label, split), cell in table.items() if label != "good" and split == "held_out"]
-    rejected = sum(rows - accepted for rows, accepted in junk) / sum(rows for rows, _ in junk)
-    assert rejected >= 0.8, rejected
+    # Junk rejected: 111 of 127 held out, 59 of 77 fresh (mostly facts changed in words pass).
+    for split, floor in (("held_out", 0.85), ("fresh", 0.75)):
+        junk = [cell for (label, where), cell in table.items() if label != "good" and where == split]
+        rejected = sum(rows - accepted for rows, accepted in junk) / sum(rows for rows, _ in junk)
+        assert rejected >= floor, (split, rejected)
 
 
 @pytest.mark.parametrize(

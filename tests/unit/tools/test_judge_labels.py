@@ -33,7 +33,7 @@ def test_the_labelled_fixture_reads_as_labelled_rewrites():
     fixture = FIXTURES_DIR / "smollm2_outputs.jsonl"
     rows = labelled_rewrites(fixture)
     assert len(rows) == fixture.read_text().count('"kind": "rewrite"') > 300
-    assert {row["split"] for row in rows} == {"tune", "held_out"}
+    assert {row["split"] for row in rows} == {"tune", "held_out", "fresh"}
 
 
 @pytest.mark.parametrize(
