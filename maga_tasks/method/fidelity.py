@@ -118,7 +118,7 @@ def reader_named(text: str, source: str, audience: str) -> tuple[str, ...]:
 
 # -- invented facts ------------------------------------------------------------------------
 
-_NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?(?:st|nd|rd|th|s)?(?![\w])")
+_NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?(?![\d])")
 _SPELLED = {
     word: value
     for value, word in enumerate(
@@ -136,7 +136,8 @@ _NOT_NAMES = frozenset({"I", "Mr", "Mrs", "Ms", "Dr", "St"})
 
 def _number_values(text: str) -> set[str]:
     """The numbers a text writes in digits, normalised (1,000 -> 1000, 3.50 -> 3.5,
-    1990s -> 1990, 2nd -> 2), as strings."""
+    1990s -> 1990, 2nd -> 2, 223Rn -> 223, 5km -> 5), as strings. Digits after a letter
+    ("COVID19", "x86") are part of a name, not a number."""
     values = set()
     for match in _NUMBER.finditer(text):
         whole, fraction = match.group(1).replace(",", ""), (match.group(2) or "").rstrip("0")

@@ -77,10 +77,11 @@ def test_every_real_junk_rewrite_of_a_rejected_kind_is_rejected(row):
 # a genre ignored, drift that keeps the keywords: the word checks cannot see them
 # (docs/real-model.md); these ceilings keep what they do see. The held-out column was
 # read (counts only) after the tune split had decided each check; the fresh one once,
-# after its blind labels.
+# after its blind labels (13 invented facts accepted), then again after the fix of a
+# bug found in reading it (a number against its unit, "223Rn", was not a number).
 SPLITS = ("tune", "held_out", "fresh")
 ACCEPTED_AT_MOST = {
-    "invented_facts": (15, 7, 13),
+    "invented_facts": (15, 7, 12),
     "pair_label_echo": (2, 3, 1),
     "task_talk": (0, 3, 0),
     "off_genre": (4, 2, 1),
@@ -110,7 +111,7 @@ def test_the_confusion_matrix_on_real_answers():
     for label, ceilings in ACCEPTED_AT_MOST.items():
         for split, ceiling in zip(SPLITS, ceilings, strict=True):
             assert table[(label, split)][1] <= ceiling, (label, split, table[(label, split)])
-    # Junk rejected: 111 of 127 held out, 59 of 77 fresh (mostly facts changed in words pass).
+    # Junk rejected: 111 of 127 held out, 60 of 77 fresh (mostly facts changed in words pass).
     for split, floor in (("held_out", 0.85), ("fresh", 0.75)):
         junk = [cell for (label, where), cell in table.items() if label != "good" and where == split]
         rejected = sum(rows - accepted for rows, accepted in junk) / sum(rows for rows, _ in junk)
@@ -227,6 +228,11 @@ def test_invented_facts_normalise_numbers_and_ignore_the_sources_own():
     numbers, names = fidelity.invented_facts("It opened on 4 May 1933 in Sydney, Australia.", source)
     assert numbers == ("1933", "4") and names == ("May", "Sydney", "Australia")  # a month is a date
     assert fidelity.invented_fact_count("A radio script: Hello, Radio listeners.", source, "a radio script") == 0
+    # A number written against its unit or symbol is a number (a fresh real row: radon's
+    # "223Rn (the heaviest)" where the source has only 222Rn); one inside a word is not.
+    numbers, _ = fidelity.invented_facts("Of 222Rn and 223Rn, a 5km walk, 1990s, 2nd, COVID19 and x86.",
+                                         "Only 222Rn lasts; in the 1990s, the 2nd.")
+    assert numbers == ("223", "5")
 
 
 def test_echo_patterns_on_our_own_prompt_lines():
