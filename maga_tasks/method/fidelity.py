@@ -89,12 +89,18 @@ _READER_HEAD_WORDS = 2
 
 
 def _stem(word: str) -> str:
-    """A word without its plural or verb ending, enough to match "tourist" to "tourists"
-    and "planning" to "plans"."""
+    """A word without its plural or verb ending, enough to match "tourists" to "tourist"
+    and "preparing" to "prepared"."""
     for ending in ("ies", "es", "s", "ing", "ed"):
         if word.endswith(ending) and len(word) - len(ending) >= 3:
             return word[: -len(ending)]
     return word
+
+
+@lru_cache(maxsize=256)
+def _stems(text: str) -> frozenset[str]:
+    """The stems of a text's words (a source's, asked for by five rewrites)."""
+    return frozenset(_stem(word) for word in vocabulary(text))
 
 
 def reader_named(text: str, source: str, audience: str) -> tuple[str, ...]:
@@ -108,8 +114,7 @@ def reader_named(text: str, source: str, audience: str) -> tuple[str, ...]:
     content = list(dict.fromkeys(w for w in words(audience) if w not in _FUNCTION_WORDS and not w.isdigit()))
     if len(content) < 2 or not text:
         return ()
-    source_stems = {_stem(word) for word in vocabulary(source)}
-    text_stems = {_stem(word) for word in vocabulary(text)}
+    source_stems, text_stems = _stems(source), _stems(text)
     named = tuple(word for word in content if _stem(word) in text_stems and _stem(word) not in source_stems)
     if len(named) >= 2 and set(named) & set(content[:_READER_HEAD_WORDS]):
         return named
