@@ -2,7 +2,7 @@
 quality --judge-labels FILE`).
 
 FILE is JSON lines of real rewrites, each with its source, genre, audience, the model's
-output, a hand label (`good`, `off_genre`, ...) and a split (`tune` / `held_out`), as
+output, a hand label (`good`, `off_genre`, ...) and a split (`tune`, `held_out`, `fresh`), as
 `tests/fixtures/smollm2_outputs.jsonl`. Every rewrite is judged as a committed row would
 be (the text the cleaning keeps), and the answers are counted per label and split: a judge
 that can tell says "kept" for `good` rows and "not kept" for `off_genre` ones.
