@@ -23,7 +23,9 @@
 # MAGA_DEMO_ENDPOINT, MAGA_DEMO_SHARDS / MAGA_DEMO_DOCS_PER_SHARD (2 / 4: about 5 minutes
 # of generation at the ~100 output tok/s SmolLM2 makes on 2 CPU cores), MAGA_PYTHON (the
 # project venv's python), MAGA_VLLM_PYTHON / MAGA_VLLM_VENV (the vLLM venv),
-# MAGA_DEMO_PARALLELISM (shard tasks at once, 2), MAGA_DEMO_UI_PORT (the UI's port, 8080).
+# MAGA_DEMO_PARALLELISM (shard tasks at once, 2), MAGA_DEMO_UI_PORT (the UI's port, 8080),
+# MAGA_DEMO_RUN_TIMEOUT (seconds the DAG run may take before it is stopped and its task
+# states shown, 1800).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -111,8 +113,11 @@ stop_worker() {
 }
 SERVER_SLOTS=0  # a running server's slots are unknown here; the one started below has 64
 WORKER_STARTED="" EXEC_API_PID=""
-cleanup() {  # what this script started, by its PID (the worker by the PID it recorded)
-  if [[ -n "$EXEC_API_PID" ]]; then kill "$EXEC_API_PID" 2>/dev/null || true; wait "$EXEC_API_PID" 2>/dev/null || true; fi
+DAG_PID=""
+cleanup() {  # what this script started, by its PID (the worker by the PID it recorded); the
+  # DAG run's guard stops every process below it on SIGTERM
+  local pid
+  for pid in $DAG_PID $EXEC_API_PID; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
   if [[ -n "$WORKER_STARTED" ]]; then stop_worker; fi
 }
 trap cleanup EXIT
@@ -198,15 +203,32 @@ EXEC_API_PID=$!
 step "airflow dags test maga_corpus_expansion (full log: $DAG_LOG)"
 echo "conf: $CONF"
 # The full log goes to $DAG_LOG; the screen gets the library's milestones and the outcome.
-set +e
-"$BIN/airflow" dags test maga_corpus_expansion --use-executor --conf "$CONF" 2>&1 | tee "$DAG_LOG" \
+# The run writes to the file, not into a pipe: a task process that outlived it would hold
+# a pipe open and keep the screen's filter waiting; `tail --pid` ends with the run.
+# `dags test` waits as long as a task is unfinished: past the timeout it is stopped (124).
+# Its executor's workers ignore SIGINT and its task processes leave this script's process
+# group, so it runs under a guard (`process_tree`) that stops every process below it.
+RUN_TIMEOUT="${MAGA_DEMO_RUN_TIMEOUT:-1800}"
+"$PY" -m maga_tasks.tools.process_tree --timeout "$RUN_TIMEOUT" -- "$BIN/airflow" dags test maga_corpus_expansion --use-executor --conf "$CONF" \
+  >"$DAG_LOG" 2>&1 </dev/null &
+DAG_PID=$!
+set +e  # the filter finds nothing when the run fails early; the run's own status decides
+tail -n +1 -F --pid="$DAG_PID" "$DAG_LOG" 2>/dev/null \
   | grep --line-buffered -E '\[maga_tasks\.|_maga_corpus_expansion\]|DagRun Finished' \
   | grep --line-buffered -v ' totals: {' \
   | sed -u -E \
       -e 's/^.*DagRun Finished: .*run_duration=([0-9]+)[0-9.]*, state=([a-z_]+).*$/  DAG run finished: \2 in \1 s/' \
       -e 's/^[0-9-]+[T ]([0-9:]{8})[^ ]* +\[[a-z ]+\] (.*) \[[^]]+\] [a-z_]+=.*$/  \1 \2/'
-DAG_STATUS=${PIPESTATUS[0]}
+wait "$DAG_PID"
+DAG_STATUS=$?
 set -e
+DAG_PID=""
+if [[ $DAG_STATUS -eq 124 ]]; then
+  printf 'demo: the DAG run did not finish in %ss; where its tasks stood:\n' "$RUN_TIMEOUT" >&2
+  RUN_ID="$(grep -o -m1 'manual__[0-9T:.+-]*' "$DAG_LOG" || true)"
+  [[ -z "$RUN_ID" ]] || "$BIN/airflow" tasks states-for-dag-run maga_corpus_expansion "$RUN_ID" -o plain >&2 || true
+  die "see $DAG_LOG and the task logs in $AIRFLOW_HOME/logs"
+fi
 [[ $DAG_STATUS -eq 0 ]] && grep -qE "DagRun Finished: .*, state=success," "$DAG_LOG" \
   || die "the DAG run did not succeed (exit $DAG_STATUS); see $DAG_LOG"
 

@@ -53,7 +53,27 @@ class RecordingServer:
         self.stop()
 
 
-class IdleClosingServer:
+class _LoopbackServer:
+    """Serves a handler class on a free loopback port in a thread; a context manager."""
+
+    def _serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class IdleClosingServer(_LoopbackServer):
     """An OpenAI-style chat host on loopback whose keep-alive ends after `idle_s`: a
     request that arrives on a connection idle that long is dropped unanswered, as
     uvicorn's keep-alive timer (5 s in vLLM) drops a request that races it. Counts the
@@ -104,14 +124,42 @@ class IdleClosingServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self._serve(Handler)
 
-    def __enter__(self) -> IdleClosingServer:
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+class StallingServer(_LoopbackServer):
+    """A vLLM-like host on loopback that is healthy, serves `model` with room enough,
+    and never answers a completion: each one is held open until the server stops (a
+    worker whose engine hangs while its API lives). Counts the completions it holds."""
+
+    def __init__(self, model: str, max_model_len: int = 4096):
+        self.held = 0
+        self.released = threading.Event()
+        server = self
+        card = json.dumps({"data": [{"id": model, "max_model_len": max_model_len}]}).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path.startswith("/metrics"):
+                    self.send_error(404)
+                    return
+                body = card if self.path.startswith("/v1/models") else b"{}"
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                server.held += 1
+                server.released.wait()  # no answer, no error: the caller's clock is all it has
+
+            def log_message(self, *args):
+                pass
+
+        self._serve(Handler)
+
+    def stop(self) -> None:
+        self.released.set()  # the held completions end (unanswered) before the server closes
+        super().stop()
