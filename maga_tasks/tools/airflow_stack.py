@@ -24,6 +24,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from maga_tasks.tools.process_tree import descendants, started_at
+
 REPO = Path(__file__).resolve().parents[2]
 DAGS_FOLDER = REPO / "dags"
 PLUGINS_FOLDER = REPO / "plugins"
@@ -106,10 +108,13 @@ class ManagedProcess:
                 pass
 
     def stop(self, timeout: float = 20) -> None:
-        """SIGTERM the process group we created for it, then SIGKILL what is left."""
+        """SIGTERM the process group we created for it, then SIGKILL what is left: of the
+        group, and of the processes below it that left the group (the LocalExecutor's
+        workers and their tasks do), found before they can be orphaned."""
         if self.popen.poll() is not None:
             return
         pgid = self.popen.pid
+        tree = {pid: started_at(pid) for pid in descendants(pgid)}
         self.terminate()
         try:
             self.popen.wait(timeout=timeout)
@@ -119,6 +124,12 @@ class ManagedProcess:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid, started in tree.items():
+            if started is not None and started_at(pid) == started:  # alive: the group's signals missed it
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         try:
             self.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:

@@ -43,6 +43,16 @@ def parent_of(pid: int) -> int | None:
     return None if fields[0] == "Z" else int(fields[1])  # a zombie has exited already
 
 
+def started_at(pid: int) -> int | None:
+    """When a live process started (clock ticks since boot): with its PID, who it is, as a
+    PID alone is reused once the process has ended. None once it has ended."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
 def descendants(pid: int) -> list[int]:
     """Live processes below `pid`, children first."""
     children: dict[int, list[int]] = {}

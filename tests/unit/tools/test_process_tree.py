@@ -4,6 +4,7 @@ SIGTERM and outlived its parent (as Airflow's task processes do)."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -66,3 +67,20 @@ def test_a_guard_told_to_stop_stops_the_tree_first():
     assert _gone(grandchild)
     guard.stdout.close()
     guard.stderr.close()
+
+
+def test_a_stack_process_is_stopped_with_what_left_its_group(tmp_path):
+    """`airflow_stack`'s processes (scheduler, workers) fork LocalExecutor workers and
+    tasks that leave the group; stopping the process stops them too."""
+    from maga_tasks.tools.airflow_stack import start_process
+
+    process = start_process("stubborn", [sys.executable, "-c", STUBBORN_GRANDCHILD, "wait"], {**os.environ,
+                            "PYTHONPATH": str(REPO)}, tmp_path)
+    deadline = time.monotonic() + 30
+    while not process.log_path.read_text().strip():
+        assert time.monotonic() < deadline, "the grandchild never started"
+        time.sleep(0.1)
+    grandchild = int(process.log_path.read_text().split()[0])
+    process.stop(timeout=2)
+    assert not process.alive()
+    assert _gone(grandchild)
